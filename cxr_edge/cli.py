@@ -1,0 +1,154 @@
+"""The ``cxr-edge`` command line. Flags map one-to-one onto the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import CxrEdgeError
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+
+    run_demo(a.out, a.data, per_class=a.per_class, seed=a.seed)
+
+
+def cmd_train(a):
+    from .train.trainer import TrainConfig, train
+
+    cfg = TrainConfig(recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
+                      image_size=a.image_size, fine_tune_epochs=a.fine_tune_epochs, weights=a.weights,
+                      seed=a.seed, target_sensitivity=a.target_sensitivity, metadata_csv=a.metadata,
+                      max_images=a.max_images, verbose=1 if sys.stdout.isatty() else 2)
+    r = train(cfg, a.data, a.out)
+    print(f"Model: {r.model_path}\nManifest: {r.manifest_path}\nHistory: {r.history_path}")
+    print(json.dumps(r.val_metrics))
+
+
+def cmd_evaluate(a):
+    from .train.evaluate import evaluate_model
+
+    report, m = evaluate_model(a.model, a.data, a.out, split=a.split, threshold=a.threshold,
+                               common_size=a.common_size, n_boot=a.bootstrap)
+    cov = m.get("covid") or {}
+    print(f"accuracy {m['accuracy']:.4f}  macro ROC-AUC {m['roc_auc_macro']}  "
+          f"COVID sens {cov.get('sensitivity')}  spec {cov.get('specificity')}  n={m['n']}")
+    print(f"Report: {report}")
+
+
+def cmd_synth(a):
+    from .synthetic import write_synthetic_dataset
+
+    out = write_synthetic_dataset(a.out, per_class=a.per_class, seed=a.seed)
+    print(f"Wrote synthetic dataset to {out}")
+
+
+def cmd_scan(a):
+    from .data import scan_dataset, split_dataset
+    from .data.split import split_counts
+
+    ds = scan_dataset(a.data, classes=a.classes.split(",") if a.classes else None, metadata_csv=a.metadata)
+    print(ds.summary())
+    print("split counts:", json.dumps(split_counts(split_dataset(ds, seed=a.seed), ds.classes)))
+    if a.decode:
+        from .data.loading import load_images
+        from .preprocess import PreprocessSpec
+
+        res = load_images([i.path for i in ds.items], PreprocessSpec(64, 64, "raw"), progress=True)
+        print(f"decoded {len(res.kept)} of {len(ds.items)}; {len(res.errors)} bad:")
+        for e in res.errors:
+            print(f"  {e}")
+
+
+def cmd_recipes(a):
+    from .train.recipes import RECIPES
+
+    for r in RECIPES.values():
+        print(f"{r.name:16s} {r.description}; classes {', '.join(r.classes)}; {r.image_size}px, {r.mode.value}, "
+              f"{r.optimizer} lr {r.learning_rate}, batch {r.batch_size}, {r.epochs} epochs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr-edge", description="Chest X-ray screening: train, evaluate, export, run.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="synthesise data, train the small CNN, evaluate (minutes on a CPU)")
+    d.add_argument("--data", help="use this data directory instead of synthetic images")
+    d.add_argument("--out", default="cxr-edge-demo")
+    d.add_argument("--per-class", type=int, default=100)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("train", help="train a recipe on a data directory")
+    t.add_argument("--recipe", default="small_cnn", help="small_cnn | resnet50_tl | resnet152v2_tl")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", default="runs/model")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float, help="learning rate (overrides the recipe's)")
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--fine-tune-epochs", type=int)
+    t.add_argument("--weights", default="imagenet", help="imagenet | path/to/notop.h5 | none (backbone recipes)")
+    t.add_argument("--target-sensitivity", type=float, default=0.95)
+    t.add_argument("--metadata", help="CSV with per-image patient ids / sources (SOURCES.csv is found automatically)")
+    t.add_argument("--max-images", type=int, help="cap per split, for smoke runs")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained model and write report.json/.md and plots")
+    e.add_argument("model")
+    e.add_argument("data")
+    e.add_argument("--out", default=None, help="report directory (default: <model dir>/report)")
+    e.add_argument("--split", default="auto", help="auto | train | val | test | all")
+    e.add_argument("--threshold", type=float)
+    e.add_argument("--common-size", type=int, help="down-sample every image to NxN first (size-leak check)")
+    e.add_argument("--bootstrap", type=int, default=1000)
+    e.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("synth", help="write a synthetic CXR-like dataset")
+    s.add_argument("out")
+    s.add_argument("--per-class", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    sc = sub.add_parser("scan", help="report what a data directory holds, its split, and bad files")
+    sc.add_argument("data")
+    sc.add_argument("--classes", help="comma-separated, e.g. COVID,Normal")
+    sc.add_argument("--metadata")
+    sc.add_argument("--decode", action="store_true", help="decode every file and list the bad ones")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.set_defaults(func=cmd_scan)
+
+    r = sub.add_parser("recipes", help="list the training recipes")
+    r.set_defaults(func=cmd_recipes)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    _quiet_tensorflow()
+    if getattr(args, "out", "x") is None and args.command == "evaluate":
+        from pathlib import Path
+
+        args.out = str(Path(args.model).parent / "report")
+    try:
+        args.func(args)
+    except CxrEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

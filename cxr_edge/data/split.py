@@ -1,0 +1,79 @@
+"""Deterministic, stratified, patient-grouped train/val/test splits.
+
+Determinism comes from sorting group keys before a seeded shuffle, so the split depends only on
+the files and the seed, never on directory listing order. Grouping by patient keeps all images of
+one patient in one split (a patient in both train and test inflates every metric).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from ..errors import DatasetError
+from .layout import Dataset, DatasetItem
+
+SPLITS = ("train", "val", "test")
+
+
+def _allocate(n: int, fractions: tuple[float, float, float]) -> list[int]:
+    """Counts per split summing to n; val and test get at least one group when n >= 3."""
+    counts = [int(round(n * f)) for f in fractions]
+    if n >= 3:
+        for k in (1, 2):
+            if fractions[k] > 0 and counts[k] == 0:
+                counts[k] = 1
+    counts[0] = n - counts[1] - counts[2]
+    if counts[0] < 0:
+        raise DatasetError(f"Cannot split {n} groups with fractions {fractions}.")
+    return counts
+
+
+def _split_groups(items: list[DatasetItem], fractions, seed: int) -> dict[str, list[DatasetItem]]:
+    by_group: dict[str, list[DatasetItem]] = defaultdict(list)
+    for it in items:
+        by_group[it.group].append(it)
+    # A group is stratified under its most common label (ties broken by name, for determinism).
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for g, members in by_group.items():
+        label = sorted(Counter(m.label for m in members).items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        by_label[label].append(g)
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[DatasetItem]] = {s: [] for s in SPLITS}
+    for label in sorted(by_label):
+        groups = sorted(by_label[label])
+        order = rng.permutation(len(groups))
+        counts = _allocate(len(groups), fractions)
+        bounds = np.cumsum([0] + counts)
+        for k, split in enumerate(SPLITS):
+            for idx in order[bounds[k] : bounds[k + 1]]:
+                out[split].extend(by_group[groups[idx]])
+    for split in SPLITS:
+        out[split].sort(key=lambda i: i.relpath)
+    return out
+
+
+def split_dataset(
+    ds: Dataset, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
+) -> dict[str, list[DatasetItem]]:
+    """train/val/test item lists.
+
+    Pre-split data keeps its folders; when it has no validation folder, validation is carved out
+    of train (grouped and stratified) in the proportion ``val / (train + val)``.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise DatasetError(f"Split fractions must be three non-negative numbers summing to 1, got {fractions}.")
+    if not ds.presplit:
+        return _split_groups(ds.items, fractions, seed)
+    out = {s: [i for i in ds.items if i.presplit == s] for s in SPLITS}
+    if not out["val"] and out["train"]:
+        tv = fractions[0] + fractions[1]
+        val_frac = fractions[1] / tv if tv else 0.0
+        carved = _split_groups(out["train"], (1 - val_frac, val_frac, 0.0), seed)
+        out["train"], out["val"] = carved["train"], carved["val"]
+    return out
+
+
+def split_counts(splits: dict[str, list[DatasetItem]], classes) -> dict[str, dict[str, int]]:
+    return {s: {c: sum(1 for i in items if i.label == c) for c in classes} for s, items in splits.items()}

@@ -1,0 +1,268 @@
+"""The one image decoder: files, bytes or arrays in; pixels or a typed, per-item error out.
+
+Everything that reads an image (dataset scans, training, calibration, the runtime, the server)
+goes through :func:`decode_image`, so a file that is rejected in one place is rejected everywhere
+with the same message.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .errors import (
+    CorruptImageError,
+    DicomError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+    UnsupportedImageError,
+)
+from .extras import require
+
+log = logging.getLogger(__name__)
+
+#: 50 megapixels: above any clinical detector (43x43 cm at 100 um is ~18.5 MP) with margin,
+#: low enough that a decompression bomb cannot take gigabytes.
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MIN_SIDE = 32
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    min_side: int = MIN_SIDE
+
+
+@dataclass
+class DecodedImage:
+    """Pixels as decoded: ``(H, W)`` gray or ``(H, W, 3|4)`` BGR(A), uint8 or uint16 (or float)."""
+
+    pixels: np.ndarray
+    source: str
+    format: str
+    bit_depth: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape[:2]
+
+
+def _sniff_format(data: bytes) -> str | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first SOF marker, without decoding."""
+    i = 2
+    n = len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+            i += 1 if marker == 0xFF else 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return h, w
+        i += 2 + length
+    return None
+
+
+def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
+    """(height, width) read from the header, so huge images are refused before decoding."""
+    try:
+        if fmt == "png" and len(data) >= 24:
+            w, h = struct.unpack(">II", data[16:24])
+            return h, w
+        if fmt == "bmp" and len(data) >= 26:
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(h), abs(w)
+        if fmt == "jpeg":
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _check_truncation(fmt: str, data: bytes, name: str) -> None:
+    # OpenCV happily returns a half-grey image for a truncated JPEG (libjpeg only warns);
+    # a screening model must not see that, so check the end-of-stream markers ourselves.
+    if fmt == "jpeg" and b"\xff\xd9" not in data[-4096:]:
+        raise CorruptImageError(name, "JPEG is truncated (no end-of-image marker); re-export or re-send the file.")
+    if fmt == "png" and b"IEND" not in data[-64:]:
+        raise CorruptImageError(name, "PNG is truncated (no IEND chunk); re-export or re-send the file.")
+
+
+def _check_size(h: int, w: int, name: str, limits: DecodeLimits) -> None:
+    if h * w > limits.max_pixels:
+        raise ImageTooLargeError(
+            name,
+            f"{w}x{h} = {h * w:,} pixels exceeds the limit of {limits.max_pixels:,}; "
+            "down-sample it or raise max_pixels if this is a genuine study.",
+        )
+    if min(h, w) < limits.min_side:
+        raise ImageTooSmallError(
+            name, f"{w}x{h} pixels is too small for a radiograph (minimum side {limits.min_side} px)."
+        )
+
+
+def _check_pixels(pixels: np.ndarray, name: str) -> np.ndarray:
+    if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (1, 3, 4)):
+        raise UnsupportedImageError(
+            name, f"array of shape {pixels.shape} is not an image; expected (H, W), (H, W, 1|3|4)."
+        )
+    if pixels.dtype.kind == "f":
+        if not np.isfinite(pixels).all():
+            raise CorruptImageError(name, "float image contains NaN or infinite values.")
+    elif pixels.dtype not in (np.uint8, np.uint16):
+        if pixels.dtype.kind in "iub" and pixels.size and pixels.min() >= 0 and pixels.max() <= 65535:
+            pixels = pixels.astype(np.uint16)
+        else:
+            raise UnsupportedImageError(
+                name, f"pixel type {pixels.dtype} is not supported; use uint8, uint16 or float."
+            )
+    return pixels
+
+
+def _bit_depth(pixels: np.ndarray) -> int:
+    return {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(pixels.dtype, 32)
+
+
+def _decode_dicom(data: bytes, name: str) -> DecodedImage:
+    pydicom = require("pydicom")
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:  # pydicom raises many types for damaged files
+        raise DicomError(name, f"not a readable DICOM file ({exc}).") from exc
+    if "PixelData" not in ds:
+        raise DicomError(
+            name, "DICOM object has no pixel data (a report or presentation state?); send the image itself."
+        )
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise DicomError(
+            name,
+            f"could not decode pixel data (transfer syntax {ts}: {exc}). Compressed DICOM needs "
+            "pylibjpeg or gdcm: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg",
+        ) from exc
+    notes = []
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        arr = arr[0]
+        notes.append(f"multi-frame DICOM ({frames} frames): used the first frame")
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    out = apply_modality_lut(arr, ds)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        out = apply_voi_lut(out, ds)
+        notes.append("applied the DICOM VOI LUT / window")
+    out = np.asarray(out, dtype=np.float64)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = out.max() + out.min() - out
+        notes.append("inverted MONOCHROME1")
+    if out.ndim == 3 and out.shape[2] == 3:  # colour DICOM arrives RGB; the rest of us speak BGR
+        out = out[:, :, ::-1]
+    bits = int(getattr(ds, "BitsStored", 8) or 8)
+    return DecodedImage(out.astype(np.float32), name, "dicom", bits, notes)
+
+
+def _read_source(source: ImageSource, name: str | None, limits: DecodeLimits) -> tuple[bytes, str]:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        name = name or str(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise UnsupportedImageError(name, "file does not exist.") from None
+        except OSError as exc:
+            raise UnsupportedImageError(name, f"cannot read file ({exc}).") from exc
+        if not path.is_file():
+            raise UnsupportedImageError(name, "is not a regular file.")
+        if size > limits.max_bytes:
+            raise ImageTooLargeError(name, f"file is {size:,} bytes, over the {limits.max_bytes:,}-byte limit.")
+        return path.read_bytes(), name
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = name or f"<{len(data)} bytes>"
+        if len(data) > limits.max_bytes:
+            raise ImageTooLargeError(name, f"{len(data):,} bytes is over the {limits.max_bytes:,}-byte limit.")
+        return data, name
+    raise UnsupportedImageError(
+        name or f"<{type(source).__name__}>",
+        f"cannot read an image from a {type(source).__name__}; pass a path, bytes or a NumPy array.",
+    )
+
+
+def decode_image(
+    source: ImageSource, *, name: str | None = None, limits: DecodeLimits = DecodeLimits()
+) -> DecodedImage:
+    """Decode one image (PNG/JPEG/BMP/TIFF at 8 or 16 bit, DICOM, or a NumPy array).
+
+    Raises a subclass of :class:`~cxr_edge.errors.ImageError` naming the item on any problem.
+    """
+    import cv2
+
+    if isinstance(source, np.ndarray):
+        name = name or f"<array {source.shape} {source.dtype}>"
+        pixels = _check_pixels(source, name)
+        _check_size(pixels.shape[0], pixels.shape[1], name, limits)
+        return DecodedImage(pixels, name, "array", _bit_depth(pixels))
+
+    data, name = _read_source(source, name, limits)
+    if not data:
+        raise UnsupportedImageError(name, "file is empty.")
+    fmt = _sniff_format(data)
+    if fmt is None and name.lower().endswith((".dcm", ".dicom")):
+        fmt = "dicom"
+    if fmt is None:
+        raise UnsupportedImageError(
+            name, "not a recognised image (expected PNG, JPEG, BMP, TIFF or DICOM by content, not extension)."
+        )
+    if fmt == "dicom":
+        img = _decode_dicom(data, name)
+        _check_size(img.pixels.shape[0], img.pixels.shape[1], name, limits)
+        return img
+
+    _check_truncation(fmt, data, name)
+    hw = _header_size(fmt, data)
+    if hw is not None:
+        _check_size(hw[0], hw[1], name, limits)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    try:
+        pixels = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise CorruptImageError(name, f"{fmt.upper()} could not be decoded ({exc}).") from exc
+    if pixels is None or pixels.size == 0:
+        raise CorruptImageError(name, f"{fmt.upper()} data is damaged and could not be decoded.")
+    pixels = _check_pixels(pixels, name)
+    _check_size(pixels.shape[0], pixels.shape[1], name, limits)
+    return DecodedImage(pixels, name, fmt, _bit_depth(pixels))

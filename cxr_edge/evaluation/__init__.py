@@ -1,0 +1,1 @@
+"""Honest evaluation: per-class metrics, ROC, COVID sensitivity/specificity with intervals, per-source."""

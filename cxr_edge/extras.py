@@ -1,0 +1,41 @@
+"""Lazy imports of optional dependencies with an error that names the extra to install."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from .errors import MissingExtraError
+
+#: import name -> (pip extra, what it is used for)
+_EXTRAS: dict[str, tuple[str, str]] = {
+    "tensorflow": ("train", "training and Keras models"),
+    "keras": ("train", "training and Keras models"),
+    "tf2onnx": ("train", "exporting Keras models to ONNX"),
+    "sklearn": ("train", "evaluation metrics"),
+    "matplotlib": ("train", "evaluation plots"),
+    "pydicom": ("dicom", "reading DICOM files"),
+    "onnxruntime": ("runtime", "running ONNX artifacts"),
+    "tensorrt": ("gpu", "TensorRT engines"),
+}
+
+
+def require(module: str) -> ModuleType:
+    """Import ``module`` or raise :class:`MissingExtraError` telling the user which extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.split(".")[0]
+        extra, purpose = _EXTRAS.get(top, (None, "this feature"))
+        hint = (
+            f"pip install 'cxr-edge[{extra}]'" if extra else f"pip install {top}"
+        )
+        raise MissingExtraError(
+            f"{purpose} needs the '{top}' package, which is not installed ({exc}). "
+            f"Install it with: {hint}"
+        ) from exc
+
+
+def available(module: str) -> bool:
+    """True when ``module`` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None

@@ -1,0 +1,204 @@
+"""Run a recipe end to end: scan -> split -> pack -> tf.data -> fit (-> fine-tune) -> manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..classes import COVID
+from ..data import scan_dataset, split_dataset
+from ..data.loading import load_images
+from ..data.split import split_counts
+from ..decision import choose_threshold
+from ..errors import DatasetError
+from ..extras import require
+from ..manifest import write_manifest
+from .recipes import Recipe, build_model, get_recipe, make_optimizer, with_overrides
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.csv"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = "small_cnn"
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    image_size: int | None = None
+    fine_tune_epochs: int | None = None
+    weights: str | None = "imagenet"  # backbone recipes only: 'imagenet' | path.h5 | 'none'
+    seed: int = 0
+    target_sensitivity: float = 0.95
+    metadata_csv: str | None = None
+    max_images: int | None = None  # cap per split, for smoke runs
+    verbose: int = 2
+
+    def resolved_recipe(self) -> Recipe:
+        return with_overrides(
+            get_recipe(self.recipe), epochs=self.epochs, batch_size=self.batch_size,
+            learning_rate=self.learning_rate, image_size=self.image_size,
+            fine_tune_epochs=self.fine_tune_epochs,
+        )
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    manifest_path: Path
+    history_path: Path
+    val_metrics: dict
+
+
+def _tf_dataset(x, y, batch_size, *, shuffle: bool, zoom: float, seed: int):
+    tf = require("tensorflow")
+    keras = require("keras")
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if zoom:
+        zoomer = keras.layers.RandomZoom(zoom, fill_mode="constant", seed=seed)
+
+        def augment(images, labels):
+            z = zoomer(tf.cast(images, tf.float32), training=True)
+            return tf.cast(tf.clip_by_value(tf.round(z), 0, 255), tf.uint8), labels
+
+        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _cap(items, n, seed):
+    if n is None or len(items) <= n:
+        return items
+    idx = np.sort(np.random.default_rng(seed).choice(len(items), n, replace=False))
+    return [items[i] for i in idx]
+
+
+def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> TrainResult:
+    keras = require("keras")
+    recipe = config.resolved_recipe()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+
+    ds = scan_dataset(data_dir, classes=recipe.classes, metadata_csv=config.metadata_csv)
+    log.info("%s", ds.summary())
+    fractions = (1 - recipe.val_fraction - recipe.test_fraction, recipe.val_fraction, recipe.test_fraction)
+    splits = split_dataset(ds, fractions, seed=config.seed)
+    counts = split_counts(splits, ds.classes)
+    log.info("split counts: %s", counts)
+    for s in ("train", "val"):
+        if not splits[s]:
+            raise DatasetError(f"The {s} split is empty ({counts}); add images or change the split fractions.")
+
+    spec = recipe.spec()
+    packed = {}
+    for s in ("train", "val"):
+        items = _cap(splits[s], config.max_images, config.seed)
+        loaded = load_images([i.path for i in items], spec, progress=config.verbose > 0)
+        labels = np.array([ds.classes.index(items[k].label) for k in loaded.kept])
+        packed[s] = (loaded.x, labels, [items[k] for k in loaded.kept], loaded.errors)
+    x_tr, y_tr, _, err_tr = packed["train"]
+    x_va, y_va, _, err_va = packed["val"]
+    if recipe.featurewise:
+        # statistics of the mode-scaled training pixels (model channels are replicas of gray)
+        scaled = spec.normalize(x_tr[:2000])
+        spec = spec.with_stats(float(scaled.mean()), float(scaled.std() + 1e-7))
+
+    n = len(ds.classes)
+    model = build_model(recipe, spec, config.weights)
+    model.compile(optimizer=make_optimizer(recipe.optimizer, recipe.learning_rate),
+                  loss="categorical_crossentropy", metrics=["accuracy"])
+    train_ds = _tf_dataset(x_tr, np.eye(n)[y_tr], recipe.batch_size, shuffle=True, zoom=recipe.zoom, seed=config.seed)
+    val_ds = _tf_dataset(x_va, np.eye(n)[y_va], recipe.batch_size, shuffle=False, zoom=0, seed=config.seed)
+
+    model_path = out / MODEL_FILE
+    history_path = out / HISTORY_FILE
+    checkpoint = keras.callbacks.ModelCheckpoint(model_path, monitor="val_loss", save_best_only=True)
+    callbacks = [checkpoint, keras.callbacks.CSVLogger(history_path)]
+    if recipe.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience,
+                                                       restore_best_weights=True))
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, callbacks=callbacks, verbose=config.verbose)
+    phases = [{"phase": "head" if recipe.backbone else "train", "epochs": len(hist.epoch),
+               "learning_rate": recipe.learning_rate}]
+
+    if recipe.fine_tune_epochs and recipe.fine_tune_from:
+        unfrozen = 0
+        started = False
+        for layer in model.layers:
+            started = started or layer.name.startswith(recipe.fine_tune_from)
+            # BatchNorm stays frozen: its batch statistics on small CXR batches would wreck the
+            # ImageNet ones (the usual Keras fine-tuning advice).
+            if started and not isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = True
+                unfrozen += 1
+        model.compile(optimizer=make_optimizer(recipe.optimizer, recipe.fine_tune_learning_rate),
+                      loss="categorical_crossentropy", metrics=["accuracy"])
+        start = len(hist.epoch)
+        callbacks[1] = keras.callbacks.CSVLogger(history_path, append=True)
+        ft = model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=start + recipe.fine_tune_epochs,
+                       callbacks=callbacks, verbose=config.verbose)
+        phases.append({"phase": "fine_tune", "epochs": len(ft.epoch), "from_layer": recipe.fine_tune_from,
+                       "layers_unfrozen": unfrozen, "learning_rate": recipe.fine_tune_learning_rate})
+
+    from .layers import load_keras_model
+
+    best = load_keras_model(model_path)
+    p_val = best.predict(x_va, batch_size=recipe.batch_size, verbose=0)
+    val_acc = float((p_val.argmax(1) == y_va).mean())
+    operating = None
+    if COVID in ds.classes:
+        ci = ds.classes.index(COVID)
+        operating = choose_threshold(y_va == ci, p_val[:, ci], config.target_sensitivity)
+        operating["chosen_on"] = "val"
+
+    manifest = {
+        "kind": "keras-model",
+        "recipe": recipe.name,
+        "recipe_config": {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(recipe).items()},
+        "classes": list(ds.classes),
+        "preprocess": spec.to_dict(),
+        "last_conv_layer": recipe.last_conv_layer,
+        "weights": config.weights if recipe.backbone else None,
+        "seed": config.seed,
+        "training": {"phases": phases, "history": history_path.name},
+        "data": {
+            "root": str(Path(data_dir).resolve()),
+            "fingerprint": ds.fingerprint(),
+            "n_images": len(ds.items),
+            "split_fractions": fractions,
+            "split_seed": config.seed,
+            "split_counts": counts,
+            "presplit": ds.presplit,
+            "max_images": config.max_images,
+            "skipped": [str(e) for e in err_tr + err_va],
+            "ignored": [f"{p}: {why}" for p, why in ds.ignored],
+            "provenance_file": ds.provenance_file,
+        },
+        "operating_point": operating,
+        "metrics": {"val_accuracy_argmax": val_acc, "n_val": int(len(y_va))},
+    }
+    mpath = write_manifest(model_path, manifest)
+    log.info("saved %s (val accuracy %.3f)", model_path, val_acc)
+    return TrainResult(model_path, mpath, history_path, manifest["metrics"])
+
+
+def load_model_and_manifest(model_path: str | Path):
+    """A trained ``.keras`` model with its verified manifest."""
+    from ..manifest import read_manifest
+    from .layers import load_keras_model
+
+    doc = read_manifest(model_path)
+    return load_keras_model(model_path), doc
+
+
+def dump_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
