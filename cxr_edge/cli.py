@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="synthesise data, train the small CNN, evaluate (minutes on a CPU)")
     d.add_argument("--data", help="use this data directory instead of synthetic images")
     d.add_argument("--out", default="cxr-edge-demo")
-    d.add_argument("--per-class", type=int, default=100)
+    d.add_argument("--per-class", type=int, default=150)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
 

@@ -255,6 +255,8 @@ def decode_image(
     _check_truncation(fmt, data, name)
     hw = _header_size(fmt, data)
     if hw is not None:
+        if 0 in hw:
+            raise CorruptImageError(name, f"{fmt.upper()} header declares a {hw[1]}x{hw[0]} image; the file is damaged.")
         _check_size(hw[0], hw[1], name, limits)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:

@@ -27,10 +27,11 @@ class Provenance:
 
 
 def _pick(fieldnames: list[str], candidates: tuple[str, ...]) -> str | None:
-    lower = {f.lower().strip(): f for f in fieldnames}
+    norm = {re.sub(r"[^a-z0-9]", "", f.lower()): f for f in fieldnames}
     for c in candidates:
-        if c in lower:
-            return lower[c]
+        key = re.sub(r"[^a-z0-9]", "", c)
+        if key in norm:
+            return norm[key]
     return None
 
 
@@ -58,6 +59,7 @@ def read_provenance(csv_path: str | Path) -> dict[str, Provenance]:
     patient_col = _pick(fields, _PATIENT_COLUMNS)
     source_col = _pick(fields, _SOURCE_COLUMNS)
     out: dict[str, Provenance] = {}
+    by_name: dict[str, Provenance | None] = {}
     for row in rows:
         key = (row.get(path_col) or "").strip().replace("\\", "/")
         if not key:
@@ -71,7 +73,12 @@ def read_provenance(csv_path: str | Path) -> dict[str, Provenance]:
             patient = f"{source or 'unknown'}:{patient}"
         prov = Provenance(source, patient)
         out[key] = prov
-        out.setdefault(Path(key).name, prov)
+        name = Path(key).name
+        # a bare file name is a usable key only while it is unambiguous
+        by_name[name] = prov if name not in by_name or by_name[name] == prov else None
+    for name, prov in by_name.items():
+        if prov is not None:
+            out.setdefault(name, prov)
     return out
 
 

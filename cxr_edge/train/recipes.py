@@ -133,7 +133,10 @@ def build_model(recipe: Recipe, spec: PreprocessSpec, weights: str | None = None
         x = L.Dense(512, activation="relu", name="fc1")(x)
     else:
         base = _backbone(recipe, x, resolve_weights(weights))
-        frozen = base.layers if recipe.frozen_layers is None else base.layers[: recipe.frozen_layers]
+        # base.layers starts with our uint8 input and preprocessing layer; the published count
+        # ("first 300 layers") is of keras.applications' own list, which starts with one InputLayer.
+        body = [l for l in base.layers if not isinstance(l, (L.InputLayer, CxrPreprocess))]
+        frozen = body if recipe.frozen_layers is None else body[: recipe.frozen_layers - 1]
         for layer in frozen:
             layer.trainable = False
         x = L.GlobalAveragePooling2D(name="gap")(base.output)

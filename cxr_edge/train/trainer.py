@@ -126,7 +126,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
     if recipe.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience,
                                                        restore_best_weights=True))
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, callbacks=callbacks, verbose=config.verbose)
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, callbacks=callbacks, verbose=config.verbose, shuffle=False)
     phases = [{"phase": "head" if recipe.backbone else "train", "epochs": len(hist.epoch),
                "learning_rate": recipe.learning_rate}]
 
@@ -145,7 +145,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
         start = len(hist.epoch)
         callbacks[1] = keras.callbacks.CSVLogger(history_path, append=True)
         ft = model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=start + recipe.fine_tune_epochs,
-                       callbacks=callbacks, verbose=config.verbose)
+                       callbacks=callbacks, verbose=config.verbose, shuffle=False)
         phases.append({"phase": "fine_tune", "epochs": len(ft.epoch), "from_layer": recipe.fine_tune_from,
                        "layers_unfrozen": unfrozen, "learning_rate": recipe.fine_tune_learning_rate})
 

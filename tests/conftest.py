@@ -1,0 +1,61 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("CXR_DEV_DATA", REPO.parent / "shared" / "data" / "cxr-dev"))
+
+HAS_TF = importlib.util.find_spec("tensorflow") is not None
+HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
+
+
+def _has_cuda() -> bool:
+    try:
+        import onnxruntime as ort  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists("/dev/nvidia0")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'cxr-edge[gpu]' on a GPU machine)")
+    skip_tf = pytest.mark.skip(reason="needs the train extra (TensorFlow)")
+    for item in items:
+        if "gpu" in item.keywords and not _has_cuda():
+            item.add_marker(skip_gpu)
+        if "tensorrt" in item.keywords and importlib.util.find_spec("tensorrt") is None:
+            item.add_marker(skip_trt)
+        if "train" in item.keywords and not HAS_TF:
+            item.add_marker(skip_tf)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not (REAL_DATA / "SOURCES.csv").is_file():
+        pytest.skip(f"real CXR data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+def cxr_like(h=96, w=96, seed=0) -> np.ndarray:
+    from cxr_edge.synthetic import synth_cxr
+
+    img = synth_cxr("Normal", max(h, w), np.random.default_rng(seed))
+    return (img[:h, :w] * 255).astype(np.uint8)
+
+
+def write_png(path: Path, arr: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), arr)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from cxr_edge.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), per_class=40, sizes=(96, 128, 160), seed=1)
