@@ -163,3 +163,15 @@ def test_real_data_scan_and_provenance(real_data):
         for i in items:
             if i.patient:
                 assert seen.setdefault(i.patient, s) == s, f"patient {i.patient} in {seen[i.patient]} and {s}"
+
+
+def test_presplit_patient_overlap_is_warned(tmp_path, caplog):
+    _tree(tmp_path, {"train/COVID": 2, "train/Normal": 2, "test/COVID": 2, "test/Normal": 2})
+    with open(tmp_path / "SOURCES.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["relpath", "patient_id"])
+        w.writerow(["train/COVID/img_000.png", "p1"])
+        w.writerow(["test/COVID/img_001.png", "p1"])
+    with caplog.at_level("WARNING"):
+        split_dataset(scan_dataset(tmp_path))
+    assert "1 patients appear in more than one pre-split folder" in caplog.text

@@ -7,6 +7,7 @@ one patient in one split (a patient in both train and test inflates every metric
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -15,6 +16,8 @@ from ..errors import DatasetError
 from .layout import Dataset, DatasetItem
 
 SPLITS = ("train", "val", "test")
+
+log = logging.getLogger(__name__)
 
 
 def _allocate(n: int, fractions: tuple[float, float, float]) -> list[int]:
@@ -67,12 +70,26 @@ def split_dataset(
     if not ds.presplit:
         return _split_groups(ds.items, fractions, seed)
     out = {s: [i for i in ds.items if i.presplit == s] for s in SPLITS}
+    _warn_patient_overlap(out)
     if not out["val"] and out["train"]:
         tv = fractions[0] + fractions[1]
         val_frac = fractions[1] / tv if tv else 0.0
         carved = _split_groups(out["train"], (1 - val_frac, val_frac, 0.0), seed)
         out["train"], out["val"] = carved["train"], carved["val"]
     return out
+
+
+def _warn_patient_overlap(splits: dict[str, list[DatasetItem]]) -> None:
+    """Pre-split folders are the user's call, but a patient on both sides is worth a loud warning."""
+    seen: dict[str, str] = {}
+    shared = set()
+    for split, items in splits.items():
+        for it in items:
+            if it.patient and seen.setdefault(it.patient, split) != split:
+                shared.add(it.patient)
+    if shared:
+        log.warning("%d patients appear in more than one pre-split folder (e.g. %s): metrics will be optimistic",
+                    len(shared), sorted(shared)[:3])
 
 
 def split_counts(splits: dict[str, list[DatasetItem]], classes) -> dict[str, dict[str, int]]:

@@ -43,12 +43,15 @@ def plot_confusion(cm, classes, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_roc(curves: dict, aucs: dict, path: Path) -> None:
+def plot_roc(curves: dict, aucs: dict, path: Path, operating: dict | None = None) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, r in curves.items():
         if r:
             ax.plot(r["fpr"], r["tpr"], label=f"{c} (AUC {aucs[c]:.3f})")
+    if operating and operating.get("sensitivity") is not None and operating.get("specificity") is not None:
+        ax.plot(1 - operating["specificity"], operating["sensitivity"], "ko",
+                label=f"COVID operating point (t={operating['threshold']:.3g})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
@@ -143,7 +146,7 @@ def write_report(result: dict, out_dir: str | Path, context: dict, history_path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion(result["confusion_matrix"], result["classes"], out / "confusion_matrix.png")
-    plot_roc(result["roc_curves"], result["roc_auc"], out / "roc.png")
+    plot_roc(result["roc_curves"], result["roc_auc"], out / "roc.png", result.get("covid"))
     hist = read_history(history_path) if history_path else None
     if hist:
         plot_history(hist, out / "training_curves.png", fine_tune_start)

@@ -1,0 +1,82 @@
+"""The classifier head after the last convolution, as plain NumPy arrays.
+
+Export stores the head (pooling, flatten, dense, batch-norm, dropout) beside each ONNX artifact as an
+``.npz`` plus a JSON op list in the manifest, so the runtime can recompute the head from the exported
+feature map without TensorFlow: to check it (export verifies head(features) == probs) and, for
+Grad-CAM, to differentiate it in closed form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ManifestError
+
+SUPPORTED_OPS = ("maxpool", "gap", "gmp", "flatten", "dense", "batchnorm", "identity", "relu")
+
+
+@dataclass
+class HeadOp:
+    kind: str
+    params: dict
+    arrays: dict[str, np.ndarray]
+
+
+def load_head(ops_json: list[dict], npz_path: str | Path) -> list[HeadOp]:
+    with np.load(npz_path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    out = []
+    for i, op in enumerate(ops_json):
+        if op["kind"] not in SUPPORTED_OPS:
+            raise ManifestError(f"Head op {i} has unsupported kind {op['kind']!r}.")
+        mine = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")}
+        out.append(HeadOp(op["kind"], op.get("params", {}), mine))
+    return out
+
+
+def _activation(x: np.ndarray, name: str) -> np.ndarray:
+    if name in ("linear", None):
+        return x
+    if name == "relu":
+        return np.maximum(x, 0)
+    if name == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    raise ManifestError(f"Unsupported head activation {name!r}.")
+
+
+def _maxpool(x: np.ndarray, pool: int, stride: int) -> np.ndarray:
+    n, h, w, c = x.shape
+    oh, ow = (h - pool) // stride + 1, (w - pool) // stride + 1
+    out = np.full((n, oh, ow, c), -np.inf, dtype=x.dtype)
+    for dy in range(pool):
+        for dx in range(pool):
+            out = np.maximum(out, x[:, dy : dy + stride * oh : stride, dx : dx + stride * ow : stride, :])
+    return out
+
+
+def forward(ops: list[HeadOp], features: np.ndarray, logits: bool = False) -> np.ndarray:
+    """Probabilities (or, with ``logits``, the last dense layer's pre-softmax scores)."""
+    x = features.astype(np.float64)
+    for k, op in enumerate(ops):
+        last = k == len(ops) - 1
+        if op.kind == "maxpool":
+            x = _maxpool(x, op.params["pool"], op.params["stride"])
+        elif op.kind == "gap":
+            x = x.mean(axis=(1, 2))
+        elif op.kind == "gmp":
+            x = x.max(axis=(1, 2))
+        elif op.kind == "flatten":
+            x = x.reshape(len(x), -1)
+        elif op.kind == "dense":
+            x = x @ op.arrays["kernel"] + op.arrays.get("bias", 0.0)
+            if not (last and logits):
+                x = _activation(x, op.params.get("activation", "linear"))
+        elif op.kind == "batchnorm":
+            x = x * op.arrays["scale"] + op.arrays["shift"]
+        elif op.kind == "relu":
+            x = np.maximum(x, 0)
+    return x
