@@ -44,6 +44,28 @@ def cmd_evaluate(a):
     print(f"Report: {report}")
 
 
+def cmd_export(a):
+    from .export.pipeline import ExportConfig, export_model
+
+    cfg = ExportConfig(precisions=a.precision, int8_targets=a.int8_target, calib_data=a.calib,
+                       calib_method=a.calib_method, calib_size=a.calib_size, force=a.force, opset=a.opset)
+    s = export_model(a.model, a.out, cfg)
+    print((s.out_dir / "export_report.md").read_text())
+    if not s.ok:
+        failed = [x.variant for x in s.artifacts if x.gate and not x.gate.passed]
+        print(f"error: {', '.join(failed)} failed the accuracy gate" + (" (kept, marked failed, --force)" if a.force else ""),
+              file=sys.stderr)
+        raise SystemExit(1)
+
+
+def cmd_build(a):
+    from .export.tensorrt_build import BuildConfig, build_engine
+
+    cfg = BuildConfig.from_batch_text(a.precision, a.batch, workspace_mb=a.workspace, dla_core=a.dla,
+                                      timing_cache=a.timing_cache)
+    print(f"Engine: {build_engine(a.artifact, cfg, a.out)}")
+
+
 def cmd_synth(a):
     from .synthetic import write_synthetic_dataset
 
@@ -113,6 +135,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--common-size", type=int, help="down-sample every image to NxN first (size-leak check)")
     e.add_argument("--bootstrap", type=int, default=1000)
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="Keras model -> gated FP32/FP16/INT8 ONNX artifacts with manifests")
+    x.add_argument("model")
+    x.add_argument("--out", required=True)
+    x.add_argument("--precision", default="fp32,fp16,int8", help="comma list of fp32, fp16, int8, int8-trt, int8-cpu")
+    x.add_argument("--int8-target", default="trt,cpu", help="INT8 flavours for 'int8': trt (S8S8), cpu (U8S8)")
+    x.add_argument("--calib", help="labelled data dir: calibration from its train split, gates on its val split "
+                   "(default: the model's training data, else synthetic)")
+    x.add_argument("--calib-method", default="minmax", help="minmax | entropy | percentile")
+    x.add_argument("--calib-size", type=int, default=200)
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--force", action="store_true", help="keep artifacts that fail their gate, marked failed")
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("build", help="TensorRT engine from an exported ONNX artifact (GPU + TensorRT)")
+    b.add_argument("artifact")
+    b.add_argument("--precision", required=True, help="fp32 | fp16 | int8 (int8 needs the int8-trt artifact)")
+    b.add_argument("--batch", default="1,8,32", help="optimisation profile MIN,OPT,MAX")
+    b.add_argument("--workspace", type=int, default=2048, help="builder workspace in MB")
+    b.add_argument("--dla", type=int, help="Jetson DLA core")
+    b.add_argument("--timing-cache", help="persistent timing cache file")
+    b.add_argument("--out", help="engine path (default: beside the ONNX)")
+    b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("synth", help="write a synthetic CXR-like dataset")
     s.add_argument("out")

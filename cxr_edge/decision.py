@@ -22,7 +22,11 @@ def choose_threshold(is_covid: np.ndarray, p_covid: np.ndarray, target_sensitivi
     if len(pos) == 0 or is_covid.all():
         return {"threshold": 0.5, "target_sensitivity": target_sensitivity, "chosen_on": "default (no positives and negatives)"}
     k = max(1, math.ceil(target_sensitivity * len(pos)))
-    t = float(pos[k - 1])
+    kth = float(pos[k - 1])
+    # Midway to the next lower score rather than exactly on the k-th positive: a threshold equal to
+    # a case's score would flip on the last-bit differences between Keras, ONNX Runtime and TensorRT.
+    below = p_covid[p_covid < kth]
+    t = float((kth + below.max()) / 2) if len(below) else kth / 2
     pred = p_covid >= t
     return {
         "threshold": t,

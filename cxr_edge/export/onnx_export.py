@@ -1,0 +1,69 @@
+"""Keras -> ONNX with preprocessing fused and the Grad-CAM feature map as a second named output.
+
+Path chosen: ``tf2onnx.convert.from_function`` on a ``tf.function`` with an explicit uint8 input
+signature. ``tf2onnx.convert.from_keras`` fails on Keras 3 Sequential models, and Keras' own
+``model.export(format="onnx")`` gives no control over input/output names; ``from_function`` worked
+on all three recipes and lets us name the contract (``image`` in; ``probs`` and ``features`` out).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..extras import require
+from ..preprocess import PreprocessSpec
+
+INPUT_NAME = "image"
+PROBS_OUTPUT = "probs"
+FEATURES_OUTPUT = "features"
+BATCH_DIM = "N"
+DEFAULT_OPSET = 17
+
+
+def _name_batch_dims(proto) -> None:
+    for vi in list(proto.graph.input) + list(proto.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = BATCH_DIM
+
+
+def keras_to_onnx(model, spec: PreprocessSpec, feature_layer: str | None, out_path: str | Path,
+                  opset: int = DEFAULT_OPSET):
+    """Write ``out_path`` and return the checked ONNX ModelProto."""
+    tf = require("tensorflow")
+    keras = require("keras")
+    tf2onnx = require("tf2onnx")
+    onnx = require("onnx")
+    if opset < 17:
+        raise ValueError(f"opset {opset} is too old; cxr-edge exports opset >= 17.")
+    outputs = {PROBS_OUTPUT: model.output}
+    if feature_layer:
+        outputs[FEATURES_OUTPUT] = model.get_layer(feature_layer).output
+    wrapped = keras.Model(model.input, outputs)
+    sig = [tf.TensorSpec((None, *spec.input_shape), tf.uint8, name=INPUT_NAME)]
+
+    @tf.function(input_signature=sig)
+    def serve(image):
+        return wrapped(image, training=False)
+
+    proto, _ = tf2onnx.convert.from_function(serve, input_signature=sig, opset=opset)
+    _name_batch_dims(proto)
+    proto.doc_string = (f"cxr-edge export of {model.name}: input '{INPUT_NAME}' is raw uint8 NHWC pixels at "
+                        f"{spec.height}x{spec.width}x{spec.input_channels}; normalisation ({spec.mode.value}) "
+                        "is inside the graph.")
+    onnx.checker.check_model(proto, full_check=True)
+    out_path = Path(out_path)
+    onnx.save(proto, str(out_path))
+    return proto
+
+
+def io_contract(proto) -> tuple[list[dict], list[dict]]:
+    """Names, element types and shapes of graph inputs and outputs, for the manifest."""
+    onnx = require("onnx")
+
+    def describe(vi):
+        t = vi.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in t.shape.dim]
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": shape}
+
+    return [describe(v) for v in proto.graph.input], [describe(v) for v in proto.graph.output]

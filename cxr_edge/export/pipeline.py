@@ -1,0 +1,231 @@
+"""``cxr-edge export``: Keras model -> gated FP32 / FP16 / INT8 ONNX artifacts with manifests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CxrEdgeError
+from ..manifest import read_manifest, sha256_file, write_manifest
+from ..preprocess import PreprocessSpec
+from ..runtime.head import forward, load_head
+from ..runtime.ort_session import cpu_session, run_batched
+from .artifacts import Int8Target, Precision, Variant, parse_precisions
+from .gate_data import GateData, load_gate_data
+from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
+from .head_export import UnsupportedHead, extract_head, save_head
+from .onnx_export import DEFAULT_OPSET, FEATURES_OUTPUT, PROBS_OUTPUT, io_contract, keras_to_onnx
+from .quantize import CALIBRATION_METHODS, QuantConfig, first_and_last_compute, ort_cpu_kernels, quantize
+
+log = logging.getLogger(__name__)
+
+
+class ExportGateError(CxrEdgeError):
+    """An artifact failed its accuracy gate; the message carries the gate report."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    precisions: str = "fp32,fp16,int8"
+    int8_targets: str = "trt,cpu"
+    calib_data: str | None = None
+    calib_method: str = "minmax"
+    calib_size: int = 200
+    force: bool = False
+    opset: int = DEFAULT_OPSET
+    seed: int = 0
+
+
+@dataclass
+class ExportedArtifact:
+    variant: str
+    path: Path | None
+    gate: GateResult | None
+    size_bytes: int | None
+    kept: bool
+    attempts: list = field(default_factory=list)
+    quantization: dict | None = None
+
+
+@dataclass
+class ExportSummary:
+    out_dir: Path
+    artifacts: list[ExportedArtifact]
+    data: dict
+
+    @property
+    def ok(self) -> bool:
+        return all(a.gate is None or a.gate.passed for a in self.artifacts)
+
+
+def _int8_attempts(target: Int8Target, method: str, model_path: Path) -> list[QuantConfig]:
+    """The configured calibration first, then the known remedies, in order of cost to accuracy."""
+    onnx = __import__("onnx")
+    keep = tuple(first_and_last_compute(onnx.load(str(model_path))))
+    out = [QuantConfig(target, method), QuantConfig(target, method, exclude_nodes=keep)]
+    out += [QuantConfig(target, m, exclude_nodes=keep) for m in CALIBRATION_METHODS if m != method]
+    return out
+
+
+def _probs(path: Path, x: np.ndarray) -> np.ndarray:
+    return run_batched(cpu_session(path), x, [PROBS_OUTPUT])[PROBS_OUTPUT]
+
+
+def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig()) -> ExportSummary:
+    from ..train.layers import load_keras_model
+
+    model_path = Path(model_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    variants = parse_precisions(config.precisions, config.int8_targets)
+    doc = read_manifest(model_path)
+    spec = PreprocessSpec.from_dict(doc["preprocess"])
+    classes = doc["classes"]
+    threshold = (doc.get("operating_point") or {}).get("threshold")
+    model = load_keras_model(model_path)
+    data = load_gate_data(doc, spec, config.calib_data, config.calib_size, seed=config.seed)
+    log.info("gate data: %s", json.dumps({k: v for k, v in data.info.items() if k != "skipped"}))
+
+    # ---- FP32 + the Grad-CAM head
+    fp32_path = out / Variant(Precision.FP32).filename()
+    layer = doc.get("last_conv_layer")
+    proto = keras_to_onnx(model, spec, layer, fp32_path, config.opset)
+    inputs, outputs = io_contract(proto)
+    parity_x = data.parity_x
+    ref = model.predict(parity_x, batch_size=32, verbose=0)
+    fp32_out = run_batched(cpu_session(fp32_path), parity_x)
+    gate32 = fp32_parity(ref, fp32_out[PROBS_OUTPUT])
+    log.info("%s", gate32.summary())
+    gradcam = _export_head(model, layer, out, fp32_out)
+    base_fields = {
+        "kind": "onnx", "format": "onnx", "opset": config.opset, "classes": classes,
+        "operating_point": doc.get("operating_point"), "preprocess": spec.to_dict(), "recipe": doc.get("recipe"),
+        "inputs": inputs, "outputs": outputs,
+        "io_notes": {"image": "raw uint8 pixels, NHWC; cast, channel replication and normalisation are in the graph",
+                     PROBS_OUTPUT: f"softmax probabilities over {classes}",
+                     FEATURES_OUTPUT: f"activations of {layer!r} (Grad-CAM feature map)"},
+        "gradcam": gradcam,
+        "source_model": {"file": model_path.name, "sha256": doc["sha256"]},
+    }
+    fp32_sha = sha256_file(fp32_path)
+    artifacts = [ExportedArtifact("fp32", fp32_path, gate32, fp32_path.stat().st_size, gate32.passed)]
+    write_manifest(fp32_path, {**base_fields, "precision": "fp32", "parent": None, "gate": gate32.to_dict()})
+    if not gate32.passed:
+        fp32_path.rename(fp32_path.with_suffix(".failed.onnx"))
+        raise ExportGateError(f"FP32 ONNX does not match Keras: {gate32.summary()}. This is an export bug; "
+                              "please report it with the model's manifest.")
+    ref32_parity = fp32_out[PROBS_OUTPUT]
+    ref32_val = ref32_parity[: len(data.val_x)]
+    parent = {"file": fp32_path.name, "sha256": fp32_sha}
+
+    for v in variants:
+        if v.precision is Precision.FP16:
+            artifacts.append(_export_fp16(fp32_path, out, v, ref32_parity, parity_x, base_fields, parent, config))
+        elif v.precision is Precision.INT8:
+            artifacts.append(_export_int8(fp32_path, out, v, ref32_val, data, classes, threshold,
+                                          base_fields, parent, config))
+    summary = ExportSummary(out, artifacts, data.info)
+    write_export_report(summary)
+    return summary
+
+
+def _export_head(model, layer, out: Path, fp32_out: dict) -> dict:
+    if not layer:
+        return {"engine_native": False, "reason": "the model names no Grad-CAM layer"}
+    try:
+        ops, arrays = extract_head(model, layer)
+    except UnsupportedHead as exc:
+        return {"layer": layer, "feature_output": FEATURES_OUTPUT, "engine_native": False, "reason": str(exc)}
+    head_path = save_head(arrays, out / "model.head.npz")
+    recomputed = forward(load_head(ops, head_path), fp32_out[FEATURES_OUTPUT])
+    err = float(np.abs(recomputed - fp32_out[PROBS_OUTPUT]).max())
+    native = err <= 1e-4
+    if not native:
+        log.warning("NumPy head differs from the ONNX probabilities by %.2e: engine-native Grad-CAM disabled", err)
+    return {"layer": layer, "feature_output": FEATURES_OUTPUT, "probs_output": PROBS_OUTPUT,
+            "head_file": head_path.name, "head_sha256": sha256_file(head_path), "head_ops": ops,
+            "head_check_max_abs": err, "engine_native": native,
+            "method": "gradient of the pre-softmax class score w.r.t. the feature map, closed form through the head"}
+
+
+def _export_fp16(fp32_path, out, v, ref, parity_x, base_fields, parent, config) -> ExportedArtifact:
+    from .fp16 import convert_fp16
+
+    path = out / v.filename()
+    convert_fp16(fp32_path, path)
+    gate = fp16_gate(ref, _probs(path, parity_x))
+    log.info("%s", gate.summary())
+    return _finish(path, v, gate, base_fields, parent, config, extra={"conversion": "onnxruntime.transformers.float16, "
+                   "keep_io_types=True (uint8 input, float32 outputs)"})
+
+
+def _export_int8(fp32_path, out, v, ref_val, data: GateData, classes, threshold, base_fields, parent,
+                 config) -> ExportedArtifact:
+    path = out / v.filename()
+    attempts, best = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, qc in enumerate(_int8_attempts(v.int8_target, config.calib_method, fp32_path)):
+            cand = Path(tmp) / f"attempt{k}.onnx"
+            qinfo = quantize(fp32_path, cand, data.calib_x, qc)
+            gate = int8_gate(ref_val, _probs(cand, data.val_x), data.val_y, classes, threshold)
+            log.info("%s attempt %d (%s%s): %s", v.tag, k + 1, qc.method,
+                     ", first conv + classifier in float" if qc.exclude_nodes else "", gate.summary())
+            attempts.append({"attempt": k + 1, "method": qc.method, "excluded": list(qc.exclude_nodes),
+                             "passed": gate.passed, "metrics": gate.metrics, "failures": gate.failures})
+            score = (gate.passed, gate.metrics["top_class_agreement"])
+            if best is None or score > best[0]:
+                best = (score, cand, gate, qinfo)
+            if gate.passed:
+                break
+        _, cand, gate, qinfo = best
+        shutil.copy(cand, path)
+    if v.int8_target is Int8Target.CPU:
+        qinfo["ort_cpu_int8_kernels"] = ort_cpu_kernels(path)
+    extra = {"int8_target": v.int8_target.value, "quantization": qinfo, "gate_attempts": attempts,
+             "calibration": {k: data.info[k] for k in ("data", "synthetic", "fingerprint", "calibration_split",
+                                                        "n_calibration")} | {"method": qinfo["method"]}}
+    art = _finish(path, v, gate, base_fields, parent, config, extra)
+    art.attempts, art.quantization = attempts, qinfo
+    return art
+
+
+def _finish(path: Path, v: Variant, gate: GateResult, base_fields, parent, config, extra) -> ExportedArtifact:
+    if not gate.passed and not config.force:
+        path.unlink(missing_ok=True)
+        log.error("%s failed its gate and was not kept (use --force to keep it, marked failed)", v.tag)
+        return ExportedArtifact(v.tag, None, gate, None, False)
+    fields = {**base_fields, "precision": v.precision.value, "parent": parent, "gate": gate.to_dict(), **extra}
+    if not gate.passed:
+        fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
+    write_manifest(path, fields)
+    return ExportedArtifact(v.tag, path, gate, path.stat().st_size, True)
+
+
+def write_export_report(s: ExportSummary) -> Path:
+    rows = []
+    for a in s.artifacts:
+        rows.append({"artifact": a.path.name if a.path else None, "variant": a.variant, "kept": a.kept,
+                     "size_mb": round(a.size_bytes / 1e6, 3) if a.size_bytes else None,
+                     "gate": a.gate.to_dict() if a.gate else None, "attempts": a.attempts,
+                     "int8_compute_nodes": (a.quantization or {}).get("int8_compute_nodes"),
+                     "float_compute_nodes": (a.quantization or {}).get("float_compute_nodes"),
+                     "ort_cpu_int8_kernels": (a.quantization or {}).get("ort_cpu_int8_kernels")})
+    (s.out_dir / "export_report.json").write_text(json.dumps({"data": s.data, "artifacts": rows}, indent=2, default=str) + "\n")
+    lines = ["# Export report", "", f"Calibration / gate data: {s.data.get('data')} "
+             f"({s.data.get('n_calibration')} calibration images from the train split, "
+             f"{s.data.get('n_gate')} gate images from the val split)", "",
+             "| artifact | size MB | gate | key numbers | INT8 compute nodes |", "|---|---|---|---|---|"]
+    for r, a in zip(rows, s.artifacts):
+        g = a.gate
+        key = ", ".join(f"{k} {v:.4g}" for k, v in (g.metrics.items() if g else []) if isinstance(v, float))
+        verdict = "passed" if g and g.passed else ("FAILED" + (" (kept, --force)" if a.kept else " (not kept)"))
+        q = f"{r['int8_compute_nodes']} int8 / {r['float_compute_nodes']} float" if r["int8_compute_nodes"] is not None else ""
+        lines.append(f"| {r['artifact'] or a.variant} | {r['size_mb'] or '-'} | {verdict} | {key} | {q} |")
+    (s.out_dir / "export_report.md").write_text("\n".join(lines) + "\n")
+    return s.out_dir / "export_report.md"

@@ -1,0 +1,143 @@
+"""Static INT8 QDQ quantisation with ONNX Runtime, in the flavour each target needs."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..extras import require
+from .artifacts import Int8Target
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+COMPUTE_OPS = {"Conv", "MatMul", "Gemm", "ConvTranspose"}
+# what ORT's CPU provider actually executes in integer arithmetic after graph optimisation
+ORT_INT8_KERNELS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger",
+                    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearAdd", "QLinearMul",
+                    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSoftmax"}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    target: Int8Target
+    method: str = "minmax"
+    per_channel: bool = True
+    exclude_nodes: tuple[str, ...] = ()
+    calib_batch: int = 16
+
+    def __post_init__(self):
+        object.__setattr__(self, "target", Int8Target(self.target))
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"Unknown calibration method {self.method!r}; choose {', '.join(CALIBRATION_METHODS)}.")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target"] = self.target.value
+        d["activations"] = "int8 symmetric (S8S8)" if self.target is Int8Target.TRT else "uint8 asymmetric (U8S8)"
+        d["weights"] = "int8 symmetric, " + ("per-channel" if self.per_channel else "per-tensor")
+        return d
+
+
+class ArrayCalibrationReader:
+    """ONNX Runtime's CalibrationDataReader protocol over a packed uint8 array."""
+
+    def __init__(self, x: np.ndarray, input_name: str, batch: int = 16):
+        # ORT's histogram calibrators stack per-batch outputs, so every batch must have one size:
+        # the remainder that does not fill a batch is dropped (at most batch - 1 images).
+        self.batch = min(batch, len(x))
+        self.x = x[: len(x) - len(x) % self.batch] if self.batch else x
+        self.input_name = input_name
+        self.rewind()
+
+    def get_next(self) -> dict | None:
+        if self._i >= len(self.x):
+            return None
+        b = self.x[self._i : self._i + self.batch]
+        self._i += self.batch
+        return {self.input_name: b}
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+def _compute_nodes(model) -> list:
+    return [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
+
+
+def float_boundary_nodes(model) -> list[str]:
+    """Nodes kept in float: the fused normalisation before the first conv/matmul, and the Softmax.
+
+    Quantising the normalisation gains nothing (it is one multiply-add) and quantising Softmax
+    leaves probabilities with 1/256 resolution, which is too coarse for an operating threshold.
+    """
+    out = []
+    for n in model.graph.node:
+        if n.op_type in COMPUTE_OPS:
+            break
+        out.append(n.name)
+    out += [n.name for n in model.graph.node if n.op_type == "Softmax"]
+    return out
+
+
+def first_and_last_compute(model) -> list[str]:
+    """The first convolution and the final classifier: the usual first things to leave in float."""
+    nodes = _compute_nodes(model)
+    return [nodes[0].name, nodes[-1].name] if len(nodes) >= 2 else [n.name for n in nodes]
+
+
+def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, config: QuantConfig) -> dict:
+    """Write a QDQ model; returns what was done (for the manifest)."""
+    onnx = require("onnx")
+    q = require("onnxruntime.quantization")
+    shape_inference = require("onnxruntime.quantization.shape_inference")
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # symbolic shape inference + constant folding, as ORT's quantisation docs recommend
+        shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        model = onnx.load(str(pre))
+        input_name = model.graph.input[0].name
+        exclude = sorted(set(float_boundary_nodes(model)) | set(config.exclude_nodes))
+        act = q.QuantType.QInt8 if config.target is Int8Target.TRT else q.QuantType.QUInt8
+        method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                  "percentile": q.CalibrationMethod.Percentile}[config.method]
+        extra = {"ActivationSymmetric": config.target is Int8Target.TRT, "WeightSymmetric": True,
+                 "CalibMovingAverage": False}
+        q.quantize_static(
+            str(pre), str(out_path), ArrayCalibrationReader(calib_x, input_name, config.calib_batch),
+            quant_format=q.QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
+            weight_type=q.QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
+            extra_options=extra,
+        )
+    return {**config.to_dict(), "nodes_kept_float": exclude, **count_int8_nodes(out_path)}
+
+
+def count_int8_nodes(path: str | Path) -> dict:
+    """Compute nodes (conv/matmul/gemm) whose inputs are dequantised from INT8, vs. left in float."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    from_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    compute = _compute_nodes(model)
+    int8 = [n for n in compute if n.input and n.input[0] in from_dq]
+    return {"int8_compute_nodes": len(int8), "float_compute_nodes": len(compute) - len(int8),
+            "qdq_pairs": sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")}
+
+
+def ort_cpu_kernels(path: str | Path) -> dict[str, int]:
+    """Integer kernels ONNX Runtime's CPU provider runs for this model after fusing the QDQ pairs."""
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    return {k: v for k, v in sorted(ops.items()) if k in ORT_INT8_KERNELS}

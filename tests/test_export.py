@@ -1,0 +1,205 @@
+"""Export: ONNX with fused preprocessing, FP16/INT8 gates, manifests, and a TensorFlow-free consumer."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from cxr_edge.errors import ConfigError
+from cxr_edge.export.artifacts import Int8Target, Precision, Variant, parse_precisions
+
+
+def test_parse_precisions():
+    tags = [v.tag for v in parse_precisions("fp16,int8")]
+    assert tags == ["fp32", "fp16", "int8-trt", "int8-cpu"]  # fp32 is always the reference
+    assert [v.tag for v in parse_precisions("int8-cpu")] == ["fp32", "int8-cpu"]
+    assert [v.tag for v in parse_precisions("int8", "cpu")] == ["fp32", "int8-cpu"]
+    assert Variant(Precision.INT8, Int8Target.TRT).filename() == "model.int8-trt.onnx"
+    with pytest.raises(ConfigError, match="Unknown precision 'bf8'"):
+        parse_precisions("fp32,bf8")
+    with pytest.raises(ConfigError, match="Unknown INT8 target 'gpu'"):
+        parse_precisions("int8", "gpu")
+
+
+# --------------------------------------------------------------------------- with TensorFlow
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    from cxr_edge.export.pipeline import ExportConfig, export_model
+    from cxr_edge.synthetic import write_synthetic_dataset
+    from cxr_edge.train.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_synthetic_dataset(root / "data", per_class=50, sizes=(64, 96), seed=5)
+    r = train(TrainConfig(recipe="small_cnn", epochs=6, learning_rate=0.01, image_size=32, verbose=0), data, root / "m")
+    summary = export_model(r.model_path, root / "art", ExportConfig(calib_size=60))
+    return r, summary, data
+
+
+@pytest.mark.train
+def test_all_precisions_export_and_pass_their_gates(exported):
+    _, s, _ = exported
+    assert s.ok and [a.variant for a in s.artifacts] == ["fp32", "fp16", "int8-trt", "int8-cpu"]
+    assert all(a.kept and a.path.is_file() for a in s.artifacts)
+    sizes = {a.variant: a.size_bytes for a in s.artifacts}
+    assert sizes["fp16"] < 0.6 * sizes["fp32"] and sizes["int8-trt"] < 0.35 * sizes["fp32"]
+    report = json.loads((s.out_dir / "export_report.json").read_text())
+    assert report["data"]["same_as_training_data"] and report["data"]["calibration_split"] == "train"
+    assert (s.out_dir / "export_report.md").read_text().count("| passed |") == 4
+
+
+@pytest.mark.train
+def test_onnx_contract_fused_preprocessing_and_checker(exported):
+    import onnx
+
+    _, s, _ = exported
+    for a in s.artifacts:
+        m = onnx.load(str(a.path))
+        onnx.checker.check_model(m, full_check=True)
+        (inp,) = m.graph.input
+        assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["N", 32, 32, 1]
+        outs = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
+        assert outs == {"probs": onnx.TensorProto.FLOAT, "features": onnx.TensorProto.FLOAT}
+        consumers = [n.op_type for n in m.graph.node if "image" in n.input]
+        assert consumers == ["Cast"]  # raw bytes in: cast and normalisation happen inside the graph
+
+
+@pytest.mark.train
+def test_manifests_describe_artifacts_and_refuse_tampering(exported, tmp_path):
+    import shutil
+
+    from cxr_edge.errors import ManifestError
+    from cxr_edge.manifest import manifest_path, read_manifest
+
+    r, s, _ = exported
+    docs = {a.variant: read_manifest(a.path) for a in s.artifacts}
+    fp32 = docs["fp32"]
+    assert fp32["precision"] == "fp32" and fp32["gate"]["passed"] and fp32["gate"]["metrics"]["max_abs_dprob"] <= 1e-4
+    assert fp32["source_model"]["sha256"] == read_manifest(r.model_path)["sha256"]
+    assert fp32["inputs"][0] == {"name": "image", "dtype": "uint8", "shape": ["N", 32, 32, 1]}
+    assert fp32["gradcam"]["engine_native"] and fp32["gradcam"]["layer"] == "conv2"
+    assert [o["kind"] for o in fp32["gradcam"]["head_ops"]] == ["maxpool", "flatten", "dense", "dense"]
+    for tag in ("fp16", "int8-trt", "int8-cpu"):
+        assert docs[tag]["parent"]["sha256"] == fp32["sha256"]
+    trt, cpu = docs["int8-trt"], docs["int8-cpu"]
+    assert trt["int8_target"] == "trt" and "S8S8" in trt["quantization"]["activations"]
+    assert cpu["int8_target"] == "cpu" and "U8S8" in cpu["quantization"]["activations"]
+    assert trt["quantization"]["int8_compute_nodes"] >= 3
+    assert cpu["quantization"]["ort_cpu_int8_kernels"].get("QLinearConv", 0) >= 1
+    assert trt["calibration"]["calibration_split"] == "train" and trt["calibration"]["n_calibration"] > 0
+    assert {"auc_drop", "sensitivity_drop", "top_class_agreement"} <= set(trt["gate"]["metrics"])
+    bad = tmp_path / "model.fp16.onnx"
+    shutil.copy(s.artifacts[1].path, bad)
+    shutil.copy(manifest_path(s.artifacts[1].path), manifest_path(bad))
+    with open(bad, "r+b") as f:
+        f.seek(200)
+        f.write(b"\x13\x37")
+    with pytest.raises(ManifestError, match="does not match its manifest"):
+        read_manifest(bad)
+
+
+@pytest.mark.train
+def test_int8_trt_is_symmetric_and_int8_cpu_unsigned(exported):
+    import onnx
+    from onnx import numpy_helper
+
+    _, s, _ = exported
+    by = {a.variant: onnx.load(str(a.path)) for a in s.artifacts}
+    for tag, dtype in (("int8-trt", np.int8), ("int8-cpu", np.uint8)):
+        m = by[tag]
+        inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+        zps = [inits[n.input[2]] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+        assert zps and all(z.dtype == dtype for z in zps)
+        if tag == "int8-trt":
+            assert all((z == 0).all() for z in zps)
+
+
+@pytest.mark.train
+def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch):
+    from cxr_edge.export import pipeline
+    from cxr_edge.export.gate_data import load_gate_data
+
+    r, _, data = exported
+
+    def blank(*a, **kw):
+        gd = load_gate_data(*a, **kw)
+        gd.calib_x = np.zeros_like(gd.calib_x)
+        return gd
+
+    monkeypatch.setattr(pipeline, "load_gate_data", blank)
+    s = pipeline.export_model(r.model_path, tmp_path / "a", pipeline.ExportConfig(precisions="int8", int8_targets="cpu"))
+    bad = s.artifacts[-1]
+    assert not s.ok and not bad.kept and bad.path is None
+    assert len(bad.attempts) == 4 and not any(a["passed"] for a in bad.attempts)  # every remedy was tried
+    assert not (tmp_path / "a" / "model.int8-cpu.onnx").exists()
+    forced = pipeline.export_model(r.model_path, tmp_path / "b",
+                                   pipeline.ExportConfig(precisions="int8", int8_targets="cpu", force=True))
+    from cxr_edge.manifest import read_manifest
+
+    doc = read_manifest(forced.artifacts[-1].path)
+    assert doc["gate"]["passed"] is False and "do not deploy" in doc["gate_status"]
+
+
+@pytest.mark.train
+def test_exported_onnx_runs_without_tensorflow(exported):
+    _, s, _ = exported
+    art = s.out_dir
+    code = textwrap.dedent(
+        """
+        import sys, json
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
+                    raise ImportError('blocked: ' + name)
+        sys.meta_path.insert(0, Block())
+        from pathlib import Path
+        import numpy as np
+        from cxr_edge.manifest import read_manifest
+        from cxr_edge.runtime.ort_session import cpu_session, run_batched
+        from cxr_edge.runtime.head import load_head, forward
+        from cxr_edge.export.gate_data import synthetic_parity_images
+        from cxr_edge.preprocess import PreprocessSpec
+        art = Path(sys.argv[1])
+        for name in ('model.fp32.onnx', 'model.fp16.onnx', 'model.int8-cpu.onnx', 'model.int8-trt.onnx'):
+            doc = read_manifest(art / name)
+            x = synthetic_parity_images(PreprocessSpec.from_dict(doc['preprocess']), 4)
+            out = run_batched(cpu_session(art / name), x)
+            assert out['probs'].shape == (4, 2) and np.allclose(out['probs'].sum(1), 1, atol=1e-2)
+            g = doc['gradcam']
+            head = load_head(g['head_ops'], art / g['head_file'])
+            if name == 'model.fp32.onnx':
+                assert np.abs(forward(head, out['features']) - out['probs']).max() < 1e-4
+        assert 'tensorflow' not in sys.modules
+        print('OK')
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK")
+
+
+@pytest.mark.train
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["resnet50_tl", "resnet152v2_tl"])
+def test_backbone_recipes_export_with_parity(tmp_path, recipe):
+    from cxr_edge.export.pipeline import ExportConfig, export_model
+    from cxr_edge.synthetic import write_synthetic_dataset
+    from cxr_edge.train.trainer import TrainConfig, train
+
+    data = write_synthetic_dataset(tmp_path / "d", per_class=12, sizes=(64,), seed=6)
+    r = train(TrainConfig(recipe=recipe, epochs=1, fine_tune_epochs=0, batch_size=8, image_size=32,
+                          weights="none", verbose=0), data, tmp_path / "m")
+    s = export_model(r.model_path, tmp_path / "a", ExportConfig(precisions="fp32,fp16", calib_size=20))
+    fp32, fp16 = s.artifacts
+    assert fp32.gate.passed and fp32.gate.metrics["max_abs_dprob"] <= 1e-4
+    assert fp16.gate.metrics["max_abs_dprob"] <= 1e-2
+    from cxr_edge.manifest import read_manifest
+
+    g = read_manifest(fp32.path)["gradcam"]
+    assert g["engine_native"], g
+    assert g["layer"] == {"resnet50_tl": "conv5_block3_out", "resnet152v2_tl": "post_relu"}[recipe]
