@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ DEMO_OVERRIDES = {"epochs": 12, "learning_rate": 0.01}
 
 def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None = None,
              per_class: int = 150, seed: int = 0) -> Path:
+    from .export.pipeline import ExportConfig, export_model
     from .synthetic import write_synthetic_dataset
     from .train.evaluate import evaluate_model
     from .train.trainer import TrainConfig, train
@@ -24,21 +26,34 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
     t0 = time.perf_counter()
     if data_dir is None:
         data_dir = out / "synthetic-data"
-        print(f"[1/3] Synthesising {per_class} CXR-like images per class into {data_dir}")
+        print(f"[1/4] Synthesising {per_class} CXR-like images per class into {data_dir}")
         write_synthetic_dataset(data_dir, per_class=per_class, seed=seed)
         config = TrainConfig(recipe="small_cnn", seed=seed, **DEMO_OVERRIDES)
     else:
-        print(f"[1/3] Using your data in {data_dir}")
+        print(f"[1/4] Using your data in {data_dir}")
         config = TrainConfig(recipe="small_cnn", seed=seed)
-    print("[2/3] Training the small CNN recipe (COVID vs Normal, 128x128)")
+    print("[2/4] Training the small CNN recipe (COVID vs Normal, 128x128)")
     result = train(config, data_dir, out / "model")
-    print("[3/3] Evaluating on the held-out test split")
+    print("[3/4] Evaluating on the held-out test split")
     report, metrics = evaluate_model(result.model_path, data_dir, out / "report", n_boot=300, progress=False)
+    print("[4/4] Exporting ONNX FP32 / FP16 / INT8 (TensorRT and CPU flavours), each gated against FP32")
+    exported = export_model(result.model_path, out / "artifacts", ExportConfig(calib_size=200, seed=seed))
+    export_md = (exported.out_dir / "export_report.md").read_text()
+    with open(report, "a") as f:
+        f.write("\n" + export_md.replace("# Export report", "## Exported artifacts and their accuracy gates"))
+    doc = json.loads(report.with_suffix(".json").read_text())
+    doc["export"] = json.loads((exported.out_dir / "export_report.json").read_text())
+    report.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     cov = metrics.get("covid") or {}
     print(f"\nTest accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc_macro']:.3f}, "
           f"COVID sensitivity {cov.get('sensitivity', float('nan')):.3f} / specificity "
           f"{cov.get('specificity', float('nan')):.3f} on {metrics['n']} images")
+    for a in exported.artifacts:
+        verdict = "passed" if a.gate and a.gate.passed else "FAILED"
+        size = f"{a.size_bytes / 1e6:.1f} MB" if a.size_bytes else "-"
+        print(f"  {a.variant:9s} {size:>9s}  gate {verdict}")
     print(f"Model:  {result.model_path}")
+    print(f"Artifacts: {exported.out_dir}")
     print(f"Report: {report}")
     print(f"Done in {time.perf_counter() - t0:.0f} s")
     return report
