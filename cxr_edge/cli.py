@@ -63,7 +63,7 @@ def cmd_build(a):
 
     cfg = BuildConfig.from_batch_text(a.precision, a.batch, workspace_mb=a.workspace, dla_core=a.dla,
                                       timing_cache=a.timing_cache)
-    print(f"Engine: {build_engine(a.artifact, cfg, a.out)}")
+    print(f"Engine: {build_engine(a.artifact, cfg, a.out, calib_data=a.calib)}")
 
 
 def cmd_synth(a):
@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workspace", type=int, default=2048, help="builder workspace in MB")
     b.add_argument("--dla", type=int, help="Jetson DLA core")
     b.add_argument("--timing-cache", help="persistent timing cache file")
+    b.add_argument("--calib", help="calibration data for INT8 on DLA (implicit calibration); unused otherwise")
     b.add_argument("--out", help="engine path (default: beside the ONNX)")
     b.set_defaults(func=cmd_build)
 

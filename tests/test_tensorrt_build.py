@@ -110,3 +110,17 @@ def test_build_fp16_engine_on_a_gpu(tmp_path):
         eng = build_engine(art, BuildConfig(prec, 1, 4, 8))
         doc = read_manifest(eng)
         assert doc["precision"] == prec and doc["device"]["tensorrt_version"]
+
+
+def test_dla_int8_needs_fp32_source_and_calibration(tmp_path):
+    from cxr_edge.export.tensorrt_build import build_engine
+    from cxr_edge.manifest import write_manifest
+
+    with pytest.raises(ConfigError, match="calibrated implicitly from the fp32 artifact"):
+        check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("int8", dla_core=0))
+    check_source_artifact(DOC, BuildConfig("int8", dla_core=0))
+    onnx = tmp_path / "model.fp32.onnx"
+    onnx.write_bytes(b"x")
+    write_manifest(onnx, {**DOC, "classes": ["COVID", "Normal"]})
+    with pytest.raises(ConfigError, match="pass --calib DATA"):
+        build_engine(onnx, BuildConfig("int8", dla_core=0))

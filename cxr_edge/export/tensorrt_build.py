@@ -80,6 +80,8 @@ def check_source_artifact(onnx_doc: dict, config: BuildConfig) -> None:
     if prec == "int8" and onnx_doc.get("int8_target") == "cpu":
         raise ConfigError("The int8-cpu artifact has unsigned (U8S8) activations, which TensorRT does not take; "
                           "use model.int8-trt.onnx.")
+    if config.precision is Precision.INT8 and config.dla_core is not None and prec != "fp32":
+        raise ConfigError("INT8 on DLA is calibrated implicitly from the fp32 artifact; pass model.fp32.onnx with --calib DATA.")
     if config.precision is Precision.INT8 and config.dla_core is None:
         if prec != "int8" or onnx_doc.get("int8_target") != "trt":
             raise ConfigError(
@@ -155,11 +157,56 @@ def engine_path_for(onnx_path: Path, config: BuildConfig) -> Path:
     return onnx_path.with_name(f"{onnx_path.name.split('.')[0]}.{config.precision.value}{dla}.plan")
 
 
-def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Path | None = None) -> Path:
+def make_entropy_calibrator(batches, cache_file: Path):
+    """IInt8EntropyCalibrator2 over uint8 batches: only for Jetson DLA, which lacks explicit-quantisation support.
+
+    Defined inside a function because its base class exists only where TensorRT is installed.
+    """
+    trt = require_tensorrt()
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self.batches = list(batches)
+            self.i = 0
+            self.nbytes = self.batches[0].nbytes
+            err, self.dptr = cudart.cudaMalloc(self.nbytes)
+            if int(err) != 0:
+                raise ConfigError(f"cudaMalloc of {self.nbytes} bytes for calibration failed ({err}).")
+
+        def get_batch_size(self):
+            return len(self.batches[0])
+
+        def get_batch(self, names):
+            if self.i >= len(self.batches):
+                return None
+            b = self.batches[self.i]
+            self.i += 1
+            cudart.cudaMemcpy(self.dptr, b.ctypes.data, b.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
+            return [int(self.dptr)]
+
+        def read_calibration_cache(self):
+            return cache_file.read_bytes() if cache_file.is_file() else None
+
+        def write_calibration_cache(self, cache):
+            cache_file.write_bytes(bytes(cache))
+
+    return EntropyCalibrator()
+
+
+def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Path | None = None,
+                 calib_data: str | Path | None = None) -> Path:
     """Build and save a serialized engine plus its manifest. Needs a GPU with TensorRT."""
     onnx_path = Path(onnx_path)
     doc = read_manifest(onnx_path)
     check_source_artifact(doc, config)
+    dla_int8 = config.precision is Precision.INT8 and config.dla_core is not None
+    if dla_int8 and not calib_data:
+        raise ConfigError("INT8 on DLA needs calibration images: pass --calib DATA (its train split is used).")
     trt = require_tensorrt()
     out = Path(out_path) if out_path else engine_path_for(onnx_path, config)
     logger = trt.Logger(trt.Logger.WARNING)
@@ -180,6 +227,15 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
             raise ConfigError("This GPU has no fast INT8; refusing to build an int8 engine that would run in float.")
         bc.set_flag(trt.BuilderFlag.INT8)
         bc.set_flag(trt.BuilderFlag.FP16)  # layers TensorRT keeps in float may use fp16 rather than fp32
+        if dla_int8:
+            from ..preprocess import PreprocessSpec
+            from .gate_data import load_gate_data
+
+            spec = PreprocessSpec.from_dict(doc["preprocess"])
+            x = load_gate_data({**doc, "data": {}}, spec, calib_data, calib_size=256).calib_x
+            bs = config.opt_batch
+            batches = [x[i : i + bs] for i in range(0, len(x) - len(x) % bs, bs)]
+            bc.int8_calibrator = make_entropy_calibrator(batches, onnx_path.with_name("dla_calibration.cache"))
     if config.dla_core is not None:
         if builder.num_DLA_cores == 0:
             raise ConfigError("--dla was given but this device has no DLA cores (DLA exists on Jetson AGX/NX).")
