@@ -66,6 +66,52 @@ def cmd_build(a):
     print(f"Engine: {build_engine(a.artifact, cfg, a.out, calib_data=a.calib)}")
 
 
+def _expand_images(paths):
+    from pathlib import Path
+
+    from .data.layout import IMAGE_SUFFIXES
+
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)  # files of any name: the decoder judges by content and reports per item
+    return out
+
+
+def cmd_predict(a):
+    from .runtime import Screener
+
+    items = _expand_images(a.images)
+    if not items:
+        raise SystemExit("error: no images given (files or directories)")
+    device = "cuda" if a.require_gpu else a.device
+    with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
+                  threshold=a.threshold, precision=a.precision) as s:
+        results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
+        info = s.engine.info
+    if a.out:
+        from pathlib import Path
+
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "predictions.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    if a.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+    else:
+        print(f"# {info.backend} / {info.provider} / {info.precision}; threshold {results[0].threshold if results else None}")
+        for r in results:
+            if not r.ok:
+                print(f"ERROR  {r.source}: {r.error}")
+                continue
+            probs = "  ".join(f"{c} {p:.3f}" for c, p in r.probabilities.items())
+            extra = f"  heatmap {r.explanation.files.get('overlay', '')}" if r.explanation else ""
+            print(f"{r.label:16s} {probs}  ({r.timings_ms['infer']:.1f} ms)  {r.source}{extra}")
+    if any(not r.ok for r in results):
+        raise SystemExit(3)
+
+
 def cmd_synth(a):
     from .synthetic import write_synthetic_dataset
 
@@ -159,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calib", help="calibration data for INT8 on DLA (implicit calibration); unused otherwise")
     b.add_argument("--out", help="engine path (default: beside the ONNX)")
     b.set_defaults(func=cmd_build)
+
+    pr = sub.add_parser("predict", help="screen images with an artifact (ONNX, TensorRT engine or .keras)")
+    pr.add_argument("artifact")
+    pr.add_argument("images", nargs="+", help="image files (PNG/JPEG/BMP/TIFF/DICOM) or directories")
+    pr.add_argument("--explain", action="store_true", help="Grad-CAM heatmaps (PNG overlay + raw .npy in --out)")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.add_argument("--out", help="directory for predictions.json and heatmaps")
+    pr.add_argument("--backend", help="onnxruntime | openvino | tensorrt | keras (default: the format's first)")
+    pr.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    pr.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
+    pr.add_argument("--precision", help="OpenVINO only: fp32 (forced f32) or bf16")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
+    pr.add_argument("--cam-scale", type=float, help="fixed heatmap scale (default: each map's own max)")
+    pr.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("synth", help="write a synthetic CXR-like dataset")
     s.add_argument("out")

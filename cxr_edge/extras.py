@@ -15,7 +15,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("train", "evaluation metrics"),
     "matplotlib": ("train", "evaluation plots"),
     "pydicom": ("dicom", "reading DICOM files"),
-    "onnxruntime": ("runtime", "running ONNX artifacts"),
+    "onnxruntime": (None, "running ONNX artifacts"),
+    "openvino": ("openvino", "the OpenVINO backend"),
     "tensorrt": ("gpu", "TensorRT engines"),
 }
 
@@ -27,9 +28,7 @@ def require(module: str) -> ModuleType:
     except ImportError as exc:
         top = module.split(".")[0]
         extra, purpose = _EXTRAS.get(top, (None, "this feature"))
-        hint = (
-            f"pip install 'cxr-edge[{extra}]'" if extra else f"pip install {top}"
-        )
+        hint = f"pip install 'cxr-edge[{extra}]'" if extra else f"pip install {top}"
         raise MissingExtraError(
             f"{purpose} needs the '{top}' package, which is not installed ({exc}). "
             f"Install it with: {hint}"

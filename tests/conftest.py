@@ -59,3 +59,17 @@ def synth_dir(tmp_path_factory) -> Path:
     from cxr_edge.synthetic import write_synthetic_dataset
 
     return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), per_class=40, sizes=(96, 128, 160), seed=1)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    pytest.importorskip("tensorflow")
+    from cxr_edge.export.pipeline import ExportConfig, export_model
+    from cxr_edge.synthetic import write_synthetic_dataset
+    from cxr_edge.train.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("export")
+    data = write_synthetic_dataset(root / "data", per_class=50, sizes=(64, 96), seed=5)
+    r = train(TrainConfig(recipe="small_cnn", epochs=6, learning_rate=0.01, image_size=32, verbose=0), data, root / "m")
+    summary = export_model(r.model_path, root / "art", ExportConfig(calib_size=60))
+    return r, summary, data

@@ -26,20 +26,6 @@ def test_parse_precisions():
 
 # --------------------------------------------------------------------------- with TensorFlow
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    pytest.importorskip("tensorflow")
-    from cxr_edge.export.pipeline import ExportConfig, export_model
-    from cxr_edge.synthetic import write_synthetic_dataset
-    from cxr_edge.train.trainer import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("export")
-    data = write_synthetic_dataset(root / "data", per_class=50, sizes=(64, 96), seed=5)
-    r = train(TrainConfig(recipe="small_cnn", epochs=6, learning_rate=0.01, image_size=32, verbose=0), data, root / "m")
-    summary = export_model(r.model_path, root / "art", ExportConfig(calib_size=60))
-    return r, summary, data
-
-
 @pytest.mark.train
 def test_all_precisions_export_and_pass_their_gates(exported):
     _, s, _ = exported
@@ -147,7 +133,7 @@ def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch
 
 @pytest.mark.train
 def test_exported_onnx_runs_without_tensorflow(exported):
-    _, s, _ = exported
+    _, s, data = exported
     art = s.out_dir
     code = textwrap.dedent(
         """
@@ -174,11 +160,17 @@ def test_exported_onnx_runs_without_tensorflow(exported):
             head = load_head(g['head_ops'], art / g['head_file'])
             if name == 'model.fp32.onnx':
                 assert np.abs(forward(head, out['features']) - out['probs']).max() < 1e-4
-        assert 'tensorflow' not in sys.modules
+        from cxr_edge.runtime import Screener
+        imgs = sorted((Path(sys.argv[2]) / 'COVID').iterdir())[:3]
+        with Screener(art / 'model.int8-cpu.onnx') as s:
+            res = s.predict(imgs + [b'junk'], explain=True, out_dir=art / 'explained')
+        assert [r.ok for r in res] == [True, True, True, False]
+        assert res[0].explanation.method == 'engine-native' and (art / 'explained').is_dir()
+        assert 'tensorflow' not in sys.modules and 'keras' not in sys.modules
         print('OK')
         """
     )
-    out = subprocess.run([sys.executable, "-c", code, str(art)], capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-c", code, str(art), str(data)], capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK")
 

@@ -111,7 +111,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
                      PROBS_OUTPUT: f"softmax probabilities over {classes}",
                      FEATURES_OUTPUT: f"activations of {layer!r} (Grad-CAM feature map)"},
         "gradcam": gradcam,
-        "source_model": {"file": model_path.name, "sha256": doc["sha256"]},
+        "source_model": {"file": model_path.name, "path": str(model_path.resolve()), "sha256": doc["sha256"]},
     }
     fp32_sha = sha256_file(fp32_path)
     artifacts = [ExportedArtifact("fp32", fp32_path, gate32, fp32_path.stat().st_size, gate32.passed)]

@@ -1,5 +1,7 @@
-"""TensorFlow-free inference runtime over ONNX Runtime / TensorRT (issue 4: not built yet).
+"""TensorFlow-free inference runtime: backends (ONNX Runtime, TensorRT, OpenVINO, Keras reference),
+batched preprocessing, screening decisions and engine-native Grad-CAM."""
 
-Already usable without TensorFlow from the base install: :mod:`cxr_edge.decode`,
-:mod:`cxr_edge.preprocess` and :mod:`cxr_edge.decision`.
-"""
+from .backends.registry import backends_for, open_backend
+from .screener import ScreeningResult, Screener
+
+__all__ = ["Screener", "ScreeningResult", "open_backend", "backends_for"]

@@ -60,7 +60,7 @@ def _maxpool(x: np.ndarray, pool: int, stride: int) -> np.ndarray:
 
 def forward(ops: list[HeadOp], features: np.ndarray, logits: bool = False) -> np.ndarray:
     """Probabilities (or, with ``logits``, the last dense layer's pre-softmax scores)."""
-    x = features.astype(np.float64)
+    x = features.astype(np.float32, copy=False)
     for k, op in enumerate(ops):
         last = k == len(ops) - 1
         if op.kind == "maxpool":

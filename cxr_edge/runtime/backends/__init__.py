@@ -1,0 +1,1 @@
+"""Inference backends behind one protocol, chosen through a registry by artifact format."""

@@ -1,0 +1,57 @@
+"""OpenVINO for x86 CPU and Intel-GPU kiosks, running the same ONNX artifacts.
+
+On CPUs with AVX512_BF16/AMX, OpenVINO's default "FP32" silently computes in bf16. Here the inference
+precision is always set explicitly and read back: an fp32 artifact runs as ``fp32`` (forced f32) or,
+when asked, as ``bf16``, and results name what actually ran.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import ConfigError
+from ...extras import require
+from .base import Backend, BackendInfo
+
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+class OpenVINOBackend(Backend):
+    formats = ("onnx",)
+    name = "openvino"
+
+    def _load(self) -> BackendInfo:
+        ov = require("openvino")
+        core = ov.Core()
+        device = self.options.get("ov_device", "CPU")
+        artifact_prec = self.manifest.get("precision", "fp32")
+        want = self.options.get("precision") or artifact_prec
+        if artifact_prec == "int8":
+            want = "int8"
+            config = {}
+        else:
+            if want not in _HINTS:
+                raise ConfigError(f"OpenVINO runs fp32 artifacts as fp32 or bf16 (or fp16 on GPU), not {want!r}.")
+            if want == "bf16" and "BF16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
+                raise ConfigError(f"OpenVINO device {device} has no bf16 support; use precision fp32.")
+            config = {"INFERENCE_PRECISION_HINT": _HINTS[want]}
+        if self.options.get("threads"):
+            config["INFERENCE_NUM_THREADS"] = int(self.options["threads"])
+        model = core.read_model(str(self.artifact))
+        self.compiled = core.compile_model(model, device, config)
+        self.request = self.compiled.create_infer_request()
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        actual_hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        precision = want if artifact_prec != "int8" else "int8"
+        if artifact_prec != "int8" and _HINTS[want] != actual_hint:
+            raise ConfigError(f"OpenVINO was asked for {want} but compiled for {actual_hint}.")
+        self.out_ports = {o.get_any_name(): o for o in self.compiled.outputs}
+        return BackendInfo("openvino", f"OpenVINO {ov.__version__} {device}", precision, device.lower(),
+                           {"inference_precision_hint": actual_hint, "artifact_precision": artifact_prec})
+
+    def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        res = self.request.infer({0: batch})
+        return {n: np.asarray(res[self.out_ports[n]]).copy() for n in outputs}
+
+    def _close(self) -> None:
+        self.request = self.compiled = None

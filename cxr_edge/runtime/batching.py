@@ -1,0 +1,109 @@
+"""Batched preprocessing that overlaps decoding of batch k+1 with inference of batch k.
+
+Decoding and resizing run in a thread pool (OpenCV releases the GIL); packed bytes go straight into
+a preallocated uint8 batch. Items that fail to decode become per-item errors and the rest of the
+batch is still answered.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from queue import Queue
+
+import numpy as np
+
+from ..decode import DecodeLimits, decode_image
+from ..errors import ImageError
+from ..preprocess import PreprocessSpec, pack_image
+
+
+@dataclass
+class PackedBatch:
+    x: np.ndarray  # (n_ok, H, W, C) uint8: a view of a preallocated buffer
+    indices: list[int]  # positions of the packed items in the caller's sequence
+    errors: dict[int, ImageError] = field(default_factory=dict)
+    originals: dict[int, np.ndarray] = field(default_factory=dict)  # decoded pixels, kept only for explanations
+    names: dict[int, str] = field(default_factory=dict)
+    decode_s: float = 0.0
+
+
+def item_name(item, i: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    if isinstance(item, np.ndarray):
+        return f"array[{i}]"
+    return f"item[{i}]"
+
+
+class BatchPacker:
+    def __init__(self, spec: PreprocessSpec, batch_size: int, workers: int | None = None,
+                 limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False):
+        self.spec, self.batch_size, self.limits, self.keep = spec, batch_size, limits, keep_originals
+        self.pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+        # three buffers: one being inferred, one queued, one being filled
+        self.buffers = [np.empty((batch_size, *spec.input_shape), np.uint8) for _ in range(3)]
+
+    def _one(self, item, i):
+        name = item_name(item, i)
+        try:
+            img = decode_image(item, name=name if not isinstance(item, (str, os.PathLike)) else None, limits=self.limits)
+            return i, name, pack_image(img.pixels, self.spec), (img.pixels if self.keep else None), None
+        except ImageError as exc:
+            return i, name, None, None, exc
+        except Exception as exc:  # a decoder bug must not take down the batch: report it per item
+            return i, name, None, None, ImageError(name, f"unexpected {type(exc).__name__}: {exc}")
+
+    def pack(self, items: list, start: int, buf: np.ndarray) -> PackedBatch:
+        t0 = time.perf_counter()
+        pb = PackedBatch(buf[:0], [])
+        n = 0
+        for i, name, packed, orig, err in self.pool.map(lambda a: self._one(*a), [(it, start + k) for k, it in enumerate(items)]):
+            pb.names[i] = name
+            if err is not None:
+                pb.errors[i] = err
+                continue
+            buf[n] = packed
+            pb.indices.append(i)
+            if orig is not None:
+                pb.originals[i] = orig
+            n += 1
+        pb.x = buf[:n]
+        pb.decode_s = time.perf_counter() - t0
+        return pb
+
+    def iter_batches(self, items):
+        """Yield PackedBatch objects; batch k+1 is decoded in the background while k is consumed."""
+        items = list(items)
+        q: Queue = Queue(maxsize=1)
+        stop = threading.Event()
+
+        def producer():
+            try:
+                for k, start in enumerate(range(0, len(items), self.batch_size)):
+                    if stop.is_set():
+                        break
+                    q.put(self.pack(items[start : start + self.batch_size], start, self.buffers[k % 3]))
+            except BaseException as exc:  # surfaced in the consumer
+                q.put(exc)
+            q.put(None)
+
+        t = threading.Thread(target=producer, daemon=True)
+        t.start()
+        try:
+            while (pb := q.get()) is not None:
+                if isinstance(pb, BaseException):
+                    raise pb
+                yield pb
+        finally:
+            stop.set()
+            while t.is_alive():  # drain so the producer can finish
+                if q.get() is None:
+                    break
+            t.join()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -1,0 +1,174 @@
+"""``Screener``: images in, screening results (label, probabilities, where it looked) out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..decision import decide
+from ..errors import ConfigError
+from .backends.registry import open_backend
+from .batching import BatchPacker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Explanation:
+    cam: np.ndarray  # raw Grad-CAM at feature-map resolution
+    target: str
+    method: str  # "engine-native" | "tensorflow"
+    peak: float
+    seconds: float
+    files: dict = field(default_factory=dict)
+
+
+@dataclass
+class ScreeningResult:
+    index: int
+    source: str
+    ok: bool
+    error: str | None = None
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    threshold: float | None = None
+    backend: str | None = None
+    provider: str | None = None
+    precision: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    explanation: Explanation | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.explanation is not None:
+            e = d["explanation"]
+            e.pop("cam")
+            e["shape"] = list(self.explanation.cam.shape)
+        return d
+
+
+class Screener:
+    """Load an artifact on the best available backend and screen images in batches.
+
+    ``device``: 'auto' (best available, reported truthfully), 'cpu', or 'cuda' (raise rather than fall
+    back). ``backend`` picks one of the registered backends for the artifact's format.
+    """
+
+    def __init__(self, artifact, *, backend: str | None = None, device: str = "auto", batch_size: int = 8,
+                 workers: int | None = None, threshold: float | None = None, verify: bool = True, **options):
+        self.engine = open_backend(artifact, backend=backend, verify=verify, device=device, **options).load()
+        self.manifest = self.engine.manifest
+        self.classes = self.engine.classes
+        op = self.manifest.get("operating_point") or {}
+        self.threshold = threshold if threshold is not None else op.get("threshold")
+        lo, hi = self.engine.batch_range()
+        if batch_size > hi:
+            raise ConfigError(f"batch_size {batch_size} exceeds the engine's maximum batch {hi}.")
+        self.batch_size = batch_size
+        self.workers = workers
+        self._cam = None
+
+    # --------------------------------------------------------------- explanations
+    def _cam_engine(self):
+        if self._cam is None:
+            g = self.manifest.get("gradcam") or {}
+            if g.get("engine_native") and "features" in self.engine.outputs:
+                from .head import load_head
+
+                self._cam = ("engine-native", load_head(g["head_ops"], self.engine.artifact.parent / g["head_file"]))
+            else:
+                self._cam = ("tensorflow", None)
+        return self._cam
+
+    def _explain(self, x: np.ndarray, features: np.ndarray | None, targets: np.ndarray) -> tuple[np.ndarray, str]:
+        method, head = self._cam_engine()
+        if method == "engine-native":
+            from .gradcam import gradcam
+
+            return gradcam(head, features, targets).cam, method
+        return self._tf_cam(x, targets), method
+
+    def _tf_cam(self, x, targets):
+        """Fallback: Grad-CAM on the source Keras model (needs the train extra and the .keras file)."""
+        from ..train.gradcam_tf import gradcam_tf
+        from ..train.layers import load_keras_model
+
+        if not hasattr(self, "_keras"):
+            self._keras = load_keras_model(self._source_model_path())
+        layer = (self.manifest.get("gradcam") or {}).get("layer") or self.manifest.get("last_conv_layer")
+        return gradcam_tf(self._keras, x, layer, targets)[0]
+
+    def _source_model_path(self) -> Path:
+        """The Keras model an artifact came from: beside it, else where export recorded it (hash-checked)."""
+        from ..manifest import read_manifest
+
+        if self.manifest.get("kind") == "keras-model":
+            return self.engine.artifact
+        src = self.manifest.get("source_model") or {}
+        for cand in (self.engine.artifact.parent / src.get("file", ""), Path(src.get("path", ""))):
+            if src.get("file") and cand.is_file() and read_manifest(cand)["sha256"] == src.get("sha256"):
+                return cand
+        raise ConfigError("Engine-native Grad-CAM is not available for this artifact, and its source Keras model "
+                          f"({src.get('file')}) was not found beside it or at {src.get('path')} for the TensorFlow fallback.")
+
+    # --------------------------------------------------------------- screening
+    def predict(self, items, explain: bool = False, out_dir: str | Path | None = None,
+                cam_scale: float | None = None) -> list[ScreeningResult]:
+        """One result per item, in order; bad items get ``ok=False`` and an error, never an exception."""
+        items = list(items)
+        results: list[ScreeningResult | None] = [None] * len(items)
+        packer = BatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain)
+        info = self.engine.info
+        outputs = ["probs", "features"] if explain and self._cam_engine()[0] == "engine-native" else ["probs"]
+        try:
+            for pb in packer.iter_batches(items):
+                for i, err in pb.errors.items():
+                    results[i] = ScreeningResult(i, pb.names[i], False, error=err.reason)
+                if not pb.indices:
+                    continue
+                t0 = time.perf_counter()
+                out = self.engine.infer(pb.x, outputs)
+                infer_s = time.perf_counter() - t0
+                probs = out["probs"]
+                labels = decide(probs, self.classes, self.threshold)
+                per = len(pb.indices)
+                cams, method, cam_s = None, None, 0.0
+                if explain:
+                    t1 = time.perf_counter()
+                    cams, method = self._explain(pb.x, out.get("features"), labels)
+                    cam_s = time.perf_counter() - t1
+                for k, i in enumerate(pb.indices):
+                    r = ScreeningResult(
+                        i, pb.names[i], True, label=self.classes[labels[k]],
+                        probabilities={c: float(p) for c, p in zip(self.classes, probs[k])},
+                        threshold=self.threshold, backend=info.backend, provider=info.provider,
+                        precision=info.precision,
+                        timings_ms={"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per,
+                                    "batch": per},
+                    )
+                    if cams is not None:
+                        r.explanation = Explanation(cams[k], self.classes[labels[k]], method, float(cams[k].max()),
+                                                    cam_s / per)
+                        r.timings_ms["explain"] = 1e3 * cam_s / per
+                        if out_dir is not None:
+                            from .overlay import save_explanation
+
+                            stem = f"{i:05d}_{Path(pb.names[i]).stem}"
+                            r.explanation.files = save_explanation(out_dir, stem, pb.originals[i], cams[k], cam_scale)
+                    results[i] = r
+        finally:
+            packer.close()
+        return results
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

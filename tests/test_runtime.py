@@ -1,0 +1,147 @@
+"""Runtime: backend registry, provider truthfulness, batching with bad items, Screener, CLI predict."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import cxr_like
+from cxr_edge.errors import ConfigError
+from cxr_edge.runtime.backends import registry
+from cxr_edge.runtime.backends.onnxruntime import ProviderFallbackError, requested_providers
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+
+
+def test_registry_by_format_without_importing_backends():
+    assert registry.backends_for("onnx") == ["onnxruntime", "openvino"]
+    assert registry.backends_for("tensorrt") == ["tensorrt"]
+    assert registry.artifact_format("m.plan") == "tensorrt" and registry.artifact_format("m.keras") == "keras"
+    assert registry.artifact_format("x.bin", {"format": "onnx"}) == "onnx"
+    with pytest.raises(ConfigError, match="Cannot tell the format"):
+        registry.artifact_format("model.pb")
+    with pytest.raises(ConfigError, match="Backend 'tensorrt' cannot run 'onnx'"):
+        registry.backend_class("onnx", "tensorrt")
+    assert "tensorrt" not in sys.modules
+
+
+def test_provider_selection():
+    assert requested_providers("auto", None, [TRT, CUDA, CPU]) == [TRT, CUDA, CPU]
+    assert requested_providers("auto", None, [CPU]) == [CPU]
+    assert requested_providers("cpu", None, [CUDA, CPU]) == [CPU]
+    assert requested_providers("auto", ["cuda", "cpu"], [TRT, CUDA, CPU]) == [CUDA, CPU]
+    with pytest.raises(ProviderFallbackError, match=r"Requested: .*TensorrtExecutionProvider.*available: \['CPUExecutionProvider'\]"):
+        requested_providers("cuda", None, [CPU])
+    with pytest.raises(ConfigError, match="Unknown device 'tpu'"):
+        requested_providers("tpu", None, [CPU])
+
+
+@pytest.mark.train
+def test_silent_cpu_fallback_is_detected(exported, monkeypatch):
+    """onnxruntime-gpu without CUDA libraries lists CUDA but runs on CPU: we must notice."""
+    import onnxruntime as ort
+
+    _, s, _ = exported
+    real = ort.InferenceSession
+
+    class FakeGpuSession(real):  # accepts the CUDA request, then reports CPU, as the real fallback does
+        def __init__(self, path, so=None, providers=None, provider_options=None):
+            super().__init__(path, so, providers=[CPU])
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(ort, "InferenceSession", FakeGpuSession)
+    b = registry.open_backend(s.artifacts[0].path, device="auto").load()
+    assert b.info.provider == CPU and b.info.device == "cpu" and b.info.details["requested"] == [CUDA, CPU]
+    with pytest.raises(ProviderFallbackError, match="fell back to CPUExecutionProvider"):
+        registry.open_backend(s.artifacts[0].path, device="cuda").load()
+
+
+@pytest.mark.train
+def test_backend_checks_inputs_and_is_a_context_manager(exported):
+    _, s, _ = exported
+    with registry.open_backend(s.artifacts[0].path) as b:
+        assert b.info.backend == "onnxruntime" and b.info.precision == "fp32"
+        out = b.infer(np.zeros((2, 32, 32, 1), np.uint8))
+        assert out["probs"].shape == (2, 2) and out["features"].shape[0] == 2
+        with pytest.raises(ConfigError, match=r"Received incompatible input: float32 \(2, 32, 32, 1\)"):
+            b.infer(np.zeros((2, 32, 32, 1), np.float32))
+        with pytest.raises(ConfigError, match=r"Expected uint8 with a shape compatible with: \(None, 32, 32, 1\)"):
+            b.infer(np.zeros((2, 64, 64, 1), np.uint8))
+        with pytest.raises(ConfigError, match="not produced"):
+            b.infer(np.zeros((1, 32, 32, 1), np.uint8), ["logits"])
+    with pytest.raises(ZeroDivisionError):  # the context manager never swallows exceptions
+        with registry.open_backend(s.artifacts[0].path):
+            1 / 0
+
+
+@pytest.mark.train
+def test_screener_answers_good_items_and_reports_bad_ones(exported, tmp_path):
+    from cxr_edge.runtime import Screener
+
+    _, s, data = exported
+    good = sorted((data / "COVID").iterdir())[:5] + sorted((data / "Normal").iterdir())[:5]
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(good[0].read_bytes()[:100])
+    items = [good[0], b"not an image", trunc, cxr_like(64, 64), *good[1:], tmp_path / "missing.png", np.zeros((3, 3))]
+    with Screener(s.artifacts[0].path, batch_size=4) as scr:
+        res = scr.predict(items)
+    assert [r.index for r in res] == list(range(len(items)))
+    bad = {r.index: r.error for r in res if not r.ok}
+    assert set(bad) == {1, 2, len(items) - 2, len(items) - 1}
+    assert "not a recognised image" in bad[1] and "truncated" in bad[2] and "does not exist" in bad[len(items) - 2]
+    ok = [r for r in res if r.ok]
+    assert len(ok) == 11 and all(abs(sum(r.probabilities.values()) - 1) < 1e-4 for r in ok)
+    assert all(r.backend == "onnxruntime" and r.provider == CPU and r.precision == "fp32" for r in ok)
+    assert ok[0].threshold == pytest.approx(s.artifacts[0].path and scr.threshold)
+    labels = [r.label for r in res[4:9]]
+    assert labels.count("COVID") >= 3  # a trained model: most synthetic COVID images are called COVID
+
+
+@pytest.mark.train
+def test_batches_are_the_same_whatever_the_batch_size(exported):
+    from cxr_edge.runtime import Screener
+
+    _, s, data = exported
+    items = sorted((data / "COVID").iterdir())[:7]
+    with Screener(s.artifacts[0].path, batch_size=1) as a, Screener(s.artifacts[0].path, batch_size=3) as b:
+        pa, pb = a.predict(items), b.predict(items)
+    assert all(np.allclose(list(x.probabilities.values()), list(y.probabilities.values()), atol=1e-6) for x, y in zip(pa, pb))
+
+
+@pytest.mark.train
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-cpu"])
+def test_predict_cli_with_explanations(exported, tmp_path, variant):
+    _, s, data = exported
+    art = next(a.path for a in s.artifacts if a.variant == variant)
+    imgs = [str(p) for p in sorted((data / "COVID").iterdir())[:2]] + [str(data / "SOURCES.csv")]
+    out = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "predict", str(art), *imgs, "--explain", "--json",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 3, out.stderr[-2000:]  # one bad item -> exit 3, others answered
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["ok"] for r in rows] == [True, True, False]
+    assert rows[0]["explanation"]["method"] == "engine-native"
+    png = tmp_path / (rows[0]["explanation"]["files"]["overlay"].split("/")[-1])
+    assert png.is_file() and png.stat().st_size > 1000
+    cam = np.load(rows[0]["explanation"]["files"]["raw"])
+    assert cam.ndim == 2 and cam.max() >= 0
+    assert json.loads((tmp_path / "predictions.json").read_text())[2]["error"].startswith("not a recognised image")
+
+
+@pytest.mark.train
+def test_openvino_backend_names_its_precision_truthfully(exported):
+    pytest.importorskip("openvino")
+    from cxr_edge.runtime import Screener
+
+    _, s, data = exported
+    items = sorted((data / "COVID").iterdir())[:4]
+    with Screener(s.artifacts[0].path) as ref:
+        base = np.array([list(r.probabilities.values()) for r in ref.predict(items)])
+    for prec in ("fp32", "bf16"):
+        with Screener(s.artifacts[0].path, backend="openvino", precision=prec) as ov:
+            res = ov.predict(items)
+            assert ov.engine.info.precision == prec
+            assert ov.engine.info.details["inference_precision_hint"] == {"fp32": "f32", "bf16": "bf16"}[prec]
+        got = np.array([list(r.probabilities.values()) for r in res])
+        assert np.abs(got - base).max() <= (1e-4 if prec == "fp32" else 2e-2)
