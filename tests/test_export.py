@@ -195,3 +195,15 @@ def test_backbone_recipes_export_with_parity(tmp_path, recipe):
     g = read_manifest(fp32.path)["gradcam"]
     assert g["engine_native"], g
     assert g["layer"] == {"resnet50_tl": "conv5_block3_out", "resnet152v2_tl": "post_relu"}[recipe]
+
+
+def test_calibration_reader_protocol():
+    from cxr_edge.export.quantize import ArrayCalibrationReader
+
+    x = np.arange(10 * 2 * 2 * 1, dtype=np.uint8).reshape(10, 2, 2, 1)
+    r = ArrayCalibrationReader(x, "image", batch=4)
+    batches = list(iter(r.get_next, None))
+    assert len(r) == 2 and [b["image"].shape[0] for b in batches] == [4, 4]  # equal sizes, remainder dropped
+    r.set_range(1, 2)
+    assert np.array_equal(r.get_next()["image"], x[4:8]) and r.get_next() is None
+    assert len(ArrayCalibrationReader(x[:3], "image", batch=16)) == 1

@@ -57,14 +57,22 @@ class ArrayCalibrationReader:
         self.rewind()
 
     def get_next(self) -> dict | None:
-        if self._i >= len(self.x):
+        if self._i >= self._end:
             return None
-        b = self.x[self._i : self._i + self.batch]
-        self._i += self.batch
+        b = self.x[self._i * self.batch : (self._i + 1) * self.batch]
+        self._i += 1
         return {self.input_name: b}
 
     def rewind(self) -> None:
-        self._i = 0
+        self._i, self._end = 0, len(self)
+
+    # ORT's strided calibration ("CalibStridedMinMax") feeds one range of batches per collect_data call,
+    # so histograms are accumulated batch by batch instead of holding every activation of every image.
+    def __len__(self) -> int:
+        return len(self.x) // self.batch if self.batch else 0
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._i, self._end = start_index, min(end_index, len(self))
 
 
 def _compute_nodes(model) -> list:
@@ -108,7 +116,7 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, c
         method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                   "percentile": q.CalibrationMethod.Percentile}[config.method]
         extra = {"ActivationSymmetric": config.target is Int8Target.TRT, "WeightSymmetric": True,
-                 "CalibMovingAverage": False}
+                 "CalibMovingAverage": False, "CalibStridedMinMax": 1}  # bounded memory (see the reader)
         q.quantize_static(
             str(pre), str(out_path), ArrayCalibrationReader(calib_x, input_name, config.calib_batch),
             quant_format=q.QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
