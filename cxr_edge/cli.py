@@ -112,6 +112,20 @@ def cmd_predict(a):
         raise SystemExit(3)
 
 
+def cmd_bench(a):
+    from .bench.report import write_results
+    from .bench.runner import BenchConfig, run_bench
+
+    split = lambda t: tuple(x.strip() for x in t.split(",") if x.strip())  # noqa: E731
+    cfg = BenchConfig(batches=tuple(int(b) for b in split(a.batch)), backends=split(a.backends),
+                      precisions=split(a.precisions), budget_s=a.budget, data=a.data, threads=a.threads,
+                      e2e=not a.no_e2e)
+    res = run_bench(a.artifact_dir, cfg)
+    md = write_results(res, a.out or os.path.join(a.artifact_dir, "bench"), " ".join(["cxr-edge", *sys.argv[1:]]))
+    print(md.read_text())
+    print(f"Results: {md.parent}")
+
+
 def cmd_synth(a):
     from .synthetic import write_synthetic_dataset
 
@@ -220,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
     pr.add_argument("--cam-scale", type=float, help="fixed heatmap scale (default: each map's own max)")
     pr.set_defaults(func=cmd_predict)
+
+    bn = sub.add_parser("bench", help="latency/throughput/accuracy per backend x precision x batch, vs Keras")
+    bn.add_argument("artifact_dir", help="a cxr-edge export output directory")
+    bn.add_argument("--data", help="labelled data for accuracy (default: the model's test split)")
+    bn.add_argument("--batch", default="1,8,32")
+    bn.add_argument("--backends", default="onnxruntime,openvino,tensorrt,keras")
+    bn.add_argument("--precisions", default="fp32,fp16,bf16,int8-trt,int8-cpu")
+    bn.add_argument("--budget", type=float, default=3.0, help="seconds of timing per row")
+    bn.add_argument("--threads", type=int, help="threads per engine (default: all usable cores)")
+    bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (decode+infer) measurement")
+    bn.add_argument("--out", help="results directory (default: ARTIFACT_DIR/bench)")
+    bn.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("synth", help="write a synthetic CXR-like dataset")
     s.add_argument("out")

@@ -46,8 +46,9 @@ class OpenVINOBackend(Backend):
         if artifact_prec != "int8" and _HINTS[want] != actual_hint:
             raise ConfigError(f"OpenVINO was asked for {want} but compiled for {actual_hint}.")
         self.out_ports = {o.get_any_name(): o for o in self.compiled.outputs}
-        return BackendInfo("openvino", f"OpenVINO {ov.__version__} {device}", precision, device.lower(),
-                           {"inference_precision_hint": actual_hint, "artifact_precision": artifact_prec})
+        return BackendInfo("openvino", f"OpenVINO {device}", precision, device.lower(),
+                           {"inference_precision_hint": actual_hint, "artifact_precision": artifact_prec,
+                            "openvino": ov.__version__})
 
     def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         res = self.request.infer({0: batch})

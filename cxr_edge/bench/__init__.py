@@ -1,0 +1,1 @@
+"""Benchmarks: latency, throughput and accuracy per backend x precision x batch, against Keras."""

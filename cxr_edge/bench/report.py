@@ -1,0 +1,114 @@
+"""Benchmark outputs: results.json, results.md (tables) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..extras import require
+
+
+def _f(v, fmt="{:.1f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def render_markdown(res: dict, command: str | None = None) -> str:
+    m = res["machine"]
+    lines = [f"# Benchmark: {res.get('recipe')} ({res['input']['height']}x{res['input']['width']}, "
+             f"{res['macs_per_image'] / 1e9:.2f} GMAC/image)", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
+    lines += [f"Machine: {m['cpu_model']}, {m['usable_cores']} usable cores @ {m['cpu_mhz']} MHz, flags "
+              f"{', '.join(m['cpu_flags'])}; GPU: {m['gpu'] or 'none'}; onnxruntime {m['versions'].get('onnxruntime', '-')}, "
+              f"openvino {m['versions'].get('openvino', '-')}, tensorflow {m['versions'].get('tensorflow', '-')}.", "",
+              "Latency is per batch; throughput = batch / median latency; ratios are to Keras `model.predict` at the same "
+              "batch, measured in the same run (this VM drifts 2-3x between runs, so compare within one table only).", "",
+              "| backend | provider | precision | batch | status | p50 ms | p90 ms | p99 ms | img/s | x Keras predict | GMAC/s | e2e img/s | e2e/engine | load s | peak RSS MB | size MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['label']} | {r.get('provider', '-')} | {r.get('precision', '-')} | {r.get('batch', '-')} | {r['status']} | "
+            f"{_f(r.get('p50_ms'))} | {_f(r.get('p90_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('throughput_ips'))} | "
+            f"{_f(r.get('speedup_vs_keras_predict'), '{:.2f}')} | {_f(r.get('gmacs_per_s'))} | {_f(r.get('e2e_throughput_ips'))} | "
+            f"{_f(r.get('e2e_vs_engine'), '{:.2f}')} | {_f(r.get('load_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.0f}')} | "
+            f"{_f(r.get('size_mb'), '{:.1f}')} |")
+    lines += ["", "## Summary (MLPerf-style)", "", "| target | single-stream p90 ms (batch 1) | offline img/s | at batch | status |",
+              "|---|---|---|---|---|"]
+    for k, v in res["summary"].items():
+        lines.append(f"| {k} | {_f(v['single_stream_p90_ms'])} | {_f(v['offline_throughput_ips'])} | {v['offline_batch']} | {v['status']} |")
+    peak = m.get("int8_peak", {})
+    if peak:
+        lines += ["", "INT8 peak estimate (cores x GHz x MACs/cycle/core): " + ", ".join(
+            f"{k.replace('_gmacs', '')} {v:.0f} GMAC/s" for k, v in peak.items() if k.endswith("_gmacs")) + "."]
+    acc = res.get("accuracy", {})
+    if acc:
+        d = res.get("accuracy_data", {})
+        lines += ["", f"## Accuracy per precision ({d.get('data')}, split {d.get('split')}, n={d.get('n', '-')})", "",
+                  "| target | status | accuracy | ROC-AUC | COVID sens. | COVID spec. | agreement vs FP32 | flipped decisions | max abs dprob |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for k, a in acc.items():
+            lines.append(f"| {k} | {a['status']} | {_f(a.get('accuracy'), '{:.3f}')} | {_f(a.get('roc_auc'), '{:.3f}')} | "
+                         f"{_f(a.get('covid_sensitivity'), '{:.3f}')} | {_f(a.get('covid_specificity'), '{:.3f}')} | "
+                         f"{a['top_class_agreement_vs_fp32']:.4f} | {a['decision_flips_vs_fp32']} | {a['max_abs_dprob_vs_fp32']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(res: dict, out: Path) -> list[Path]:
+    mpl = require("matplotlib")
+    mpl.use("Agg")
+    plt = require("matplotlib.pyplot")
+    ok = [r for r in res["rows"] if "p50_ms" in r]
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in sorted({r["label"] for r in ok}):
+        pts = sorted((r["batch"], r["p50_ms"] / r["batch"]) for r in ok if r["label"] == label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", label=label, ms=4)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("median latency per image (ms)")
+    ax.set_title(f"{res.get('recipe')}: latency per image vs batch")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files.append(out / "latency_vs_batch.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    best = res["summary"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(best)
+    vals = [best[k]["offline_throughput_ips"] for k in labels]
+    colors = ["tab:green" if best[k]["status"] == "validated" else "tab:red" for k in labels]
+    ax.barh(labels, vals, color=colors)
+    ax.set_xlabel("offline throughput (images/s, best batch); red = failed validation")
+    ax.set_title(f"{res.get('recipe')}: throughput per backend / precision")
+    fig.tight_layout()
+    files.append(out / "throughput.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+
+    acc = {k: v for k, v in res.get("accuracy", {}).items() if v.get("roc_auc") is not None}
+    if acc:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ks = list(acc)
+        ax.bar(range(len(ks)), [acc[k]["roc_auc"] for k in ks], color="tab:blue", label="ROC-AUC")
+        ax.plot(range(len(ks)), [acc[k]["top_class_agreement_vs_fp32"] for k in ks], "ko", label="agreement vs FP32")
+        ax.set_xticks(range(len(ks)), ks, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(min(0.5, min(acc[k]["roc_auc"] for k in ks) - 0.05), 1.01)
+        ax.set_title(f"{res.get('recipe')}: accuracy per precision")
+        ax.legend()
+        fig.tight_layout()
+        files.append(out / "accuracy.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def write_results(res: dict, out_dir: str | Path, command: str | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({**res, "command": command}, indent=2, default=str) + "\n")
+    md = out / "results.md"
+    md.write_text(render_markdown(res, command))
+    plot_results(res, out)
+    return md

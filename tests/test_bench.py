@@ -1,0 +1,54 @@
+"""Benchmark runner: rows, statuses, ratios, outputs. No timing asserts (the machine is shared and noisy)."""
+
+import json
+
+import pytest
+
+from cxr_edge.bench.flops import macs_per_image
+from cxr_edge.bench.machine import int8_peak, machine_info
+from cxr_edge.bench.timing import measure, summarise
+
+
+def test_measure_respects_budget_and_min_iterations():
+    calls = []
+    t = measure(lambda b: calls.append(b), [1, 2, 3], budget_s=0.0, warmup=2, min_iters=5)
+    assert len(t) == 5 and calls[:2] == [1, 2] and calls[2:] == [1, 2, 3, 1, 2]  # rotating inputs
+    s = summarise(t, batch=4)
+    assert s["iterations"] == 5 and s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"]
+
+
+def test_machine_info_and_peak():
+    m = machine_info()
+    assert m["usable_cores"] >= 1 and "onnxruntime" in m["versions"]
+    peak = int8_peak()
+    assert peak["cores"] == m["usable_cores"]
+
+
+@pytest.mark.train
+def test_bench_rows_statuses_and_outputs(exported, tmp_path):
+    from cxr_edge.bench.report import write_results
+    from cxr_edge.bench.runner import BenchConfig, run_bench
+
+    _, s, _ = exported
+    macs = macs_per_image(s.out_dir / "model.fp32.onnx")
+    # conv1 28x28x32x(5x5x3) + conv2 10x10x64x(5x5x32) + fc1 1600x512 + probs 512x2
+    assert macs == 28 * 28 * 32 * 75 + 10 * 10 * 64 * 800 + 1600 * 512 + 512 * 2
+    cfg = BenchConfig(batches=(1, 4), budget_s=0.05, max_accuracy_images=64)
+    res = run_bench(s.out_dir, cfg, progress=False)
+    rows = res["rows"]
+    labels = {r["label"] for r in rows}
+    assert {"onnxruntime fp32", "onnxruntime int8-cpu", "keras predict", "keras call"} <= labels
+    trt = [r for r in rows if r["backend"] == "tensorrt"]
+    assert trt and all(r["status"].startswith("could not run: no GPU/TensorRT") for r in trt)
+    timed = [r for r in rows if "p50_ms" in r]
+    assert all(r["status"] in ("validated", "ran, failed validation") for r in timed)
+    assert all("speedup_vs_keras_predict" in r for r in timed)
+    keras_pred = [r for r in timed if r["label"] == "keras predict"]
+    assert all(abs(r["speedup_vs_keras_predict"] - 1) < 1e-9 for r in keras_pred)
+    assert any("e2e_throughput_ips" in r for r in timed if r["batch"] == 4)
+    assert res["accuracy"]["onnxruntime fp32"]["top_class_agreement_vs_fp32"] == 1.0
+    assert res["accuracy_data"]["split"] == "test"
+    md = write_results(res, tmp_path, "cxr-edge bench test")
+    assert {"results.json", "results.md", "latency_vs_batch.png", "throughput.png"} <= {p.name for p in tmp_path.iterdir()}
+    assert "could not run: no GPU/TensorRT" in md.read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["command"] == "cxr-edge bench test"
