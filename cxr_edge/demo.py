@@ -26,17 +26,17 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
     t0 = time.perf_counter()
     if data_dir is None:
         data_dir = out / "synthetic-data"
-        print(f"[1/4] Synthesising {per_class} CXR-like images per class into {data_dir}")
+        print(f"[1/5] Synthesising {per_class} CXR-like images per class into {data_dir}")
         write_synthetic_dataset(data_dir, per_class=per_class, seed=seed)
         config = TrainConfig(recipe="small_cnn", seed=seed, **DEMO_OVERRIDES)
     else:
-        print(f"[1/4] Using your data in {data_dir}")
+        print(f"[1/5] Using your data in {data_dir}")
         config = TrainConfig(recipe="small_cnn", seed=seed)
-    print("[2/4] Training the small CNN recipe (COVID vs Normal, 128x128)")
+    print("[2/5] Training the small CNN recipe (COVID vs Normal, 128x128)")
     result = train(config, data_dir, out / "model")
-    print("[3/4] Evaluating on the held-out test split")
+    print("[3/5] Evaluating on the held-out test split")
     report, metrics = evaluate_model(result.model_path, data_dir, out / "report", n_boot=300, progress=False)
-    print("[4/4] Exporting ONNX FP32 / FP16 / INT8 (TensorRT and CPU flavours), each gated against FP32")
+    print("[4/5] Exporting ONNX FP32 / FP16 / INT8 (TensorRT and CPU flavours), each gated against FP32")
     exported = export_model(result.model_path, out / "artifacts", ExportConfig(calib_size=200, seed=seed))
     export_md = (exported.out_dir / "export_report.md").read_text()
     with open(report, "a") as f:
@@ -44,6 +44,12 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
     doc = json.loads(report.with_suffix(".json").read_text())
     doc["export"] = json.loads((exported.out_dir / "export_report.json").read_text())
     report.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print("[5/5] Short benchmark of the artifacts (batch 1 and 8, ~1 s per row) against Keras")
+    from .bench.report import write_results
+    from .bench.runner import BenchConfig, run_bench
+
+    bench = run_bench(exported.out_dir, BenchConfig(batches=(1, 8), budget_s=1.0, e2e=False), progress=False)
+    bench_md = write_results(bench, out / "bench", "cxr-edge demo (short benchmark)")
     cov = metrics.get("covid") or {}
     print(f"\nTest accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc_macro']:.3f}, "
           f"COVID sensitivity {cov.get('sensitivity', float('nan')):.3f} / specificity "
@@ -52,8 +58,12 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
         verdict = "passed" if a.gate and a.gate.passed else "FAILED"
         size = f"{a.size_bytes / 1e6:.1f} MB" if a.size_bytes else "-"
         print(f"  {a.variant:9s} {size:>9s}  gate {verdict}")
+    print("\n  benchmark (offline img/s at best batch; single-stream p90 ms):")
+    for label, v in bench["summary"].items():
+        print(f"  {label:22s} {v['offline_throughput_ips']:8.1f} img/s  p90 {v['single_stream_p90_ms'] or float('nan'):7.1f} ms  {v['status']}")
     print(f"Model:  {result.model_path}")
     print(f"Artifacts: {exported.out_dir}")
     print(f"Report: {report}")
+    print(f"Benchmark: {bench_md}")
     print(f"Done in {time.perf_counter() - t0:.0f} s")
     return report

@@ -73,3 +73,16 @@ def exported(tmp_path_factory):
     r = train(TrainConfig(recipe="small_cnn", epochs=6, learning_rate=0.01, image_size=32, verbose=0), data, root / "m")
     summary = export_model(r.model_path, root / "art", ExportConfig(calib_size=60))
     return r, summary, data
+
+
+@pytest.fixture(autouse=True)
+def _free_keras_memory():
+    """Keras keeps every model built in a process alive; drop them between tests (big backbones add up)."""
+    yield
+    import sys
+
+    if "keras" in sys.modules:
+        import gc
+
+        sys.modules["keras"].backend.clear_session()
+        gc.collect()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Reproduce benchmarks/results/: train (or reuse) the three recipes on the shared real data, export
+# FP32/FP16/INT8 ONNX, and benchmark every backend x precision x batch against Keras.
+#
+#   bash benchmarks/run_all.sh [DATA_DIR] [WORK_DIR]
+#
+# ImageNet weights cannot be downloaded on our machines, so the ResNet recipes run with
+# --weights none (speed does not depend on weights; accuracy rows for them are not clinical numbers).
+set -euo pipefail
+DATA=${1:-../shared/data/cxr-dev}
+WORK=${2:-runs/bench}
+OUT=benchmarks/results
+BUDGET=${BUDGET:-3}
+mkdir -p "$WORK" "$OUT"
+
+run() {  # recipe, extra train flags...
+  local recipe=$1; shift
+  local dir="$WORK/$recipe"
+  [ -f "$dir/model.keras" ] || cxr-edge train --recipe "$recipe" --data "$DATA" --out "$dir" "$@"
+  [ -f "$dir/artifacts/model.fp32.onnx" ] || cxr-edge export "$dir/model.keras" --out "$dir/artifacts" --force || true
+  cxr-edge bench "$dir/artifacts" --batch 1,8,16,32 --budget "$BUDGET" --out "$OUT/$recipe"
+}
+
+run small_cnn
+run resnet50_tl --weights none --epochs 2 --fine-tune-epochs 0
+run resnet152v2_tl --weights none --epochs 1 --max-images 300 --lr 0.001
+python benchmarks/headline.py "$OUT" > "$OUT/HEADLINE.md"
+cat "$OUT/HEADLINE.md"
