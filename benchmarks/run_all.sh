@@ -22,7 +22,7 @@ run() {  # recipe, extra train flags...
 }
 
 run small_cnn
-run resnet50_tl --weights none --epochs 2 --fine-tune-epochs 0
-run resnet152v2_tl --weights none --epochs 1 --max-images 300 --lr 0.001
+run resnet50_tl --weights none --epochs 5 --lr 0.01 --fine-tune-epochs 0
+run resnet152v2_tl --weights none --epochs 2 --max-images 300 --lr 0.001
 python benchmarks/headline.py "$OUT" > "$OUT/HEADLINE.md"
 cat "$OUT/HEADLINE.md"

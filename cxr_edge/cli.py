@@ -126,6 +126,21 @@ def cmd_bench(a):
     print(f"Results: {md.parent}")
 
 
+def cmd_serve(a):
+    from .extras import require
+    from .serve.app import ServeConfig, create_app
+
+    uvicorn = require("uvicorn")
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("cxr_edge.serve").warning(
+            "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", a.host)
+    cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
+                      max_body_mb=a.max_body_mb, device=a.device, backend=a.backend,
+                      cors_origins=tuple(o for o in (a.cors or "").split(",") if o))
+    uvicorn.run(create_app(a.artifact, cfg), host=a.host, port=a.port, log_level="info",
+                timeout_graceful_shutdown=int(a.timeout))
+
+
 def cmd_synth(a):
     from .synthetic import write_synthetic_dataset
 
@@ -246,6 +261,20 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (decode+infer) measurement")
     bn.add_argument("--out", help="results directory (default: ARTIFACT_DIR/bench)")
     bn.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="HTTP screening service with dynamic batching and a kiosk page")
+    sv.add_argument("artifact")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--max-delay-ms", type=float, default=5.0)
+    sv.add_argument("--max-queue", type=int, default=256, help="images waiting before 503 + Retry-After")
+    sv.add_argument("--timeout", type=float, default=30.0, help="per-request timeout (s)")
+    sv.add_argument("--max-body-mb", type=float, default=64.0)
+    sv.add_argument("--device", default="auto")
+    sv.add_argument("--backend")
+    sv.add_argument("--cors", help="comma-separated allowed origins (default: none)")
+    sv.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("synth", help="write a synthetic CXR-like dataset")
     s.add_argument("out")

@@ -17,6 +17,10 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "pydicom": ("dicom", "reading DICOM files"),
     "onnxruntime": (None, "running ONNX artifacts"),
     "openvino": ("openvino", "the OpenVINO backend"),
+    "fastapi": ("serve", "the screening service"),
+    "uvicorn": ("serve", "the screening service"),
+    "prometheus_client": ("serve", "service metrics"),
+    "tritonclient": ("triton", "Triton model repositories and the triton:// backend"),
     "tensorrt": ("gpu", "TensorRT engines"),
 }
 

@@ -1,0 +1,1 @@
+"""Screening service: FastAPI app with dynamic micro-batching, Prometheus metrics and a kiosk page."""

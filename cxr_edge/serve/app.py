@@ -1,0 +1,258 @@
+"""The screening HTTP service (FastAPI).
+
+Endpoints: ``POST /v1/predict``, ``POST /v1/explain`` (adds a Grad-CAM overlay), ``GET /healthz``,
+``GET /readyz``, ``GET /metrics`` (Prometheus), ``GET /`` (kiosk page), OpenAPI at ``/docs``.
+Images arrive as multipart files or as a raw body; no file-system path is ever accepted from a client.
+Nothing a client sends is written to disk.
+"""
+
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..decision import decide
+from ..decode import DecodeLimits, decode_image
+from ..errors import ImageError
+from ..extras import require
+from ..preprocess import pack_image
+from ..runtime.backends.registry import open_backend
+from .batcher import DynamicBatcher, QueueFull, ShuttingDown
+from .metrics import ServiceMetrics
+
+log = logging.getLogger("cxr_edge.serve")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    max_batch: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 256
+    timeout_s: float = 30.0
+    max_body_mb: float = 64.0
+    max_images_per_request: int = 16
+    decode_workers: int = 4
+    device: str = "auto"
+    backend: str | None = None
+    cors_origins: tuple[str, ...] = ()  # closed unless the operator lists origins
+
+
+class BodyLimit:
+    """ASGI middleware: refuse bodies over the limit (413) by Content-Length, and while streaming."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await _plain(send, 413, f"request body over {self.max_bytes} bytes")
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _plain(send, 413, f"request body over {self.max_bytes} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _plain(send, status: int, text: str):
+    import json
+
+    body = json.dumps({"detail": text}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
+    fastapi = require("fastapi")
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    state: dict = {"ready": False}
+    metrics = ServiceMetrics()
+    decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode")
+    limits = DecodeLimits(max_bytes=int(config.max_body_mb * 1024 * 1024))
+
+    async def lifespan(app):
+        engine = open_backend(artifact, backend=config.backend, device=config.device).load()
+        state["engine"] = engine
+        state["batcher"] = DynamicBatcher(engine, config.max_batch, config.max_delay_ms, config.max_queue, metrics)
+        await state["batcher"].start()
+        # warm up before declaring readiness: the first inference allocates and tunes kernels
+        await state["batcher"].submit(np.zeros(engine.spec.input_shape, np.uint8), features=True)
+        head = None
+        g = engine.manifest.get("gradcam") or {}
+        if g.get("engine_native") and "features" in engine.outputs:
+            from ..runtime.head import load_head
+
+            head = load_head(g["head_ops"], engine.artifact.parent / g["head_file"])
+        state["head"] = head
+        state["ready"] = True
+        log.info("ready: %s on %s/%s (%s)", Path(artifact).name, engine.info.backend, engine.info.provider, engine.info.precision)
+        yield
+        state["ready"] = False
+        await state["batcher"].stop(config.timeout_s)
+        engine.close()
+        decode_pool.shutdown(wait=False)
+
+    app = fastapi.FastAPI(title="cxr-edge screening service", version="1", lifespan=lifespan,
+                          description="Chest X-ray screening: COVID-19 / Normal / Viral Pneumonia with Grad-CAM.")
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"])
+
+    def _decode(data: bytes, name: str):
+        img = decode_image(data, name=name, limits=limits)
+        return pack_image(img.pixels, state["engine"].spec), img.pixels
+
+    async def _images(request: Request) -> list[tuple[str, bytes]]:
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=config.max_images_per_request + 1)
+            uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
+            return [(u.filename or f"upload{i}", await u.read()) for i, u in enumerate(uploads)]
+        body = await request.body()
+        return [("body", body)] if body else []
+
+    async def _screen(request: Request, explain: bool, endpoint: str):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:12]
+        t0 = time.perf_counter()
+        if not state["ready"]:
+            metrics.requests.labels(endpoint, "503").inc()
+            return JSONResponse({"detail": "model is loading", "request_id": rid}, 503, headers={"Retry-After": "2"})
+        items = await _images(request)
+        if not items:
+            metrics.requests.labels(endpoint, "400").inc()
+            return JSONResponse({"detail": "no image in the request: send multipart field 'files' or a raw image body",
+                                 "request_id": rid}, 400)
+        if len(items) > config.max_images_per_request:
+            metrics.requests.labels(endpoint, "413").inc()
+            return JSONResponse({"detail": f"at most {config.max_images_per_request} images per request",
+                                 "request_id": rid}, 413)
+        engine, batcher = state["engine"], state["batcher"]
+        if explain and state["head"] is None:
+            return JSONResponse({"detail": "engine-native Grad-CAM is not available for this artifact", "request_id": rid}, 501)
+        loop = asyncio.get_running_loop()
+
+        async def one(k, name, data):
+            t = time.perf_counter()
+            try:
+                packed, original = await loop.run_in_executor(decode_pool, _decode, data, name)
+            except ImageError as exc:
+                metrics.images.labels("bad_image").inc()
+                return {"index": k, "filename": name, "ok": False, "status": 422, "error": exc.reason}
+            decode_ms = 1e3 * (time.perf_counter() - t)
+            t = time.perf_counter()
+            out = await asyncio.wait_for(batcher.submit(packed, features=explain), config.timeout_s)
+            probs = out["probs"][None]
+            label = int(decide(probs, engine.classes, threshold)[0])
+            res = {"index": k, "filename": name, "ok": True, "label": engine.classes[label],
+                   "probabilities": {c: float(p) for c, p in zip(engine.classes, probs[0])}, "threshold": threshold,
+                   "timings_ms": {"decode": decode_ms, "queue_and_infer": 1e3 * (time.perf_counter() - t)}}
+            if explain:
+                t = time.perf_counter()
+                png, peak = await loop.run_in_executor(decode_pool, _overlay_png, original, out["features"], label)
+                res["gradcam"] = {"overlay_png_base64": png, "peak": peak, "target": engine.classes[label],
+                                  "method": "engine-native"}
+                res["timings_ms"]["explain"] = 1e3 * (time.perf_counter() - t)
+            metrics.images.labels("ok").inc()
+            return res
+
+        threshold = (engine.manifest.get("operating_point") or {}).get("threshold")
+        try:
+            results = await asyncio.gather(*(one(k, n, d) for k, (n, d) in enumerate(items)))
+        except QueueFull:
+            metrics.requests.labels(endpoint, "503").inc()
+            return JSONResponse({"detail": "queue full, retry shortly", "request_id": rid}, 503, headers={"Retry-After": "1"})
+        except ShuttingDown:
+            metrics.requests.labels(endpoint, "503").inc()
+            return JSONResponse({"detail": "shutting down", "request_id": rid}, 503, headers={"Retry-After": "5"})
+        except asyncio.TimeoutError:
+            metrics.requests.labels(endpoint, "504").inc()
+            return JSONResponse({"detail": f"no answer within {config.timeout_s} s", "request_id": rid}, 504)
+        except Exception as exc:  # engine failure: this request fails, the service stays up
+            log.exception("request %s failed", rid)
+            metrics.requests.labels(endpoint, "500").inc()
+            return JSONResponse({"detail": f"inference failed: {type(exc).__name__}", "request_id": rid}, 500)
+        status = 200 if any(r["ok"] for r in results) else 422
+        metrics.requests.labels(endpoint, str(status)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        info = engine.info
+        log.info("request %s: %d image(s), status %d, %.1f ms", rid, len(items), status, 1e3 * (time.perf_counter() - t0))
+        return JSONResponse({"request_id": rid, "results": results,
+                             "model": {"backend": info.backend, "provider": info.provider, "precision": info.precision,
+                                       "classes": engine.classes}}, status)
+
+    def _overlay_png(original, features, label):
+        import cv2
+
+        from ..runtime.gradcam import gradcam
+        from ..runtime.overlay import overlay
+
+        cam = gradcam(state["head"], features[None], label).cam[0]
+        ok, buf = cv2.imencode(".png", overlay(original, cam))
+        return base64.b64encode(buf.tobytes()).decode(), float(cam.max())
+
+    body_doc = {"requestBody": {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+    @app.post("/v1/predict", summary="Screen one or more images (multipart 'files', or one raw image body)",
+              openapi_extra=body_doc)
+    async def predict(request: Request):
+        return await _screen(request, False, "predict")
+
+    @app.post("/v1/explain", summary="Screen and add Grad-CAM overlays (PNG, base64)", openapi_extra=body_doc)
+    async def explain(request: Request):
+        return await _screen(request, True, "explain")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not state["ready"]:
+            return JSONResponse({"ready": False}, 503)
+        info = state["engine"].info
+        return {"ready": True, "backend": info.backend, "provider": info.provider, "precision": info.precision,
+                "queue_depth": state["batcher"].depth()}
+
+    @app.get("/metrics")
+    async def prom():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def kiosk():
+        return resources.files("cxr_edge.serve").joinpath("kiosk.html").read_text()
+
+    app.state.cxr = state
+    app.state.metrics = metrics
+    return BodyLimit(app, int(config.max_body_mb * 1024 * 1024)) if config.max_body_mb else app

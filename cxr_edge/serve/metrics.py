@@ -1,0 +1,25 @@
+"""Prometheus metrics of one service instance (its own registry, so several apps can coexist in tests)."""
+
+from __future__ import annotations
+
+from ..extras import require
+
+
+class ServiceMetrics:
+    def __init__(self):
+        prom = require("prometheus_client")
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.requests = prom.Counter("cxr_requests_total", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.images = prom.Counter("cxr_images_total", "Images by outcome", ["outcome"], registry=r)
+        self.queue_depth = prom.Gauge("cxr_queue_depth", "Images waiting for the engine", registry=r)
+        self.batch_size = prom.Histogram("cxr_batch_size", "Images per engine batch",
+                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.inference_seconds = prom.Histogram("cxr_inference_seconds", "Engine time per batch",
+                                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+                                                registry=r)
+        self.latency = prom.Histogram("cxr_request_seconds", "Request latency", ["endpoint"],
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+
+    def render(self) -> bytes:
+        return require("prometheus_client").generate_latest(self.registry)

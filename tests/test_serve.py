@@ -1,0 +1,180 @@
+"""The screening service: answers, per-image errors, batching, queue bound, body limit, metrics, shutdown."""
+
+import asyncio
+import base64
+import io
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+pytestmark = pytest.mark.train  # needs an exported artifact (the fixture trains one)
+
+
+@pytest.fixture(scope="module")
+def artifact(exported):
+    _, s, data = exported
+    return next(a.path for a in s.artifacts if a.variant == "int8-cpu"), data
+
+
+def _client(artifact, **cfg):
+    from fastapi.testclient import TestClient
+
+    from cxr_edge.serve.app import ServeConfig, create_app
+
+    return TestClient(create_app(artifact, ServeConfig(**cfg)))
+
+
+def _png(path):
+    return path.read_bytes()
+
+
+def test_predict_explain_health_metrics(artifact):
+    art, data = artifact
+    imgs = sorted((data / "COVID").iterdir())[:2]
+    with _client(art) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        ready = c.get("/readyz").json()
+        assert ready["ready"] and ready["precision"] == "int8" and ready["provider"] == "CPUExecutionProvider"
+        r = c.post("/v1/predict", files=[("files", (p.name, _png(p), "image/png")) for p in imgs])
+        assert r.status_code == 200
+        body = r.json()
+        assert [x["filename"] for x in body["results"]] == [p.name for p in imgs]
+        assert all(abs(sum(x["probabilities"].values()) - 1) < 1e-3 for x in body["results"])
+        raw = c.post("/v1/predict", content=_png(imgs[0]), headers={"content-type": "application/octet-stream"})
+        assert raw.status_code == 200 and raw.json()["results"][0]["label"] == body["results"][0]["label"]
+        e = c.post("/v1/explain", files=[("files", (imgs[0].name, _png(imgs[0]), "image/png"))]).json()
+        png = base64.b64decode(e["results"][0]["gradcam"]["overlay_png_base64"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and e["results"][0]["gradcam"]["method"] == "engine-native"
+        m = c.get("/metrics").text
+        assert 'cxr_requests_total{endpoint="predict",status="200"} 2.0' in m and "cxr_batch_size_bucket" in m
+        assert "/v1/predict" in c.get("/openapi.json").json()["paths"]
+        assert "cxr-edge screening" in c.get("/").text
+
+
+def test_bad_images_are_4xx_per_image_and_the_service_survives(artifact):
+    art, data = artifact
+    good = sorted((data / "Normal").iterdir())[0]
+    with _client(art) as c:
+        r = c.post("/v1/predict", files=[("files", ("good.png", _png(good), "image/png")),
+                                         ("files", ("bad.png", b"\x89PNG\r\n\x1a\ngarbage", "image/png")),
+                                         ("files", ("trunc.png", _png(good)[:300], "image/png"))])
+        assert r.status_code == 200
+        res = r.json()["results"]
+        assert [x["ok"] for x in res] == [True, False, False] and res[1]["status"] == 422
+        assert "truncated" in res[2]["error"]
+        only_bad = c.post("/v1/predict", content=b"hello", headers={"content-type": "application/octet-stream"})
+        assert only_bad.status_code == 422 and "not a recognised image" in only_bad.json()["results"][0]["error"]
+        assert c.post("/v1/predict").status_code == 400
+        assert c.get("/healthz").status_code == 200 and c.post("/v1/predict", content=_png(good)).status_code == 200
+
+
+def test_body_limit_and_image_count_limit(artifact):
+    art, data = artifact
+    good = sorted((data / "Normal").iterdir())[0]
+    with _client(art, max_body_mb=0.01, max_images_per_request=2) as c:
+        r = c.post("/v1/predict", content=b"\0" * 20_000, headers={"content-type": "application/octet-stream"})
+        assert r.status_code == 413
+    with _client(art, max_images_per_request=2) as c:
+        files = [("files", (f"{i}.png", _png(good), "image/png")) for i in range(3)]
+        assert c.post("/v1/predict", files=files).status_code == 413
+
+
+def test_dynamic_batcher_merges_requests_and_answers_each_exactly_once(artifact):
+    from cxr_edge.runtime.backends.registry import open_backend
+    from cxr_edge.serve.batcher import DynamicBatcher, QueueFull
+
+    art, _ = artifact
+    eng = open_backend(art, device="cpu").load()
+    rng = np.random.default_rng(0)
+    xs = rng.integers(0, 256, (40, *eng.spec.input_shape), dtype=np.uint8)
+    expected = eng.infer(xs)["probs"]
+    sizes = []
+
+    class _Sink:
+        def __init__(self, into=None):
+            self.into = into
+
+        def observe(self, v):
+            if self.into is not None:
+                self.into.append(v)
+
+        def set(self, v):
+            pass
+
+    class M:  # minimal metrics sink
+        batch_size, inference_seconds, queue_depth = _Sink(sizes), _Sink(), _Sink()
+
+    async def main():
+        b = DynamicBatcher(eng, max_batch=16, max_delay_ms=20, max_queue=100, metrics=M())
+        await b.start()
+        outs = await asyncio.gather(*(b.submit(x) for x in xs))
+        small = DynamicBatcher(eng, max_batch=4, max_delay_ms=50, max_queue=3)
+        await small.start()
+        tasks = [asyncio.create_task(small.submit(x)) for x in xs[:3]]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await small.submit(xs[3])
+        done = await asyncio.gather(*tasks)
+        await b.stop()
+        await small.stop()
+        return outs, done
+
+    outs, done = asyncio.run(main())
+    got = np.stack([o["probs"] for o in outs])
+    assert np.allclose(got, expected, atol=1e-5)  # each request got its own answer, in order
+    assert sum(sizes) == 40 and max(sizes) > 1  # requests were merged into batches
+    assert len(done) == 3
+
+
+def test_shutdown_answers_what_is_queued(artifact):
+    from cxr_edge.runtime.backends.registry import open_backend
+    from cxr_edge.serve.batcher import DynamicBatcher, ShuttingDown
+
+    art, _ = artifact
+    eng = open_backend(art, device="cpu").load()
+    xs = np.zeros((10, *eng.spec.input_shape), np.uint8)
+
+    async def main():
+        b = DynamicBatcher(eng, max_batch=2, max_delay_ms=1, max_queue=100)
+        await b.start()
+        tasks = [asyncio.create_task(b.submit(x)) for x in xs]
+        await asyncio.sleep(0)
+        await b.stop()
+        with pytest.raises(ShuttingDown):
+            await b.submit(xs[0])
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    res = asyncio.run(main())
+    assert all(isinstance(r, dict) and r["probs"].shape == (2,) for r in res)
+
+
+def test_failing_engine_fails_the_batch_not_the_service(artifact):
+    from cxr_edge.runtime.backends.registry import open_backend
+    from cxr_edge.serve.batcher import DynamicBatcher
+
+    art, _ = artifact
+    eng = open_backend(art, device="cpu").load()
+    real = eng.infer
+    calls = {"n": 0}
+
+    def flaky(x, outputs=None):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("engine exploded")
+        return real(x, outputs)
+
+    eng.infer = flaky
+    x = np.zeros(eng.spec.input_shape, np.uint8)
+
+    async def main():
+        b = DynamicBatcher(eng, max_batch=1, max_delay_ms=1)
+        await b.start()
+        first = await asyncio.gather(b.submit(x), return_exceptions=True)
+        second = await b.submit(x)
+        await b.stop()
+        return first[0], second
+
+    first, second = asyncio.run(main())
+    assert isinstance(first, RuntimeError) and second["probs"].shape == (2,)
