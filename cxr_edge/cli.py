@@ -141,6 +141,21 @@ def cmd_serve(a):
                 timeout_graceful_shutdown=int(a.timeout))
 
 
+def cmd_export_triton(a):
+    from .export.triton import TritonConfig, export_triton
+
+    cfg = TritonConfig(max_batch_size=a.max_batch, preferred_batch_sizes=tuple(int(b) for b in a.preferred.split(",")),
+                       max_queue_delay_us=a.delay_us, instances=a.instances, kind=a.kind)
+    for d in export_triton(a.artifacts, a.out, cfg):
+        print(f"{d}: config.pbtxt validated against Triton's ModelConfig")
+
+
+def cmd_serve_triton(a):
+    from .serve.triton_server import serve_triton
+
+    serve_triton(a.artifact, a.host, a.http_port, a.grpc_port, a.metrics_port, a.max_batch, a.delay_us, a.name)
+
+
 def cmd_synth(a):
     from .synthetic import write_synthetic_dataset
 
@@ -275,6 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend")
     sv.add_argument("--cors", help="comma-separated allowed origins (default: none)")
     sv.set_defaults(func=cmd_serve)
+
+    tx = sub.add_parser("export-triton", help="write a Triton model repository from artifacts")
+    tx.add_argument("artifacts", nargs="+")
+    tx.add_argument("--out", required=True, help="model repository directory")
+    tx.add_argument("--max-batch", type=int, default=32)
+    tx.add_argument("--preferred", default="8,16,32", help="preferred batch sizes")
+    tx.add_argument("--delay-us", type=int, default=5000, help="max queue delay (microseconds)")
+    tx.add_argument("--instances", type=int, default=1)
+    tx.add_argument("--kind", default="auto", help="auto | KIND_CPU | KIND_GPU")
+    tx.set_defaults(func=cmd_export_triton)
+
+    st = sub.add_parser("serve-triton", help="serve an artifact inside Triton Inference Server (PyTriton)")
+    st.add_argument("artifact")
+    st.add_argument("--host", default="127.0.0.1")
+    st.add_argument("--http-port", type=int, default=8000)
+    st.add_argument("--grpc-port", type=int, default=8001)
+    st.add_argument("--metrics-port", type=int, default=8002)
+    st.add_argument("--max-batch", type=int, default=32)
+    st.add_argument("--delay-us", type=int, default=5000)
+    st.add_argument("--name", help="model name (default: cxr_<recipe>_<precision>)")
+    st.set_defaults(func=cmd_serve_triton)
 
     s = sub.add_parser("synth", help="write a synthetic CXR-like dataset")
     s.add_argument("out")

@@ -22,6 +22,7 @@ register("onnx", "onnxruntime", "cxr_edge.runtime.backends.onnxruntime:OnnxRunti
 register("onnx", "openvino", "cxr_edge.runtime.backends.openvino:OpenVINOBackend")
 register("tensorrt", "tensorrt", "cxr_edge.runtime.backends.tensorrt:TensorRTBackend")
 register("keras", "keras", "cxr_edge.runtime.backends.keras:KerasBackend")
+register("triton", "triton", "cxr_edge.runtime.backends.triton:TritonBackend")
 
 
 def artifact_format(path: str | Path, manifest: dict | None = None) -> str:
@@ -51,7 +52,14 @@ def backend_class(fmt: str, name: str | None = None):
 
 
 def open_backend(artifact: str | Path, backend: str | None = None, verify: bool = True, **options):
-    """Verified manifest + the chosen (or preferred) backend for this artifact, not yet loaded."""
+    """Verified manifest + the chosen (or preferred) backend for this artifact, not yet loaded.
+
+    ``triton://host:port/model`` addresses a remote Triton model; its manifest comes from the server.
+    """
+    if str(artifact).startswith("triton://"):
+        from .triton import TritonBackend, remote_manifest
+
+        return TritonBackend(str(artifact), remote_manifest(str(artifact)), **options)
     artifact = Path(artifact)
     if not artifact.is_file():
         raise ManifestError(f"Artifact {artifact} does not exist.")

@@ -1,0 +1,120 @@
+"""Triton Inference Server model repository export, validated with Triton's own model-config protobuf.
+
+Each artifact becomes ``REPO/<name>/config.pbtxt`` + ``REPO/<name>/1/model.onnx`` (``onnxruntime_onnx``)
+or ``model.plan`` (``tensorrt_plan``). The artifact's manifest travels inside the config as a
+``parameters`` entry, so a ``triton://`` client knows the classes, threshold and preprocessing of a
+remote model without any local file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..extras import require
+from ..manifest import read_manifest
+
+MANIFEST_PARAMETER = "cxr_edge_manifest"
+_NP_TO_TRITON = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    max_batch_size: int = 32
+    preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_us: int = 5000
+    instances: int = 1
+    kind: str = "auto"  # KIND_CPU | KIND_GPU | auto (GPU for TensorRT plans, CPU otherwise)
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ConfigError("max_batch_size must be >= 1.")
+        bad = [b for b in self.preferred_batch_sizes if not 1 <= b <= self.max_batch_size]
+        if bad:
+            raise ConfigError(f"Preferred batch sizes {bad} are outside 1..{self.max_batch_size}.")
+        if self.kind not in ("auto", "KIND_CPU", "KIND_GPU"):
+            raise ConfigError(f"kind must be auto, KIND_CPU or KIND_GPU, got {self.kind!r}.")
+
+
+def model_name(doc: dict, artifact: Path) -> str:
+    tag = artifact.name.split(".")[1] if artifact.name.count(".") >= 2 else doc.get("precision", "fp32")
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"cxr_{doc.get('recipe') or 'model'}_{tag}")
+
+
+def _tensor(t: dict) -> str:
+    dims = ", ".join(str(d) for d in t["shape"][1:])
+    return f'  {{\n    name: "{t["name"]}"\n    data_type: {_NP_TO_TRITON[t["dtype"]]}\n    dims: [ {dims} ]\n  }}'
+
+
+def render_config(doc: dict, name: str, fmt: str, cfg: TritonConfig) -> str:
+    platform = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[fmt]
+    max_batch = cfg.max_batch_size
+    if fmt == "tensorrt":
+        max_batch = min(max_batch, doc.get("profile", {}).get("max", [max_batch])[0])
+    kind = cfg.kind if cfg.kind != "auto" else ("KIND_GPU" if fmt == "tensorrt" else "KIND_CPU")
+    preferred = ", ".join(str(b) for b in cfg.preferred_batch_sizes if b <= max_batch)
+    manifest = json.dumps({k: doc[k] for k in ("classes", "preprocess", "operating_point", "precision", "recipe",
+                                               "outputs", "gradcam", "sha256") if k in doc})
+    escaped = manifest.replace("\\", "\\\\").replace('"', '\\"')
+    return "\n".join([
+        f'name: "{name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch}",
+        "input [",
+        ",\n".join(_tensor(t) for t in doc["inputs"]),
+        "]",
+        "output [",
+        ",\n".join(_tensor(t) for t in doc["outputs"]),
+        "]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {preferred} ]" if preferred else "",
+        f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}",
+        "}",
+        f"instance_group [ {{ count: {cfg.instances}, kind: {kind} }} ]",
+        f'parameters {{ key: "{MANIFEST_PARAMETER}" value: {{ string_value: "{escaped}" }} }}',
+        "",
+    ])
+
+
+def validate_config(text: str):
+    """Parse with Triton's ModelConfig protobuf (tritonclient); raises ConfigError on any problem."""
+    require("tritonclient")
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    try:
+        cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"config.pbtxt does not parse as a Triton ModelConfig: {exc}") from exc
+    if cfg.max_batch_size > 0 and not cfg.HasField("dynamic_batching"):
+        raise ConfigError("batched model without dynamic_batching")
+    for t in list(cfg.input) + list(cfg.output):
+        if not t.dims:
+            raise ConfigError(f"tensor {t.name} has no dims")
+    return cfg
+
+
+def export_triton(artifacts, repo: str | Path, cfg: TritonConfig = TritonConfig()) -> list[Path]:
+    repo = Path(repo)
+    out = []
+    for art in map(Path, artifacts):
+        doc = read_manifest(art)
+        fmt = {"onnx": "onnx", "tensorrt": "tensorrt"}.get(doc.get("format"))
+        if fmt is None:
+            raise ConfigError(f"{art.name}: only ONNX artifacts and TensorRT plans go into a Triton repository.")
+        name = model_name(doc, art)
+        mdir = repo / name
+        (mdir / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copy(art, mdir / "1" / ("model.onnx" if fmt == "onnx" else "model.plan"))
+        g = doc.get("gradcam") or {}
+        if g.get("head_file") and (art.parent / g["head_file"]).is_file():
+            shutil.copy(art.parent / g["head_file"], mdir / g["head_file"])  # Triton ignores extra files
+        text = render_config(doc, name, fmt, cfg)
+        validate_config(text)
+        (mdir / "config.pbtxt").write_text(text)
+        out.append(mdir)
+    return out

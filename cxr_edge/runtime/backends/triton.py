@@ -1,0 +1,78 @@
+"""``triton://host:port/model``: a remote Triton Inference Server as a backend (tritonclient HTTP).
+
+The model's manifest comes from its Triton config (the ``cxr_edge_manifest`` parameter written by
+``cxr-edge export-triton``), so classes, threshold and preprocessing match the served artifact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ...errors import ConfigError
+from ...extras import require
+from .base import Backend, BackendInfo
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    u = urlparse(url)
+    if u.scheme != "triton" or not u.hostname or not u.path.strip("/"):
+        raise ConfigError(f"Expected triton://host:port/model, got {url!r}.")
+    return f"{u.hostname}:{u.port or 8000}", u.path.strip("/")
+
+
+def remote_manifest(url: str, timeout: float = 10.0) -> dict:
+    http = require("tritonclient.http")
+    host, model = parse_url(url)
+    client = http.InferenceServerClient(host, connection_timeout=timeout, network_timeout=timeout)
+    try:
+        if not client.is_model_ready(model):
+            raise ConfigError(f"Triton at {host} has no ready model {model!r}.")
+        cfg = client.get_model_config(model)
+    except Exception as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"Cannot reach Triton model {model!r} at {host}: {exc}") from exc
+    params = cfg.get("parameters", {})
+    raw = params.get("cxr_edge_manifest", {}).get("string_value")
+    if not raw:
+        raise ConfigError(f"Triton model {model!r} was not exported by cxr-edge (no cxr_edge_manifest parameter).")
+    doc = json.loads(raw)
+    doc["format"] = "triton"
+    doc.setdefault("outputs", [{"name": o["name"]} for o in cfg.get("output", [])])
+    doc["triton"] = {"host": host, "model": model, "max_batch_size": cfg.get("max_batch_size")}
+    return doc
+
+
+class TritonBackend(Backend):
+    formats = ("triton",)
+    name = "triton"
+
+    def __init__(self, artifact, manifest, **options):
+        super().__init__(Path(str(artifact).replace("triton://", "triton:/")), manifest, **options)
+        self.url = str(artifact)
+
+    def batch_range(self) -> tuple[int, int]:
+        return (1, int(self.manifest.get("triton", {}).get("max_batch_size") or 1 << 30))
+
+    def _load(self) -> BackendInfo:
+        http = require("tritonclient.http")
+        t = self.manifest["triton"]
+        self.client = http.InferenceServerClient(t["host"])
+        self.http = http
+        meta = self.client.get_server_metadata()
+        return BackendInfo("triton", f"Triton {meta.get('version', '?')} at {t['host']}/{t['model']}",
+                           self.manifest.get("precision", "fp32"), "remote", {"model": t["model"]})
+
+    def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+        inp = self.http.InferInput("image", list(batch.shape), "UINT8")
+        inp.set_data_from_numpy(batch)
+        res = self.client.infer(self.manifest["triton"]["model"], [inp],
+                                outputs=[self.http.InferRequestedOutput(o) for o in outputs])
+        return {o: res.as_numpy(o) for o in outputs}
+
+    def _close(self) -> None:
+        self.client.close()
