@@ -178,3 +178,31 @@ def test_failing_engine_fails_the_batch_not_the_service(artifact):
 
     first, second = asyncio.run(main())
     assert isinstance(first, RuntimeError) and second["probs"].shape == (2,)
+
+
+def test_load_generator_every_request_answered_once_with_its_own_answer(artifact):
+    """The benchmarks/loadtest.py machinery on loopback, small: no loss, no duplicates, no mix-ups."""
+    import importlib.util
+
+    from conftest import REPO
+    from cxr_edge.runtime import Screener
+
+    spec = importlib.util.spec_from_file_location("loadtest", REPO / "benchmarks" / "loadtest.py")
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    art, data = artifact
+    files = sorted((data / "COVID").iterdir())[:4] + sorted((data / "Normal").iterdir())[:4]
+    with Screener(art, device="cpu") as s:
+        expected = [np.array(list(r.probabilities.values())) for r in s.predict(files)]
+    payloads = [f.read_bytes() for f in files]
+    with lt.LocalServer(art, max_batch=8, max_delay_ms=10) as srv:
+        r = asyncio.run(lt.run_level(srv.url, payloads, expected, concurrency=16, n_requests=64, time_limit=60))
+        import httpx
+
+        hist = lt.batch_histogram(httpx.get(srv.url + "/metrics").text)
+    assert r["statuses"] == {200: 64} and r["answered"] == 64 and r["answered_twice"] == 0 and r["wrong_answers"] == 0
+    assert hist["1.0"] < hist["+Inf"]  # some engine batches held more than one request
+    with lt.LocalServer(art, max_batch=8, max_delay_ms=50, max_queue=2) as srv:
+        r = asyncio.run(lt.run_level(srv.url, payloads, expected, concurrency=32, n_requests=64, time_limit=60))
+    assert set(r["statuses"]) <= {200, 503} and r["statuses"].get(503, 0) > 0  # deliberate refusals, nothing else
+    assert r["answered_twice"] == 0 and r["wrong_answers"] == 0

@@ -1,0 +1,154 @@
+"""Bounded, loopback-only load test of `cxr-edge serve`: dynamic batching on vs off.
+
+    python benchmarks/loadtest.py ARTIFACT IMAGES_DIR [--concurrency 1,8,32,64] [--requests 256]
+                                  [--time-limit 60] [--out benchmarks/results/serve]
+
+Starts the service in-process on 127.0.0.1 (a random free port) for each mode, sends a fixed number of
+requests per concurrency level (and stops at the time limit), and checks that every request is answered
+exactly once with the answer for its own image (compared with the same engine run locally).
+Reports throughput, p50/p99 latency, errors by status, and the engine batch-size distribution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalServer:
+    def __init__(self, artifact, **cfg):
+        import uvicorn
+
+        from cxr_edge.serve.app import ServeConfig, create_app
+
+        self.port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(artifact, ServeConfig(**cfg)), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        import httpx
+
+        self.thread.start()
+        for _ in range(600):
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=60)
+
+
+def batch_histogram(metrics_text: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r'cxr_batch_size_bucket\{le="([^"]+)"\} ([0-9.e+]+)', metrics_text)}
+
+
+async def run_level(url, payloads, expected, concurrency, n_requests, time_limit):
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+    lat, statuses, mismatches, answered = [], {}, 0, {}
+    t_end = time.perf_counter() + time_limit
+
+    async def one(client, k):
+        nonlocal mismatches
+        if time.perf_counter() > t_end:
+            return
+        img = k % len(payloads)
+        async with sem:
+            t0 = time.perf_counter()
+            r = await client.post(url + "/v1/predict", content=payloads[img],
+                                  headers={"content-type": "application/octet-stream", "x-request-id": f"req-{k}"})
+            lat.append(time.perf_counter() - t0)
+        statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+        if r.status_code == 200:
+            body = r.json()
+            answered[body["request_id"]] = answered.get(body["request_id"], 0) + 1
+            got = np.array(list(body["results"][0]["probabilities"].values()))
+            if np.abs(got - expected[img]).max() > 1e-4:
+                mismatches += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(client, k) for k in range(n_requests)))
+        wall = time.perf_counter() - t0
+    ok = statuses.get(200, 0)
+    lat_ms = 1e3 * np.array(lat) if lat else np.array([np.nan])
+    return {"concurrency": concurrency, "sent": len(lat), "statuses": statuses, "throughput_rps": ok / wall,
+            "p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99)),
+            "answered_twice": sum(1 for v in answered.values() if v > 1),
+            "answered": sum(answered.values()), "wrong_answers": mismatches, "wall_s": wall}
+
+
+def main() -> None:
+    import httpx
+
+    from cxr_edge.runtime import Screener
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact")
+    ap.add_argument("images")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--n-images", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/serve")
+    a = ap.parse_args()
+    files = sorted(p for p in Path(a.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:: 7][: a.n_images]
+    payloads = [f.read_bytes() for f in files]
+    with Screener(a.artifact, device="cpu") as s:
+        expected = [np.array(list(r.probabilities.values())) for r in s.predict(files)]
+    levels = [int(c) for c in a.concurrency.split(",")]
+    modes = {"dynamic batching (max 32, 5 ms)": {"max_batch": 32, "max_delay_ms": 5},
+             "batch-1 serving": {"max_batch": 1, "max_delay_ms": 0},
+             "queue bound 8 (deliberate 503s)": {"max_batch": 32, "max_delay_ms": 5, "max_queue": 8}}
+    results = []
+    for mode, cfg in modes.items():
+        with LocalServer(a.artifact, **cfg) as srv:
+            for c in (levels if "queue" not in mode else [max(levels)]):
+                before = batch_histogram(httpx.get(srv.url + "/metrics").text)
+                r = asyncio.run(run_level(srv.url, payloads, expected, c, a.requests, a.time_limit))
+                after = batch_histogram(httpx.get(srv.url + "/metrics").text)
+                r["batch_size_cumulative"] = {k: after[k] - before.get(k, 0) for k in after}
+                r["mode"] = mode
+                results.append(r)
+                print(f"{mode:34s} c={c:3d} {r['throughput_rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                      f"p99 {r['p99_ms']:7.1f} ms  statuses {r['statuses']}  twice {r['answered_twice']}  wrong {r['wrong_answers']}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loadtest.json").write_text(json.dumps({"artifact": str(a.artifact), "results": results}, indent=2) + "\n")
+    lines = ["# Load test: cxr-edge serve on loopback", "", f"Artifact `{Path(a.artifact).name}`, {len(payloads)} real images "
+             f"rotated, {a.requests} requests per level, one image per request.", "",
+             "| mode | concurrency | req/s | p50 ms | p99 ms | statuses | answered twice | wrong answers | engine batches by size (cumulative le) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        hist = ", ".join(f"<={k}: {int(v)}" for k, v in r["batch_size_cumulative"].items() if k != "+Inf")
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['statuses']} | {r['answered_twice']} | {r['wrong_answers']} | {hist} |")
+    (out / "loadtest.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
