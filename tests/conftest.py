@@ -10,6 +10,16 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("CXR_DEV_DATA", REPO.parent / "shared" / "data" / "cxr-dev"))
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
+
+#: prepended to subprocess test code: makes importing TensorFlow/Keras/tf2onnx fail, as on a kiosk
+BLOCK_TENSORFLOW = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+"""
 HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
 
 

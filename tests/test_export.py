@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import BLOCK_TENSORFLOW
+
 import numpy as np
 import pytest
 
@@ -135,14 +137,9 @@ def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch
 def test_exported_onnx_runs_without_tensorflow(exported):
     _, s, data = exported
     art = s.out_dir
-    code = textwrap.dedent(
+    code = BLOCK_TENSORFLOW + textwrap.dedent(
         """
         import sys, json
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
-                    raise ImportError('blocked: ' + name)
-        sys.meta_path.insert(0, Block())
         from pathlib import Path
         import numpy as np
         from cxr_edge.manifest import read_manifest

@@ -4,16 +4,13 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import BLOCK_TENSORFLOW
+
 
 def test_base_package_runs_with_tensorflow_blocked(tmp_path):
-    code = textwrap.dedent(
+    code = BLOCK_TENSORFLOW + textwrap.dedent(
         """
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx'):
-                    raise ImportError('blocked: ' + name)
-        sys.meta_path.insert(0, Block())
+        import sys, json
         import numpy as np
         import cxr_edge, cxr_edge.runtime, cxr_edge.export, cxr_edge.decision, cxr_edge.manifest
         from cxr_edge.synthetic import write_synthetic_dataset

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .head import HeadOp, _activation, _maxpool
+from .head import HeadOp, apply_op
 
 
 @dataclass
@@ -29,24 +29,8 @@ def _forward_cache(ops: list[HeadOp], x: np.ndarray):
     """Forward pass keeping each op's input (and dense pre-activations) for the backward pass."""
     cache = []
     for k, op in enumerate(ops):
-        last = k == len(ops) - 1
         inp = x
-        pre = None
-        if op.kind == "maxpool":
-            x = _maxpool(x, op.params["pool"], op.params["stride"])
-        elif op.kind == "gap":
-            x = x.mean(axis=(1, 2))
-        elif op.kind == "gmp":
-            x = x.max(axis=(1, 2))
-        elif op.kind == "flatten":
-            x = x.reshape(len(x), -1)
-        elif op.kind == "dense":
-            pre = x @ op.arrays["kernel"] + op.arrays.get("bias", 0.0)
-            x = pre if last else _activation(pre, op.params.get("activation", "linear"))
-        elif op.kind == "batchnorm":
-            x = x * op.arrays["scale"] + op.arrays["shift"]
-        elif op.kind == "relu":
-            x = np.maximum(x, 0)
+        x, pre = apply_op(op, x, last=k == len(ops) - 1, logits=True)
         cache.append((inp, pre, x))
     return x, cache  # x: logits of the last dense layer
 

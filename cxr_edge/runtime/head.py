@@ -58,25 +58,30 @@ def _maxpool(x: np.ndarray, pool: int, stride: int) -> np.ndarray:
     return out
 
 
+def apply_op(op: HeadOp, x: np.ndarray, last: bool = False, logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """One head op forward: (output, dense pre-activation or None). Shared by inference and Grad-CAM."""
+    pre = None
+    if op.kind == "maxpool":
+        x = _maxpool(x, op.params["pool"], op.params["stride"])
+    elif op.kind == "gap":
+        x = x.mean(axis=(1, 2))
+    elif op.kind == "gmp":
+        x = x.max(axis=(1, 2))
+    elif op.kind == "flatten":
+        x = x.reshape(len(x), -1)
+    elif op.kind == "dense":
+        pre = x @ op.arrays["kernel"] + op.arrays.get("bias", 0.0)
+        x = pre if (last and logits) else _activation(pre, op.params.get("activation", "linear"))
+    elif op.kind == "batchnorm":
+        x = x * op.arrays["scale"] + op.arrays["shift"]
+    elif op.kind == "relu":
+        x = np.maximum(x, 0)
+    return x, pre
+
+
 def forward(ops: list[HeadOp], features: np.ndarray, logits: bool = False) -> np.ndarray:
     """Probabilities (or, with ``logits``, the last dense layer's pre-softmax scores)."""
     x = features.astype(np.float32, copy=False)
     for k, op in enumerate(ops):
-        last = k == len(ops) - 1
-        if op.kind == "maxpool":
-            x = _maxpool(x, op.params["pool"], op.params["stride"])
-        elif op.kind == "gap":
-            x = x.mean(axis=(1, 2))
-        elif op.kind == "gmp":
-            x = x.max(axis=(1, 2))
-        elif op.kind == "flatten":
-            x = x.reshape(len(x), -1)
-        elif op.kind == "dense":
-            x = x @ op.arrays["kernel"] + op.arrays.get("bias", 0.0)
-            if not (last and logits):
-                x = _activation(x, op.params.get("activation", "linear"))
-        elif op.kind == "batchnorm":
-            x = x * op.arrays["scale"] + op.arrays["shift"]
-        elif op.kind == "relu":
-            x = np.maximum(x, 0)
+        x, _ = apply_op(op, x, k == len(ops) - 1, logits)
     return x
