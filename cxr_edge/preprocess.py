@@ -201,3 +201,20 @@ def pack_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         if img.ndim == 2:
             img = img[:, :, None]
     return np.ascontiguousarray(img, dtype=np.uint8)
+
+
+def pack_source(source, spec: PreprocessSpec, *, name: str | None = None, limits=None, common_size: int | None = None):
+    """Decode + pack in one call, the way every consumer does it: returns (packed, decoded image).
+
+    ``common_size`` first down-samples to one square size (the size-leak check of evaluation).
+    """
+    import cv2
+
+    from .decode import DecodeLimits, decode_image
+
+    target = max(spec.height, spec.width, common_size or 0)
+    img = decode_image(source, name=name, limits=limits or DecodeLimits(), reduce_for=target)
+    pixels = img.pixels
+    if common_size:
+        pixels = cv2.resize(to_uint8(pixels), (common_size, common_size), interpolation=cv2.INTER_AREA)
+    return pack_image(pixels, spec), img

@@ -245,3 +245,20 @@ def test_dicom_multiframe_uses_first_frame(tmp_path):
     p.write_bytes(_dicom_bytes(frames, frames=2))
     img = decode_image(p)
     assert "first frame" in img.notes[0] and img.pixels.shape == (64, 64)
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_packed_result():
+    from cxr_edge.decode import jpeg_reduction
+    from cxr_edge.preprocess import pack_source
+
+    assert [jpeg_reduction(3000, 2500, 224), jpeg_reduction(1000, 1000, 224), jpeg_reduction(600, 600, 224),
+            jpeg_reduction(300, 300, 224), jpeg_reduction(3000, 3000, None)] == [4, 2, 1, 1, 1]
+    big = cv2.resize(cxr_like(256, 256), (2048, 2048), interpolation=cv2.INTER_CUBIC)
+    data = _encode(".jpg", big, (cv2.IMWRITE_JPEG_QUALITY, 95))
+    spec = PreprocessSpec(128, 128, "rescale")
+    packed, img = pack_source(data, spec)
+    assert img.notes == ["JPEG decoded at 1/8 scale"] and img.pixels.shape[:2] == (256, 256)
+    full = pack_image(decode_image(data).pixels, spec)
+    assert np.abs(packed.astype(int) - full.astype(int)).mean() < 1.5  # same picture, a fraction of the work
+    png_packed, png_img = pack_source(_encode(".png", big), spec)
+    assert png_img.notes == [] and png_packed.shape == (128, 128, 1)

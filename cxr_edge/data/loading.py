@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..decode import DecodeLimits, decode_image
+from ..decode import DecodeLimits
 from ..errors import ImageError
-from ..preprocess import PreprocessSpec, pack_image, to_uint8
+from ..preprocess import PreprocessSpec, pack_source
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,8 @@ class LoadedImages:
 
 
 def _load_one(source, spec: PreprocessSpec, limits: DecodeLimits, common_size: int | None):
-    import cv2
-
-    img = decode_image(source, limits=limits)
-    pixels = img.pixels
-    if common_size:
-        # Down-sample everything to one size first so the original resolution (which leaks the
-        # label in the public data) cannot survive as resize artefacts.
-        pixels = cv2.resize(to_uint8(pixels), (common_size, common_size), interpolation=cv2.INTER_AREA)
-    return pack_image(pixels, spec), img.shape
+    packed, img = pack_source(source, spec, limits=limits, common_size=common_size)
+    return packed, img.shape
 
 
 def load_images(

@@ -16,9 +16,9 @@ from queue import Queue
 
 import numpy as np
 
-from ..decode import DecodeLimits, decode_image
+from ..decode import DecodeLimits
 from ..errors import ImageError
-from ..preprocess import PreprocessSpec, pack_image
+from ..preprocess import PreprocessSpec, pack_source
 
 
 @dataclass
@@ -50,8 +50,9 @@ class BatchPacker:
     def _one(self, item, i):
         name = item_name(item, i)
         try:
-            img = decode_image(item, name=name if not isinstance(item, (str, os.PathLike)) else None, limits=self.limits)
-            return i, name, pack_image(img.pixels, self.spec), (img.pixels if self.keep else None), None
+            packed, img = pack_source(item, self.spec, name=name if not isinstance(item, (str, os.PathLike)) else None,
+                                      limits=self.limits)
+            return i, name, packed, (img.pixels if self.keep else None), None
         except ImageError as exc:
             return i, name, None, None, exc
         except Exception as exc:  # a decoder bug must not take down the batch: report it per item

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..decision import decide
-from ..decode import DecodeLimits, decode_image
+from ..decode import DecodeLimits
 from ..errors import ImageError
 from ..extras import require
-from ..preprocess import pack_image
+from ..preprocess import pack_source
 from ..runtime.backends.registry import open_backend
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .metrics import ServiceMetrics
@@ -128,8 +128,8 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"])
 
     def _decode(data: bytes, name: str):
-        img = decode_image(data, name=name, limits=limits)
-        return pack_image(img.pixels, state["engine"].spec), img.pixels
+        packed, img = pack_source(data, state["engine"].spec, name=name, limits=limits)
+        return packed, img.pixels
 
     async def _images(request: Request) -> list[tuple[str, bytes]]:
         ctype = request.headers.get("content-type", "")
