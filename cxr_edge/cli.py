@@ -27,8 +27,7 @@ def cmd_train(a):
     cfg = TrainConfig(recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
                       image_size=a.image_size, fine_tune_epochs=a.fine_tune_epochs, weights=a.weights,
                       seed=a.seed, target_sensitivity=a.target_sensitivity, metadata_csv=a.metadata,
-                      max_images=a.max_images, recalibrate_bn=not a.no_recalibrate_bn,
-                      verbose=1 if sys.stdout.isatty() else 2)
+                      max_images=a.max_images, verbose=1 if sys.stdout.isatty() else 2)
     r = train(cfg, a.data, a.out)
     print(f"Model: {r.model_path}\nManifest: {r.manifest_path}\nHistory: {r.history_path}")
     print(json.dumps(r.val_metrics))
@@ -214,8 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target-sensitivity", type=float, default=0.95)
     t.add_argument("--metadata", help="CSV with per-image patient ids / sources (SOURCES.csv is found automatically)")
     t.add_argument("--max-images", type=int, help="cap per split, for smoke runs")
-    t.add_argument("--no-recalibrate-bn", action="store_true",
-                   help="with --weights none, keep the backbone's initial BatchNorm statistics")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train)
 

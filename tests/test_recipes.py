@@ -79,23 +79,3 @@ def test_bad_weights_argument(keras):
     with pytest.raises(ConfigError, match="Unknown recipe 'vgg'"):
         get_recipe("vgg")
 
-
-def test_batchnorm_recalibration_of_an_untrained_backbone(keras):
-    from cxr_edge.export.gate_data import synthetic_parity_images
-    from cxr_edge.train.recipes import RECIPES, build_model
-    from cxr_edge.train.trainer import recalibrate_batchnorm
-
-    r = RECIPES["resnet50_tl"]
-    spec = r.spec(64)
-    m = build_model(r, spec, weights=None)
-    x = synthetic_parity_images(spec, 32)
-    bn = m.get_layer("conv5_block3_3_bn")
-    conv = m.get_layer("conv1_conv")
-    before_mean, before_kernel = np.asarray(bn.moving_mean).copy(), conv.get_weights()[0].copy()
-    info = recalibrate_batchnorm(m, x, 16)
-    assert info == {"layers": 53, "images": 32}
-    assert not np.allclose(before_mean, np.asarray(bn.moving_mean))  # statistics now come from the data
-    assert np.array_equal(before_kernel, conv.get_weights()[0])  # ...and no weight was trained
-    assert not bn.trainable and bn.momentum == 0.99  # the layer is left as it was
-    var = np.asarray(bn.moving_variance)
-    assert var.min() >= 0.01 * np.median(var) * (1 - 1e-6)

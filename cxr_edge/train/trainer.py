@@ -17,7 +17,7 @@ from ..decision import choose_threshold
 from ..errors import DatasetError
 from ..extras import require
 from ..manifest import write_manifest
-from .recipes import Recipe, build_model, get_recipe, make_optimizer, resolve_weights, with_overrides
+from .recipes import Recipe, build_model, get_recipe, make_optimizer, with_overrides
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,6 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     metadata_csv: str | None = None
     max_images: int | None = None  # cap per split, for smoke runs
-    # With weights=none a frozen backbone keeps BatchNorm's initial statistics (mean 0, var 1), so
-    # activations blow up stage after stage: a numerically degenerate network that no quantiser can
-    # represent. Re-estimating those statistics on training images (no weight is trained) gives the
-    # backbone the activation scales a trained one has. Ignored with ImageNet or file weights.
-    recalibrate_bn: bool = True
     verbose: int = 2
 
     def resolved_recipe(self) -> Recipe:
@@ -77,33 +72,6 @@ def _tf_dataset(x, y, batch_size, *, shuffle: bool, zoom: float, seed: int):
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def recalibrate_batchnorm(model, x, batch_size: int, max_batches: int = 30) -> dict:
-    """Set every frozen backbone BatchNorm's moving statistics from forward passes over ``x``."""
-    keras = require("keras")
-    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization) and not l.trainable
-           and not l.name.startswith("head_")]
-    saved = [(l.trainable, l.momentum) for l in bns]
-    for l in bns:
-        l.trainable = True  # Keras runs non-trainable BatchNorm in inference mode whatever `training` says
-        l.momentum = 0.0  # first batch sets the statistics outright...
-    n = 0
-    for k, i in enumerate(range(0, min(len(x), batch_size * max_batches), batch_size)):
-        if k == 1:
-            for l in bns:
-                l.momentum = 0.8  # ...later batches average in
-        model(x[i : i + batch_size], training=True)
-        n += len(x[i : i + batch_size])
-    for l, (trainable, momentum) in zip(bns, saved):
-        l.trainable, l.momentum = trainable, momentum
-        # Channels that were (nearly) constant on these images get a variance near zero, and BatchNorm
-        # then multiplies their rounding noise by up to 1/sqrt(epsilon): harmless in fp32, ruinous in
-        # fp16/int8. Floor each variance at 1% of the layer's median.
-        var = np.asarray(l.moving_variance)
-        l.moving_variance.assign(np.maximum(var, 0.01 * np.median(var)).astype(var.dtype))
-    log.info("re-estimated %d BatchNorm layers of the untrained backbone on %d training images", len(bns), n)
-    return {"layers": len(bns), "images": n}
 
 
 def _cap(items, n, seed):
@@ -146,9 +114,6 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
 
     n = len(ds.classes)
     model = build_model(recipe, spec, config.weights)
-    bn_recalibrated = None
-    if recipe.backbone and resolve_weights(config.weights) is None and config.recalibrate_bn:
-        bn_recalibrated = recalibrate_batchnorm(model, x_tr, recipe.batch_size)
     model.compile(optimizer=make_optimizer(recipe.optimizer, recipe.learning_rate),
                   loss="categorical_crossentropy", metrics=["accuracy"])
     train_ds = _tf_dataset(x_tr, np.eye(n)[y_tr], recipe.batch_size, shuffle=True, zoom=recipe.zoom, seed=config.seed)
@@ -203,7 +168,6 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
         "preprocess": spec.to_dict(),
         "last_conv_layer": recipe.last_conv_layer,
         "weights": config.weights if recipe.backbone else None,
-        "batchnorm_recalibrated": bn_recalibrated,
         "seed": config.seed,
         "training": {"phases": phases, "history": history_path.name},
         "data": {
