@@ -20,7 +20,7 @@ from .artifacts import Int8Target, Precision, Variant, parse_precisions
 from .gate_data import GateData, load_gate_data
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 from .head_export import UnsupportedHead, extract_head, save_head
-from .onnx_export import DEFAULT_OPSET, FEATURES_OUTPUT, PROBS_OUTPUT, io_contract, keras_to_onnx
+from .onnx_export import DEFAULT_OPSET, FEATURES_OUTPUT, PROBS_OUTPUT, convert_in_subprocess, io_contract
 from .quantize import CALIBRATION_METHODS, QuantConfig, first_and_last_compute, ort_cpu_kernels, quantize
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     # ---- FP32 + the Grad-CAM head
     fp32_path = out / Variant(Precision.FP32).filename()
     layer = doc.get("last_conv_layer")
-    proto = keras_to_onnx(model, spec, layer, fp32_path, config.opset)
+    proto = convert_in_subprocess(model_path, fp32_path, config.opset)
     inputs, outputs = io_contract(proto)
     parity_x = data.parity_x
     ref = model.predict(parity_x, batch_size=32, verbose=0)
