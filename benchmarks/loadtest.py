@@ -3,7 +3,7 @@
     python benchmarks/loadtest.py ARTIFACT IMAGES_DIR [--concurrency 1,8,32,64] [--requests 256]
                                   [--time-limit 60] [--out benchmarks/results/serve]
 
-Starts the service in-process on 127.0.0.1 (a random free port) for each mode, sends a fixed number of
+Starts `cxr-edge serve` as its own process on 127.0.0.1 (a random free port) for each mode, sends a fixed number of
 requests per concurrency level (and stops at the time limit), and checks that every request is answered
 exactly once with the answer for its own image (compared with the same engine run locally).
 Reports throughput, p50/p99 latency, errors by status, and the engine batch-size distribution.
@@ -16,7 +16,6 @@ import asyncio
 import json
 import re
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -30,22 +29,26 @@ def _port() -> int:
 
 
 class LocalServer:
-    def __init__(self, artifact, **cfg):
-        import uvicorn
+    """`cxr-edge serve` in its own process on 127.0.0.1 (a client in the same process would share its GIL)."""
 
-        from cxr_edge.serve.app import ServeConfig, create_app
+    def __init__(self, artifact, max_batch=32, max_delay_ms=5.0, max_queue=256):
+        import subprocess
+        import sys
 
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(artifact, ServeConfig(**cfg)), host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.cmd = [sys.executable, "-m", "cxr_edge.cli", "serve", str(artifact), "--host", "127.0.0.1",
+                    "--port", str(self.port), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
+                    "--max-queue", str(max_queue)]
+        self._subprocess = subprocess
 
     def __enter__(self):
         import httpx
 
-        self.thread.start()
-        for _ in range(600):
+        self.proc = self._subprocess.Popen(self.cmd, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL)
+        for _ in range(1200):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {' '.join(self.cmd)}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
                     return self
@@ -55,8 +58,11 @@ class LocalServer:
         raise RuntimeError("server did not become ready")
 
     def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=60)
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except self._subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 def batch_histogram(metrics_text: str) -> dict[str, float]:
