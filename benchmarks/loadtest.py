@@ -31,7 +31,7 @@ def _port() -> int:
 class LocalServer:
     """`cxr-edge serve` in its own process on 127.0.0.1 (a client in the same process would share its GIL)."""
 
-    def __init__(self, artifact, max_batch=32, max_delay_ms=5.0, max_queue=256):
+    def __init__(self, artifact, max_batch=32, max_delay_ms=5.0, max_queue=256, threads=None):
         import subprocess
         import sys
 
@@ -39,7 +39,7 @@ class LocalServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "cxr_edge.cli", "serve", str(artifact), "--host", "127.0.0.1",
                     "--port", str(self.port), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
-                    "--max-queue", str(max_queue)]
+                    "--max-queue", str(max_queue)] + (["--threads", str(threads)] if threads else [])
         self._subprocess = subprocess
 
     def __enter__(self):

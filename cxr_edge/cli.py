@@ -135,7 +135,7 @@ def cmd_serve(a):
         logging.getLogger("cxr_edge.serve").warning(
             "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", a.host)
     cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
-                      max_body_mb=a.max_body_mb, device=a.device, backend=a.backend,
+                      max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=a.threads,
                       cors_origins=tuple(o for o in (a.cors or "").split(",") if o))
     uvicorn.run(create_app(a.artifact, cfg), host=a.host, port=a.port, log_level="info",
                 timeout_graceful_shutdown=int(a.timeout))
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.add_argument("--backend")
     sv.add_argument("--cors", help="comma-separated allowed origins (default: none)")
+    sv.add_argument("--threads", type=int, help="engine threads (leave cores for decoding on small CPUs)")
     sv.set_defaults(func=cmd_serve)
 
     tx = sub.add_parser("export-triton", help="write a Triton model repository from artifacts")

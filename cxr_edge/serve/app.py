@@ -42,6 +42,7 @@ class ServeConfig:
     decode_workers: int = 4
     device: str = "auto"
     backend: str | None = None
+    threads: int | None = None  # engine intra-op threads (default: the engine's own choice)
     cors_origins: tuple[str, ...] = ()  # closed unless the operator lists origins
 
 
@@ -99,7 +100,8 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
     limits = DecodeLimits(max_bytes=int(config.max_body_mb * 1024 * 1024))
 
     async def lifespan(app):
-        engine = open_backend(artifact, backend=config.backend, device=config.device).load()
+        opts = {"threads": config.threads} if config.threads else {}
+        engine = open_backend(artifact, backend=config.backend, device=config.device, **opts).load()
         state["engine"] = engine
         state["batcher"] = DynamicBatcher(engine, config.max_batch, config.max_delay_ms, config.max_queue, metrics)
         await state["batcher"].start()
