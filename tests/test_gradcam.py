@@ -58,7 +58,6 @@ def test_onnx_features_give_the_tensorflow_heatmap(exported):
     for a in s.artifacts:
         with Screener(a.path) as scr:
             res = scr.predict(items, explain=True)
-            x = scr.engine.spec  # noqa: F841
         from cxr_edge.data.loading import load_images
 
         xb = load_images(items, scr.engine.spec).x

@@ -2,7 +2,6 @@
 
 import asyncio
 import base64
-import io
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -95,7 +94,6 @@ def test_serve_triton_and_triton_backend_on_loopback(exported, tmp_path_factory)
     art = next(a.path for a in s.artifacts if a.variant == "int8-cpu")
     py = _triton_python(tmp_path_factory)
     ports = [_free_port() for _ in range(3)]
-    ready = tmp_path_factory.mktemp("triton") / "ready"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LD_LIBRARY_PATH", None)  # serve-triton must set it itself
     proc = subprocess.Popen([py, "-m", "cxr_edge.cli", "serve-triton", str(art), "--http-port", str(ports[0]),

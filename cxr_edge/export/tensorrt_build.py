@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, ManifestError
-from ..extras import require
 from ..manifest import read_manifest, sha256_file, write_manifest
 from .artifacts import Precision
 

@@ -36,7 +36,7 @@ def fix_libpython_path(env: dict | None = None) -> str | None:
 
 def serve_triton(artifact: str | Path, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, max_batch: int = 32, max_delay_us: int = 5000,
-                 model_name: str | None = None, ready_file: str | None = None) -> None:
+                 model_name: str | None = None) -> None:
     fix_libpython_path()
     try:
         from pytriton.decorators import batch
@@ -77,8 +77,6 @@ def serve_triton(artifact: str | Path, host: str = "127.0.0.1", http_port: int =
         )
         log.info("Triton serving %s as %r on http://%s:%d (gRPC %d, metrics %d)", Path(artifact).name, name, host,
                  http_port, grpc_port, metrics_port)
-        if ready_file:
-            Path(ready_file).write_text(name)
         triton.serve()
 
 

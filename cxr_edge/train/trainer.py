@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -199,6 +198,3 @@ def load_model_and_manifest(model_path: str | Path):
     doc = read_manifest(model_path)
     return load_keras_model(model_path), doc
 
-
-def dump_json(obj, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -8,7 +8,6 @@ then silently runs on the CPU. So the session's providers are read back after cr
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
