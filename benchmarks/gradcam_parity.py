@@ -22,7 +22,7 @@ from cxr_edge.manifest import read_manifest
 from cxr_edge.preprocess import PreprocessSpec
 from cxr_edge.runtime.backends.registry import open_backend
 from cxr_edge.runtime.gradcam import gradcam, normalise
-from cxr_edge.runtime.head import load_head
+from cxr_edge.runtime.head import load_artifact_head
 from cxr_edge.train.gradcam_tf import gradcam_tf
 from cxr_edge.train.layers import load_keras_model
 
@@ -57,8 +57,7 @@ def main() -> None:
     rows = []
     for art in sorted((mdir / "artifacts").glob("model.*.onnx")):
         adoc = read_manifest(art)
-        g = adoc["gradcam"]
-        head = load_head(g["head_ops"], art.parent / g["head_file"])
+        head = load_artifact_head(art, adoc)
         with open_backend(art, device="cpu") as eng:
             eng.infer(x[:2])
             t0 = time.perf_counter()

@@ -88,7 +88,7 @@ def cmd_predict(a):
         raise SystemExit("error: no images given (files or directories)")
     device = "cuda" if a.require_gpu else a.device
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
-                  threshold=a.threshold, precision=a.precision) as s:
+                  threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key) as s:
         results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info = s.engine.info
     if a.out:
@@ -127,18 +127,32 @@ def cmd_bench(a):
 
 
 def cmd_serve(a):
-    from .extras import require
     from .serve.app import ServeConfig, create_app
+    from .serve.http_guard import run_server
 
-    uvicorn = require("uvicorn")
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("cxr_edge.serve").warning(
             "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", a.host)
     cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
                       max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=a.threads,
-                      cors_origins=tuple(o for o in (a.cors or "").split(",") if o))
-    uvicorn.run(create_app(a.artifact, cfg), host=a.host, port=a.port, log_level="info",
-                timeout_graceful_shutdown=int(a.timeout))
+                      cors_origins=tuple(o for o in (a.cors or "").split(",") if o),
+                      trusted_keys=tuple(a.trusted_key or ()), body_timeout_s=a.body_timeout, save_dir=a.save_dir)
+    run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
+               graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
+
+
+def cmd_keygen(a):
+    from .signing import generate_keypair
+
+    priv, pub = generate_keypair(a.out, overwrite=a.force)
+    print(f"private key: {priv} (keep it off the screening box)\npublic key:  {pub} (give to --trusted-key)")
+
+
+def cmd_sign(a):
+    from .signing import sign_artifact
+
+    for art in a.artifacts:
+        print(f"signed: {sign_artifact(art, a.key)}")
 
 
 def cmd_export_triton(a):
@@ -263,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
     pr.add_argument("--cam-scale", type=float, help="fixed heatmap scale (default: each map's own max)")
+    pr.add_argument("--trusted-key", action="append", metavar="PUB",
+                    help="only run artifacts signed by this Ed25519 public key (repeatable)")
     pr.set_defaults(func=cmd_predict)
 
     bn = sub.add_parser("bench", help="latency/throughput/accuracy per backend x precision x batch, vs Keras")
@@ -290,7 +306,24 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend")
     sv.add_argument("--cors", help="comma-separated allowed origins (default: none)")
     sv.add_argument("--threads", type=int, help="engine threads (leave cores for decoding on small CPUs)")
+    sv.add_argument("--trusted-key", action="append", metavar="PUB",
+                    help="only serve an artifact signed by this Ed25519 public key (repeatable)")
+    sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive (408)")
+    sv.add_argument("--header-timeout", type=float, default=10.0,
+                    help="seconds for request headers to arrive before the connection is closed")
+    sv.add_argument("--max-connections", type=int, default=512, help="open connections before answering 503")
+    sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")
     sv.set_defaults(func=cmd_serve)
+
+    kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts")
+    kg.add_argument("out", help="path stem: writes STEM.key (private, 0600) and STEM.pub")
+    kg.add_argument("--force", action="store_true", help="overwrite existing key files")
+    kg.set_defaults(func=cmd_keygen)
+
+    sg = sub.add_parser("sign", help="sign artifact manifests so --trusted-key services accept them")
+    sg.add_argument("artifacts", nargs="+")
+    sg.add_argument("--key", required=True, help="private key from cxr-edge keygen")
+    sg.set_defaults(func=cmd_sign)
 
     tx = sub.add_parser("export-triton", help="write a Triton model repository from artifacts")
     tx.add_argument("artifacts", nargs="+")

@@ -16,6 +16,8 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("train", "evaluation plots"),
     "pydicom": ("dicom", "reading DICOM files"),
     "onnxruntime": (None, "running ONNX artifacts"),
+    "onnx": (None, "inspecting ONNX graphs"),
+    "cryptography": ("sign", "signed artifacts (keygen, sign, --trusted-key)"),
     "openvino": ("openvino", "the OpenVINO backend"),
     "fastapi": ("serve", "the screening service"),
     "uvicorn": ("serve", "the screening service"),

@@ -295,4 +295,7 @@ def ort_tensorrt_ep_options(onnx_doc: dict, precision: Precision | str, cache_di
     if dump_ep_context:
         opts["trt_dump_ep_context_model"] = "True"
         opts["trt_ep_context_file_path"] = str(cache_dir)
+        # embed the engine in the .onnx: the manifest hash and signature then cover it (the loader
+        # refuses EP-context models whose engine sits in an external file)
+        opts["trt_ep_context_embed_mode"] = "1"
     return opts

@@ -25,7 +25,17 @@ class HeadOp:
     arrays: dict[str, np.ndarray]
 
 
-def load_head(ops_json: list[dict], npz_path: str | Path) -> list[HeadOp]:
+def load_head(ops_json: list[dict], npz_path: str | Path, sha256: str | None = None) -> list[HeadOp]:
+    """The head's ops with their arrays; with ``sha256`` the file must match it (as the manifest says)."""
+    if sha256 is not None:
+        from ..manifest import sha256_file
+
+        actual = sha256_file(npz_path)
+        if actual != sha256:
+            raise ManifestError(
+                f"{Path(npz_path).name} does not match the sha256 in its artifact's manifest "
+                f"({actual[:16]}... vs {sha256[:16]}...): the Grad-CAM head was modified or replaced; re-export."
+            )
     with np.load(npz_path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     out = []
@@ -35,6 +45,23 @@ def load_head(ops_json: list[dict], npz_path: str | Path) -> list[HeadOp]:
         mine = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")}
         out.append(HeadOp(op["kind"], op.get("params", {}), mine))
     return out
+
+
+def load_artifact_head(artifact: str | Path, manifest: dict) -> list[HeadOp] | None:
+    """The verified head stored beside an exported artifact, or None when it has none.
+
+    The file name comes from the manifest, so it must be a bare name in the artifact's folder (no
+    path parts) and match the manifest's sha256, which a signed manifest in turn authenticates.
+    """
+    g = manifest.get("gradcam") or {}
+    name = g.get("head_file")
+    if not g.get("engine_native") or not name:
+        return None
+    if Path(name).name != name or name in (".", ".."):
+        raise ManifestError(f"Manifest head_file {name!r} must be a file name beside the artifact, not a path.")
+    if not g.get("head_sha256"):
+        raise ManifestError(f"Manifest of {Path(artifact).name} names a Grad-CAM head but no head_sha256; re-export.")
+    return load_head(g["head_ops"], Path(artifact).parent / name, g["head_sha256"])
 
 
 def _activation(x: np.ndarray, name: str) -> np.ndarray:

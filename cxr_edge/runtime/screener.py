@@ -75,11 +75,13 @@ class Screener:
     # --------------------------------------------------------------- explanations
     def _cam_engine(self):
         if self._cam is None:
-            g = self.manifest.get("gradcam") or {}
-            if g.get("engine_native") and "features" in self.engine.outputs:
-                from .head import load_head
+            head = None
+            if "features" in self.engine.outputs:
+                from .head import load_artifact_head
 
-                self._cam = ("engine-native", load_head(g["head_ops"], self.engine.artifact.parent / g["head_file"]))
+                head = load_artifact_head(self.engine.artifact, self.manifest)
+            if head is not None:
+                self._cam = ("engine-native", head)
             else:
                 self._cam = ("tensorflow", None)
         return self._cam

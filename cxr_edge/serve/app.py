@@ -10,6 +10,7 @@ Nothing a client sends is written to disk.
 import asyncio
 import base64
 import logging
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from ..extras import require
 from ..preprocess import pack_source
 from ..runtime.backends.registry import open_backend
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
+from .http_guard import BodyGuard
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("cxr_edge.serve")
@@ -44,53 +46,23 @@ class ServeConfig:
     backend: str | None = None
     threads: int | None = None  # engine intra-op threads (default: the engine's own choice)
     cors_origins: tuple[str, ...] = ()  # closed unless the operator lists origins
+    trusted_keys: tuple[str, ...] = ()  # public keys; when given, only artifacts they signed are served
+    body_timeout_s: float = 30.0  # a body still arriving after this is answered 408 (slow uploads)
+    save_dir: str | None = None  # operator opt-in: keep received images here (never elsewhere, never by default)
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over the limit (413) by Content-Length, and while streaming."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await _plain(send, 413, f"request body over {self.max_bytes} bytes")
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge()
-            return msg
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _plain(send, 413, f"request body over {self.max_bytes} bytes")
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _plain(send, status: int, text: str):
-    import json
-
-    body = json.dumps({"detail": text}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
-def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
+def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine_wrapper=None):
+    """The ASGI app. ``engine_wrapper`` (engine -> engine) wraps the loaded backend: for embedding, and
+    for the fault-injection tests that make an engine raise or stall under load."""
     fastapi = require("fastapi")
+    from starlette.formparsers import MultiPartParser
+
+    # Starlette spools multipart files over 1 MB to a temporary file on disk. Nothing a patient's image
+    # passes through may touch the disk unless the operator asked (save_dir), so keep uploads up to
+    # the body limit in memory: the body limit already bounds that memory.
+    max_body = int(config.max_body_mb * 1024 * 1024)
+    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_body + 1)
+    save_dir = Path(config.save_dir).resolve() if config.save_dir else None
     from fastapi import Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -101,18 +73,20 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
 
     async def lifespan(app):
         opts = {"threads": config.threads} if config.threads else {}
-        engine = open_backend(artifact, backend=config.backend, device=config.device, **opts).load()
+        engine = open_backend(artifact, backend=config.backend, device=config.device,
+                              trusted_keys=list(config.trusted_keys) or None, **opts).load()
+        if engine_wrapper is not None:
+            engine = engine_wrapper(engine)
         state["engine"] = engine
         state["batcher"] = DynamicBatcher(engine, config.max_batch, config.max_delay_ms, config.max_queue, metrics)
         await state["batcher"].start()
         # warm up before declaring readiness: the first inference allocates and tunes kernels
         await state["batcher"].submit(np.zeros(engine.spec.input_shape, np.uint8), features=True)
         head = None
-        g = engine.manifest.get("gradcam") or {}
-        if g.get("engine_native") and "features" in engine.outputs:
-            from ..runtime.head import load_head
+        if "features" in engine.outputs and engine.artifact is not None:
+            from ..runtime.head import load_artifact_head
 
-            head = load_head(g["head_ops"], engine.artifact.parent / g["head_file"])
+            head = load_artifact_head(engine.artifact, engine.manifest)
         state["head"] = head
         state["ready"] = True
         log.info("ready: %s on %s/%s (%s)", Path(artifact).name, engine.info.backend, engine.info.provider, engine.info.precision)
@@ -129,7 +103,9 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"])
 
-    def _decode(data: bytes, name: str):
+    def _decode(data: bytes, name: str, rid: str, k: int):
+        if save_dir is not None:
+            _save_upload(save_dir, data, rid, k)
         packed, img = pack_source(data, state["engine"].spec, name=name, limits=limits)
         return packed, img.pixels
 
@@ -143,7 +119,7 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
         return [("body", body)] if body else []
 
     async def _screen(request: Request, explain: bool, endpoint: str):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex[:12]
+        rid = _request_id(request.headers.get("x-request-id"))
         t0 = time.perf_counter()
         if not state["ready"]:
             metrics.requests.labels(endpoint, "503").inc()
@@ -165,7 +141,7 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
         async def one(k, name, data):
             t = time.perf_counter()
             try:
-                packed, original = await loop.run_in_executor(decode_pool, _decode, data, name)
+                packed, original = await loop.run_in_executor(decode_pool, _decode, data, name, rid, k)
             except ImageError as exc:
                 metrics.images.labels("bad_image").inc()
                 return {"index": k, "filename": name, "ok": False, "status": 422, "error": exc.reason}
@@ -257,4 +233,25 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig()):
 
     app.state.cxr = state
     app.state.metrics = metrics
-    return BodyLimit(app, int(config.max_body_mb * 1024 * 1024)) if config.max_body_mb else app
+    return BodyGuard(app, max_body, config.body_timeout_s)
+
+
+def _request_id(client_value: str | None) -> str:
+    """The client's X-Request-ID when it is a plain token (it goes into logs and file names), else a new one."""
+    if client_value and len(client_value) <= 64 and all(ch.isalnum() or ch in "-_." for ch in client_value):
+        return client_value
+    return uuid.uuid4().hex[:12]
+
+
+def _save_upload(save_dir: Path, data: bytes, rid: str, k: int) -> Path:
+    """Keep one received image (operator opt-in): named by request id, never by the client's filename."""
+    from ..decode import _sniff_format
+
+    day = time.strftime("%Y%m%d")
+    folder = save_dir / day
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{rid}-{k}-{uuid.uuid4().hex[:8]}.{_sniff_format(data[:256]) or 'bin'}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return path

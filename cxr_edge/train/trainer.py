@@ -37,6 +37,7 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     metadata_csv: str | None = None
     max_images: int | None = None  # cap per split, for smoke runs
+    precise_bn: bool | None = None  # re-estimate trainable BN statistics before validation (None: when any)
     verbose: int = 2
 
     def resolved_recipe(self) -> Recipe:
@@ -71,6 +72,43 @@ def _tf_dataset(x, y, batch_size, *, shuffle: bool, zoom: float, seed: int):
 
         ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def precise_batchnorm_callback(x_train: np.ndarray, batch_size: int, max_batches: int = 10, seed: int = 0):
+    """Re-estimate trainable BatchNorm statistics on training images before every validation.
+
+    Keras keeps BN moving averages with momentum 0.99, so after a few dozen steps they still mostly
+    hold their initial values (mean 0, variance 1) while training itself uses batch statistics. On a
+    network whose upper blocks train from scratch (ResNet152V2 with weights=None) inference then runs
+    on wrong statistics: validation loss in the hundreds, saturated logits that no INT8 scale can
+    represent. Averaging batch statistics over ``max_batches`` clean training batches ("precise BN",
+    Wu & Johnson 2021) gives the population estimate the model is actually trained for.
+    """
+    keras = require("keras")
+    rng = np.random.default_rng(seed)
+
+    class PreciseBatchNorm(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            bns = [l for l in self.model._flatten_layers() if isinstance(l, keras.layers.BatchNormalization) and l.trainable]
+            if not bns:
+                return
+            saved = [l.momentum for l in bns]
+            order = rng.permutation(len(x_train))
+            try:
+                for k in range(min(max_batches, max(1, len(x_train) // batch_size))):
+                    for layer in bns:  # running average: moving = (k * moving + batch) / (k + 1)
+                        layer.momentum = k / (k + 1)
+                    self.model(x_train[order[k * batch_size:(k + 1) * batch_size]], training=True)
+            finally:
+                for layer, m in zip(bns, saved):
+                    layer.momentum = m
+
+    return PreciseBatchNorm()
+
+
+def has_trainable_batchnorm(model) -> bool:
+    keras = require("keras")
+    return any(isinstance(l, keras.layers.BatchNormalization) and l.trainable for l in model._flatten_layers())
 
 
 def _cap(items, n, seed):
@@ -122,12 +160,15 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
     history_path = out / HISTORY_FILE
     checkpoint = keras.callbacks.ModelCheckpoint(model_path, monitor="val_loss", save_best_only=True)
     callbacks = [checkpoint, keras.callbacks.CSVLogger(history_path)]
+    precise_bn = has_trainable_batchnorm(model) if config.precise_bn is None else config.precise_bn
+    if precise_bn:  # before the checkpoint judges val_loss
+        callbacks.insert(0, precise_batchnorm_callback(x_tr, recipe.batch_size, seed=config.seed))
     if recipe.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience,
                                                        restore_best_weights=True))
     hist = model.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, callbacks=callbacks, verbose=config.verbose, shuffle=False)
     phases = [{"phase": "head" if recipe.backbone else "train", "epochs": len(hist.epoch),
-               "learning_rate": recipe.learning_rate}]
+               "learning_rate": recipe.learning_rate, "precise_batchnorm": bool(precise_bn)}]
 
     if recipe.fine_tune_epochs and recipe.fine_tune_from:
         unfrozen = 0
@@ -142,7 +183,8 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
         model.compile(optimizer=make_optimizer(recipe.optimizer, recipe.fine_tune_learning_rate),
                       loss="categorical_crossentropy", metrics=["accuracy"])
         start = len(hist.epoch)
-        callbacks[1] = keras.callbacks.CSVLogger(history_path, append=True)
+        callbacks = [c for c in callbacks if not isinstance(c, keras.callbacks.CSVLogger)]
+        callbacks.append(keras.callbacks.CSVLogger(history_path, append=True))
         ft = model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=start + recipe.fine_tune_epochs,
                        callbacks=callbacks, verbose=config.verbose, shuffle=False)
         phases.append({"phase": "fine_tune", "epochs": len(ft.epoch), "from_layer": recipe.fine_tune_from,

@@ -41,6 +41,7 @@ class Backend(abc.ABC):
         self.classes = list(manifest["classes"])
         self.outputs = [o["name"] for o in manifest.get("outputs", [{"name": "probs"}])]
         self.info: BackendInfo | None = None
+        self.trust: dict = {"signed_by": None}  # set by open_backend's load policy
         self._loaded = False
 
     # ---- public template -------------------------------------------------

@@ -51,18 +51,66 @@ def backend_class(fmt: str, name: str | None = None):
     return getattr(importlib.import_module(module), cls)
 
 
-def open_backend(artifact: str | Path, backend: str | None = None, verify: bool = True, **options):
+def check_trust(artifact: Path, fmt: str, trusted_keys) -> dict:
+    """Apply the load policy; returns what was established (signer, native engine blobs).
+
+    With trusted keys, every artifact must carry a manifest signature from one of them. Whatever the
+    keys, an ONNX model with EP-context nodes (a native engine inside the .onnx) runs only when signed
+    by a trusted key, and never with its engine in an external file no hash covers.
+    """
+    from ...signing import SignatureError, load_trusted_keys, verify_artifact_signature
+
+    keys = [k for k in trusted_keys or () if not isinstance(k, (str, Path))]
+    keys += load_trusted_keys([k for k in trusted_keys or () if isinstance(k, (str, Path))])
+    signer = verify_artifact_signature(artifact, keys).key_id if keys else None
+    found = []
+    if fmt == "onnx":
+        from ..ep_context import find_ep_context_nodes
+
+        found = find_ep_context_nodes(artifact)
+        external = [n for n in found if n.embed_mode == 0]
+        if external:
+            raise SignatureError(
+                f"{artifact.name} is an ONNX Runtime EP-context model whose engine lives in an external file "
+                f"({external[0].external_path!r}) that no manifest hash or signature covers; refusing to load it. "
+                "Re-dump the EP-context model with embed mode 1 and sign it."
+            )
+        if found and signer is None:
+            raise SignatureError(
+                f"{artifact.name} is an ONNX Runtime EP-context model: {len(found)} EPContext node(s) embed a compiled "
+                f"native engine ({found[0].source or 'unknown EP'}) that ONNX Runtime would deserialize without checks. "
+                "Such models run only when signed by a trusted key: cxr-edge sign ARTIFACT --key KEY.key where it was "
+                "built, then start with --trusted-key KEY.pub."
+            )
+    return {"signed_by": signer, "ep_context_nodes": len(found)}
+
+
+def open_backend(artifact: str | Path, backend: str | None = None, verify: bool = True, trusted_keys=None,
+                 **options):
     """Verified manifest + the chosen (or preferred) backend for this artifact, not yet loaded.
 
+    ``trusted_keys``: public key paths (or loaded keys); when given, only signed artifacts load.
     ``triton://host:port/model`` addresses a remote Triton model; its manifest comes from the server.
     """
     if str(artifact).startswith("triton://"):
+        if trusted_keys:
+            from ...signing import SignatureError
+
+            raise SignatureError(
+                "Signatures cannot be checked for a remote triton:// model (the server holds the files); verify "
+                "artifacts on the Triton host, or drop --trusted-key for this backend."
+            )
         from .triton import TritonBackend, remote_manifest
 
         return TritonBackend(str(artifact), remote_manifest(str(artifact)), **options)
     artifact = Path(artifact)
     if not artifact.is_file():
         raise ManifestError(f"Artifact {artifact} does not exist.")
+    if trusted_keys and not verify:
+        raise ConfigError("verify=False cannot be combined with trusted keys: the signature covers the sha256.")
+    fmt = artifact_format(artifact, read_manifest(artifact, verify=False))
+    trust = check_trust(artifact, fmt, trusted_keys)  # before hashing: a forged manifest stops here
     manifest = read_manifest(artifact, verify=verify)
-    fmt = artifact_format(artifact, manifest)
-    return backend_class(fmt, backend)(artifact, manifest, **options)
+    engine = backend_class(fmt, backend)(artifact, manifest, **options)
+    engine.trust = trust
+    return engine

@@ -1,0 +1,64 @@
+"""Find ONNX Runtime EP-context nodes: compiled native engines hidden inside an ordinary-looking .onnx.
+
+An ``EPContext`` node (domain ``com.microsoft``) carries a serialized TensorRT/QNN/OpenVINO engine
+in its ``ep_cache_context`` attribute (``embed_mode=1``) or the path of one on disk
+(``embed_mode=0``). ONNX Runtime hands that blob straight to the vendor runtime, which deserializes
+native code paths from it: loading one is as trusting as loading a ``.plan`` file, so the loader
+refuses such models unless their manifest is signed by a trusted key, and refuses external
+(``embed_mode=0``) blobs outright because no manifest hash covers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..extras import require
+
+EP_CONTEXT_OP = "EPContext"
+
+
+@dataclass(frozen=True)
+class EpContextNode:
+    name: str
+    embed_mode: int
+    source: str  # the EP that wrote it, when recorded
+    external_path: str | None
+
+
+def _attr(node, name):
+    onnx = require("onnx")
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return None
+
+
+def _nodes(graph):
+    for node in graph.node:
+        yield node
+        for a in node.attribute:  # control-flow subgraphs could hide one too
+            if a.g is not None and a.g.node:
+                yield from _nodes(a.g)
+            for g in a.graphs:
+                yield from _nodes(g)
+
+
+def find_ep_context_nodes(path: str | Path) -> list[EpContextNode]:
+    """Every EPContext node in the model (empty for a plain ONNX graph). Reads no external data."""
+    onnx = require("onnx")
+    model = onnx.load(str(path), load_external_data=False)
+    out = []
+    for node in _nodes(model.graph):
+        if node.op_type != EP_CONTEXT_OP:
+            continue
+        mode = _attr(node, "embed_mode")
+        mode = 1 if mode is None else int(mode)
+        ctx = _attr(node, "ep_cache_context")
+        src = _attr(node, "source")
+        ext = None
+        if mode == 0 and ctx is not None:
+            ext = ctx.decode(errors="replace") if isinstance(ctx, bytes) else str(ctx)
+        out.append(EpContextNode(node.name, mode, src.decode(errors="replace") if isinstance(src, bytes) else str(src or ""),
+                                 ext))
+    return out
