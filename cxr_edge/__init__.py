@@ -5,3 +5,12 @@ training and export live behind the ``train`` extra and are imported lazily.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# ONNX Runtime's PyPI builds for Linux carry 1DS telemetry: at first use they create
+# ~/.cache/Microsoft/DeveloperTools/.onnxruntime/onnxruntime.db and a ".ses" file in $TMPDIR and queue
+# events for upload (found by the fault tests, which run the service with an empty TMPDIR). A screening
+# box writes and sends nothing its operator did not ask for, so opt out with ORT's documented switch,
+# which only works when set before onnxruntime initialises. Set ORT_DISABLE_TELEMETRY=0 to opt back in.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")

@@ -110,9 +110,16 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine
         return packed, img.pixels
 
     async def _images(request: Request) -> list[tuple[str, bytes]]:
+        from starlette.exceptions import HTTPException
+
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=config.max_images_per_request + 1)
+            try:
+                form = await request.form(max_files=config.max_images_per_request)
+            except HTTPException as exc:
+                if "Too many files" in str(exc.detail):
+                    raise HTTPException(413, f"at most {config.max_images_per_request} images per request") from exc
+                raise
             uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
             return [(u.filename or f"upload{i}", await u.read()) for i, u in enumerate(uploads)]
         body = await request.body()
