@@ -20,6 +20,7 @@ import numpy as np
 from .errors import (
     CorruptImageError,
     DicomError,
+    ImageError,
     ImageTooLargeError,
     ImageTooSmallError,
     UnsupportedImageError,
@@ -93,6 +94,27 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from the first IFD's ImageLength/ImageWidth tags, without decoding.
+
+    libtiff allocates the whole raster before reading strips, so a 10 kB deflate-compressed TIFF
+    declaring 30000 x 30000 pixels would cost 0.9-1.8 GB; reading the tags first refuses it cheaply.
+    """
+    end = "<" if data[:2] == b"II" else ">"
+    (off,) = struct.unpack(end + "I", data[4:8])
+    (n,) = struct.unpack(end + "H", data[off : off + 2])
+    dims = {}
+    for k in range(min(n, 512)):
+        e = off + 2 + 12 * k
+        tag, typ = struct.unpack(end + "HH", data[e : e + 4])
+        if tag in (256, 257):
+            fmt = end + ("H" if typ == 3 else "I")
+            dims[tag] = struct.unpack(fmt, data[e + 8 : e + 8 + struct.calcsize(fmt)])[0]
+    if 256 in dims and 257 in dims:
+        return dims[257], dims[256]
+    return None
+
+
 def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
     """(height, width) read from the header, so huge images are refused before decoding."""
     try:
@@ -100,10 +122,15 @@ def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
             w, h = struct.unpack(">II", data[16:24])
             return h, w
         if fmt == "bmp" and len(data) >= 26:
-            w, h = struct.unpack("<ii", data[18:26])
+            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sides
+                w, h = struct.unpack("<HH", data[18:22])
+            else:
+                w, h = struct.unpack("<ii", data[18:26])
             return abs(h), abs(w)
         if fmt == "jpeg":
             return _jpeg_size(data)
+        if fmt == "tiff":
+            return _tiff_size(data)
     except struct.error:
         return None
     return None
@@ -153,16 +180,47 @@ def _bit_depth(pixels: np.ndarray) -> int:
     return {np.dtype(np.uint8): 8, np.dtype(np.uint16): 16}.get(pixels.dtype, 32)
 
 
-def _decode_dicom(data: bytes, name: str) -> DecodedImage:
+def _check_dicom_size(ds, name: str, limits: DecodeLimits) -> None:
+    """Refuse by the header before pydicom decodes: an RLE-compressed DICOM of a few kB declaring
+    30000 x 30000 pixels made pydicom allocate 1.8 GB before failing (found by the hardening tests)."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        raise DicomError(name, f"image dimensions in the header are not numbers ({exc}).") from exc
+    if rows <= 0 or cols <= 0:
+        raise DicomError(name, f"header declares a {cols}x{rows} image; the file is damaged.")
+    _check_size(rows, cols, name, limits)
+    if rows * cols * max(frames, 1) * max(samples, 1) > 4 * limits.max_pixels:
+        raise ImageTooLargeError(
+            name, f"{frames} frame(s) of {cols}x{rows}x{samples} samples is too much to decode; send a single-frame image."
+        )
+
+
+def _decode_dicom(data: bytes, name: str, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
     pydicom = require("pydicom")
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types for damaged files
         raise DicomError(name, f"not a readable DICOM file ({exc}).") from exc
+    try:
+        with np.errstate(all="ignore"):  # LUT arithmetic on hostile values: judged by the finite check below
+            img = _dicom_pixels(ds, name, limits)
+        img.pixels = _check_pixels(img.pixels, name)
+        return img
+    except ImageError:
+        raise
+    except Exception as exc:  # pydicom parses elements lazily: any access can meet a damaged one
+        raise DicomError(name, f"damaged DICOM header or pixel data ({type(exc).__name__}: {exc}).") from exc
+
+
+def _dicom_pixels(ds, name: str, limits: DecodeLimits) -> DecodedImage:
     if "PixelData" not in ds:
         raise DicomError(
             name, "DICOM object has no pixel data (a report or presentation state?); send the image itself."
         )
+    _check_dicom_size(ds, name, limits)
     try:
         arr = ds.pixel_array
     except Exception as exc:
@@ -266,7 +324,7 @@ def decode_image(
             name, "not a recognised image (expected PNG, JPEG, BMP, TIFF or DICOM by content, not extension)."
         )
     if fmt == "dicom":
-        img = _decode_dicom(data, name)
+        img = _decode_dicom(data, name, limits)
         _check_size(img.pixels.shape[0], img.pixels.shape[1], name, limits)
         return img
 

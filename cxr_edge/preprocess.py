@@ -166,7 +166,14 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
         return np.zeros(pixels.shape, dtype=np.uint8)
-    return np.clip((x - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    scale = 255.0 / (hi - lo)
+    if np.isfinite(scale) and scale > 0:
+        y = (x - lo) * scale
+    elif np.isfinite(hi - lo):  # span so small (subnormal) that 255/span overflows: divide instead
+        y = (x - lo) / (hi - lo) * 255.0
+    else:  # float data spanning +-1e308: hi - lo overflows, so work in halves (both found by fuzzing)
+        y = (x / 2 - lo / 2) / (hi / 2 - lo / 2) * 255.0
+    return np.clip(y + 0.5, 0, 255).astype(np.uint8)
 
 
 def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
