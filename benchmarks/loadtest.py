@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def _port() -> int:
 class LocalServer:
     """`cxr-edge serve` in its own process on 127.0.0.1 (a client in the same process would share its GIL)."""
 
-    def __init__(self, artifact, max_batch=32, max_delay_ms=5.0, max_queue=256, threads=None):
+    def __init__(self, artifact, max_batch=32, max_delay_ms=5.0, max_queue=256, threads=None, extra=()):
         import subprocess
         import sys
 
@@ -39,7 +41,7 @@ class LocalServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "cxr_edge.cli", "serve", str(artifact), "--host", "127.0.0.1",
                     "--port", str(self.port), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
-                    "--max-queue", str(max_queue)] + (["--threads", str(threads)] if threads else [])
+                    "--max-queue", str(max_queue)] + (["--threads", str(threads)] if threads else []) + list(extra)
         self._subprocess = subprocess
 
     def __enter__(self):
@@ -56,6 +58,11 @@ class LocalServer:
                 pass
             time.sleep(0.1)
         raise RuntimeError("server did not become ready")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the service process has used (Linux /proc), to compare work per request."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def __exit__(self, *exc):
         self.proc.terminate()
@@ -120,38 +127,68 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=60.0)
     ap.add_argument("--n-images", type=int, default=32)
     ap.add_argument("--out", default="benchmarks/results/serve")
+    ap.add_argument("--modes", default="batching,batch1,queue", help="batching, batch1, queue (deliberate 503s)")
+    ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions of batching/batch-1 per level")
+    ap.add_argument("--server-args", default="", help="extra `cxr-edge serve` flags, e.g. '--threads 1'")
     a = ap.parse_args()
     files = sorted(p for p in Path(a.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:: 7][: a.n_images]
     payloads = [f.read_bytes() for f in files]
     with Screener(a.artifact, device="cpu") as s:
         expected = [np.array(list(r.probabilities.values())) for r in s.predict(files)]
     levels = [int(c) for c in a.concurrency.split(",")]
-    modes = {"dynamic batching (max 32, 5 ms)": {"max_batch": 32, "max_delay_ms": 5},
-             "batch-1 serving": {"max_batch": 1, "max_delay_ms": 0},
-             "queue bound 8 (deliberate 503s)": {"max_batch": 32, "max_delay_ms": 5, "max_queue": 8}}
+    all_modes = {"batching": ("dynamic batching (max 32, 5 ms)", {"max_batch": 32, "max_delay_ms": 5}),
+                 "batch1": ("batch-1 serving", {"max_batch": 1, "max_delay_ms": 0}),
+                 "queue": ("queue bound 8 (deliberate 503s)", {"max_batch": 32, "max_delay_ms": 5, "max_queue": 8})}
+    chosen = [m.strip() for m in a.modes.split(",") if m.strip()]
+    extra = a.server_args.split()
     results = []
-    for mode, cfg in modes.items():
-        with LocalServer(a.artifact, **cfg) as srv:
-            for c in (levels if "queue" not in mode else [max(levels)]):
-                before = batch_histogram(httpx.get(srv.url + "/metrics").text)
-                r = asyncio.run(run_level(srv.url, payloads, expected, c, a.requests, a.time_limit))
-                after = batch_histogram(httpx.get(srv.url + "/metrics").text)
-                r["batch_size_cumulative"] = {k: after[k] - before.get(k, 0) for k in after}
-                r["mode"] = mode
-                results.append(r)
-                print(f"{mode:34s} c={c:3d} {r['throughput_rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
-                      f"p99 {r['p99_ms']:7.1f} ms  statuses {r['statuses']}  twice {r['answered_twice']}  wrong {r['wrong_answers']}")
+    servers = {}
+    try:
+        for key in chosen:  # one long-lived server per mode; levels and repetitions interleave the modes
+            servers[key] = LocalServer(a.artifact, extra=extra, **all_modes[key][1]).__enter__()
+        plan = [(c, rep, key) for c in levels for rep in range(a.repeat) for key in chosen if key != "queue"]
+        plan += [(max(levels), 0, "queue")] if "queue" in chosen else []
+        for c, rep, key in plan:
+            srv, mode = servers[key], all_modes[key][0]
+            before = batch_histogram(httpx.get(srv.url + "/metrics").text)
+            cpu0 = srv.cpu_seconds()
+            r = asyncio.run(run_level(srv.url, payloads, expected, c, a.requests, a.time_limit))
+            r["server_cpu_ms_per_request"] = 1e3 * (srv.cpu_seconds() - cpu0) / max(1, r["sent"])
+            after = batch_histogram(httpx.get(srv.url + "/metrics").text)
+            r["batch_size_cumulative"] = {k: after[k] - before.get(k, 0) for k in after}
+            r["mode"], r["repetition"] = mode, rep
+            results.append(r)
+            print(f"{mode:34s} c={c:3d} rep {rep} {r['throughput_rps']:7.1f} req/s  p50 {r['p50_ms']:7.1f} ms  "
+                  f"p99 {r['p99_ms']:7.1f} ms  server CPU {r['server_cpu_ms_per_request']:.1f} ms/req  "
+                  f"statuses {r['statuses']}  twice {r['answered_twice']}  wrong {r['wrong_answers']}")
+    finally:
+        for srv in servers.values():
+            srv.__exit__(None, None, None)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loadtest.json").write_text(json.dumps({"artifact": str(a.artifact), "results": results}, indent=2) + "\n")
     lines = ["# Load test: cxr-edge serve on loopback", "", f"Artifact `{Path(a.artifact).name}`, {len(payloads)} real images "
-             f"rotated, {a.requests} requests per level, one image per request.", "",
-             "| mode | concurrency | req/s | p50 ms | p99 ms | statuses | answered twice | wrong answers | engine batches by size (cumulative le) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"rotated, {a.requests} requests per level, one image per request; server flags: `{a.server_args or '(defaults)'}`; "
+             f"modes interleaved, {a.repeat} repetition(s) each. Command: `python {' '.join(sys.argv)}`", "",
+             "| mode | concurrency | rep | req/s | p50 ms | p99 ms | server CPU ms/req | statuses | answered twice | wrong answers | engine batches by size (cumulative le) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         hist = ", ".join(f"<={k}: {int(v)}" for k, v in r["batch_size_cumulative"].items() if k != "+Inf")
-        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                     f"{r['statuses']} | {r['answered_twice']} | {r['wrong_answers']} | {hist} |")
+        lines.append(f"| {r['mode']} | {r['concurrency']} | {r['repetition']} | {r['throughput_rps']:.1f} | {r['p50_ms']:.1f} | "
+                     f"{r['p99_ms']:.1f} | {r['server_cpu_ms_per_request']:.1f} | {r['statuses']} | {r['answered_twice']} | "
+                     f"{r['wrong_answers']} | {hist} |")
+    summary = {}
+    for r in results:
+        if "queue" not in r["mode"]:
+            summary.setdefault((r["concurrency"], r["mode"]), []).append(r["throughput_rps"])
+    if summary:
+        lines += ["", "Median throughput over repetitions:", "", "| concurrency | dynamic batching req/s | batch-1 req/s | ratio |",
+                  "|---|---|---|---|"]
+        for c in levels:
+            b = summary.get((c, all_modes["batching"][0]))
+            o = summary.get((c, all_modes["batch1"][0]))
+            if b and o:
+                lines.append(f"| {c} | {np.median(b):.1f} | {np.median(o):.1f} | {np.median(b) / np.median(o):.2f}x |")
     (out / "loadtest.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

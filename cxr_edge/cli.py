@@ -136,7 +136,8 @@ def cmd_serve(a):
     cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
                       max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=a.threads,
                       cors_origins=tuple(o for o in (a.cors or "").split(",") if o),
-                      trusted_keys=tuple(a.trusted_key or ()), body_timeout_s=a.body_timeout, save_dir=a.save_dir)
+                      trusted_keys=tuple(a.trusted_key or ()), body_timeout_s=a.body_timeout, save_dir=a.save_dir,
+                      engine_spin=a.engine_spin)
     run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
                graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
 
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend")
     sv.add_argument("--cors", help="comma-separated allowed origins (default: none)")
     sv.add_argument("--threads", type=int, help="engine threads (leave cores for decoding on small CPUs)")
+    sv.add_argument("--engine-spin", action=argparse.BooleanOptionalAction, default=None,
+                    help="let ONNX Runtime threads busy-wait between calls (default: ORT's choice)")
     sv.add_argument("--trusted-key", action="append", metavar="PUB",
                     help="only serve an artifact signed by this Ed25519 public key (repeatable)")
     sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive (408)")

@@ -128,3 +128,28 @@ def test_small_cnn_on_real_data(real_data, tmp_path):
     assert m["n"] > 50 and set(m["per_source"]) >= {"GitKentC/lundis"}
     assert m["size_probe"]["accuracy_from_size_only"] > m["size_probe"]["majority_class_rate"]
     assert np.isfinite(m["roc_auc_macro"])
+
+
+def test_precise_batchnorm_puts_population_statistics_in_place_before_validation():
+    """Keras' 0.99-momentum averages still hold their init after a few steps; the callback fixes that."""
+    keras = pytest.importorskip("keras")
+    from cxr_edge.train.trainer import has_trainable_batchnorm, precise_batchnorm_callback
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(50.0, 10.0, (64, 4))).astype("float32")  # far from BN's initial mean 0 / variance 1
+    y = np.eye(2)[rng.integers(0, 2, 64)]
+
+    def run(callbacks):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((4,))
+        bn = keras.layers.BatchNormalization()
+        model = keras.Model(inp, keras.layers.Dense(2, activation="softmax")(bn(inp)))
+        model.compile("sgd", "categorical_crossentropy")
+        assert has_trainable_batchnorm(model)
+        model.fit(x, y, batch_size=16, epochs=1, validation_data=(x, y), callbacks=callbacks, verbose=0)
+        return np.asarray(bn.moving_mean), np.asarray(bn.moving_variance)
+
+    mean_plain, _ = run([])
+    mean_precise, var_precise = run([precise_batchnorm_callback(x, 16, max_batches=4)])
+    assert np.all(np.abs(mean_plain - 50) > 40)  # 4 steps of momentum 0.99: still near 0
+    assert np.allclose(mean_precise, x.mean(0), atol=1.0) and np.allclose(var_precise, x.var(0), rtol=0.3)

@@ -45,6 +45,7 @@ class ServeConfig:
     device: str = "auto"
     backend: str | None = None
     threads: int | None = None  # engine intra-op threads (default: the engine's own choice)
+    engine_spin: bool | None = None  # False: engine threads sleep between calls instead of busy-waiting
     cors_origins: tuple[str, ...] = ()  # closed unless the operator lists origins
     trusted_keys: tuple[str, ...] = ()  # public keys; when given, only artifacts they signed are served
     body_timeout_s: float = 30.0  # a body still arriving after this is answered 408 (slow uploads)
@@ -73,6 +74,8 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine
 
     async def lifespan(app):
         opts = {"threads": config.threads} if config.threads else {}
+        if config.engine_spin is not None:
+            opts["spin"] = config.engine_spin
         engine = open_backend(artifact, backend=config.backend, device=config.device,
                               trusted_keys=list(config.trusted_keys) or None, **opts).load()
         if engine_wrapper is not None:

@@ -70,6 +70,10 @@ class OnnxRuntimeBackend(Backend):
         so.log_severity_level = 3
         if self.options.get("threads"):
             so.intra_op_num_threads = int(self.options["threads"])
+        if self.options.get("spin") is False:
+            # ORT's intra-op threads busy-wait between calls by default; in a service whose decode
+            # threads share the same few cores, that spinning takes CPU the decoders need
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.artifact), so, providers=names, provider_options=provider_options)
         actual = self.session.get_providers()
         used = actual[0] if actual else "unknown"
