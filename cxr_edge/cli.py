@@ -133,8 +133,9 @@ def cmd_serve(a):
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("cxr_edge.serve").warning(
             "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", a.host)
+    threads = a.threads or max(1, len(os.sched_getaffinity(0)) // 2)
     cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
-                      max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=a.threads,
+                      max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=threads,
                       cors_origins=tuple(o for o in (a.cors or "").split(",") if o),
                       trusted_keys=tuple(a.trusted_key or ()), body_timeout_s=a.body_timeout, save_dir=a.save_dir,
                       engine_spin=a.engine_spin)
@@ -306,9 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", default="auto")
     sv.add_argument("--backend")
     sv.add_argument("--cors", help="comma-separated allowed origins (default: none)")
-    sv.add_argument("--threads", type=int, help="engine threads (leave cores for decoding on small CPUs)")
-    sv.add_argument("--engine-spin", action=argparse.BooleanOptionalAction, default=None,
-                    help="let ONNX Runtime threads busy-wait between calls (default: ORT's choice)")
+    sv.add_argument("--threads", type=int,
+                    help="engine threads (default: half the usable cores, leaving the rest to decoding; "
+                         "measured on 2 cores: 1 engine thread + batching beat 2 threads)")
+    sv.add_argument("--engine-spin", action=argparse.BooleanOptionalAction, default=False,
+                    help="let ONNX Runtime threads busy-wait between calls (default: off; spinning took ~25%% "
+                         "more CPU per request from the decoders on 2 cores)")
     sv.add_argument("--trusted-key", action="append", metavar="PUB",
                     help="only serve an artifact signed by this Ed25519 public key (repeatable)")
     sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request body to arrive (408)")

@@ -123,7 +123,8 @@ def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch
     s = pipeline.export_model(r.model_path, tmp_path / "a", pipeline.ExportConfig(precisions="int8", int8_targets="cpu"))
     bad = s.artifacts[-1]
     assert not s.ok and not bad.kept and bad.path is None
-    assert len(bad.attempts) == 4 and not any(a["passed"] for a in bad.attempts)  # every remedy was tried
+    assert len(bad.attempts) == 6 and not any(a["passed"] for a in bad.attempts)  # every remedy was tried
+    assert [a["remedy"].startswith("mixed precision") for a in bad.attempts] == [False] * 4 + [True] * 2
     assert not (tmp_path / "a" / "model.int8-cpu.onnx").exists()
     forced = pipeline.export_model(r.model_path, tmp_path / "b",
                                    pipeline.ExportConfig(precisions="int8", int8_targets="cpu", force=True))
@@ -131,6 +132,37 @@ def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch
 
     doc = read_manifest(forced.artifacts[-1].path)
     assert doc["gate"]["passed"] is False and "do not deploy" in doc["gate_status"]
+
+
+@pytest.mark.train
+def test_sensitivity_ranks_compute_nodes_and_widens_to_blocks(exported):
+    import onnx
+
+    from cxr_edge.export.sensitivity import node_sensitivity, worst_nodes
+    from cxr_edge.manifest import read_manifest
+    from cxr_edge.preprocess import PreprocessSpec, pack_source
+
+    _, s, data = exported
+    fp32 = next(a.path for a in s.artifacts if a.variant == "fp32")
+    qdq = next(a.path for a in s.artifacts if a.variant == "int8-trt")
+
+    spec = PreprocessSpec.from_dict(read_manifest(fp32)["preprocess"])
+    x = np.stack([pack_source(f, spec)[0] for f in sorted((data / "COVID").iterdir())[:4]])
+    sens = node_sensitivity(fp32, qdq, x)
+    model = onnx.load(str(fp32))
+    compute = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    assert sens and set(sens) <= set(compute) and all(np.isfinite(v) for v in sens.values())
+    assert len(worst_nodes(sens, 0.01)) == 1
+    fake = {"m/conv2_block1_1_conv/Conv": -5.0, "m/conv3_block2_2_conv/Conv": -1.0, "Conv__7": 0.5}
+
+    class G:  # a graph with the names a Keras ResNet export has
+        class graph:
+            node = [type("N", (), {"name": n})() for n in
+                    ["m/conv2_block1_1_conv/Conv", "m/conv2_block1_1_relu/Relu", "m/conv2_block1_out/Add",
+                     "m/conv3_block2_2_conv/Conv", "Conv__7"]]
+
+    assert worst_nodes(fake, 0.3, G) == ["m/conv2_block1_1_conv/Conv", "m/conv2_block1_1_relu/Relu",
+                                         "m/conv2_block1_out/Add"]
 
 
 @pytest.mark.train

@@ -40,6 +40,7 @@ class ExportConfig:
     force: bool = False
     opset: int = DEFAULT_OPSET
     seed: int = 0
+    mixed_precision: bool = True  # last INT8 remedy: keep the noisiest layers in float
 
 
 @dataclass
@@ -70,6 +71,24 @@ def _int8_attempts(target: Int8Target, method: str, model_path: Path) -> list[Qu
     keep = tuple(first_and_last_compute(onnx.load(str(model_path))))
     out = [QuantConfig(target, method), QuantConfig(target, method, exclude_nodes=keep)]
     out += [QuantConfig(target, m, exclude_nodes=keep) for m in CALIBRATION_METHODS if m != method]
+    return out
+
+
+def _mixed_precision_attempts(fp32_path: Path, qdq_path: Path, qc: QuantConfig, calib_x: np.ndarray) -> list[QuantConfig]:
+    from .sensitivity import node_sensitivity, worst_nodes
+
+    onnx = __import__("onnx")
+    sens = node_sensitivity(fp32_path, qdq_path, calib_x)
+    if not sens:
+        return []
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    out = []
+    for frac in (0.05, 0.15):
+        worst = worst_nodes(sens, frac, model)
+        keep = tuple(sorted(set(qc.exclude_nodes) | set(worst)))
+        out.append(QuantConfig(qc.target, qc.method, exclude_nodes=keep,
+                               note=f"mixed precision: the blocks of the {max(1, round(frac * len(sens)))} compute nodes "
+                                    f"losing most SQNR ({len(keep)} nodes) in float"))
     return out
 
 
@@ -169,21 +188,30 @@ def _export_int8(fp32_path, out, v, ref_val, data: GateData, classes, threshold,
                  config) -> ExportedArtifact:
     path = out / v.filename()
     attempts, best = [], None
+    plan = _int8_attempts(v.int8_target, config.calib_method, fp32_path)
+    mixed_added = False
     with tempfile.TemporaryDirectory() as tmp:
-        for k, qc in enumerate(_int8_attempts(v.int8_target, config.calib_method, fp32_path)):
+        k = 0
+        while k < len(plan):
+            qc = plan[k]
             cand = Path(tmp) / f"attempt{k}.onnx"
             qinfo = quantize(fp32_path, cand, data.calib_x, qc)
             gate = int8_gate(ref_val, _probs(cand, data.val_x), data.val_y, classes, threshold)
-            log.info("%s attempt %d (%s%s): %s", v.tag, k + 1, qc.method,
-                     ", first conv + classifier in float" if qc.exclude_nodes else "", gate.summary())
-            attempts.append({"attempt": k + 1, "method": qc.method, "excluded": list(qc.exclude_nodes),
+            how = qc.note or ("first conv + classifier in float" if qc.exclude_nodes else "")
+            log.info("%s attempt %d (%s%s): %s", v.tag, k + 1, qc.method, f", {how}" if how else "", gate.summary())
+            attempts.append({"attempt": k + 1, "method": qc.method, "excluded": list(qc.exclude_nodes), "remedy": how,
                              "passed": gate.passed, "metrics": gate.metrics, "failures": gate.failures})
             score = (gate.passed, gate.metrics["top_class_agreement"])
             if best is None or score > best[0]:
-                best = (score, cand, gate, qinfo)
+                best = (score, cand, gate, qinfo, qc)
             if gate.passed:
                 break
-        _, cand, gate, qinfo = best
+            k += 1
+            if k == len(plan) and not mixed_added and config.mixed_precision:
+                # last remedy: keep the layers whose INT8 activations are noisiest in float
+                mixed_added = True
+                plan += _mixed_precision_attempts(fp32_path, best[1], best[4], data.calib_x)
+        _, cand, gate, qinfo, _ = best
         shutil.copy(cand, path)
     if v.int8_target is Int8Target.CPU:
         qinfo["ort_cpu_int8_kernels"] = ort_cpu_kernels(path)

@@ -31,6 +31,7 @@ class QuantConfig:
     per_channel: bool = True
     exclude_nodes: tuple[str, ...] = ()
     calib_batch: int = 16
+    note: str = ""  # which remedy this attempt is (reports)
 
     def __post_init__(self):
         object.__setattr__(self, "target", Int8Target(self.target))
@@ -65,6 +66,10 @@ class ArrayCalibrationReader:
 
     def rewind(self) -> None:
         self._i, self._end = 0, len(self)
+
+    def __iter__(self):  # ORT's qdq_loss_debug iterates readers instead of calling get_next
+        self.rewind()
+        return iter(self.get_next, None)
 
     # ORT's strided calibration ("CalibStridedMinMax") feeds one range of batches per collect_data call,
     # so histograms are accumulated batch by batch instead of holding every activation of every image.

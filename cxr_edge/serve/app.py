@@ -150,14 +150,18 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine
 
         async def one(k, name, data):
             t = time.perf_counter()
+            batcher.expect()
             try:
                 packed, original = await loop.run_in_executor(decode_pool, _decode, data, name, rid, k)
-            except ImageError as exc:
+            except BaseException as exc:
+                batcher.arrived()
+                if not isinstance(exc, ImageError):
+                    raise
                 metrics.images.labels("bad_image").inc()
                 return {"index": k, "filename": name, "ok": False, "status": 422, "error": exc.reason}
             decode_ms = 1e3 * (time.perf_counter() - t)
             t = time.perf_counter()
-            out = await asyncio.wait_for(batcher.submit(packed, features=explain), config.timeout_s)
+            out = await asyncio.wait_for(batcher.enqueue(packed, features=explain, announced=True), config.timeout_s)
             probs = out["probs"][None]
             label = int(decide(probs, engine.classes, threshold)[0])
             res = {"index": k, "filename": name, "ok": True, "label": engine.classes[label],

@@ -1,0 +1,75 @@
+"""Which layers INT8 hurts most: per-layer quantisation noise, to choose what to keep in float.
+
+When the usual remedies (another calibration method, first conv and classifier in float) do not
+bring an INT8 model through its gate, the standard next step (TensorRT's and ONNX Runtime's
+accuracy-debugging guides) is mixed precision: find the layers whose quantisation adds the most
+noise and leave only those in float. This uses ONNX Runtime's own ``qdq_loss_debug`` tools: both
+models are run with every intermediate tensor exposed and compared tensor by tensor, giving the
+signal-to-quantisation-noise ratio (SQNR, dB) of the INT8 model's activations against FP32 along
+the network. Each compute node is charged with how much SQNR is lost between its input and the next
+compute node's input (in graph order): on a deep ResNet the error does not come from one culprit
+but accumulates block by block, and this finds the blocks where it accumulates fastest.
+(ORT's per-tensor ``qdq_err`` was no use here: the debugging session fuses each Q/DQ pair, so the
+"before" and "after" tensors it compares are identical.)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..extras import require
+from .quantize import COMPUTE_OPS, ArrayCalibrationReader
+
+log = logging.getLogger(__name__)
+
+
+def node_sensitivity(fp32_path: str | Path, qdq_path: str | Path, x: np.ndarray, max_images: int = 4) -> dict[str, float]:
+    """Compute node name -> SQNR change (dB) from its input to the next compute node's; lower is worse.
+
+    ``fp32_path`` must be the graph the QDQ model was made from (after ORT's pre-processing), so
+    node and tensor names line up.
+    """
+    onnx = require("onnx")
+    dbg = require("onnxruntime.quantization.qdq_loss_debug")
+    x = x[:max_images]
+    model = onnx.load(str(fp32_path))
+    input_name = model.graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        aug_f, aug_q = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
+        dbg.modify_model_output_intermediate_tensors(str(fp32_path), str(aug_f))
+        dbg.modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q))
+        float_acts = dbg.collect_activations(str(aug_f), ArrayCalibrationReader(x, input_name, batch=1))
+        qdq_acts = dbg.collect_activations(str(aug_q), ArrayCalibrationReader(x, input_name, batch=1))
+    errors = dbg.compute_activation_error(dbg.create_activation_matching(qdq_acts, float_acts))
+    curve = []  # (node, SQNR of its input in the INT8 model vs FP32), in graph order
+    for node in model.graph.node:
+        if node.op_type not in COMPUTE_OPS or not node.input:
+            continue
+        err = errors.get(node.input[0], {}).get("xmodel_err")
+        if err is not None and np.isfinite(err):
+            curve.append((node.name, float(min(err, 200.0))))
+    return {name: curve[k + 1][1] - sqnr for k, (name, sqnr) in enumerate(curve[:-1])}
+
+
+_BLOCK = re.compile(r"(conv\d+_block\d+|head_[a-z]+\d*|probs)_")
+
+
+def worst_nodes(sensitivity: dict[str, float], fraction: float, model=None) -> list[str]:
+    """The ``fraction`` of compute nodes that lose the most SQNR (at least one), widened to their blocks.
+
+    ONNX Runtime leaves an excluded conv's weights in float but still feeds it the quantised tensor
+    its neighbours share, and quantises the Adds and activations around it; so with ``model`` every
+    node of the same residual block (``convN_blockM_...`` in Keras names) is kept in float together.
+    """
+    ranked = sorted(sensitivity, key=sensitivity.get)
+    chosen = ranked[: max(1, int(round(fraction * len(ranked))))]
+    if model is None:
+        return chosen
+    blocks = {m.group(1) for name in chosen if (m := _BLOCK.search(name))}
+    widened = {n.name for n in model.graph.node if (m := _BLOCK.search(n.name)) and m.group(1) in blocks}
+    return sorted(widened | set(chosen))
