@@ -205,3 +205,32 @@ def test_load_generator_every_request_answered_once_with_its_own_answer(artifact
         r = asyncio.run(lt.run_level(srv.url, payloads, expected, concurrency=32, n_requests=64, time_limit=60))
     assert set(r["statuses"]) <= {200, 503} and r["statuses"].get(503, 0) > 0  # deliberate refusals, nothing else
     assert r["answered_twice"] == 0 and r["wrong_answers"] == 0
+
+
+def test_uploads_stay_in_memory_and_are_kept_only_under_save_dir(artifact, tmp_path, monkeypatch):
+    """Starlette spools multipart files over 1 MB to disk; the service must not (patient privacy)."""
+    import tempfile
+
+    import cv2
+
+    art, data = artifact
+    rolled = []
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", lambda self: rolled.append(1))
+    noisy = np.random.default_rng(0).integers(0, 255, (1100, 1100), dtype=np.uint8)  # incompressible: ~1.2 MB PNG
+    big = cv2.imencode(".png", noisy)[1].tobytes()
+    assert len(big) > 1024 * 1024
+    with _client(art) as c:
+        r = c.post("/v1/predict", files=[("files", ("../../etc/evil.png", big))])
+    assert r.status_code == 200 and r.json()["results"][0]["ok"] and not rolled
+    save = tmp_path / "kept"
+    with _client(art, save_dir=str(save)) as c:
+        r = c.post("/v1/predict", files=[("files", ("../../etc/evil.png", big))], headers={"x-request-id": "abc-1"})
+        assert r.status_code == 200
+        r = c.post("/v1/predict", content=big, headers={"x-request-id": "../../x\nforged log line"})
+        assert r.status_code == 200 and "\n" not in r.json()["request_id"] and "/" not in r.json()["request_id"]
+    kept = sorted(p.relative_to(save) for p in save.rglob("*") if p.is_file())
+    assert len(kept) == 2 and all(len(p.parts) == 2 for p in kept)  # DAY/REQUESTID-K-RANDOM.png, nothing else
+    assert kept[0].name.startswith("abc-1-0-") or kept[1].name.startswith("abc-1-0-")
+    assert not any("evil" in str(p) for p in kept) and all(p.suffix == ".png" for p in kept)
+    assert all((save / p).stat().st_mode & 0o077 == 0 for p in kept)
+    assert not (tmp_path / "etc").exists()
