@@ -14,3 +14,9 @@ import os as _os
 # box writes and sends nothing its operator did not ask for, so opt out with ORT's documented switch,
 # which only works when set before onnxruntime initialises. Set ORT_DISABLE_TELEMETRY=0 to opt back in.
 _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+# Second line against decompression bombs: OpenCV's own decoders refuse images over this many pixels
+# (its default is 2**30, i.e. a 3 GB colour buffer from a few kB of JPEG or TIFF). It only applies when
+# set before cv2 is first imported; DecodeLimits.max_pixels (the same 50 MP by default) is checked
+# from the headers first. Raise both to accept larger images.
+_os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(50_000_000))

@@ -330,6 +330,9 @@ def decode_image(
 
     _check_truncation(fmt, data, name)
     hw = _header_size(fmt, data)
+    if hw is None and fmt in ("jpeg", "png"):
+        # libjpeg/libpng would find a size we could not: never decode what we could not bound
+        raise CorruptImageError(name, f"{fmt.upper()} has no readable frame header; the file is damaged.")
     if hw is not None:
         if 0 in hw:
             raise CorruptImageError(name, f"{fmt.upper()} header declares a {hw[1]}x{hw[0]} image; the file is damaged.")

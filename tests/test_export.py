@@ -213,8 +213,11 @@ def test_backbone_recipes_export_with_parity(tmp_path, recipe):
     from cxr_edge.train.trainer import TrainConfig, train
 
     data = write_synthetic_dataset(tmp_path / "d", per_class=12, sizes=(64,), seed=6)
+    # precise-BN off: at 32 px conv5 is 1x1, so a batch of 8 gives BN 8 values per channel and the
+    # re-estimated variances are degenerate (the FP32 gate then sees 2.5e-4 of float noise); it has its
+    # own test, and the real 224 px ResNet152V2 exports with FP32 parity 2.3e-6 (closing note, issue 3)
     r = train(TrainConfig(recipe=recipe, epochs=1, fine_tune_epochs=0, batch_size=8, image_size=32,
-                          weights="none", verbose=0), data, tmp_path / "m")
+                          weights="none", verbose=0, precise_bn=False), data, tmp_path / "m")
     s = export_model(r.model_path, tmp_path / "a", ExportConfig(precisions="fp32,fp16", calib_size=20))
     fp32, fp16 = s.artifacts
     assert fp32.gate.passed and fp32.gate.metrics["max_abs_dprob"] <= 1e-4

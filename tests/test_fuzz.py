@@ -228,7 +228,7 @@ def test_bounded_coverage_guided_fuzz_session(tmp_path):
     seconds = int(os.environ.get("CXR_FUZZ_SECONDS", 60))
     proc = subprocess.run(
         [sys.executable, str(REPO / "fuzz" / "fuzz_decode.py"), str(corpus), f"-max_total_time={seconds}",
-         "-rss_limit_mb=3072", "-timeout=10", "-print_final_stats=1", f"-artifact_prefix={tmp_path}/"],
+         "-rss_limit_mb=1536", "-timeout=10", "-print_final_stats=1", f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=seconds + 120, cwd=tmp_path)
     stats = dict(line[len("stat::"):].split(":", 1) for line in proc.stderr.splitlines() if line.startswith("stat::"))
     runs = int(stats.get("number_of_executed_units", "0").strip())

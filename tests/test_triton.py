@@ -69,7 +69,7 @@ def _triton_python(tmp_path_factory) -> str:
     py = venv / "bin" / "python"
     steps = [[sys.executable, "-m", "venv", str(venv)],
              [str(py), "-m", "pip", "install", "-q", "numpy<2", "nvidia-pytriton", "onnxruntime",
-              "opencv-python-headless", "tqdm", "tritonclient[http,grpc]"],
+              "opencv-python-headless", "tqdm", "onnx", "tritonclient[http,grpc]"],
              [str(py), "-m", "pip", "install", "-q", "--no-deps", str(REPO)]]
     for cmd in steps:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
