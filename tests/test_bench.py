@@ -52,3 +52,25 @@ def test_bench_rows_statuses_and_outputs(exported, tmp_path):
     assert {"results.json", "results.md", "latency_vs_batch.png", "throughput.png"} <= {p.name for p in tmp_path.iterdir()}
     assert "could not run: no GPU/TensorRT" in md.read_text()
     assert json.loads((tmp_path / "results.json").read_text())["command"] == "cxr-edge bench test"
+
+
+def test_an_engine_failing_mid_run_becomes_rows_not_a_crash(exported, monkeypatch):
+    """Seen for real: OpenVINO could not compile the mixed-precision ResNet152V2 int8-trt graph."""
+    from cxr_edge.bench.runner import BenchConfig, run_bench
+    from cxr_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    _, s, _ = exported
+    real = OnnxRuntimeBackend._infer
+
+    def fail_int8(self, batch, outputs):
+        if "int8-cpu" in self.artifact.name:
+            raise RuntimeError("Exception from node.cpp:823:\n[CPU] Convolution node is not initialized")
+        return real(self, batch, outputs)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "_infer", fail_int8)
+    res = run_bench(s.out_dir, BenchConfig(batches=(1, 2), budget_s=0.02, max_accuracy_images=16,
+                                           backends=("onnxruntime",), e2e=False), progress=False)
+    bad = [r for r in res["rows"] if r["label"] == "onnxruntime int8-cpu"]
+    assert [r["batch"] for r in bad] == [1, 2]
+    assert all(r["status"] == "failed while running: [CPU] Convolution node is not initialized" for r in bad)
+    assert any(r["label"] == "onnxruntime fp32" and "p50_ms" in r for r in res["rows"])

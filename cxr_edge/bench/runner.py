@@ -178,29 +178,41 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         info = eng.info
         base.update({"provider": info.provider, "precision": info.precision, "load_s": round(load_s, 3),
                      "threads": t.options.get("threads")})
-        probs = np.concatenate([eng.infer(x_acc[i : i + 32], ["probs"])["probs"] for i in range(0, len(x_acc), 32)])
-        acc = _accuracy(probs, y_acc, classes, threshold, ref_probs)
-        kind = "int8" if t.precision.startswith("int8") else t.precision
-        validated = (acc["top_class_agreement_vs_fp32"] >= GATE_AGREEMENT.get(kind, 0.99)
-                     and (kind != "fp32" or acc["max_abs_dprob_vs_fp32"] <= 1e-4))
-        status = "validated" if validated else "ran, failed validation"
-        accuracy[t.label] = {**acc, "status": status, "provider": info.provider}
-        for b in cfg.batches:
-            lo, hi = eng.batch_range()
-            if not lo <= b <= hi:
-                rows.append({**base, "batch": b, "status": f"could not run: batch outside profile [{lo}, {hi}]"})
-                continue
-            pool = [np.take(x_acc, range(k * b, (k + 1) * b), axis=0, mode="wrap") for k in range(4)]
-            times = measure(lambda batch: eng.infer(batch, ["probs"]), pool, cfg.budget_s)
-            row = {**base, "batch": b, "status": status, **summarise(times, b), "peak_rss_mb": peak_rss_mb()}
-            if macs:
-                row["gmacs_per_s"] = row["throughput_ips"] * macs / 1e9
-            if cfg.e2e and paths and b == max(cfg.batches):
-                row.update(_end_to_end(eng, paths, spec, b, cfg.budget_s))
-                row["e2e_vs_engine"] = row["e2e_throughput_ips"] / row["throughput_ips"]
-            rows.append(row)
-            if bar:
-                bar.update(1)
+        done = set()
+        try:
+            probs = np.concatenate([eng.infer(x_acc[i : i + 32], ["probs"])["probs"] for i in range(0, len(x_acc), 32)])
+            acc = _accuracy(probs, y_acc, classes, threshold, ref_probs)
+            kind = "int8" if t.precision.startswith("int8") else t.precision
+            validated = (acc["top_class_agreement_vs_fp32"] >= GATE_AGREEMENT.get(kind, 0.99)
+                         and (kind != "fp32" or acc["max_abs_dprob_vs_fp32"] <= 1e-4))
+            status = "validated" if validated else "ran, failed validation"
+            accuracy[t.label] = {**acc, "status": status, "provider": info.provider}
+            for b in cfg.batches:
+                lo, hi = eng.batch_range()
+                if not lo <= b <= hi:
+                    rows.append({**base, "batch": b, "status": f"could not run: batch outside profile [{lo}, {hi}]"})
+                    done.add(b)
+                    continue
+                pool = [np.take(x_acc, range(k * b, (k + 1) * b), axis=0, mode="wrap") for k in range(4)]
+                times = measure(lambda batch: eng.infer(batch, ["probs"]), pool, cfg.budget_s)
+                row = {**base, "batch": b, "status": status, **summarise(times, b), "peak_rss_mb": peak_rss_mb()}
+                if macs:
+                    row["gmacs_per_s"] = row["throughput_ips"] * macs / 1e9
+                if cfg.e2e and paths and b == max(cfg.batches):
+                    row.update(_end_to_end(eng, paths, spec, b, cfg.budget_s))
+                    row["e2e_vs_engine"] = row["e2e_throughput_ips"] / row["throughput_ips"]
+                rows.append(row)
+                done.add(b)
+                if bar:
+                    bar.update(1)
+        except Exception as exc:  # an engine that fails mid-run (e.g. a graph a backend cannot compile) is a row, not a crash
+            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            log.warning("%s failed while running: %s", t.label, reason)
+            for b in cfg.batches:
+                if b not in done:
+                    rows.append({**base, "batch": b, "status": f"failed while running: {reason}"})
+                    if bar:
+                        bar.update(1)
         eng.close()
         del eng
         gc.collect()
