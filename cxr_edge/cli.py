@@ -127,13 +127,13 @@ def cmd_bench(a):
 
 
 def cmd_serve(a):
-    from .serve.app import ServeConfig, create_app
+    from .serve.app import ServeConfig, create_app, default_engine_threads
     from .serve.http_guard import run_server
 
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("cxr_edge.serve").warning(
             "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", a.host)
-    threads = a.threads or max(1, len(os.sched_getaffinity(0)) // 2)
+    threads = a.threads or default_engine_threads(a.artifact)
     cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
                       max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=threads,
                       cors_origins=tuple(o for o in (a.cors or "").split(",") if o),
@@ -308,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--backend")
     sv.add_argument("--cors", help="comma-separated allowed origins (default: none)")
     sv.add_argument("--threads", type=int,
-                    help="engine threads (default: half the usable cores, leaving the rest to decoding; "
-                         "measured on 2 cores: 1 engine thread + batching beat 2 threads)")
+                    help="engine threads (default: all usable cores for models over 1 GMAC/image, half of them "
+                         "for lighter ones, whose requests cost more decoding than inference)")
     sv.add_argument("--engine-spin", action=argparse.BooleanOptionalAction, default=False,
                     help="let ONNX Runtime threads busy-wait between calls (default: off; spinning took ~25%% "
                          "more CPU per request from the decoders on 2 cores)")

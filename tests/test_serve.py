@@ -234,3 +234,13 @@ def test_uploads_stay_in_memory_and_are_kept_only_under_save_dir(artifact, tmp_p
     assert not any("evil" in str(p) for p in kept) and all(p.suffix == ".png" for p in kept)
     assert all((save / p).stat().st_mode & 0o077 == 0 for p in kept)
     assert not (tmp_path / "etc").exists()
+
+
+def test_engine_threads_follow_model_cost(artifact, monkeypatch):
+    from cxr_edge.serve import app as app_mod
+
+    art, _ = artifact
+    assert app_mod.default_engine_threads(art, cores=8) == 4  # the tiny CNN: decoding dominates
+    monkeypatch.setattr(app_mod, "LIGHT_MODEL_GMACS", 0.0)
+    assert app_mod.default_engine_threads(art, cores=8) == 8  # treated as heavy: all cores
+    assert app_mod.default_engine_threads("model.keras", cores=8) is None
