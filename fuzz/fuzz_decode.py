@@ -33,8 +33,8 @@ def _array(fdp: atheris.FuzzedDataProvider):
     ndim = fdp.ConsumeIntInRange(0, 4)
     shape = tuple(fdp.ConsumeIntInRange(0, 300) for _ in range(ndim))
     n = int(np.prod(shape)) if shape else 1
-    if n > 300_000:
-        shape, n = (1, n // max(1, shape[0])), 0
+    if n > 300_000:  # long thin images (1 x up to 2M) instead of arrays too big for the fuzzing process
+        shape, n = (1, min(n // max(1, shape[0]), 2_000_000)), 0
     raw = fdp.ConsumeBytes(min(n * max(dtype.itemsize, 1), 1_000_000))
     if dtype == object:
         return np.array([raw], dtype=object)

@@ -238,3 +238,19 @@ def test_bounded_coverage_guided_fuzz_session(tmp_path):
         Path(os.environ["FUZZ_REPORT"]).write_text(json.dumps(report, indent=2))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert runs > 1000, report
+
+
+def test_huge_arrays_are_refused_by_shape_before_their_values_are_read():
+    """A 1 x 2e9 float array (zero pages, no real memory) must not be scanned for NaN first."""
+    code = """
+import resource, numpy as np
+from cxr_edge.decode import decode_image
+from cxr_edge.errors import ImageError
+arr = np.zeros((1, 2_000_000_000), np.float32)  # 8 GB virtual, nothing touched
+try:
+    decode_image(arr)
+except ImageError as exc:
+    print(type(exc).__name__, int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
+    assert out[0] == "ImageTooLargeError" and int(out[1]) < 1000, out  # scanning first peaked at ~2.5 GB
