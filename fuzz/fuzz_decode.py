@@ -5,7 +5,7 @@ Every input must end in packed pixels of the model's shape or a typed ImageError
 The first input byte picks the route: encoded file bytes (PNG/JPEG/BMP/TIFF/DICOM/garbage), or a
 NumPy array whose dtype, shape and values come from the fuzzer (NaN/inf, 16-bit, float, RGBA...).
 
-    python fuzz/fuzz_decode.py fuzz/corpus/decode -max_total_time=60 -rss_limit_mb=1536 -timeout=10
+    python fuzz/fuzz_decode.py SCRATCH_CORPUS fuzz/corpus/decode -max_total_time=60 -rss_limit_mb=1536 -timeout=10
 
 Keep new corpus entries out of the repository (pass a scratch corpus directory first).
 """

@@ -59,5 +59,5 @@ if __name__ == "__main__":
     dest = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "corpus" / "decode")
     dest.mkdir(parents=True, exist_ok=True)
     for name, data in seeds().items():
-        (dest / name).write_bytes(data)
+        (dest / f"{name}.seed").write_bytes(data)  # not *.png: these are fuzz seeds, not images to browse
         print(f"{name}: {len(data)} bytes")
