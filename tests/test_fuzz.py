@@ -39,6 +39,16 @@ FUZZ = settings(max_examples=int(os.environ.get("CXR_FUZZ_EXAMPLES", 250)), dead
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 COUNTS: dict[str, int] = {}
 
+# Peak RSS of a child process, from /proc (VmHWM belongs to the process's own memory map). Not
+# getrusage(): Linux carries ru_maxrss across fork+exec, so a child of this multi-GB pytest process
+# would report the parent's size (that is what made the first CI fuzz runs "use" 4.3 GB).
+PEAK_RSS = """
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+"""
+
 
 def _holds(source, spec=SPEC, tag="other"):
     """The property; numerical warnings count as failures (they were how garbage pixels slipped by)."""
@@ -169,16 +179,17 @@ def test_decompression_bombs_are_refused_from_the_header_in_bounded_memory(kind,
     path = tmp_path / "bomb"
     path.write_bytes(blob)
     code = f"""
-import resource, json
+import json
 from cxr_edge.decode import decode_image
 from cxr_edge.errors import ImageError
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+{PEAK_RSS}
+base = peak_mb()
 try:
     decode_image({str(path)!r})
     out = "decoded"
 except ImageError as exc:
     out = type(exc).__name__ + ": " + str(exc)
-print(json.dumps({{"out": out, "extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}}))
+print(json.dumps({{"out": out, "extra_mb": peak_mb() - base}}))
 """
     res = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                                     check=True).stdout.strip().splitlines()[-1])
@@ -226,8 +237,11 @@ def test_bounded_coverage_guided_fuzz_session(tmp_path):
     for name, data in SEEDS.items():
         (corpus / name).write_bytes(data)
     seconds = int(os.environ.get("CXR_FUZZ_SECONDS", 60))
+    # through `sh` (which forks it and waits): libFuzzer reads getrusage's max RSS, which Linux carries
+    # over from this pytest process on a direct fork+exec; a child of a small shell starts clean
     proc = subprocess.run(
-        [sys.executable, str(REPO / "fuzz" / "fuzz_decode.py"), str(corpus), f"-max_total_time={seconds}",
+        ["sh", "-c", '"$@"; exit $?', "sh", sys.executable, str(REPO / "fuzz" / "fuzz_decode.py"), str(corpus),
+         f"-max_total_time={seconds}",
          "-rss_limit_mb=1536", "-timeout=10", "-print_final_stats=1", f"-artifact_prefix={tmp_path}/"],
         capture_output=True, text=True, timeout=seconds + 120, cwd=tmp_path)
     stats = dict(line[len("stat::"):].split(":", 1) for line in proc.stderr.splitlines() if line.startswith("stat::"))
@@ -242,15 +256,15 @@ def test_bounded_coverage_guided_fuzz_session(tmp_path):
 
 def test_huge_arrays_are_refused_by_shape_before_their_values_are_read():
     """A 1 x 2e9 float array (zero pages, no real memory) must not be scanned for NaN first."""
-    code = """
-import resource, numpy as np
+    code = PEAK_RSS + """
+import numpy as np
 from cxr_edge.decode import decode_image
 from cxr_edge.errors import ImageError
 arr = np.zeros((1, 2_000_000_000), np.float32)  # 8 GB virtual, nothing touched
 try:
     decode_image(arr)
 except ImageError as exc:
-    print(type(exc).__name__, int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    print(type(exc).__name__, int(peak_mb()))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split()
     assert out[0] == "ImageTooLargeError" and int(out[1]) < 1000, out  # scanning first peaked at ~2.5 GB
