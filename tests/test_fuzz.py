@@ -27,7 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
 
 from cxr_edge.decode import DecodeLimits, decode_image  # noqa: E402
-from cxr_edge.errors import DicomError, ImageError, ImageTooLargeError, ImageTooSmallError  # noqa: E402
+from cxr_edge.errors import DicomError, ImageError, ImageTooSmallError  # noqa: E402
 from cxr_edge.preprocess import PreprocessSpec, pack_source  # noqa: E402
 
 CORPUS = REPO / "fuzz" / "corpus" / "decode"

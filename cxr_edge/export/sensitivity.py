@@ -15,7 +15,6 @@ but accumulates block by block, and this finds the blocks where it accumulates f
 
 from __future__ import annotations
 
-import logging
 import re
 import tempfile
 from pathlib import Path
@@ -25,7 +24,6 @@ import numpy as np
 from ..extras import require
 from .quantize import COMPUTE_OPS, ArrayCalibrationReader
 
-log = logging.getLogger(__name__)
 
 
 def node_sensitivity(fp32_path: str | Path, qdq_path: str | Path, x: np.ndarray, max_images: int = 4) -> dict[str, float]:
