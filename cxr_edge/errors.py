@@ -50,3 +50,11 @@ class ManifestError(CxrEdgeError, ValueError):
 
 class ConfigError(CxrEdgeError, ValueError):
     """An invalid option or combination of options."""
+
+
+class EngineError(CxrEdgeError, RuntimeError):
+    """An engine failed while building or running (TensorRT build, CUDA call, device): not the user's options.
+
+    Kept apart from :class:`ConfigError` so callers (and the CLI's exit code) can tell "your command is
+    wrong" from "the machine or library failed doing what was asked".
+    """

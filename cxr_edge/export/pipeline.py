@@ -197,6 +197,10 @@ def _export_int8(fp32_path, out, v, ref_val, data: GateData, classes, threshold,
             cand = Path(tmp) / f"attempt{k}.onnx"
             qinfo = quantize(fp32_path, cand, data.calib_x, qc)
             gate = int8_gate(ref_val, _probs(cand, data.val_x), data.val_y, classes, threshold)
+            if qinfo.get("tensorrt_lint"):  # a graph TensorRT would refuse fails like an inaccurate one
+                gate.passed = False
+                gate.failures.append(f"{len(qinfo['tensorrt_lint'])} TensorRT QDQ rule violation(s), first: "
+                                     f"{qinfo['tensorrt_lint'][0]}")
             how = qc.note or ("first conv + classifier in float" if qc.exclude_nodes else "")
             log.info("%s attempt %d (%s%s): %s", v.tag, k + 1, qc.method, f", {how}" if how else "", gate.summary())
             attempts.append({"attempt": k + 1, "method": qc.method, "excluded": list(qc.exclude_nodes), "remedy": how,
@@ -243,7 +247,8 @@ def write_export_report(s: ExportSummary) -> Path:
                      "gate": a.gate.to_dict() if a.gate else None, "attempts": a.attempts,
                      "int8_compute_nodes": (a.quantization or {}).get("int8_compute_nodes"),
                      "float_compute_nodes": (a.quantization or {}).get("float_compute_nodes"),
-                     "ort_cpu_int8_kernels": (a.quantization or {}).get("ort_cpu_int8_kernels")})
+                     "ort_cpu_int8_kernels": (a.quantization or {}).get("ort_cpu_int8_kernels"),
+                     "tensorrt_lint": (a.quantization or {}).get("tensorrt_lint")})
     (s.out_dir / "export_report.json").write_text(json.dumps({"data": s.data, "artifacts": rows}, indent=2, default=str) + "\n")
     lines = ["# Export report", "", f"Calibration / gate data: {s.data.get('data')} "
              f"({s.data.get('n_calibration')} calibration images from the train split, "
@@ -254,6 +259,8 @@ def write_export_report(s: ExportSummary) -> Path:
         key = ", ".join(f"{k} {v:.4g}" for k, v in (g.metrics.items() if g else []) if isinstance(v, float))
         verdict = "passed" if g and g.passed else ("FAILED" + (" (kept, --force)" if a.kept else " (not kept)"))
         q = f"{r['int8_compute_nodes']} int8 / {r['float_compute_nodes']} float" if r["int8_compute_nodes"] is not None else ""
+        if r["tensorrt_lint"] is not None:
+            q += "; TensorRT QDQ rules: " + (f"{len(r['tensorrt_lint'])} violation(s)" if r["tensorrt_lint"] else "clean")
         lines.append(f"| {r['artifact'] or a.variant} | {r['size_mb'] or '-'} | {verdict} | {key} | {q} |")
     (s.out_dir / "export_report.md").write_text("\n".join(lines) + "\n")
     return s.out_dir / "export_report.md"

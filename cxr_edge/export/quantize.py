@@ -120,15 +120,29 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, c
         act = q.QuantType.QInt8 if config.target is Int8Target.TRT else q.QuantType.QUInt8
         method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                   "percentile": q.CalibrationMethod.Percentile}[config.method]
-        extra = {"ActivationSymmetric": config.target is Int8Target.TRT, "WeightSymmetric": True,
-                 "CalibMovingAverage": False, "CalibStridedMinMax": 1}  # bounded memory (see the reader)
+        trt = config.target is Int8Target.TRT
+        extra = {"ActivationSymmetric": trt, "WeightSymmetric": True,
+                 "CalibMovingAverage": False, "CalibStridedMinMax": 1,  # bounded memory (see the reader)
+                 # TensorRT refuses DequantizeLinear on int32 biases and folds float biases into its INT8
+                 # convolutions itself (NVIDIA's ModelOpt exports the same way)
+                 "QuantizeBias": not trt}
+        if trt:
+            # a Q/DQ pair on a Gemm/MatMul output that feeds float ops (the classifier's logits before Softmax)
+            # rounds the logits to 256 levels and leaves TensorRT a standalone DQ; the next quantised op
+            # quantises its own input anyway
+            extra["OpTypesToExcludeOutputQuantization"] = ["Gemm", "MatMul"]
         q.quantize_static(
             str(pre), str(out_path), ArrayCalibrationReader(calib_x, input_name, config.calib_batch),
             quant_format=q.QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
             weight_type=q.QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
             extra_options=extra,
         )
-    return {**config.to_dict(), "nodes_kept_float": exclude, **count_int8_nodes(out_path)}
+    info = {**config.to_dict(), "nodes_kept_float": exclude, **count_int8_nodes(out_path)}
+    if config.target is Int8Target.TRT:
+        from .trt_lint import lint_qdq
+
+        info["tensorrt_lint"] = [str(v) for v in lint_qdq(out_path)]
+    return info
 
 
 def count_int8_nodes(path: str | Path) -> dict:

@@ -1,29 +1,38 @@
-"""``cxr-edge build``: TensorRT engines from exported ONNX artifacts (TensorRT Python API).
+"""``cxr-edge build``: TensorRT engines from exported ONNX artifacts, for TensorRT 10.x and 11.x.
 
-INT8 uses explicit quantisation: the engine is built from the ``int8-trt`` QDQ artifact, whose scales
-were calibrated and gated at export. Implicit calibration is deprecated since TensorRT 10.1; an entropy
-calibrator is kept only for Jetson DLA, which still needs it. Precision is never downgraded: a device
-without fast FP16/INT8 is an error, not a silent FP32 engine.
+How precision is expressed depends on the TensorRT generation (:mod:`cxr_edge.runtime.tensorrt_api`):
 
-TensorRT and CUDA are imported lazily; everything that needs no GPU (option validation, profile
-shapes, manifests, device-compatibility checks) is plain Python and unit-tested on CPU machines.
+| engine | TensorRT 10 (weakly typed) | TensorRT 11 (strongly typed only) |
+|---|---|---|
+| fp32 | ``model.fp32.onnx``, TF32 cleared | same |
+| fp16 | ``model.fp32.onnx`` + ``BuilderFlag.FP16`` (or ``model.fp16.onnx``) | ``model.fp16.onnx`` |
+| int8 | ``model.int8-trt.onnx`` (QDQ) + ``INT8``/``FP16`` flags | ``model.int8-trt.onnx``, float parts as typed |
+| int8 on DLA | ``model.fp32.onnx`` + entropy calibration (DLA's implicit INT8) | ``model.int8-trt.onnx`` |
+
+Precision is never downgraded and never mislabelled: a GPU without fast FP16/INT8, an fp16 graph asked
+to become an "fp32" engine, or a U8S8 CPU graph are refused up front. FP32 builds clear TF32 (on by
+default in TensorRT) unless ``--allow-tf32``, because TF32 rounds matmul inputs to 10 mantissa bits.
+
+After building, the engine itself is run on the gate images against the FP32 ONNX with the export
+gates' criteria, and its own result goes into its manifest. The ``.plan`` and its manifest are
+written to temporary names and renamed into place only once both exist and the gate has been decided.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, ManifestError
+from ..errors import ConfigError, EngineError, ManifestError
 from ..manifest import read_manifest, sha256_file, write_manifest
+from ..runtime.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
 from .artifacts import Precision
 
 log = logging.getLogger(__name__)
-
-TRT_HINT = ("The TensorRT backend needs the 'tensorrt' package, which is not installed. On a GPU machine: "
-            "pip install 'cxr-edge[gpu]' (on Jetson, TensorRT comes with JetPack).")
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,10 @@ class BuildConfig:
     workspace_mb: int = 2048
     dla_core: int | None = None
     timing_cache: str | None = None
+    allow_tf32: bool = False
+    gate: bool = True  # run the built engine against the FP32 ONNX before keeping it
+    gate_data: str | None = None
+    force: bool = False  # keep an engine that fails its gate, marked failed
 
     def __post_init__(self):
         try:
@@ -48,10 +61,17 @@ class BuildConfig:
             )
         if self.workspace_mb < 16:
             raise ConfigError(f"Workspace {self.workspace_mb} MB is too small; use >= 16.")
-        if self.dla_core is not None and self.dla_core < 0:
-            raise ConfigError(f"DLA core must be >= 0, got {self.dla_core}.")
-        if self.dla_core is not None and self.precision is Precision.FP32:
-            raise ConfigError("DLA runs FP16 or INT8 only; pass --precision fp16 or int8 with --dla.")
+        if self.dla_core is not None:
+            if self.dla_core < 0:
+                raise ConfigError(f"DLA core must be >= 0, got {self.dla_core}.")
+            if self.precision is Precision.FP32:
+                raise ConfigError("DLA runs FP16 or INT8 only; pass --precision fp16 or int8 with --dla.")
+            if not self.min_batch == self.opt_batch == self.max_batch:
+                raise ConfigError(
+                    f"DLA engines have static shapes: MIN, OPT and MAX must be equal (e.g. --batch "
+                    f"{self.opt_batch},{self.opt_batch},{self.opt_batch}); got {self.min_batch},{self.opt_batch},"
+                    f"{self.max_batch}. Smaller batches are padded to it at run time."
+                )
 
     @classmethod
     def from_batch_text(cls, precision: str, batch: str, **kw) -> "BuildConfig":
@@ -73,82 +93,49 @@ class BuildConfig:
         return d
 
 
-def check_source_artifact(onnx_doc: dict, config: BuildConfig) -> None:
-    """Refuse combinations that would silently produce the wrong precision."""
-    prec = onnx_doc.get("precision")
-    if prec == "int8" and onnx_doc.get("int8_target") == "cpu":
+def _source_kind(doc: dict) -> str:
+    prec = doc.get("precision")
+    return f"int8-{doc.get('int8_target')}" if prec == "int8" else str(prec)
+
+
+def check_source_artifact(onnx_doc: dict, config: BuildConfig, flavor: TensorRTFlavor | None = None) -> None:
+    """Refuse combinations that would silently produce another precision than the one asked for.
+
+    ``flavor`` None checks the rules common to TensorRT 10 and 11 (useful before TensorRT is imported).
+    """
+    src = _source_kind(onnx_doc)
+    want = config.precision
+    strong = flavor is not None and flavor.strongly_typed_only
+    dla = config.dla_core is not None
+    if src == "int8-cpu":
         raise ConfigError("The int8-cpu artifact has unsigned (U8S8) activations, which TensorRT does not take; "
                           "use model.int8-trt.onnx.")
-    if config.precision is Precision.INT8 and config.dla_core is not None and prec != "fp32":
-        raise ConfigError("INT8 on DLA is calibrated implicitly from the fp32 artifact; pass model.fp32.onnx with --calib DATA.")
-    if config.precision is Precision.INT8 and config.dla_core is None:
-        if prec != "int8" or onnx_doc.get("int8_target") != "trt":
-            raise ConfigError(
-                f"INT8 engines are built from the int8-trt QDQ artifact (explicit quantisation); this is a "
-                f"{prec}{'-' + onnx_doc['int8_target'] if onnx_doc.get('int8_target') else ''} artifact. "
-                "Use model.int8-trt.onnx from cxr-edge export."
-            )
-    if config.precision is not Precision.INT8 and prec == "int8":
-        raise ConfigError(f"A QDQ INT8 artifact cannot build a {config.precision.value} engine; use model.fp32.onnx.")
     if onnx_doc.get("gate", {}).get("passed") is False:
         raise ConfigError("The source artifact failed its accuracy gate at export; refusing to build an engine from it.")
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    gpu_name: str
-    compute_capability: str
-    tensorrt_version: str
-    cuda_driver: str | None = None
-
-
-def current_device() -> DeviceInfo:
-    trt = require_tensorrt()
-    name, cc, drv = "unknown", "unknown", None
-    try:
-        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError:
-            cudart = None
-    if cudart is not None:
-        err, props = cudart.cudaGetDeviceProperties(0)
-        if int(err) == 0:
-            name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-            cc = f"{props.major}.{props.minor}"
-        err, v = cudart.cudaDriverGetVersion()
-        drv = str(v) if int(err) == 0 else None
-    return DeviceInfo(name.strip("\x00"), cc, trt.__version__, drv)
-
-
-def check_engine_compat(engine_doc: dict, device: DeviceInfo, engine_path: str | Path = "the engine") -> None:
-    """Engines are tied to one GPU model and TensorRT version; say how to rebuild when they differ."""
-    built = engine_doc.get("device", {})
-    problems = []
-    if built.get("tensorrt_version") != device.tensorrt_version:
-        problems.append(f"TensorRT {built.get('tensorrt_version')} vs {device.tensorrt_version} here")
-    if built.get("compute_capability") != device.compute_capability or built.get("gpu_name") != device.gpu_name:
-        problems.append(f"built on {built.get('gpu_name')} (sm {built.get('compute_capability')}), this is "
-                        f"{device.gpu_name} (sm {device.compute_capability})")
-    if problems:
-        src = engine_doc.get("source_onnx", {}).get("file", "MODEL.onnx")
-        b = engine_doc.get("build", {})
-        raise ManifestError(
-            f"{engine_path} cannot run here: " + "; ".join(problems) + ". Rebuild it on this machine: "
-            f"cxr-edge build {src} --precision {b.get('precision', 'fp16')} "
-            f"--batch {b.get('min_batch', 1)},{b.get('opt_batch', 8)},{b.get('max_batch', 32)}"
-        )
-
-
-def require_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        from ..errors import MissingExtraError
-
-        raise MissingExtraError(TRT_HINT) from exc
-    return trt
+    if want is Precision.FP32 and src != "fp32":
+        raise ConfigError(f"An fp32 engine must be built from model.fp32.onnx; this is a {src} artifact, whose graph "
+                          f"computes in {src} (the engine would be labelled fp32 but not be fp32).")
+    if want is Precision.FP16:
+        if src == "int8-trt":
+            raise ConfigError("A QDQ INT8 artifact cannot build a fp16 engine; use model.fp16.onnx or model.fp32.onnx.")
+        if strong and src != "fp16":
+            raise ConfigError(f"TensorRT {flavor.version} builds strongly typed networks only: an fp16 engine comes "
+                              "from model.fp16.onnx (cxr-edge export --precision fp16), not from the fp32 graph.")
+    if want is Precision.INT8:
+        if dla and flavor is None:
+            allowed = {"fp32", "int8-trt"}  # decided once the TensorRT version is known
+        elif dla and flavor.has_implicit_int8:
+            allowed = {"fp32"}
+        else:
+            allowed = {"int8-trt"}
+        if src not in allowed and allowed == {"fp32"}:
+            raise ConfigError("INT8 on DLA with TensorRT 10 is calibrated implicitly from the fp32 artifact; pass "
+                              "model.fp32.onnx with --calib DATA.")
+        if src not in allowed:
+            raise ConfigError(
+                f"INT8 engines are built from the int8-trt QDQ artifact (explicit quantisation); this is a {src} "
+                "artifact. Use model.int8-trt.onnx from cxr-edge export."
+            )
 
 
 def engine_path_for(onnx_path: Path, config: BuildConfig) -> Path:
@@ -156,16 +143,20 @@ def engine_path_for(onnx_path: Path, config: BuildConfig) -> Path:
     return onnx_path.with_name(f"{onnx_path.name.split('.')[0]}.{config.precision.value}{dla}.plan")
 
 
-def make_entropy_calibrator(batches, cache_file: Path):
-    """IInt8EntropyCalibrator2 over uint8 batches: only for Jetson DLA, which lacks explicit-quantisation support.
+def calibration_cache_path(onnx_path: Path, onnx_sha: str, data_fingerprint: str, n_images: int, batch: int) -> Path:
+    """A DLA calibration cache named by what it was computed from, so a changed model or data never reuses it."""
+    key = hashlib.sha256(f"{onnx_sha}|{data_fingerprint}|{n_images}|{batch}".encode()).hexdigest()[:16]
+    return onnx_path.with_name(f"dla_calibration.{key}.cache")
 
-    Defined inside a function because its base class exists only where TensorRT is installed.
+
+def make_entropy_calibrator(trt, batches, cache_file: Path):
+    """IInt8EntropyCalibrator2 over uint8 batches: only for DLA on TensorRT 10, whose INT8 is implicit.
+
+    Defined inside a function because its base class exists only where TensorRT 10 is installed.
     """
-    trt = require_tensorrt()
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart
+    from ..runtime.tensorrt_api import check_cuda, require_cudart
+
+    cudart = require_cudart()
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self):
@@ -173,9 +164,7 @@ def make_entropy_calibrator(batches, cache_file: Path):
             self.batches = list(batches)
             self.i = 0
             self.nbytes = self.batches[0].nbytes
-            err, self.dptr = cudart.cudaMalloc(self.nbytes)
-            if int(err) != 0:
-                raise ConfigError(f"cudaMalloc of {self.nbytes} bytes for calibration failed ({err}).")
+            self.dptr = int(check_cuda(cudart.cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes}) for calibration"))
 
         def get_batch_size(self):
             return len(self.batches[0])
@@ -185,117 +174,200 @@ def make_entropy_calibrator(batches, cache_file: Path):
                 return None
             b = self.batches[self.i]
             self.i += 1
-            cudart.cudaMemcpy(self.dptr, b.ctypes.data, b.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
-            return [int(self.dptr)]
+            check_cuda(cudart.cudaMemcpy(self.dptr, b.ctypes.data, b.nbytes,
+                                         cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy (calibration)")
+            return [self.dptr]
 
         def read_calibration_cache(self):
             return cache_file.read_bytes() if cache_file.is_file() else None
 
         def write_calibration_cache(self, cache):
-            cache_file.write_bytes(bytes(cache))
+            _atomic_write(cache_file, bytes(cache))
+
+        def free(self):
+            cudart.cudaFree(self.dptr)
 
     return EntropyCalibrator()
 
 
-def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Path | None = None,
-                 calib_data: str | Path | None = None) -> Path:
-    """Build and save a serialized engine plus its manifest. Needs a GPU with TensorRT."""
-    onnx_path = Path(onnx_path)
-    doc = read_manifest(onnx_path)
-    check_source_artifact(doc, config)
-    dla_int8 = config.precision is Precision.INT8 and config.dla_core is not None
-    if dla_int8 and not calib_data:
-        raise ConfigError("INT8 on DLA needs calibration images: pass --calib DATA (its train split is used).")
-    trt = require_tensorrt()
-    out = Path(out_path) if out_path else engine_path_for(onnx_path, config)
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_path.read_bytes()):
-        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ConfigError(f"TensorRT could not parse {onnx_path}: {errs}")
-    bc = builder.create_builder_config()
-    bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
-    if config.precision is Precision.FP16:
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _set_timing_cache(bc, path: Path) -> None:
+    """Load a timing cache; one from another GPU or TensorRT version is replaced by a fresh one, with a warning."""
+    blob = path.read_bytes() if path.is_file() else b""
+    cache = bc.create_timing_cache(blob)
+    if bc.set_timing_cache(cache, ignore_mismatch=False):
+        return
+    log.warning("timing cache %s was made on another GPU or TensorRT version: starting a fresh one "
+                "(it will be overwritten after this build)", path)
+    check_trt(bc.set_timing_cache(bc.create_timing_cache(b""), ignore_mismatch=False), "a fresh timing cache")
+
+
+def _save_timing_cache(bc, path: Path) -> None:
+    try:
+        _atomic_write(path, bytes(bc.get_timing_cache().serialize()))
+    except Exception as exc:  # the engine is good without it: a cache is only a build-time shortcut
+        log.warning("could not save the timing cache %s: %s", path, exc)
+
+
+def _set_precision(trt, flavor: TensorRTFlavor, builder, bc, config: BuildConfig, src: str) -> dict:
+    """Builder flags for the requested precision; returns what the manifest records about typing."""
+    typing = {"tensorrt_typing": flavor.to_dict()["typing"], "tf32": bool(config.allow_tf32)}
+    if not config.allow_tf32:
+        bc.clear_flag(trt.BuilderFlag.TF32)
+    if flavor.strongly_typed_only:
+        typing["float_layers"] = {"fp32": "fp32", "fp16": "fp16 (as model.fp16.onnx states)",
+                                  "int8": "as the QDQ graph states (fp32 outside Q/DQ pairs)"}[config.precision.value]
+        return typing
+    if config.precision is Precision.FP16 or (config.precision is Precision.INT8 and src == "int8-trt"):
         if not builder.platform_has_fast_fp16:
             raise ConfigError("This GPU has no fast FP16; refusing to build a slower engine and call it fp16.")
-        bc.set_flag(trt.BuilderFlag.FP16)
+        bc.set_flag(trt.BuilderFlag.FP16)  # INT8: layers left in float may use fp16 rather than fp32
     if config.precision is Precision.INT8:
         if not builder.platform_has_fast_int8:
             raise ConfigError("This GPU has no fast INT8; refusing to build an int8 engine that would run in float.")
         bc.set_flag(trt.BuilderFlag.INT8)
-        bc.set_flag(trt.BuilderFlag.FP16)  # layers TensorRT keeps in float may use fp16 rather than fp32
-        if dla_int8:
-            from ..preprocess import PreprocessSpec
-            from .gate_data import load_gate_data
+    typing["float_layers"] = {"fp32": "fp32", "fp16": "fp16 where TensorRT chooses (weakly typed)",
+                              "int8": "fp16/fp32 where TensorRT chooses (weakly typed)"}[config.precision.value]
+    return typing
 
-            spec = PreprocessSpec.from_dict(doc["preprocess"])
-            x = load_gate_data({**doc, "data": {}}, spec, calib_data, calib_size=256).calib_x
-            bs = config.opt_batch
-            batches = [x[i : i + bs] for i in range(0, len(x) - len(x) % bs, bs)]
-            bc.int8_calibrator = make_entropy_calibrator(batches, onnx_path.with_name("dla_calibration.cache"))
-    if config.dla_core is not None:
-        if builder.num_DLA_cores == 0:
-            raise ConfigError("--dla was given but this device has no DLA cores (DLA exists on Jetson AGX/NX).")
-        bc.default_device_type = trt.DeviceType.DLA
-        bc.DLA_core = config.dla_core
-        bc.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+
+def _configure_dla(trt, flavor, builder, bc, config: BuildConfig, doc: dict, onnx_path: Path, profile,
+                   calib_data) -> dict:
+    if builder.num_DLA_cores == 0:
+        raise ConfigError("--dla was given but this device has no DLA cores (DLA exists on Jetson AGX/NX Orin).")
+    if config.dla_core >= builder.num_DLA_cores:
+        raise ConfigError(f"DLA core {config.dla_core} does not exist; this device has {builder.num_DLA_cores}.")
+    bc.default_device_type = trt.DeviceType.DLA
+    bc.DLA_core = config.dla_core
+    bc.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    info = {"dla_core": config.dla_core}
+    if config.precision is Precision.INT8 and flavor.has_implicit_int8:
+        from ..preprocess import PreprocessSpec
+        from .gate_data import load_gate_data
+
+        spec = PreprocessSpec.from_dict(doc["preprocess"])
+        data = load_gate_data({**doc, "data": {}}, spec, calib_data, calib_size=256)
+        x, bs = data.calib_x, config.opt_batch
+        if len(x) < bs:
+            raise ConfigError(f"Only {len(x)} calibration images for DLA batch {bs}; pass more data with --calib.")
+        batches = [x[i : i + bs] for i in range(0, len(x) - len(x) % bs, bs)]
+        cache = calibration_cache_path(onnx_path, doc["sha256"], data.info["fingerprint"], len(x), bs)
+        bc.int8_calibrator = calibrator = make_entropy_calibrator(trt, batches, cache)
+        check_trt(bc.set_calibration_profile(profile), "the calibration profile")
+        info.update({"calibration": "implicit (IInt8EntropyCalibrator2)", "calibration_cache": cache.name,
+                     "calibration_data": data.info["data"], "n_calibration": len(x)})
+        info["_calibrator"] = calibrator
+    return info
+
+
+def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Path | None = None,
+                 calib_data: str | Path | None = None) -> Path:
+    """Build, gate and save a serialized engine plus its manifest. Needs a GPU with TensorRT 10 or 11."""
+    onnx_path = Path(onnx_path)
+    doc = read_manifest(onnx_path)
+    check_source_artifact(doc, config)
+    if config.precision is Precision.INT8 and config.dla_core is not None and _source_kind(doc) == "fp32" \
+            and not calib_data:
+        raise ConfigError("INT8 on DLA needs calibration images: pass --calib DATA (its train split is used).")
+    trt, flavor = require_tensorrt()
+    check_source_artifact(doc, config, flavor)
+    src = _source_kind(doc)
+    if src == "int8-trt":
+        from .trt_lint import lint_qdq, lint_summary
+
+        violations = lint_qdq(onnx_path)
+        if violations:
+            raise ConfigError(f"{onnx_path.name} breaks TensorRT's QDQ rules: {lint_summary(violations)}. "
+                              "Re-export it with this cxr-edge (cxr-edge export --precision int8-trt).")
+    out = Path(out_path) if out_path else engine_path_for(onnx_path, config)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    if builder is None:
+        raise EngineError("TensorRT could not create a builder: no usable GPU or CUDA driver (cxr-edge doctor).")
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if flavor.strongly_typed_only else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineError(f"TensorRT {flavor.version} could not parse {onnx_path.name}: {errs}")
+    bc = builder.create_builder_config()
+    bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
+    typing = _set_precision(trt, flavor, builder, bc, config, src)
     inp = network.get_input(0)
     shapes = config.profile_shapes(tuple(doc["preprocess"][k] for k in ("height", "width", "input_channels")))
     profile = builder.create_optimization_profile()
     profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
-    bc.add_optimization_profile(profile)
-    cache_path = Path(config.timing_cache) if config.timing_cache else onnx_path.with_name("trt_timing.cache")
-    cache = bc.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    bc.set_timing_cache(cache, ignore_mismatch=False)
+    if bc.add_optimization_profile(profile) < 0:
+        raise EngineError(f"TensorRT refused the optimisation profile {shapes}.")
+    dla = {}
+    if config.dla_core is not None:
+        dla = _configure_dla(trt, flavor, builder, bc, config, doc, onnx_path, profile, calib_data)
+    cache_path = Path(config.timing_cache) if config.timing_cache else out.with_name(out.name + ".timing.cache")
+    _set_timing_cache(bc, cache_path)
     t0 = time.perf_counter()
-    blob = builder.build_serialized_network(network, bc)
+    try:
+        blob = builder.build_serialized_network(network, bc)
+    finally:
+        calibrator = dla.pop("_calibrator", None)
+        if calibrator is not None:
+            calibrator.free()
     if blob is None:
-        raise ConfigError("TensorRT failed to build the engine; run with -v to see the builder log.")
-    out.write_bytes(bytes(blob))
-    cache_path.write_bytes(bytes(bc.get_timing_cache().serialize()))
+        raise EngineError("TensorRT failed to build the engine; run with -v to see the builder log.")
+    build_s = time.perf_counter() - t0
+    _save_timing_cache(bc, cache_path)
     dev = current_device()
-    write_manifest(out, {
+    fields = {
         "kind": "tensorrt-plan", "format": "tensorrt", "precision": config.precision.value,
         "classes": doc["classes"], "operating_point": doc.get("operating_point"), "preprocess": doc["preprocess"],
-        "inputs": doc["inputs"], "outputs": doc["outputs"], "gradcam": doc.get("gradcam"),
-        "profile": {k: list(v) for k, v in shapes.items()}, "build": config.to_dict(),
-        "build_seconds": round(time.perf_counter() - t0, 1), "device": asdict(dev),
-        "source_onnx": {"file": onnx_path.name, "sha256": sha256_file(onnx_path)},
-        "parent": {"file": onnx_path.name, "sha256": doc["sha256"]}, "gate": doc.get("gate"),
-        "calibration": doc.get("calibration"),
-    })
+        "inputs": doc["inputs"], "outputs": doc["outputs"], "gradcam": doc.get("gradcam"), "recipe": doc.get("recipe"),
+        "profile": {k: list(v) for k, v in shapes.items()}, "build": config.to_dict(), **typing,
+        "tensorrt": flavor.to_dict(), "dla": dla or None,
+        "build_seconds": round(build_s, 1), "device": dev.to_dict(),
+        "source_onnx": {"file": onnx_path.name, "sha256": doc["sha256"], "precision": src},
+        "parent": {"file": onnx_path.name, "sha256": doc["sha256"]},
+        "source_gate": doc.get("gate"), "calibration": doc.get("calibration"),
+    }
+    return save_engine(bytes(blob), out, fields, onnx_path, doc, config)
+
+
+def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: dict, config: BuildConfig) -> Path:
+    """Gate the engine under a temporary name, then move the .plan and its manifest into place together."""
+    from ..manifest import manifest_path
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(blob)
+    try:
+        gate = None
+        if config.gate:
+            from .engine_gate import gate_engine
+
+            gate = gate_engine(tmp, {**fields, "sha256": sha256_file(tmp)}, onnx_path, doc, config.gate_data)
+            log.info("engine %s", gate.summary())
+            fields["gate"] = gate.to_dict()
+            if not gate.passed:
+                if not config.force:
+                    raise EngineGateError(f"The {config.precision.value} engine failed its gate against the FP32 ONNX: "
+                                          f"{gate.summary()}. Not kept (--force keeps it, marked failed).")
+                fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
+        else:
+            fields["gate"] = {"name": "not run (--no-gate)", "passed": None}
+        tmp_manifest = write_manifest(tmp, {**fields, "file": out.name})
+        os.replace(tmp, out)
+        try:
+            os.replace(tmp_manifest, manifest_path(out))
+        except OSError:
+            out.unlink(missing_ok=True)  # never a plan without its manifest
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)
+        manifest_path(tmp).unlink(missing_ok=True)
     return out
 
 
-def ort_tensorrt_ep_options(onnx_doc: dict, precision: Precision | str, cache_dir: str | Path,
-                            batch: tuple[int, int, int] = (1, 8, 32), dump_ep_context: bool = False) -> dict:
-    """Provider options for ONNX Runtime's TensorRT execution provider (engine + timing caches on disk)."""
-    precision = Precision(precision)
-    inp = onnx_doc["inputs"][0]["name"]
-    h, w, c = (onnx_doc["preprocess"][k] for k in ("height", "width", "input_channels"))
-    cfg = BuildConfig(precision, *batch)  # validates the batch range
-    shapes = cfg.profile_shapes((h, w, c))
-    fmt = lambda s: f"{inp}:{'x'.join(str(d) for d in s)}"  # noqa: E731
-    cache_dir = Path(cache_dir)
-    opts = {
-        "trt_engine_cache_enable": "True",
-        "trt_engine_cache_path": str(cache_dir),
-        "trt_timing_cache_enable": "True",
-        "trt_timing_cache_path": str(cache_dir),
-        "trt_fp16_enable": str(precision in (Precision.FP16, Precision.INT8)),
-        "trt_int8_enable": str(precision is Precision.INT8),
-        "trt_profile_min_shapes": fmt(shapes["min"]),
-        "trt_profile_opt_shapes": fmt(shapes["opt"]),
-        "trt_profile_max_shapes": fmt(shapes["max"]),
-    }
-    if precision is Precision.INT8 and onnx_doc.get("int8_target") != "trt":
-        raise ConfigError("The TensorRT EP takes only the int8-trt (S8S8 QDQ) artifact for INT8.")
-    if dump_ep_context:
-        opts["trt_dump_ep_context_model"] = "True"
-        opts["trt_ep_context_file_path"] = str(cache_dir)
-        # embed the engine in the .onnx: the manifest hash and signature then cover it (the loader
-        # refuses EP-context models whose engine sits in an external file)
-        opts["trt_ep_context_embed_mode"] = "1"
-    return opts
+class EngineGateError(EngineError):
+    """A built engine does not give the FP32 model's answers within the export gate's criteria."""

@@ -50,6 +50,7 @@ class ServeConfig:
     trusted_keys: tuple[str, ...] = ()  # public keys; when given, only artifacts they signed are served
     body_timeout_s: float = 30.0  # a body still arriving after this is answered 408 (slow uploads)
     save_dir: str | None = None  # operator opt-in: keep received images here (never elsewhere, never by default)
+    cuda_graph: bool = False  # TensorRT engines: replay each batch size's kernels as one CUDA graph
 
 
 def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine_wrapper=None):
@@ -74,6 +75,9 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine
 
     async def lifespan(app):
         opts = {"threads": config.threads} if config.threads else {}
+        opts["max_batch"] = config.max_batch
+        if config.cuda_graph:
+            opts["cuda_graph"] = True
         if config.engine_spin is not None:
             opts["spin"] = config.engine_spin
         engine = open_backend(artifact, backend=config.backend, device=config.device,

@@ -52,7 +52,13 @@ class Backend(abc.ABC):
         return self
 
     def infer(self, batch: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run one packed uint8 batch; returns output name -> array."""
+        """Run one packed uint8 batch of any size; returns output name -> array.
+
+        Engines with a fixed optimisation profile (TensorRT, DLA's static shapes) take only batches
+        inside ``batch_range()``. Every caller (Screener, service batcher, bench) goes through here, so
+        the fit is made once: a batch below the minimum is padded with copies of its last image and
+        the padding sliced off the outputs; one above the maximum runs in chunks.
+        """
         if not self._loaded:
             self.load()
         self._check(batch)
@@ -60,7 +66,31 @@ class Backend(abc.ABC):
         unknown = [o for o in wanted if o not in self.outputs]
         if unknown:
             raise ConfigError(f"Output(s) {unknown} are not produced by {self.artifact.name}; it has {self.outputs}.")
-        return self._infer(np.ascontiguousarray(batch), wanted)
+        batch = np.ascontiguousarray(batch)
+        lo, hi = self.batch_range()
+        n = len(batch)
+        if lo <= n <= hi:
+            return self._infer(batch, wanted)
+        if n == 0:
+            raise ConfigError("Cannot run an empty batch.")
+        parts = []
+        for i in range(0, n, hi):
+            chunk = batch[i : i + hi]
+            k = len(chunk)
+            if k < lo:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], lo - k, axis=0)])
+            res = self._infer(np.ascontiguousarray(chunk), wanted)
+            parts.append({name: arr[:k] for name, arr in res.items()})
+        return {name: np.concatenate([p[name] for p in parts]) for name in wanted}
+
+    def fit_note(self, n: int) -> str | None:
+        """How a batch of ``n`` is fitted to the profile (for reports), or None when it fits as it is."""
+        lo, hi = self.batch_range()
+        if n < lo:
+            return f"padded to the engine's minimum batch {lo}"
+        if n > hi:
+            return f"run in chunks of the engine's maximum batch {hi}"
+        return None
 
     def close(self) -> None:
         if self._loaded:
@@ -74,7 +104,7 @@ class Backend(abc.ABC):
         self.close()
 
     def batch_range(self) -> tuple[int, int]:
-        """Smallest and largest batch the engine takes (ONNX: any)."""
+        """Smallest and largest batch one engine call takes (``infer`` fits any other size to it)."""
         return (1, 1 << 30)
 
     # ---- for subclasses --------------------------------------------------
@@ -94,10 +124,4 @@ class Backend(abc.ABC):
             raise ConfigError(
                 f"Input tensor: image | Received incompatible input: {got}. Expected uint8 with a shape "
                 f"compatible with: {expected}. Pack images with cxr_edge.preprocess.pack_image."
-            )
-        lo, hi = self.batch_range()
-        if not lo <= len(batch) <= hi:
-            raise ConfigError(
-                f"Batch of {len(batch)} is outside this engine's optimisation profile [{lo}, {hi}]; "
-                f"split the batch or rebuild the engine with --batch MIN,OPT,MAX covering it."
             )

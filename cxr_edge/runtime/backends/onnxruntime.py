@@ -2,7 +2,8 @@
 
 onnxruntime-gpu lists the CUDA and TensorRT providers even where their libraries are missing and
 then silently runs on the CPU. So the session's providers are read back after creation; with
-``device="cuda"`` (``--require-gpu``) a fallback is an error instead of a surprise.
+``device="cuda"`` (``--require-gpu``) a fallback is an error instead of a surprise. Which providers an
+artifact may use, and their options, live in :mod:`cxr_edge.runtime.ort_providers`.
 """
 
 from __future__ import annotations
@@ -11,43 +12,28 @@ import logging
 
 import numpy as np
 
-from ...errors import ConfigError
 from ...extras import require
+from ..ort_providers import (
+    GPU_PROVIDERS,
+    PROVIDERS,
+    ProviderFallbackError,
+    cuda_ep_options,
+    private_cache_dir,
+    profile_for,
+    requested_providers,
+    tensorrt_ep_options,
+)
 from .base import Backend, BackendInfo
 
 log = logging.getLogger(__name__)
 
-PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-GPU_PROVIDERS = {PROVIDERS["tensorrt"], PROVIDERS["cuda"]}
-
-
-class ProviderFallbackError(ConfigError):
-    """A GPU provider was required but the session runs on the CPU."""
-
-
-def requested_providers(device: str, providers: list[str] | None, available: list[str]) -> list[str]:
-    """Provider names in preference order for ``device`` ('auto' | 'cpu' | 'cuda')."""
-    if providers:
-        names = [PROVIDERS.get(p, p) for p in providers]
-    elif device == "cpu":
-        names = [PROVIDERS["cpu"]]
-    elif device in ("auto", "cuda"):
-        names = [PROVIDERS["tensorrt"], PROVIDERS["cuda"], PROVIDERS["cpu"]]
-    else:
-        raise ConfigError(f"Unknown device {device!r}; use auto, cpu or cuda.")
-    missing = [n for n in names if n not in available and n != PROVIDERS["cpu"]]
-    chosen = [n for n in names if n in available]
-    if device == "cuda" and not (set(chosen) & GPU_PROVIDERS):
-        raise ProviderFallbackError(
-            f"Could not find the requested execution provider. Requested: {names}; available: {available}. "
-            "Install onnxruntime-gpu (pip install 'cxr-edge[gpu]') on a machine with CUDA, or use device='cpu'."
-        )
-    if missing and device == "auto":
-        log.debug("providers not available here: %s", missing)
-    return chosen or [PROVIDERS["cpu"]]
+__all__ = ["OnnxRuntimeBackend", "ProviderFallbackError", "requested_providers"]
 
 
 class OnnxRuntimeBackend(Backend):
+    """Options: device, providers, threads, spin, max_batch (TensorRT EP profile), trusted (no engine cache),
+    cudnn_conv_algo_search, trt_cache_dir."""
+
     formats = ("onnx",)
     name = "onnxruntime"
 
@@ -55,17 +41,9 @@ class OnnxRuntimeBackend(Backend):
         ort = require("onnxruntime")
         device = self.options.get("device", "auto")
         available = ort.get_available_providers()
-        names = requested_providers(device, self.options.get("providers"), available)
-        provider_options = []
-        for n in names:
-            if n == PROVIDERS["tensorrt"]:
-                from ...export.tensorrt_build import ort_tensorrt_ep_options
-
-                prec = self.manifest.get("precision", "fp32")
-                cache = self.options.get("trt_cache_dir") or str(self.artifact.parent / "trt_cache")
-                provider_options.append(ort_tensorrt_ep_options(self.manifest, prec, cache))
-            else:
-                provider_options.append({})
+        names = requested_providers(device, self.options.get("providers"), available, self.manifest)
+        self._profile = profile_for(self.options.get("max_batch"))
+        provider_options = [self._provider_options(n) for n in names]
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if self.options.get("threads"):
@@ -80,14 +58,36 @@ class OnnxRuntimeBackend(Backend):
         if device == "cuda" and used not in GPU_PROVIDERS:
             raise ProviderFallbackError(
                 f"ONNX Runtime fell back to {used} although {names[0]} was requested (CUDA/TensorRT libraries "
-                "missing or no GPU visible). Fix the CUDA installation, or run with device='cpu'."
+                "missing or no GPU visible). Fix the CUDA installation (cxr-edge doctor says what is missing), "
+                "or run with --device cpu."
             )
         if used not in GPU_PROVIDERS and any(n in GPU_PROVIDERS for n in names):
-            log.warning("GPU providers %s were requested but ONNX Runtime runs on %s", names[:-1], used)
+            log.warning("GPU providers %s were requested but ONNX Runtime runs on %s",
+                        [n for n in names if n in GPU_PROVIDERS], used)
+        self._trt_active = used == PROVIDERS["tensorrt"]
         self.input_name = self.session.get_inputs()[0].name
+        details = {"requested": names, "session_providers": actual, "onnxruntime": ort.__version__}
+        if self._trt_active:
+            details["tensorrt_profile"] = list(self._profile)
+            details["engine_cache"] = self._trt_cache
         return BackendInfo("onnxruntime", used, self.manifest.get("precision", "fp32"),
-                           "cuda" if used in GPU_PROVIDERS else "cpu",
-                           {"requested": names, "session_providers": actual, "onnxruntime": ort.__version__})
+                           "cuda" if used in GPU_PROVIDERS else "cpu", details)
+
+    def _provider_options(self, name: str) -> dict:
+        if name == PROVIDERS["tensorrt"]:
+            cache = None
+            if not self.options.get("trusted"):  # signed-only deployments never load cached native engines
+                cache = self.options.get("trt_cache_dir") or private_cache_dir(self.manifest["sha256"])
+            self._trt_cache = str(cache) if cache else None
+            return tensorrt_ep_options(self.manifest, self._profile, cache)
+        if name == PROVIDERS["cuda"]:
+            return cuda_ep_options(cudnn_conv_algo_search=self.options.get("cudnn_conv_algo_search"))
+        return {}
+
+    def batch_range(self) -> tuple[int, int]:
+        if getattr(self, "_trt_active", False):  # the TensorRT EP's engine takes only its profile's batches
+            return (self._profile[0], self._profile[2])
+        return super().batch_range()
 
     def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         res = self.session.run(outputs, {self.input_name: batch})

@@ -111,6 +111,7 @@ def open_backend(artifact: str | Path, backend: str | None = None, verify: bool 
     fmt = artifact_format(artifact, read_manifest(artifact, verify=False))
     trust = check_trust(artifact, fmt, trusted_keys)  # before hashing: a forged manifest stops here
     manifest = read_manifest(artifact, verify=verify)
-    engine = backend_class(fmt, backend)(artifact, manifest, **options)
+    # trusted: signed-only deployments, where backends must not load natively compiled caches either
+    engine = backend_class(fmt, backend)(artifact, manifest, **{"trusted": bool(trusted_keys), **options})
     engine.trust = trust
     return engine

@@ -1,115 +1,163 @@
-"""Native TensorRT engines: device buffers, pinned host buffers, one CUDA stream, optional CUDA graph.
+"""Native TensorRT engines: device buffers, pinned host buffers, one CUDA stream, optional CUDA graphs.
 
-Needs a GPU, ``tensorrt`` and ``cuda-python`` (``cxr-edge[gpu]``), imported only when an engine is
-loaded. The engine's manifest is checked against this GPU and TensorRT version before deserialising:
-engines are not portable, and a mismatch says how to rebuild.
+Needs a GPU, ``tensorrt`` (10.x or 11.x) and ``cuda-python``, imported only when an engine is loaded.
+The engine's manifest is checked against this GPU and TensorRT version before deserialising: engines
+are not portable, and a mismatch says how to rebuild.
+
+Every TensorRT call that reports failure by its return value and every CUDA call is checked
+(:func:`check_trt`, :func:`check_cuda`): an unchecked ``set_input_shape`` would run the previous
+shape and return another batch's answers. CUDA graphs (``cuda_graph=True``) are captured once per
+batch size in thread-local capture mode (a global capture is invalidated by any CUDA call another
+thread makes meanwhile, e.g. the service's decoders), destroyed on close, and the stream is
+synchronised before any memory is freed.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from ...errors import ConfigError
+from ...errors import EngineError
+from ..tensorrt_api import check_cuda, check_engine_compat, check_trt, current_device, require_cudart, require_tensorrt
 from .base import Backend, BackendInfo
 
-
-def _cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart
-        except ImportError as exc:
-            from ...errors import MissingExtraError
-
-            raise MissingExtraError("The TensorRT backend needs cuda-python: pip install 'cxr-edge[gpu]'.") from exc
-    return cudart
-
-
-def _check(result):
-    err, *rest = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA call failed: {err}")
-    return rest[0] if len(rest) == 1 else rest
+log = logging.getLogger(__name__)
 
 
 class TensorRTBackend(Backend):
+    """Options: cuda_graph (bool), device_index (int)."""
+
     formats = ("tensorrt",)
     name = "tensorrt"
 
     def batch_range(self) -> tuple[int, int]:
         prof = self.manifest.get("profile", {})
-        return (prof.get("min", [1])[0], prof.get("max", [1])[0])
+        return (int(prof.get("min", [1])[0]), int(prof.get("max", [1])[0]))
 
     def _load(self) -> BackendInfo:
-        from ...export.tensorrt_build import check_engine_compat, current_device, require_tensorrt
-
-        trt = require_tensorrt()
-        cudart = _cudart()
-        dev = current_device()
+        trt, flavor = require_tensorrt()
+        cudart = require_cudart()
+        dev = current_device(int(self.options.get("device_index", 0)))
         check_engine_compat(self.manifest, dev, self.artifact)
-        self.cudart = cudart
+        self.trt, self.cudart = trt, cudart
+        self.buffers: dict[str, int] = {}
+        self.host: dict[str, np.ndarray] = {}
+        self._pinned: list[int] = []
+        self._graphs: dict[int, tuple] = {}
+        self.stream = None
+        self.context = self.engine = self.runtime = None
+        try:
+            self._open(trt, cudart)
+        except BaseException:
+            self._release()
+            raise
+        self.use_graph = bool(self.options.get("cuda_graph", False))
+        return BackendInfo("tensorrt", f"TensorRT {flavor.version} on {dev.gpu_name}", self.manifest.get("precision", "fp32"),
+                           "cuda", {"compute_capability": dev.compute_capability, "cuda_graph": self.use_graph,
+                                    "tensorrt_typing": flavor.to_dict()["typing"],
+                                    "profile": list(self.batch_range())})
+
+    def _open(self, trt, cudart) -> None:
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(self.artifact.read_bytes())
         if self.engine is None:
-            raise ConfigError(f"TensorRT could not deserialise {self.artifact}; rebuild it with cxr-edge build.")
+            raise EngineError(f"TensorRT could not deserialise {self.artifact}; rebuild it with cxr-edge build.")
         self.context = self.engine.create_execution_context()
-        self.stream = _check(cudart.cudaStreamCreate())
+        if self.context is None:
+            raise EngineError("TensorRT could not create an execution context (out of GPU memory?).")
+        self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_name = next(n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if len(inputs) != 1:
+            raise EngineError(f"{self.artifact.name} has {len(inputs)} inputs; cxr-edge engines have exactly one.")
+        self.input_name = inputs[0]
         max_b = self.batch_range()[1]
-        self.buffers, self.host = {}, {}
         for n in self.names:
-            shape = list(self.engine.get_tensor_shape(n))
-            shape[0] = max_b
+            shape = [max_b if d < 0 or i == 0 else int(d) for i, d in enumerate(self.engine.get_tensor_shape(n))]
+            if any(d < 0 for d in shape[1:]):
+                raise EngineError(f"Tensor {n!r} has a dynamic non-batch dimension {shape}; cxr-edge engines have "
+                                  "fixed image sizes.")
             dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
             nbytes = int(np.prod(shape)) * dtype.itemsize
-            self.buffers[n] = _check(cudart.cudaMalloc(nbytes))
-            ptr = _check(cudart.cudaMallocHost(nbytes))  # pinned: async copies need page-locked memory
-            self.host[n] = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_byte * nbytes).from_address(ptr)).view(dtype).reshape(shape)
-            self.context.set_tensor_address(n, int(self.buffers[n]))
-        self.use_graph = bool(self.options.get("cuda_graph", False))
-        self._graphs: dict[int, object] = {}
-        return BackendInfo("tensorrt", f"TensorRT {trt.__version__} on {dev.gpu_name}", self.manifest.get("precision", "fp32"),
-                           "cuda", {"compute_capability": dev.compute_capability, "cuda_graph": self.use_graph})
+            self.buffers[n] = int(check_cuda(cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {n!r}"))
+            ptr = int(check_cuda(cudart.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))  # pinned: async copies
+            self._pinned.append(ptr)
+            raw = (np.ctypeslib.ctypes.c_byte * nbytes).from_address(ptr)
+            self.host[n] = np.ctypeslib.as_array(raw).view(dtype).reshape(shape)
+            check_trt(self.context.set_tensor_address(n, self.buffers[n]), f"the device address of {n!r}")
 
-    def _run(self) -> None:
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise RuntimeError("TensorRT execution failed")
+    def _enqueue(self) -> None:
+        check_trt(self.context.execute_async_v3(int(self.stream)), "execute_async_v3 (engine execution)")
+
+    def _launch(self, n: int) -> None:
+        if not self.use_graph:
+            self._enqueue()
+            return
+        graph = self._graphs.get(n)
+        if graph is None:
+            graph = self._graphs[n] = self._capture()
+        check_cuda(self.cudart.cudaGraphLaunch(graph[1], self.stream), "cudaGraphLaunch")
+
+    def _capture(self) -> tuple:
+        """Record one execution of the current shape as a CUDA graph (TensorRT's documented recipe)."""
+        cudart = self.cudart
+        self._enqueue()  # a first run outside capture lets TensorRT finish its lazy initialisation
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        check_cuda(cudart.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
+        try:
+            self._enqueue()
+        finally:
+            graph = check_cuda(cudart.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
+        try:
+            exe = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except EngineError:
+            cudart.cudaGraphDestroy(graph)
+            raise
+        return (graph, exe)
 
     def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         cudart = self.cudart
         n = len(batch)
         self.host[self.input_name][:n] = batch
-        self.context.set_input_shape(self.input_name, batch.shape)
+        check_trt(self.context.set_input_shape(self.input_name, tuple(batch.shape)), f"input shape {tuple(batch.shape)}")
         kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        _check(cudart.cudaMemcpyAsync(self.buffers[self.input_name], self.host[self.input_name].ctypes.data,
-                                      batch.nbytes, kind_h2d, self.stream))
-        if self.use_graph:
-            graph = self._graphs.get(n)
-            if graph is None:  # capture once per batch size, replay afterwards
-                self._run()  # a first run outside capture lets TensorRT finish lazy initialisation
-                _check(cudart.cudaStreamBeginCapture(self.stream, cudart.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
-                self._run()
-                g = _check(cudart.cudaStreamEndCapture(self.stream))
-                graph = self._graphs[n] = _check(cudart.cudaGraphInstantiate(g, 0))
-            _check(cudart.cudaGraphLaunch(graph, self.stream))
-        else:
-            self._run()
-        out = {}
+        check_cuda(cudart.cudaMemcpyAsync(self.buffers[self.input_name], self.host[self.input_name].ctypes.data,
+                                          batch.nbytes, kind_h2d, self.stream), "cudaMemcpyAsync (input)")
+        self._launch(n)
+        shapes = {}
         for name in outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
+            shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise EngineError(f"TensorRT gave output {name!r} the unresolved shape {shape}.")
             nbytes = int(np.prod(shape)) * self.host[name].dtype.itemsize
-            _check(cudart.cudaMemcpyAsync(self.host[name].ctypes.data, self.buffers[name], nbytes, kind_d2h, self.stream))
-            out[name] = shape
-        _check(cudart.cudaStreamSynchronize(self.stream))
-        return {name: self.host[name][: shape[0]].reshape(shape).copy() for name, shape in out.items()}
+            check_cuda(cudart.cudaMemcpyAsync(self.host[name].ctypes.data, self.buffers[name], nbytes, kind_d2h,
+                                              self.stream), f"cudaMemcpyAsync ({name})")
+            shapes[name] = shape
+        check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return {name: self.host[name].reshape(-1)[: int(np.prod(s))].reshape(s).copy() for name, s in shapes.items()}
 
     def _close(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Free everything _open made, in dependency order; safe to call on a half-opened engine."""
+        cudart = getattr(self, "cudart", None)
+        if cudart is None:
+            return
+        if self.stream is not None:
+            cudart.cudaStreamSynchronize(self.stream)  # nothing may still be reading the buffers
+        for graph, exe in self._graphs.values():
+            cudart.cudaGraphExecDestroy(exe)
+            cudart.cudaGraphDestroy(graph)
+        self._graphs.clear()
+        self.context = self.engine = self.runtime = None  # TensorRT objects before the memory they point into
         for ptr in self.buffers.values():
-            self.cudart.cudaFree(ptr)
-        for arr in self.host.values():
-            self.cudart.cudaFreeHost(arr.ctypes.data)
-        self.cudart.cudaStreamDestroy(self.stream)
-        self.context = self.engine = self.runtime = None
+            cudart.cudaFree(ptr)
+        for ptr in self._pinned:
+            cudart.cudaFreeHost(ptr)
+        self.buffers, self.host, self._pinned = {}, {}, []
+        if self.stream is not None:
+            cudart.cudaStreamDestroy(self.stream)
+            self.stream = None

@@ -1,0 +1,61 @@
+"""The post-build gate: a TensorRT engine must give the FP32 ONNX model's answers, judged like the export gates.
+
+The ONNX artifact an engine is built from passed its gate on ONNX Runtime; the engine is a different
+program (TensorRT chooses kernels, fuses layers, may run FP16 where a weakly typed build allows), so
+its own outputs are compared, on the same kind of images and with the same criteria: FP32 engines by
+parity (1e-4), FP16 by the FP16 gate, INT8 by agreement, ROC-AUC drop and COVID sensitivity drop on
+labelled validation images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ManifestError
+from ..preprocess import PreprocessSpec
+from ..runtime.ort_session import cpu_session, run_batched
+from .gate_data import load_gate_data
+from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
+
+
+def reference_fp32(onnx_path: Path, doc: dict) -> Path:
+    """The FP32 ONNX artifact an engine is judged against: the source itself, or its recorded parent."""
+    if doc.get("precision") == "fp32":
+        return onnx_path
+    parent = (doc.get("parent") or {}).get("file")
+    ref = onnx_path.with_name(parent) if parent else None
+    if ref is None or not ref.is_file():
+        what = parent or "no parent recorded"
+        raise ManifestError(f"The post-build gate needs the FP32 ONNX beside {onnx_path.name} ({what}); copy it "
+                            "there, or build with --no-gate.")
+    return ref
+
+
+def gate_engine(plan: Path, engine_doc: dict, onnx_path: Path, onnx_doc: dict, data_dir: str | None) -> GateResult:
+    from ..runtime.backends.tensorrt import TensorRTBackend
+
+    spec = PreprocessSpec.from_dict(onnx_doc["preprocess"])
+    if data_dir is None:
+        calib = (onnx_doc.get("calibration") or {}).get("data")
+        data_dir = calib if calib and Path(calib).is_dir() else None
+    data = load_gate_data({**onnx_doc, "data": onnx_doc.get("data") or {}}, spec, data_dir, calib_size=1)
+    ref_path = reference_fp32(onnx_path, onnx_doc)
+    precision = engine_doc["precision"]
+    x = data.val_x if precision == "int8" else data.parity_x
+    ref = run_batched(cpu_session(ref_path), x, ["probs"])["probs"]
+    with TensorRTBackend(plan, engine_doc) as eng:
+        lo, hi = eng.batch_range()
+        step = max(lo, min(hi, 32))
+        probs = np.concatenate([eng.infer(x[i : i + step], ["probs"])["probs"] for i in range(0, len(x), step)])
+    if precision == "fp32":
+        gate = fp32_parity(ref, probs)
+    elif precision == "fp16":
+        gate = fp16_gate(ref, probs)
+    else:
+        op = onnx_doc.get("operating_point") or {}
+        gate = int8_gate(ref, probs, data.val_y, onnx_doc["classes"], op.get("threshold"))
+    gate.name = f"engine-{precision}"
+    gate.metrics["gate_data"] = data.info["data"]
+    return gate

@@ -1,0 +1,162 @@
+"""What the TensorRT and CUDA-runtime Python APIs look like on this machine, and the checks every caller needs.
+
+Two TensorRT API generations are supported and they differ in kind, not detail:
+
+- **TensorRT 10.x** (JetPack 6.1/6.2 ship 10.3; x86 up to 10.16) is *weakly typed* by default: the
+  builder picks layer precisions, allowed by ``BuilderFlag.FP16/INT8``; implicit INT8 calibration
+  (``IInt8EntropyCalibrator2``) still exists and is what Jetson DLA needs.
+- **TensorRT 11.x** removed weak typing: no ``FP16``/``INT8`` builder flags, no ``platform_has_fast_*``,
+  no calibrators. Every network is strongly typed, so an engine computes in the types its ONNX graph
+  states: FP16 engines come from ``model.fp16.onnx``, INT8 from the QDQ ``int8-trt`` graph.
+
+TensorRT 8.x (JetPack 6.0 and older) is refused with what to upgrade. The names this module and the
+build/run code use are checked against the real bindings of 10.3, 10.16 and 11.4 by
+``tests/test_tensorrt_api.py`` (fixtures made by ``tests/fixtures/make_tensorrt_api.py``).
+
+Imports are lazy: this module itself imports nothing from TensorRT or CUDA until a function needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, EngineError, ManifestError, MissingExtraError
+
+SUPPORTED_MAJORS = (10, 11)
+TRT_HINT = ("TensorRT engines need the 'tensorrt' Python package, which is not installed. On an x86 GPU server: "
+            "pip install 'cxr-edge[gpu-cu12]' (CUDA 12 driver) or 'cxr-edge[gpu-cu13]' (CUDA 13, R580+ driver); "
+            "on Jetson, TensorRT comes with JetPack: create the venv with --system-site-packages (README, "
+            "'GPU servers and Jetson').")
+CUDA_HINT = ("The TensorRT backend needs cuda-python (cuda.bindings): pip install 'cxr-edge[gpu-cu12]' "
+             "(or gpu-cu13); on Jetson with JetPack 6 (CUDA 12.6): pip install 'cuda-python>=12.6,<13'.")
+
+
+@dataclass(frozen=True)
+class TensorRTFlavor:
+    """The TensorRT generation in use, which decides how precision is expressed."""
+
+    version: str
+    major: int
+
+    @property
+    def strongly_typed_only(self) -> bool:
+        return self.major >= 11
+
+    @property
+    def has_implicit_int8(self) -> bool:
+        """Calibrator-based INT8 (needed by DLA on TensorRT 10); removed in 11."""
+        return self.major < 11
+
+    def to_dict(self) -> dict:
+        return {"version": self.version, "major": self.major,
+                "typing": "strongly typed only" if self.strongly_typed_only else "weakly typed (builder flags)"}
+
+
+def flavor_of(version: str) -> TensorRTFlavor:
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError:
+        raise EngineError(f"Cannot read the TensorRT version {version!r}.") from None
+    if major < SUPPORTED_MAJORS[0]:
+        raise ConfigError(
+            f"TensorRT {version} is too old: cxr-edge needs TensorRT 10 or 11 (explicit batch, execute_async_v3, "
+            "named tensors). On Jetson, upgrade to JetPack 6.1 or later (TensorRT 10.3); on a server, "
+            "pip install 'cxr-edge[gpu-cu12]'."
+        )
+    if major > SUPPORTED_MAJORS[-1]:
+        raise ConfigError(
+            f"TensorRT {version} is newer than this cxr-edge knows (it supports {SUPPORTED_MAJORS[0]}.x-"
+            f"{SUPPORTED_MAJORS[-1]}.x); pin tensorrt<{SUPPORTED_MAJORS[-1] + 1} or upgrade cxr-edge."
+        )
+    return TensorRTFlavor(str(version), major)
+
+
+def require_tensorrt() -> tuple[Any, TensorRTFlavor]:
+    """The imported ``tensorrt`` module and its flavour; a clear error when missing or unsupported."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise MissingExtraError(TRT_HINT) from exc
+    return trt, flavor_of(getattr(trt, "__version__", "0"))
+
+
+def require_cudart() -> Any:
+    """cuda-python's runtime module (``cuda.bindings.runtime`` since 12.6, ``cuda.cudart`` before)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+        except ImportError as exc:
+            raise MissingExtraError(CUDA_HINT) from exc
+    return cudart
+
+
+def check_cuda(result: Any, what: str) -> Any:
+    """Unwrap a cuda-python ``(err, *values)`` result; a non-zero error raises :class:`EngineError`.
+
+    cuda-python never raises on CUDA errors: it returns them first in a tuple, so an unchecked call
+    fails silently and the next one reads garbage.
+    """
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise EngineError(f"{what} failed: {err}. Check the GPU and driver with: cxr-edge doctor")
+    if not rest:
+        return None
+    return rest[0] if len(rest) == 1 else tuple(rest)
+
+
+def check_trt(ok: Any, what: str) -> None:
+    """TensorRT reports many failures as a False return value, not an exception."""
+    if ok is False or ok is None:
+        raise EngineError(f"TensorRT refused {what}. Run with -v to see TensorRT's log.")
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    gpu_name: str
+    compute_capability: str
+    tensorrt_version: str
+    cuda_driver: str | None = None
+    cuda_runtime: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def current_device(device: int = 0) -> DeviceInfo:
+    """The GPU engines would be built for or run on: its name and compute capability decide compatibility."""
+    trt, flavor = require_tensorrt()
+    cudart = require_cudart()
+    props = check_cuda(cudart.cudaGetDeviceProperties(device), f"cudaGetDeviceProperties({device})")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    drv = check_cuda(cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
+    rt = check_cuda(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
+    return DeviceInfo(name.strip("\x00").strip(), f"{props.major}.{props.minor}", flavor.version,
+                      _cuda_version(drv), _cuda_version(rt))
+
+
+def _cuda_version(v: Any) -> str | None:
+    """CUDA encodes versions as 1000 * major + 10 * minor."""
+    return f"{int(v) // 1000}.{int(v) % 1000 // 10}" if v else None
+
+
+def check_engine_compat(engine_doc: dict, device: DeviceInfo, engine_path: str | Path = "the engine") -> None:
+    """Engines are tied to one GPU model and TensorRT version; say how to rebuild when they differ."""
+    built = engine_doc.get("device", {})
+    problems = []
+    if built.get("tensorrt_version") != device.tensorrt_version:
+        problems.append(f"TensorRT {built.get('tensorrt_version')} vs {device.tensorrt_version} here")
+    if built.get("compute_capability") != device.compute_capability or built.get("gpu_name") != device.gpu_name:
+        problems.append(f"built on {built.get('gpu_name')} (sm {built.get('compute_capability')}), this is "
+                        f"{device.gpu_name} (sm {device.compute_capability})")
+    if problems:
+        src = engine_doc.get("source_onnx", {}).get("file", "MODEL.onnx")
+        b = engine_doc.get("build", {})
+        raise ManifestError(
+            f"{engine_path} cannot run here: " + "; ".join(problems) + ". Rebuild it on this machine: "
+            f"cxr-edge build {src} --precision {b.get('precision', 'fp16')} "
+            f"--batch {b.get('min_batch', 1)},{b.get('opt_batch', 8)},{b.get('max_batch', 32)}"
+        )
