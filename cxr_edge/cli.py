@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from .errors import CxrEdgeError
+from .errors import CxrEdgeError, EngineError
 
 
 def _quiet_tensorflow() -> None:
@@ -62,8 +62,16 @@ def cmd_build(a):
     from .export.tensorrt_build import BuildConfig, build_engine
 
     cfg = BuildConfig.from_batch_text(a.precision, a.batch, workspace_mb=a.workspace, dla_core=a.dla,
-                                      timing_cache=a.timing_cache)
+                                      timing_cache=a.timing_cache, allow_tf32=a.allow_tf32, gate=a.gate,
+                                      gate_data=a.gate_data, force=a.force)
     print(f"Engine: {build_engine(a.artifact, cfg, a.out, calib_data=a.calib)}")
+
+
+def cmd_doctor(a):
+    from .doctor import format_report, run_doctor
+
+    r = run_doctor()
+    print(json.dumps(r.to_dict(), indent=2) if a.json else format_report(r))
 
 
 def _expand_images(paths):
@@ -88,7 +96,8 @@ def cmd_predict(a):
         raise SystemExit("error: no images given (files or directories)")
     device = "cuda" if a.require_gpu else a.device
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
-                  threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key) as s:
+                  threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
+                  **({"cuda_graph": True} if a.cuda_graph else {})) as s:
         results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info = s.engine.info
     if a.out:
@@ -119,7 +128,7 @@ def cmd_bench(a):
     split = lambda t: tuple(x.strip() for x in t.split(",") if x.strip())  # noqa: E731
     cfg = BenchConfig(batches=tuple(int(b) for b in split(a.batch)), backends=split(a.backends),
                       precisions=split(a.precisions), budget_s=a.budget, data=a.data, threads=a.threads,
-                      e2e=not a.no_e2e)
+                      e2e=not a.no_e2e, cuda_graph=a.cuda_graph)
     res = run_bench(a.artifact_dir, cfg)
     md = write_results(res, a.out or os.path.join(a.artifact_dir, "bench"), " ".join(["cxr-edge", *sys.argv[1:]]))
     print(md.read_text())
@@ -138,7 +147,7 @@ def cmd_serve(a):
                       max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=threads,
                       cors_origins=tuple(o for o in (a.cors or "").split(",") if o),
                       trusted_keys=tuple(a.trusted_key or ()), body_timeout_s=a.body_timeout, save_dir=a.save_dir,
-                      engine_spin=a.engine_spin)
+                      engine_spin=a.engine_spin, cuda_graph=a.cuda_graph)
     run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
                graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
 
@@ -264,7 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timing-cache", help="persistent timing cache file")
     b.add_argument("--calib", help="calibration data for INT8 on DLA (implicit calibration); unused otherwise")
     b.add_argument("--out", help="engine path (default: beside the ONNX)")
+    b.add_argument("--allow-tf32", action="store_true",
+                   help="let FP32 layers use TF32 tensor cores (default: off; TF32 rounds inputs to 10 mantissa bits)")
+    b.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the built engine against the FP32 ONNX with the export gate's criteria (default: on)")
+    b.add_argument("--gate-data", help="labelled images for the engine gate (default: the artifact's calibration "
+                   "data when present, else synthetic images)")
+    b.add_argument("--force", action="store_true", help="keep an engine that fails its gate, marked failed")
     b.set_defaults(func=cmd_build)
+
+    dr = sub.add_parser("doctor", help="what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime providers) and fixes")
+    dr.add_argument("--json", action="store_true")
+    dr.set_defaults(func=cmd_doctor)
 
     pr = sub.add_parser("predict", help="screen images with an artifact (ONNX, TensorRT engine or .keras)")
     pr.add_argument("artifact")
@@ -277,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
     pr.add_argument("--precision", help="OpenVINO only: fp32 (forced f32) or bf16")
     pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--cuda-graph", action="store_true",
+                    help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
     pr.add_argument("--cam-scale", type=float, help="fixed heatmap scale (default: each map's own max)")
     pr.add_argument("--trusted-key", action="append", metavar="PUB",
@@ -292,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--budget", type=float, default=3.0, help="seconds of timing per row")
     bn.add_argument("--threads", type=int, help="threads per engine (default: all usable cores)")
     bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (decode+infer) measurement")
+    bn.add_argument("--cuda-graph", action="store_true",
+                    help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     bn.add_argument("--out", help="results directory (default: ARTIFACT_DIR/bench)")
     bn.set_defaults(func=cmd_bench)
 
@@ -320,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds for request headers to arrive before the connection is closed")
     sv.add_argument("--max-connections", type=int, default=512, help="open connections before answering 503")
     sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")
+    sv.add_argument("--cuda-graph", action="store_true",
+                    help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     sv.set_defaults(func=cmd_serve)
 
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts")
@@ -383,6 +409,9 @@ def main(argv=None) -> int:
         args.out = str(Path(args.model).parent / "report")
     try:
         args.func(args)
+    except EngineError as exc:  # the machine or library failed (build, device, remote): exit 4
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     except CxrEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

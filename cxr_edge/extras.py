@@ -15,7 +15,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "sklearn": ("train", "evaluation metrics"),
     "matplotlib": ("train", "evaluation plots"),
     "pydicom": ("dicom", "reading DICOM files"),
-    "onnxruntime": (None, "running ONNX artifacts"),
+    "onnxruntime": ("cpu", "running ONNX artifacts (on a GPU server: the gpu-cu12 or gpu-cu13 extra instead)"),
     "onnx": (None, "inspecting ONNX graphs"),
     "cryptography": ("sign", "signed artifacts (keygen, sign, --trusted-key)"),
     "openvino": ("openvino", "the OpenVINO backend"),
@@ -23,7 +23,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "uvicorn": ("serve", "the screening service"),
     "prometheus_client": ("serve", "service metrics"),
     "tritonclient": ("triton", "Triton model repositories and the triton:// backend"),
-    "tensorrt": ("gpu", "TensorRT engines"),
+    "tensorrt": ("gpu-cu12", "TensorRT engines (gpu-cu13 for CUDA 13; on Jetson, TensorRT comes with JetPack)"),
 }
 
 
@@ -39,8 +39,3 @@ def require(module: str) -> ModuleType:
             f"{purpose} needs the '{top}' package, which is not installed ({exc}). "
             f"Install it with: {hint}"
         ) from exc
-
-
-def available(module: str) -> bool:
-    """True when ``module`` can be imported (without importing it)."""
-    return importlib.util.find_spec(module) is not None

@@ -24,21 +24,33 @@ HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
 
 
 def _has_cuda() -> bool:
+    """A CUDA device: /dev/nvidia0 on x86 servers, /dev/nvhost-* and /etc/nv_tegra_release on Jetson
+    (which has no /dev/nvidia0), or whatever the CUDA runtime says where cuda-python is installed."""
+    if os.path.exists("/dev/nvidia0") or os.path.exists("/etc/nv_tegra_release") or os.path.exists("/dev/nvhost-ctrl-gpu"):
+        return True
     try:
-        import onnxruntime as ort  # noqa: F401
-    except ImportError:
+        from cxr_edge.runtime.tensorrt_api import require_cudart
+
+        err, n = require_cudart().cudaGetDeviceCount()
+        return int(err) == 0 and n > 0
+    except Exception:
         return False
-    return os.path.exists("/dev/nvidia0")
+
+
+def _has_tensorrt() -> bool:
+    from cxr_edge.runtime.tensorrt_api import tensorrt_installed
+
+    return tensorrt_installed()
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'cxr-edge[gpu]' on a GPU machine)")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT (pip install 'cxr-edge[gpu-cu12]' on a GPU machine)")
     skip_tf = pytest.mark.skip(reason="needs the train extra (TensorFlow)")
     for item in items:
         if "gpu" in item.keywords and not _has_cuda():
             item.add_marker(skip_gpu)
-        if "tensorrt" in item.keywords and importlib.util.find_spec("tensorrt") is None:
+        if "tensorrt" in item.keywords and not _has_tensorrt():
             item.add_marker(skip_trt)
         if "train" in item.keywords and not HAS_TF:
             item.add_marker(skip_tf)

@@ -1,19 +1,14 @@
 """TensorRT build paths that need no GPU: options, profiles, refusals, compatibility, missing package."""
 
-import importlib.util
-
 import pytest
 
 from cxr_edge.errors import ConfigError, ManifestError, MissingExtraError
 from cxr_edge.export.artifacts import Precision
-from cxr_edge.export.tensorrt_build import (
-    BuildConfig,
-    DeviceInfo,
-    check_engine_compat,
-    check_source_artifact,
-    engine_path_for,
-    ort_tensorrt_ep_options,
-)
+from cxr_edge.export.tensorrt_build import BuildConfig, check_source_artifact, engine_path_for
+from cxr_edge.runtime.ort_providers import tensorrt_ep_options
+from cxr_edge.runtime.tensorrt_api import DeviceInfo, check_engine_compat, flavor_of, tensorrt_installed
+
+TRT10, TRT11 = flavor_of("10.3.0"), flavor_of("11.4.0.106")
 
 DOC = {"precision": "fp32", "inputs": [{"name": "image"}], "gate": {"passed": True},
        "preprocess": {"height": 224, "width": 224, "input_channels": 1}}
@@ -35,6 +30,7 @@ def test_batch_text_and_profile_shapes():
         ("tf32", "1,8,32", {}, "Unknown precision 'tf32'"),
         ("fp16", "1,8,32", {"workspace_mb": 1}, "too small"),
         ("fp32", "1,8,32", {"dla_core": 0}, "DLA runs FP16 or INT8"),
+        ("fp16", "1,8,32", {"dla_core": 0}, "DLA engines have static shapes"),
     ],
 )
 def test_bad_build_options(precision, batch, kw, match):
@@ -43,7 +39,7 @@ def test_bad_build_options(precision, batch, kw, match):
 
 
 def test_source_artifact_rules():
-    check_source_artifact(DOC, BuildConfig("fp16"))
+    check_source_artifact(DOC, BuildConfig("fp16"), TRT10)
     with pytest.raises(ConfigError, match="int8-trt QDQ artifact"):
         check_source_artifact(DOC, BuildConfig("int8"))
     with pytest.raises(ConfigError, match="U8S8"):
@@ -52,7 +48,23 @@ def test_source_artifact_rules():
         check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("fp16"))
     with pytest.raises(ConfigError, match="failed its accuracy gate"):
         check_source_artifact({**DOC, "gate": {"passed": False}}, BuildConfig("fp32"))
-    check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("int8"))
+    check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("int8"), TRT11)
+    # an fp16 graph is never labelled fp32; TensorRT 11 (strongly typed) takes fp16 only from the fp16 graph
+    with pytest.raises(ConfigError, match="labelled fp32 but not be fp32"):
+        check_source_artifact({**DOC, "precision": "fp16"}, BuildConfig("fp32"), TRT10)
+    with pytest.raises(ConfigError, match="strongly typed networks only.*model.fp16.onnx"):
+        check_source_artifact(DOC, BuildConfig("fp16"), TRT11)
+    check_source_artifact({**DOC, "precision": "fp16"}, BuildConfig("fp16"), TRT11)
+    check_source_artifact({**DOC, "precision": "fp16"}, BuildConfig("fp16"), TRT10)
+
+
+def test_tensorrt_versions():
+    assert not TRT10.strongly_typed_only and TRT10.has_implicit_int8
+    assert TRT11.strongly_typed_only and not TRT11.has_implicit_int8
+    with pytest.raises(ConfigError, match="TensorRT 8.6.2 is too old.*JetPack 6.1"):
+        flavor_of("8.6.2")
+    with pytest.raises(ConfigError, match="newer than this cxr-edge knows"):
+        flavor_of("12.0.1")
 
 
 def test_engine_compat_refusal_says_how_to_rebuild():
@@ -67,21 +79,24 @@ def test_engine_compat_refusal_says_how_to_rebuild():
 
 def test_engine_paths(tmp_path):
     assert engine_path_for(tmp_path / "model.fp32.onnx", BuildConfig("fp16")).name == "model.fp16.plan"
-    assert engine_path_for(tmp_path / "model.int8-trt.onnx", BuildConfig("int8", dla_core=1)).name == "model.int8.dla1.plan"
+    assert engine_path_for(tmp_path / "model.int8-trt.onnx", BuildConfig("int8", 4, 4, 4, dla_core=1)).name == "model.int8.dla1.plan"
 
 
 def test_ort_tensorrt_ep_options(tmp_path):
-    opts = ort_tensorrt_ep_options(DOC, "fp16", tmp_path, (1, 4, 16), dump_ep_context=True)
-    assert opts["trt_fp16_enable"] == "True" and opts["trt_int8_enable"] == "False"
+    opts = tensorrt_ep_options(DOC, (1, 4, 16), tmp_path, dump_ep_context=True)
+    assert opts["trt_fp16_enable"] == "False" and opts["trt_int8_enable"] == "False"
     assert opts["trt_profile_max_shapes"] == "image:16x224x224x1"
     assert opts["trt_engine_cache_path"] == str(tmp_path) and opts["trt_dump_ep_context_model"] == "True"
-    with pytest.raises(ConfigError, match="int8-trt"):
-        ort_tensorrt_ep_options({**DOC, "precision": "int8", "int8_target": "cpu"}, "int8", tmp_path)
+    off = tensorrt_ep_options({**DOC, "precision": "fp16"}, (1, 8, 32), None)
+    assert off["trt_engine_cache_enable"] == "False" and "trt_engine_cache_path" not in off
+    assert off["trt_fp16_enable"] == "True"
+    with pytest.raises(ConfigError, match="U8S8"):
+        tensorrt_ep_options({**DOC, "precision": "int8", "int8_target": "cpu"}, (1, 8, 32), tmp_path)
     with pytest.raises(ConfigError, match="MIN <= OPT"):
-        ort_tensorrt_ep_options(DOC, "fp32", tmp_path, (4, 2, 1))
+        tensorrt_ep_options(DOC, (4, 2, 1), tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+@pytest.mark.skipif(tensorrt_installed(), reason="TensorRT is installed here")
 def test_missing_tensorrt_is_a_clear_error(tmp_path):
     from cxr_edge.export.tensorrt_build import build_engine
     from cxr_edge.manifest import write_manifest
@@ -89,7 +104,7 @@ def test_missing_tensorrt_is_a_clear_error(tmp_path):
     onnx = tmp_path / "model.fp32.onnx"
     onnx.write_bytes(b"not really onnx")
     write_manifest(onnx, {**DOC, "classes": ["COVID", "Normal"]})
-    with pytest.raises(MissingExtraError, match=r"pip install 'cxr-edge\[gpu\]'"):
+    with pytest.raises(MissingExtraError, match=r"pip install 'cxr-edge\[gpu-cu12\]'"):
         build_engine(onnx, BuildConfig("fp16"))
 
 
@@ -116,11 +131,15 @@ def test_dla_int8_needs_fp32_source_and_calibration(tmp_path):
     from cxr_edge.export.tensorrt_build import build_engine
     from cxr_edge.manifest import write_manifest
 
+    dla = BuildConfig("int8", 4, 4, 4, dla_core=0)
     with pytest.raises(ConfigError, match="calibrated implicitly from the fp32 artifact"):
-        check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("int8", dla_core=0))
-    check_source_artifact(DOC, BuildConfig("int8", dla_core=0))
+        check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, dla, TRT10)
+    check_source_artifact(DOC, dla, TRT10)
+    check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, dla, TRT11)  # 11: explicit only
+    with pytest.raises(ConfigError, match="int8-trt QDQ artifact"):
+        check_source_artifact(DOC, dla, TRT11)
     onnx = tmp_path / "model.fp32.onnx"
     onnx.write_bytes(b"x")
     write_manifest(onnx, {**DOC, "classes": ["COVID", "Normal"]})
     with pytest.raises(ConfigError, match="pass --calib DATA"):
-        build_engine(onnx, BuildConfig("int8", dla_core=0))
+        build_engine(onnx, dla)

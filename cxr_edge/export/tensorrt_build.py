@@ -26,11 +26,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EngineError, ManifestError
 from ..manifest import read_manifest, sha256_file, write_manifest
 from ..runtime.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
 from .artifacts import Precision
+
+if TYPE_CHECKING:
+    import tensorrt as trt_t
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ class BuildConfig:
             raise ConfigError(f"--batch must be MIN,OPT,MAX integers, got {batch!r}.") from None
         if len(parts) != 3:
             raise ConfigError(f"--batch must be MIN,OPT,MAX (three numbers), got {batch!r}.")
-        return cls(precision, *parts, **kw)
+        return cls(precision, *parts, **kw)  # type: ignore[arg-type]  # __post_init__ converts and checks
 
     def profile_shapes(self, input_shape_hwc) -> dict[str, tuple]:
         h, w, c = input_shape_hwc
@@ -105,7 +109,6 @@ def check_source_artifact(onnx_doc: dict, config: BuildConfig, flavor: TensorRTF
     """
     src = _source_kind(onnx_doc)
     want = config.precision
-    strong = flavor is not None and flavor.strongly_typed_only
     dla = config.dla_core is not None
     if src == "int8-cpu":
         raise ConfigError("The int8-cpu artifact has unsigned (U8S8) activations, which TensorRT does not take; "
@@ -118,13 +121,13 @@ def check_source_artifact(onnx_doc: dict, config: BuildConfig, flavor: TensorRTF
     if want is Precision.FP16:
         if src == "int8-trt":
             raise ConfigError("A QDQ INT8 artifact cannot build a fp16 engine; use model.fp16.onnx or model.fp32.onnx.")
-        if strong and src != "fp16":
+        if flavor is not None and flavor.strongly_typed_only and src != "fp16":
             raise ConfigError(f"TensorRT {flavor.version} builds strongly typed networks only: an fp16 engine comes "
                               "from model.fp16.onnx (cxr-edge export --precision fp16), not from the fp32 graph.")
     if want is Precision.INT8:
         if dla and flavor is None:
             allowed = {"fp32", "int8-trt"}  # decided once the TensorRT version is known
-        elif dla and flavor.has_implicit_int8:
+        elif dla and flavor is not None and flavor.has_implicit_int8:
             allowed = {"fp32"}
         else:
             allowed = {"int8-trt"}
@@ -149,11 +152,13 @@ def calibration_cache_path(onnx_path: Path, onnx_sha: str, data_fingerprint: str
     return onnx_path.with_name(f"dla_calibration.{key}.cache")
 
 
-def make_entropy_calibrator(trt, batches, cache_file: Path):
+def make_entropy_calibrator(batches, cache_file: Path):
     """IInt8EntropyCalibrator2 over uint8 batches: only for DLA on TensorRT 10, whose INT8 is implicit.
 
     Defined inside a function because its base class exists only where TensorRT 10 is installed.
     """
+    import tensorrt as trt
+
     from ..runtime.tensorrt_api import check_cuda, require_cudart
 
     cudart = require_cudart()
@@ -196,7 +201,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _set_timing_cache(bc, path: Path) -> None:
+def _set_timing_cache(bc: "trt_t.IBuilderConfig", path: Path) -> None:
     """Load a timing cache; one from another GPU or TensorRT version is replaced by a fresh one, with a warning."""
     blob = path.read_bytes() if path.is_file() else b""
     cache = bc.create_timing_cache(blob)
@@ -207,16 +212,19 @@ def _set_timing_cache(bc, path: Path) -> None:
     check_trt(bc.set_timing_cache(bc.create_timing_cache(b""), ignore_mismatch=False), "a fresh timing cache")
 
 
-def _save_timing_cache(bc, path: Path) -> None:
+def _save_timing_cache(bc: "trt_t.IBuilderConfig", path: Path) -> None:
     try:
         _atomic_write(path, bytes(bc.get_timing_cache().serialize()))
     except Exception as exc:  # the engine is good without it: a cache is only a build-time shortcut
         log.warning("could not save the timing cache %s: %s", path, exc)
 
 
-def _set_precision(trt, flavor: TensorRTFlavor, builder, bc, config: BuildConfig, src: str) -> dict:
+def _set_precision(flavor: TensorRTFlavor, builder: "trt_t.Builder", bc: "trt_t.IBuilderConfig",
+                   config: BuildConfig, src: str) -> dict:
     """Builder flags for the requested precision; returns what the manifest records about typing."""
-    typing = {"tensorrt_typing": flavor.to_dict()["typing"], "tf32": bool(config.allow_tf32)}
+    import tensorrt as trt
+
+    typing: dict[str, Any] = {"tensorrt_typing": flavor.to_dict()["typing"], "tf32": bool(config.allow_tf32)}
     if not config.allow_tf32:
         bc.clear_flag(trt.BuilderFlag.TF32)
     if flavor.strongly_typed_only:
@@ -236,8 +244,11 @@ def _set_precision(trt, flavor: TensorRTFlavor, builder, bc, config: BuildConfig
     return typing
 
 
-def _configure_dla(trt, flavor, builder, bc, config: BuildConfig, doc: dict, onnx_path: Path, profile,
-                   calib_data) -> dict:
+def _configure_dla(flavor: TensorRTFlavor, builder: "trt_t.Builder", bc: "trt_t.IBuilderConfig", config: BuildConfig,
+                   doc: dict, onnx_path: Path, profile: "trt_t.IOptimizationProfile", calib_data) -> dict:
+    import tensorrt as trt
+
+    assert config.dla_core is not None
     if builder.num_DLA_cores == 0:
         raise ConfigError("--dla was given but this device has no DLA cores (DLA exists on Jetson AGX/NX Orin).")
     if config.dla_core >= builder.num_DLA_cores:
@@ -245,7 +256,7 @@ def _configure_dla(trt, flavor, builder, bc, config: BuildConfig, doc: dict, onn
     bc.default_device_type = trt.DeviceType.DLA
     bc.DLA_core = config.dla_core
     bc.set_flag(trt.BuilderFlag.GPU_FALLBACK)
-    info = {"dla_core": config.dla_core}
+    info: dict[str, Any] = {"dla_core": config.dla_core}
     if config.precision is Precision.INT8 and flavor.has_implicit_int8:
         from ..preprocess import PreprocessSpec
         from .gate_data import load_gate_data
@@ -257,7 +268,7 @@ def _configure_dla(trt, flavor, builder, bc, config: BuildConfig, doc: dict, onn
             raise ConfigError(f"Only {len(x)} calibration images for DLA batch {bs}; pass more data with --calib.")
         batches = [x[i : i + bs] for i in range(0, len(x) - len(x) % bs, bs)]
         cache = calibration_cache_path(onnx_path, doc["sha256"], data.info["fingerprint"], len(x), bs)
-        bc.int8_calibrator = calibrator = make_entropy_calibrator(trt, batches, cache)
+        bc.int8_calibrator = calibrator = make_entropy_calibrator(batches, cache)
         check_trt(bc.set_calibration_profile(profile), "the calibration profile")
         info.update({"calibration": "implicit (IInt8EntropyCalibrator2)", "calibration_cache": cache.name,
                      "calibration_data": data.info["data"], "n_calibration": len(x)})
@@ -274,7 +285,9 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
     if config.precision is Precision.INT8 and config.dla_core is not None and _source_kind(doc) == "fp32" \
             and not calib_data:
         raise ConfigError("INT8 on DLA needs calibration images: pass --calib DATA (its train split is used).")
-    trt, flavor = require_tensorrt()
+    _, flavor = require_tensorrt()
+    import tensorrt as trt  # typed by tensorrt-stubs in CI's type check
+
     check_source_artifact(doc, config, flavor)
     src = _source_kind(doc)
     if src == "int8-trt":
@@ -297,7 +310,7 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
         raise EngineError(f"TensorRT {flavor.version} could not parse {onnx_path.name}: {errs}")
     bc = builder.create_builder_config()
     bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
-    typing = _set_precision(trt, flavor, builder, bc, config, src)
+    typing = _set_precision(flavor, builder, bc, config, src)
     inp = network.get_input(0)
     shapes = config.profile_shapes(tuple(doc["preprocess"][k] for k in ("height", "width", "input_channels")))
     profile = builder.create_optimization_profile()
@@ -306,7 +319,7 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
         raise EngineError(f"TensorRT refused the optimisation profile {shapes}.")
     dla = {}
     if config.dla_core is not None:
-        dla = _configure_dla(trt, flavor, builder, bc, config, doc, onnx_path, profile, calib_data)
+        dla = _configure_dla(flavor, builder, bc, config, doc, onnx_path, profile, calib_data)
     cache_path = Path(config.timing_cache) if config.timing_cache else out.with_name(out.name + ".timing.cache")
     _set_timing_cache(bc, cache_path)
     t0 = time.perf_counter()

@@ -73,12 +73,23 @@ def flavor_of(version: str) -> TensorRTFlavor:
     return TensorRTFlavor(str(version), major)
 
 
+def tensorrt_installed() -> bool:
+    """True only for a real TensorRT module: ``tensorrt-stubs`` leaves a ``tensorrt/`` folder of ``.pyi``
+    files that Python imports as an empty namespace package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensorrt")
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
 def require_tensorrt() -> tuple[Any, TensorRTFlavor]:
     """The imported ``tensorrt`` module and its flavour; a clear error when missing or unsupported."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise MissingExtraError(TRT_HINT) from exc
+    if not hasattr(trt, "Builder"):  # type stubs only (a namespace package), or a broken install
+        raise MissingExtraError(TRT_HINT + " (Only TensorRT's type stubs are installed here.)")
     return trt, flavor_of(getattr(trt, "__version__", "0"))
 
 
@@ -102,7 +113,7 @@ def check_cuda(result: Any, what: str) -> Any:
     """
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
-        raise EngineError(f"{what} failed: {err}. Check the GPU and driver with: cxr-edge doctor")
+        raise EngineError(f"{what} failed: {getattr(err, 'name', err)}. Check the GPU and driver with: cxr-edge doctor")
     if not rest:
         return None
     return rest[0] if len(rest) == 1 else tuple(rest)

@@ -43,6 +43,7 @@ class OnnxRuntimeBackend(Backend):
         available = ort.get_available_providers()
         names = requested_providers(device, self.options.get("providers"), available, self.manifest)
         self._profile = profile_for(self.options.get("max_batch"))
+        self._trt_cache: str | None = None
         provider_options = [self._provider_options(n) for n in names]
         so = ort.SessionOptions()
         so.log_severity_level = 3

@@ -14,7 +14,9 @@ synchronised before any memory is freed.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,19 +26,29 @@ from .base import Backend, BackendInfo
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    import tensorrt
+
 
 class TensorRTBackend(Backend):
     """Options: cuda_graph (bool), device_index (int)."""
 
     formats = ("tensorrt",)
     name = "tensorrt"
+    runtime: "tensorrt.Runtime | None"
+    engine: "tensorrt.ICudaEngine"
+    context: "tensorrt.IExecutionContext"
+    stream: int | None
+    input_name: str
 
     def batch_range(self) -> tuple[int, int]:
         prof = self.manifest.get("profile", {})
         return (int(prof.get("min", [1])[0]), int(prof.get("max", [1])[0]))
 
     def _load(self) -> BackendInfo:
-        trt, flavor = require_tensorrt()
+        _, flavor = require_tensorrt()
+        import tensorrt as trt  # typed by tensorrt-stubs in CI's type check
+
         cudart = require_cudart()
         dev = current_device(int(self.options.get("device_index", 0)))
         check_engine_compat(self.manifest, dev, self.artifact)
@@ -46,9 +58,9 @@ class TensorRTBackend(Backend):
         self._pinned: list[int] = []
         self._graphs: dict[int, tuple] = {}
         self.stream = None
-        self.context = self.engine = self.runtime = None
+        self.runtime = None
         try:
-            self._open(trt, cudart)
+            self._open(cudart)
         except BaseException:
             self._release()
             raise
@@ -58,14 +70,18 @@ class TensorRTBackend(Backend):
                                     "tensorrt_typing": flavor.to_dict()["typing"],
                                     "profile": list(self.batch_range())})
 
-    def _open(self, trt, cudart) -> None:
+    def _open(self, cudart) -> None:
+        import tensorrt as trt
+
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(self.artifact.read_bytes())
-        if self.engine is None:
+        engine = self.runtime.deserialize_cuda_engine(self.artifact.read_bytes())
+        if engine is None:
             raise EngineError(f"TensorRT could not deserialise {self.artifact}; rebuild it with cxr-edge build.")
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
+        self.engine = engine
+        context = self.engine.create_execution_context()
+        if context is None:
             raise EngineError("TensorRT could not create an execution context (out of GPU memory?).")
+        self.context = context
         self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -83,12 +99,12 @@ class TensorRTBackend(Backend):
             self.buffers[n] = int(check_cuda(cudart.cudaMalloc(nbytes), f"cudaMalloc({nbytes}) for {n!r}"))
             ptr = int(check_cuda(cudart.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))  # pinned: async copies
             self._pinned.append(ptr)
-            raw = (np.ctypeslib.ctypes.c_byte * nbytes).from_address(ptr)
+            raw = (ctypes.c_byte * nbytes).from_address(ptr)
             self.host[n] = np.ctypeslib.as_array(raw).view(dtype).reshape(shape)
             check_trt(self.context.set_tensor_address(n, self.buffers[n]), f"the device address of {n!r}")
 
     def _enqueue(self) -> None:
-        check_trt(self.context.execute_async_v3(int(self.stream)), "execute_async_v3 (engine execution)")
+        check_trt(self.context.execute_async_v3(int(self.stream or 0)), "execute_async_v3 (engine execution)")
 
     def _launch(self, n: int) -> None:
         if not self.use_graph:
@@ -152,7 +168,8 @@ class TensorRTBackend(Backend):
             cudart.cudaGraphExecDestroy(exe)
             cudart.cudaGraphDestroy(graph)
         self._graphs.clear()
-        self.context = self.engine = self.runtime = None  # TensorRT objects before the memory they point into
+        # TensorRT objects go before the memory they point into
+        self.context = self.engine = self.runtime = None  # type: ignore[assignment]
         for ptr in self.buffers.values():
             cudart.cudaFree(ptr)
         for ptr in self._pinned:

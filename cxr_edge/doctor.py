@@ -1,0 +1,253 @@
+"""``cxr-edge doctor``: what this machine can run, and for what it cannot, the exact reason and fix.
+
+Everything is probed, not assumed: ONNX Runtime providers are *created* on a one-node model (the
+GPU package lists CUDA and TensorRT providers even where their libraries are missing), CUDA is asked
+for devices through cuda-python, TensorRT is imported and its API generation read. Nothing is
+installed or downloaded; each probe is isolated so one broken library cannot hide the others.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Probe:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    probes: list[Probe] = field(default_factory=list)
+    matrix: list[dict] = field(default_factory=list)
+
+    def get(self, name: str) -> Probe | None:
+        return next((p for p in self.probes if p.name == name), None)
+
+    def to_dict(self) -> dict:
+        return {"probes": [p.__dict__ for p in self.probes], "matrix": self.matrix}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def is_jetson() -> bool:
+    return Path("/etc/nv_tegra_release").exists() or "tegra" in platform.release()
+
+
+def probe_packages() -> Probe:
+    both = [d for d in ("onnxruntime", "onnxruntime-gpu") if _version(d)]
+    if len(both) == 2:
+        return Probe("onnxruntime packages", False, "both onnxruntime and onnxruntime-gpu are installed: they "
+                     "overwrite each other's files and the CUDA provider can vanish",
+                     "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'cxr-edge[gpu-cu12]' "
+                     "(GPU) or 'cxr-edge[cpu]'")
+    if not both:
+        return Probe("onnxruntime packages", False, "no ONNX Runtime installed", "pip install 'cxr-edge[cpu]'")
+    return Probe("onnxruntime packages", True, f"{both[0]} {_version(both[0])}")
+
+
+def probe_cuda() -> Probe:
+    try:
+        from .runtime.tensorrt_api import check_cuda, require_cudart
+
+        cudart = require_cudart()
+    except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
+        return Probe("CUDA", False, "cuda-python (cuda.bindings) is not installed" if isinstance(exc, ImportError)
+                     else str(exc).splitlines()[0][:160],
+                     "pip install 'cxr-edge[gpu-cu12]' (or gpu-cu13; on Jetson 'cxr-edge[jetson]')")
+    try:
+        n = check_cuda(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        drv = check_cuda(cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
+        rt = check_cuda(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
+        props = check_cuda(cudart.cudaGetDeviceProperties(0), "cudaGetDeviceProperties") if n else None
+    except Exception as exc:  # noqa: BLE001
+        return Probe("CUDA", False, str(exc).splitlines()[0], "install the NVIDIA driver matching the CUDA major "
+                     "(CUDA 12: R525+, CUDA 13: R580+) and check nvidia-smi")
+    if not n or props is None:
+        return Probe("CUDA", False, "the CUDA runtime sees no GPU", "check nvidia-smi and the driver")
+    name = props.name.decode(errors="replace").strip("\x00") if isinstance(props.name, bytes) else str(props.name)
+    v = lambda x: f"{int(x) // 1000}.{int(x) % 1000 // 10}" if x else "?"  # noqa: E731
+    return Probe("CUDA", True, f"{n} GPU(s): {name} (sm {props.major}.{props.minor}); driver CUDA {v(drv)}, "
+                 f"runtime {v(rt)}")
+
+
+def probe_cudnn() -> Probe:
+    for lib in ("libcudnn.so.9", "libcudnn.so.8"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(lib)
+            return Probe("cuDNN", True, f"{lib} loads")
+        except OSError:
+            continue
+    wheel = _version("nvidia-cudnn-cu12") or _version("nvidia-cudnn-cu13")
+    if wheel:
+        return Probe("cuDNN", True, f"nvidia-cudnn wheel {wheel} (ONNX Runtime preloads it)")
+    return Probe("cuDNN", False, "no cuDNN library found", "pip install 'cxr-edge[gpu-cu12]' brings it as a wheel; "
+                 "on Jetson it comes with JetPack")
+
+
+def probe_tensorrt() -> Probe:
+    from .runtime.tensorrt_api import require_tensorrt, tensorrt_installed
+
+    if not tensorrt_installed():
+        fix = ("TensorRT comes with JetPack 6.1+: make the venv with --system-site-packages" if is_jetson()
+               else "pip install 'cxr-edge[gpu-cu12]' on an x86 GPU server")
+        return Probe("TensorRT", False, "the tensorrt package is not installed", fix)
+    try:
+        _, flavor = require_tensorrt()
+    except Exception as exc:  # noqa: BLE001
+        return Probe("TensorRT", False, str(exc).splitlines()[0][:200], "see the message")
+    typing = flavor.to_dict()["typing"]
+    note = "; ONNX Runtime's TensorRT EP needs TensorRT 10 (it links libnvinfer.so.10)" if flavor.major >= 11 else ""
+    return Probe("TensorRT", True, f"TensorRT {flavor.version} ({typing}){note}")
+
+
+def _tiny_model(path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    import onnx
+
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def probe_ort_providers() -> list[Probe]:
+    """Create a session on each listed provider and read back which one really runs."""
+    try:
+        import numpy as np
+        import onnxruntime as ort
+    except ImportError:
+        return [Probe("ONNX Runtime", False, "onnxruntime not importable", "pip install 'cxr-edge[cpu]'")]
+    out = []
+    listed = ort.get_available_providers()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "probe.onnx"
+        _tiny_model(model)
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        for prov in listed:
+            short = prov.replace("ExecutionProvider", "")
+            try:
+                s = ort.InferenceSession(str(model), so, providers=[prov])
+                s.run(None, {"x": np.ones((1, 4), np.float32)})
+                used = s.get_providers()[0]
+            except Exception as exc:  # noqa: BLE001
+                out.append(Probe(f"ORT {short}", False, f"listed, but creating a session failed: "
+                                 f"{str(exc).splitlines()[0][:160]}", _ort_fix(prov)))
+                continue
+            if used != prov:
+                out.append(Probe(f"ORT {short}", False, f"listed, but a session asked for it runs on {used}",
+                                 _ort_fix(prov)))
+            else:
+                out.append(Probe(f"ORT {short}", True, f"onnxruntime {ort.__version__}: a session runs on it"))
+    pkg = "onnxruntime-gpu" if _version("onnxruntime-gpu") else "onnxruntime"
+    for prov in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
+        if prov not in listed:
+            out.append(Probe(f"ORT {prov.replace('ExecutionProvider', '')}", False,
+                             f"not part of this {pkg} build", _ort_fix(prov)))
+    return out
+
+
+def _ort_fix(prov: str) -> str:
+    if prov == "TensorrtExecutionProvider":
+        return ("needs libnvinfer.so.10 (TensorRT 10) and a GPU: pip install 'cxr-edge[gpu-cu12]'; TensorRT 11 "
+                "disables this EP (use cxr-edge build for native engines)")
+    if prov == "CUDAExecutionProvider":
+        return "needs a GPU, the CUDA runtime and cuDNN of onnxruntime-gpu's CUDA major: pip install 'cxr-edge[gpu-cu12]'"
+    return "reinstall onnxruntime"
+
+
+def probe_cupy() -> Probe:
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        return Probe("CuPy", bool(n), f"cupy {cupy.__version__}, {n} device(s)")
+    except ImportError:
+        return Probe("CuPy", False, "not installed (optional: GPU preprocessing)", "pip install cupy-cuda12x")
+    except Exception as exc:  # noqa: BLE001
+        return Probe("CuPy", False, str(exc).splitlines()[0][:160], "check the CUDA driver")
+
+
+def probe_openvino() -> Probe:
+    try:
+        import openvino as ov
+
+        devs = ov.Core().available_devices
+        return Probe("OpenVINO", True, f"openvino {ov.__version__}: devices {devs}")
+    except ImportError:
+        return Probe("OpenVINO", False, "not installed (optional CPU backend)", "pip install 'cxr-edge[openvino]'")
+    except Exception as exc:  # noqa: BLE001
+        return Probe("OpenVINO", False, str(exc).splitlines()[0][:160], "reinstall openvino")
+
+
+def _matrix(r: Report) -> list[dict]:
+    def ok(name: str) -> bool:
+        p = r.get(name)
+        return bool(p and p.ok)
+
+    def why(name: str) -> str:
+        p = r.get(name)
+        if p is None:
+            return f"{name}: not probed"
+        return p.detail + (f" -> {p.fix}" if p.fix else "")
+
+    rows = []
+    for prec in ("fp32", "fp16", "int8-trt", "int8-cpu"):
+        rows.append({"backend": "onnxruntime CPU", "precision": prec,
+                     "status": "will run" if ok("ORT CPU") else why("ORT CPU")})
+        rows.append({"backend": "onnxruntime CUDA", "precision": prec,
+                     "status": "will run" if ok("ORT CUDA") else why("ORT CUDA")})
+        trt_ep = ("not for this artifact: U8S8 INT8 is CPU-only (use int8-trt)" if prec == "int8-cpu"
+                  else "will run" if ok("ORT Tensorrt") else why("ORT Tensorrt"))
+        rows.append({"backend": "onnxruntime TensorRT EP", "precision": prec, "status": trt_ep})
+        rows.append({"backend": "OpenVINO", "precision": prec, "status": "will run" if ok("OpenVINO") else why("OpenVINO")})
+    for prec in ("fp32", "fp16", "int8"):
+        missing = [n for n in ("TensorRT", "CUDA") if not ok(n)]
+        rows.append({"backend": "TensorRT engine (cxr-edge build)", "precision": prec,
+                     "status": "will run" if not missing else "; ".join(why(n) for n in missing)})
+    return rows
+
+
+def run_doctor() -> Report:
+    r = Report()
+    r.probes.append(Probe("machine", True, f"{platform.machine()} {platform.system()} {platform.release()}, "
+                          f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
+                          + (" (Jetson)" if is_jetson() else "")))
+    for fn in (probe_packages, probe_cuda, probe_cudnn, probe_tensorrt, probe_cupy, probe_openvino):
+        r.probes.append(fn())
+    r.probes += probe_ort_providers()
+    r.matrix = _matrix(r)
+    return r
+
+
+def format_report(r: Report) -> str:
+    lines = ["# cxr-edge doctor", ""]
+    for p in r.probes:
+        lines.append(f"[{'ok' if p.ok else '--'}] {p.name}: {p.detail}" + (f"\n      fix: {p.fix}" if p.fix and not p.ok else ""))
+    gpu = [m for m in r.matrix if "CPU" not in m["backend"] and "OpenVINO" not in m["backend"]]
+    runs = sorted({m["backend"] for m in gpu if m["status"] == "will run"})
+    lines += ["", f"GPU paths that can run here: {', '.join(runs)}" if runs else
+              "No GPU path can run here (reasons and fixes above and in the table)."]
+    lines += ["", "| backend | precision | status |", "|---|---|---|"]
+    lines += [f"| {m['backend']} | {m['precision']} | {m['status']} |" for m in r.matrix]
+    return "\n".join(lines)
