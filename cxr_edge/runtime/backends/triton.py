@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ...errors import ConfigError
+from ...errors import ConfigError, EngineError
 from ...extras import require
 from .base import Backend, BackendInfo
 
@@ -35,7 +35,7 @@ def remote_manifest(url: str, timeout: float = 10.0) -> dict:
     except Exception as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"Cannot reach Triton model {model!r} at {host}: {exc}") from exc
+        raise EngineError(f"Cannot reach Triton model {model!r} at {host}: {exc}") from exc  # remote: not the command
     params = cfg.get("parameters", {})
     raw = params.get("cxr_edge_manifest", {}).get("string_value")
     if not raw:
