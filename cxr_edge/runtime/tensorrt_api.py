@@ -77,19 +77,23 @@ def tensorrt_installed() -> bool:
     """True only for a real TensorRT module: ``tensorrt-stubs`` leaves a ``tensorrt/`` folder of ``.pyi``
     files that Python imports as an empty namespace package."""
     import importlib.util
+    import sys
 
+    loaded = sys.modules.get("tensorrt")
+    if loaded is not None:
+        return hasattr(loaded, "Builder")
     spec = importlib.util.find_spec("tensorrt")
     return spec is not None and spec.origin not in (None, "namespace")
 
 
 def require_tensorrt() -> tuple[Any, TensorRTFlavor]:
     """The imported ``tensorrt`` module and its flavour; a clear error when missing or unsupported."""
+    if not tensorrt_installed():  # checked before importing: stubs would import as an empty namespace package
+        raise MissingExtraError(TRT_HINT)
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise MissingExtraError(TRT_HINT) from exc
-    if not hasattr(trt, "Builder"):  # type stubs only (a namespace package), or a broken install
-        raise MissingExtraError(TRT_HINT + " (Only TensorRT's type stubs are installed here.)")
     return trt, flavor_of(getattr(trt, "__version__", "0"))
 
 
