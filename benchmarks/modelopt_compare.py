@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from cxr_edge.export.gate_data import load_gate_data
 from cxr_edge.export.gates import int8_gate
@@ -66,15 +66,20 @@ def main() -> None:
         for method in ("max", "entropy"):
             for hp in ("fp32", "fp16"):
                 path = Path(tmp) / f"mo_{method}_{hp}.onnx"
+                # ModelOpt 0.47 rewrites the ONNX file it is given (graph simplifications saved in place: the
+                # artifact's sha256 no longer matched its manifest), so it only ever sees a fresh copy
+                src = Path(tmp) / "fp32_copy.onnx"
+                shutil.copyfile(fp32, src)
                 t0 = time.perf_counter()
                 try:
-                    mo_quantize(str(fp32), quantize_mode="int8", calibration_data={"image": data.calib_x},
+                    mo_quantize(str(src), quantize_mode="int8", calibration_data={"image": data.calib_x},
                                 calibration_method=method, calibration_eps=["cpu"], high_precision_dtype=hp,
                                 output_path=str(path), log_level="WARNING")
                     rows.append(_row(f"ModelOpt int8, {method} calibration, float parts {hp}", path, ref, data, doc,
                                      round(time.perf_counter() - t0, 1)))
                 except Exception as exc:  # a configuration ModelOpt cannot do is a row, not a crash
                     rows.append({"quantizer": f"ModelOpt int8, {method}, {hp}", "error": str(exc).splitlines()[-1][:300]})
+    read_manifest(fp32)  # verifies the artifact's sha256: ModelOpt must not have touched it
     (out / "results.json").write_text(json.dumps({"artifact_dir": str(art), "data": data.info, "rows": rows},
                                                  indent=2, default=str) + "\n")
     lines = [f"# INT8 for TensorRT: cxr-edge vs NVIDIA ModelOpt ({doc.get('recipe')})", "",

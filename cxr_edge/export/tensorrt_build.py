@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, EngineError, ManifestError
+from ..errors import ConfigError, EngineError
 from ..manifest import read_manifest, sha256_file, write_manifest
 from ..runtime.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
 from .artifacts import Precision
