@@ -247,3 +247,14 @@ def test_unchecked_failures_become_engine_errors(monkeypatch, artifacts, tmp_pat
     with pytest.raises(EngineError, match="cudaMalloc.*cudaErrorMemoryAllocation"):
         open_backend(plan).load()
     assert not cudart.streams and not cudart.pinned  # the half-opened engine was released
+
+
+def test_screener_refuses_a_zero_batch_before_loading_anything(monkeypatch, artifacts):
+    from cxr_edge.runtime import Screener
+    import cxr_edge.runtime.screener as screener_mod
+
+    opened = []
+    monkeypatch.setattr(screener_mod, "open_backend", lambda *a, **k: opened.append(a))
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        Screener(artifacts / "model.fp32.onnx", batch_size=0)
+    assert not opened

@@ -60,15 +60,14 @@ class Screener:
 
     def __init__(self, artifact, *, backend: str | None = None, device: str = "auto", batch_size: int = 8,
                  workers: int | None = None, threshold: float | None = None, verify: bool = True, **options):
+        if batch_size < 1:  # checked before anything is loaded, so a bad value leaks no engine
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         options.setdefault("max_batch", batch_size)  # profile of engines compiled at load (ORT's TensorRT EP)
         self.engine = open_backend(artifact, backend=backend, verify=verify, device=device, **options).load()
         self.manifest = self.engine.manifest
         self.classes = self.engine.classes
         op = self.manifest.get("operating_point") or {}
         self.threshold = threshold if threshold is not None else op.get("threshold")
-        if batch_size < 1:
-            self.close()
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = batch_size  # the engine fits any size to its profile (Backend.infer)
         self.workers = workers
         self._cam = None
