@@ -1,1 +1,2 @@
-"""Export of trained models to ONNX / TensorRT artifacts with manifests (issue 3: not built yet)."""
+"""Trained Keras models to gated ONNX artifacts (FP32/FP16/INT8), TensorRT engines and Triton repositories,
+each with a manifest."""

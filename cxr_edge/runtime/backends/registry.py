@@ -1,4 +1,5 @@
-"""Artifact format -> backend classes. Backends register themselves; callers never branch on format."""
+"""Artifact format -> backend classes, listed here by import path (so listing them imports no heavy library);
+callers never branch on format."""
 
 from __future__ import annotations
 
