@@ -64,7 +64,7 @@ def probe_packages() -> Probe:
 
 def probe_cuda() -> Probe:
     try:
-        from .runtime.tensorrt_api import check_cuda, require_cudart
+        from .runtime.tensorrt_api import check_cuda, cuda_device, require_cudart
 
         cudart = require_cudart()
     except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
@@ -73,18 +73,14 @@ def probe_cuda() -> Probe:
                      "pip install 'cxr-edge[gpu-cu12]' (or gpu-cu13; on Jetson 'cxr-edge[jetson]')")
     try:
         n = check_cuda(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
-        drv = check_cuda(cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
-        rt = check_cuda(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
-        props = check_cuda(cudart.cudaGetDeviceProperties(0), "cudaGetDeviceProperties") if n else None
+        gpu = cuda_device(0) if n else None
     except Exception as exc:  # noqa: BLE001
         return Probe("CUDA", False, str(exc).splitlines()[0], "install the NVIDIA driver matching the CUDA major "
                      "(CUDA 12: R525+, CUDA 13: R580+) and check nvidia-smi")
-    if not n or props is None:
+    if gpu is None:
         return Probe("CUDA", False, "the CUDA runtime sees no GPU", "check nvidia-smi and the driver")
-    name = props.name.decode(errors="replace").strip("\x00") if isinstance(props.name, bytes) else str(props.name)
-    v = lambda x: f"{int(x) // 1000}.{int(x) % 1000 // 10}" if x else "?"  # noqa: E731
-    return Probe("CUDA", True, f"{n} GPU(s): {name} (sm {props.major}.{props.minor}); driver CUDA {v(drv)}, "
-                 f"runtime {v(rt)}")
+    return Probe("CUDA", True, f"{n} GPU(s): {gpu.name} (sm {gpu.compute_capability}); driver CUDA {gpu.driver}, "
+                 f"runtime {gpu.runtime}")
 
 
 def probe_cudnn() -> Probe:
@@ -120,13 +116,12 @@ def probe_tensorrt() -> Probe:
 
 
 def _tiny_model(path: Path) -> None:
+    import onnx
     from onnx import TensorProto, helper
 
     g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    import onnx
-
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 

@@ -26,7 +26,9 @@ HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
 def _has_cuda() -> bool:
     """A CUDA device: /dev/nvidia0 on x86 servers, /dev/nvhost-* and /etc/nv_tegra_release on Jetson
     (which has no /dev/nvidia0), or whatever the CUDA runtime says where cuda-python is installed."""
-    if os.path.exists("/dev/nvidia0") or os.path.exists("/etc/nv_tegra_release") or os.path.exists("/dev/nvhost-ctrl-gpu"):
+    from cxr_edge.doctor import is_jetson
+
+    if os.path.exists("/dev/nvidia0") or is_jetson() or os.path.exists("/dev/nvhost-ctrl-gpu"):
         return True
     try:
         from cxr_edge.runtime.tensorrt_api import require_cudart

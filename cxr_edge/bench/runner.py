@@ -193,8 +193,8 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
                 pool = [np.take(x_acc, range(k * b, (k + 1) * b), axis=0, mode="wrap") for k in range(4)]
                 times = measure(lambda batch: eng.infer(batch, ["probs"]), pool, cfg.budget_s)
                 row = {**base, "batch": b, "status": status, **summarise(times, b), "peak_rss_mb": peak_rss_mb()}
-                if eng.fit_note(b):  # engines with a fixed profile: say what the timing includes
-                    row["note"] = eng.fit_note(b)
+                if note := eng.fit_note(b):  # engines with a fixed profile: say what the timing includes
+                    row["note"] = note
                 if macs:
                     row["gmacs_per_s"] = row["throughput_ips"] * macs / 1e9
                 if cfg.e2e and paths and b == max(cfg.batches):

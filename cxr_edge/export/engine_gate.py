@@ -40,7 +40,7 @@ def gate_engine(plan: Path, engine_doc: dict, onnx_path: Path, onnx_doc: dict, d
     if data_dir is None:
         calib = (onnx_doc.get("calibration") or {}).get("data")
         data_dir = calib if calib and Path(calib).is_dir() else None
-    data = load_gate_data({**onnx_doc, "data": onnx_doc.get("data") or {}}, spec, data_dir, calib_size=1)
+    data = load_gate_data(onnx_doc, spec, data_dir, calib_size=1)  # the gate needs val images, not calibration
     ref_path = reference_fp32(onnx_path, onnx_doc)
     precision = engine_doc["precision"]
     x = data.val_x if precision == "int8" else data.parity_x

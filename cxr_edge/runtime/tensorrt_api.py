@@ -141,16 +141,30 @@ class DeviceInfo:
         return asdict(self)
 
 
-def current_device(device: int = 0) -> DeviceInfo:
-    """The GPU engines would be built for or run on: its name and compute capability decide compatibility."""
-    trt, flavor = require_tensorrt()
+@dataclass(frozen=True)
+class CudaDevice:
+    """What the CUDA runtime says about one GPU (no TensorRT needed: ``cxr-edge doctor`` uses it too)."""
+
+    name: str
+    compute_capability: str
+    driver: str | None
+    runtime: str | None
+
+
+def cuda_device(device: int = 0) -> CudaDevice:
     cudart = require_cudart()
     props = check_cuda(cudart.cudaGetDeviceProperties(device), f"cudaGetDeviceProperties({device})")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     drv = check_cuda(cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
     rt = check_cuda(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
-    return DeviceInfo(name.strip("\x00").strip(), f"{props.major}.{props.minor}", flavor.version,
-                      _cuda_version(drv), _cuda_version(rt))
+    return CudaDevice(name.strip("\x00").strip(), f"{props.major}.{props.minor}", _cuda_version(drv), _cuda_version(rt))
+
+
+def current_device(device: int = 0) -> DeviceInfo:
+    """The GPU engines would be built for or run on: its name and compute capability decide compatibility."""
+    _, flavor = require_tensorrt()
+    gpu = cuda_device(device)
+    return DeviceInfo(gpu.name, gpu.compute_capability, flavor.version, gpu.driver, gpu.runtime)
 
 
 def _cuda_version(v: Any) -> str | None:
