@@ -18,13 +18,13 @@ import numpy as np
 
 from cxr_edge.data import scan_dataset
 from cxr_edge.data.loading import load_images
+from cxr_edge.keras_layers import load_keras_model
 from cxr_edge.manifest import read_manifest
 from cxr_edge.preprocess import PreprocessSpec
+from cxr_edge.runtime.backends.keras import gradcam_tf
 from cxr_edge.runtime.backends.registry import open_backend
 from cxr_edge.runtime.gradcam import gradcam, normalise
 from cxr_edge.runtime.head import load_artifact_head
-from cxr_edge.train.gradcam_tf import gradcam_tf
-from cxr_edge.train.layers import load_keras_model
 
 
 def parity(a, b):

@@ -23,7 +23,7 @@ def headline(res: dict, batch: int = 16) -> list[str]:
     rows = res["rows"]
     # Headline INT8 numbers come from validated rows only; a model whose INT8 failed validation says so.
     any_valid = any(r["precision"] == "int8" and r["status"] == "validated" for r in rows if "p50_ms" in r)
-    is_int8 = lambda r: r["precision"] == "int8" and (r["status"] == "validated" or not any_valid)  # noqa: E731
+    is_int8 = lambda r: r["precision"] == "int8" and (r["status"] == "validated" or not any_valid)
     keras = _row(rows, "keras predict", batch)
     keras1 = _row(rows, "keras predict", 1)
     ours32 = _row(rows, "onnxruntime fp32", batch)

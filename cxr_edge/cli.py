@@ -125,7 +125,7 @@ def cmd_bench(a):
     from .bench.report import write_results
     from .bench.runner import BenchConfig, run_bench
 
-    split = lambda t: tuple(x.strip() for x in t.split(",") if x.strip())  # noqa: E731
+    split = lambda t: tuple(x.strip() for x in t.split(",") if x.strip())
     cfg = BenchConfig(batches=tuple(int(b) for b in split(a.batch)), backends=split(a.backends),
                       precisions=split(a.precisions), budget_s=a.budget, data=a.data, threads=a.threads,
                       e2e=not a.no_e2e, cuda_graph=a.cuda_graph)

@@ -35,7 +35,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MIN_SIDE = 32
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]  # noqa: UP007 (evaluated at import on 3.10)
 
 
 @dataclass(frozen=True)

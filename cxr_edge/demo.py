@@ -60,7 +60,8 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
         print(f"  {a.variant:9s} {size:>9s}  gate {verdict}")
     print("\n  benchmark (offline img/s at best batch; single-stream p90 ms):")
     for label, v in bench["summary"].items():
-        print(f"  {label:22s} {v['offline_throughput_ips']:8.1f} img/s  p90 {v['single_stream_p90_ms'] or float('nan'):7.1f} ms  {v['status']}")
+        p90 = v["single_stream_p90_ms"] or float("nan")
+        print(f"  {label:22s} {v['offline_throughput_ips']:8.1f} img/s  p90 {p90:7.1f} ms  {v['status']}")
     print(f"Model:  {result.model_path}")
     print(f"Artifacts: {exported.out_dir}")
     print(f"Report: {report}")

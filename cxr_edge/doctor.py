@@ -67,14 +67,14 @@ def probe_cuda() -> Probe:
         from .runtime.tensorrt_api import check_cuda, cuda_device, require_cudart
 
         cudart = require_cudart()
-    except Exception as exc:  # noqa: BLE001 - a probe reports, never raises
+    except Exception as exc:
         return Probe("CUDA", False, "cuda-python (cuda.bindings) is not installed" if isinstance(exc, ImportError)
                      else str(exc).splitlines()[0][:160],
                      "pip install 'cxr-edge[gpu-cu12]' (or gpu-cu13; on Jetson 'cxr-edge[jetson]')")
     try:
         n = check_cuda(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
         gpu = cuda_device(0) if n else None
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return Probe("CUDA", False, str(exc).splitlines()[0], "install the NVIDIA driver matching the CUDA major "
                      "(CUDA 12: R525+, CUDA 13: R580+) and check nvidia-smi")
     if gpu is None:
@@ -108,7 +108,7 @@ def probe_tensorrt() -> Probe:
         return Probe("TensorRT", False, "the tensorrt package is not installed", fix)
     try:
         _, flavor = require_tensorrt()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return Probe("TensorRT", False, str(exc).splitlines()[0][:200], "see the message")
     typing = flavor.to_dict()["typing"]
     note = "; ONNX Runtime's TensorRT EP needs TensorRT 10 (it links libnvinfer.so.10)" if flavor.major >= 11 else ""
@@ -145,7 +145,7 @@ def probe_ort_providers() -> list[Probe]:
                 s = ort.InferenceSession(str(model), so, providers=[prov])
                 s.run(None, {"x": np.ones((1, 4), np.float32)})
                 used = s.get_providers()[0]
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 out.append(Probe(f"ORT {short}", False, f"listed, but creating a session failed: "
                                  f"{str(exc).splitlines()[0][:160]}", _ort_fix(prov)))
                 continue
@@ -179,7 +179,7 @@ def probe_cupy() -> Probe:
         return Probe("CuPy", bool(n), f"cupy {cupy.__version__}, {n} device(s)")
     except ImportError:
         return Probe("CuPy", False, "not installed (optional: GPU preprocessing)", "pip install cupy-cuda12x")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return Probe("CuPy", False, str(exc).splitlines()[0][:160], "check the CUDA driver")
 
 
@@ -191,7 +191,7 @@ def probe_openvino() -> Probe:
         return Probe("OpenVINO", True, f"openvino {ov.__version__}: devices {devs}")
     except ImportError:
         return Probe("OpenVINO", False, "not installed (optional CPU backend)", "pip install 'cxr-edge[openvino]'")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return Probe("OpenVINO", False, str(exc).splitlines()[0][:160], "reinstall openvino")
 
 

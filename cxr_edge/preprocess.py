@@ -135,7 +135,7 @@ class PreprocessSpec:
         scale, offset = self.scale_offset()
         return x * scale + offset
 
-    def with_stats(self, mean: float, std: float) -> "PreprocessSpec":
+    def with_stats(self, mean: float, std: float) -> PreprocessSpec:
         return dataclasses.replace(self, mean=float(mean), std=float(std))
 
     def to_dict(self) -> dict:
@@ -145,7 +145,7 @@ class PreprocessSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessSpec":
+    def from_dict(cls, d: dict) -> PreprocessSpec:
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CANONICAL_CLASSES, COVID, NORMAL, VIRAL_PNEUMONIA
+from .preprocess import PreprocessSpec, pack_image
 
 SYNTHETIC_CLASSES = (COVID, NORMAL, VIRAL_PNEUMONIA)
 
@@ -33,7 +34,7 @@ def synth_cxr(label: str, size: int = 256, rng: np.random.Generator | None = Non
     rng = rng or np.random.default_rng()
     s = size
     img = np.zeros((s, s), np.float32)
-    jitter = lambda v: v * (1 + rng.uniform(-0.06, 0.06))  # noqa: E731
+    jitter = lambda v: v * (1 + rng.uniform(-0.06, 0.06))
     # torso soft tissue
     cv2.ellipse(img, (s // 2, int(s * 0.55)), (int(jitter(s * 0.45)), int(s * 0.5)), 0, 0, 360, 0.55, -1)
     # lungs: dark fields
@@ -49,7 +50,8 @@ def synth_cxr(label: str, size: int = 256, rng: np.random.Generator | None = Non
         y = int(s * (0.25 + 0.065 * k))
         for side in (-1, 1):
             cx = int(s / 2 + side * s * 0.12)
-            cv2.ellipse(ribs, (cx, y), (int(s * 0.2), int(s * 0.06)), 0, 180 if side > 0 else 0, 360 if side > 0 else 180, 1.0, max(1, s // 90))
+            start, end = (180, 360) if side > 0 else (0, 180)
+            cv2.ellipse(ribs, (cx, y), (int(s * 0.2), int(s * 0.06)), 0, start, end, 1.0, max(1, s // 90))
     img += 0.12 * cv2.GaussianBlur(ribs, (0, 0), s * 0.004 + 0.5) * lungs
     # spine, mediastinum, heart
     cv2.rectangle(img, (int(s * 0.47), 0), (int(s * 0.53), s), 0.75, -1)
@@ -114,3 +116,11 @@ def write_synthetic_dataset(
         w.writeheader()
         w.writerows(rows)
     return out
+
+
+def synthetic_parity_images(spec: PreprocessSpec, n: int = 16, seed: int = 123) -> np.ndarray:
+    """Packed synthetic images for parity checks (gates, bench) when no real data is at hand."""
+    rng = np.random.default_rng(seed)
+    imgs = [(synth_cxr(SYNTHETIC_CLASSES[i % 3], max(spec.height, spec.width), rng) * 255).astype(np.uint8)
+            for i in range(n)]
+    return np.stack([pack_image(im, spec) for im in imgs])

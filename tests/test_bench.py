@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from cxr_edge.bench.flops import macs_per_image
 from cxr_edge.bench.machine import int8_peak, machine_info
 from cxr_edge.bench.timing import measure, summarise
+from cxr_edge.graph_macs import macs_per_image
 
 
 def test_measure_respects_budget_and_min_iterations():

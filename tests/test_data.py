@@ -5,8 +5,8 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import cxr_like, write_png
+
 from cxr_edge.classes import canonical_class, ordered
 from cxr_edge.data import scan_dataset, split_dataset
 from cxr_edge.data.loading import load_images

@@ -6,8 +6,8 @@ import zlib
 import cv2
 import numpy as np
 import pytest
-
 from conftest import HAS_PYDICOM, cxr_like, write_png
+
 from cxr_edge.decode import DecodeLimits, decode_image
 from cxr_edge.errors import (
     CorruptImageError,
@@ -121,7 +121,7 @@ def test_corrupted_body_is_a_typed_error_not_a_crash():
 
 def _png_header_only(w, h):
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
 
 
@@ -174,9 +174,10 @@ def test_real_images_decode(real_data):
 
 def _dicom_bytes(pixels=None, photometric="MONOCHROME2", window=None, frames=1):
     pydicom = pytest.importorskip("pydicom")
+    import io
+
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-    import io
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage

@@ -4,12 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
-import pytest
-
 import fake_gpu
+import pytest
+import tomllib
+
 from cxr_edge.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import pytest
 from cxr_edge.decision import choose_threshold, decide
 
 pytest.importorskip("sklearn")
-from cxr_edge.evaluation.metrics import bootstrap_ci, evaluate_predictions, size_confounder_probe  # noqa: E402
+from cxr_edge.evaluation.metrics import bootstrap_ci, evaluate_predictions, size_confounder_probe
 
 
 def test_choose_threshold_meets_target_sensitivity():

@@ -5,10 +5,9 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import BLOCK_TENSORFLOW
-
 import numpy as np
 import pytest
+from conftest import BLOCK_TENSORFLOW
 
 from cxr_edge.errors import ConfigError
 from cxr_edge.export.artifacts import Int8Target, Precision, Variant, parse_precisions
@@ -177,7 +176,7 @@ def test_exported_onnx_runs_without_tensorflow(exported):
         from cxr_edge.manifest import read_manifest
         from cxr_edge.runtime.ort_session import cpu_session, run_batched
         from cxr_edge.runtime.head import load_head, forward
-        from cxr_edge.export.gate_data import synthetic_parity_images
+        from cxr_edge.synthetic import synthetic_parity_images
         from cxr_edge.preprocess import PreprocessSpec
         art = Path(sys.argv[1])
         for name in ('model.fp32.onnx', 'model.fp16.onnx', 'model.int8-cpu.onnx', 'model.int8-trt.onnx'):

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 httpx = pytest.importorskip("httpx")
@@ -180,7 +179,7 @@ def _raw(port, data: bytes, read=False, timeout=5.0) -> bytes:
         while True:
             try:
                 b = s.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 break
             if not b:
                 break

@@ -18,7 +18,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import HAS_PYDICOM, REPO
 
 hypothesis = pytest.importorskip("hypothesis")

@@ -17,9 +17,9 @@ def _parity(a: np.ndarray, b: np.ndarray):
 def test_head_gradient_matches_tensorflow(recipe, size, tmp_path):
     keras = pytest.importorskip("keras")
     from cxr_edge.export.head_export import extract_head, save_head
+    from cxr_edge.runtime.backends.keras import gradcam_tf
     from cxr_edge.runtime.gradcam import gradcam
     from cxr_edge.runtime.head import load_head
-    from cxr_edge.train.gradcam_tf import gradcam_tf
     from cxr_edge.train.recipes import RECIPES, build_model
 
     r = RECIPES[recipe]
@@ -47,9 +47,9 @@ def test_head_gradient_matches_tensorflow(recipe, size, tmp_path):
 
 def test_onnx_features_give_the_tensorflow_heatmap(exported):
     """End to end: ORT features + NumPy head vs TensorFlow on the source model, per precision."""
+    from cxr_edge.keras_layers import load_keras_model
     from cxr_edge.runtime import Screener
-    from cxr_edge.train.gradcam_tf import gradcam_tf
-    from cxr_edge.train.layers import load_keras_model
+    from cxr_edge.runtime.backends.keras import gradcam_tf
 
     r, s, data = exported
     items = sorted((data / "COVID").iterdir())[:6]

@@ -8,10 +8,10 @@ on the CPU. The fake does the same around a real CPU session, and records what i
 import types
 
 import numpy as np
-import pytest
-
 import onnxruntime as real_ort
+import pytest
 import tiny_models as tiny
+
 from cxr_edge.runtime.backends import onnxruntime as ort_backend
 from cxr_edge.runtime.backends.registry import open_backend
 from cxr_edge.runtime.ort_providers import CUDNN_CONV_ALGO_SEARCH

@@ -92,7 +92,7 @@ def test_normalize_matches_keras_preprocess_input(mode, keras_module):
 @pytest.mark.parametrize("mode", list(NormMode))
 @pytest.mark.parametrize("channels", [1, 3])
 def test_keras_layer_equals_numpy_reference(mode, channels):
-    from cxr_edge.train.layers import CxrPreprocess
+    from cxr_edge.keras_layers import CxrPreprocess
 
     spec = PreprocessSpec(16, 16, mode, input_channels=channels, mean=0.1, std=1.7)
     x = RNG.integers(0, 256, (2, 16, 16, channels), dtype=np.uint8)

@@ -30,7 +30,7 @@ def test_small_cnn_is_the_published_architecture(keras):
     [("resnet50_tl", 2, [1024, 1024, 1024, 512, 2]), ("resnet152v2_tl", 3, [512, 256, 64, 3])],
 )
 def test_backbone_recipe_trains_one_step_and_round_trips(keras, tmp_path, name, n_classes, head_units):
-    from cxr_edge.train.layers import load_keras_model
+    from cxr_edge.keras_layers import load_keras_model
     from cxr_edge.train.recipes import RECIPES, build_model, make_optimizer
 
     r = RECIPES[name]

@@ -184,6 +184,7 @@ def test_load_generator_every_request_answered_once_with_its_own_answer(artifact
     import importlib.util
 
     from conftest import REPO
+
     from cxr_edge.runtime import Screener
 
     spec = importlib.util.spec_from_file_location("loadtest", REPO / "benchmarks" / "loadtest.py")

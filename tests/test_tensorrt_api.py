@@ -5,9 +5,8 @@ import ast
 import json
 from pathlib import Path
 
-import pytest
-
 import fake_gpu
+import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tensorrt_api"
 PKG = Path(__file__).resolve().parents[1] / "cxr_edge"
@@ -107,7 +106,7 @@ def test_the_fake_cudart_exposes_only_real_names(version):
 def test_recorded_signatures_match_how_the_code_calls_them():
     """Return-value conventions the code relies on, read from the real pybind11 signatures."""
     for version, api in TRT_APIS.items():
-        sig = lambda cls, m: api["classes"][cls]["signatures"][m]  # noqa: E731
+        sig = lambda cls, m, api=api: api["classes"][cls]["signatures"][m]
         assert sig("IBuilderConfig", "set_timing_cache").endswith("-> bool"), version
         assert sig("IExecutionContext", "set_tensor_address").endswith("-> bool"), version
         assert sig("IExecutionContext", "execute_async_v3").endswith("-> bool"), version

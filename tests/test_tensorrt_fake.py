@@ -8,11 +8,11 @@ value handling, precision flags, the post-build gate, and the numbers that come 
 import json
 import os
 
+import fake_gpu
 import numpy as np
 import pytest
-
-import fake_gpu
 import tiny_models as tiny
+
 from cxr_edge.errors import ConfigError, EngineError, ManifestError
 from cxr_edge.export.tensorrt_build import BuildConfig, EngineGateError, build_engine
 from cxr_edge.manifest import manifest_path, read_manifest
@@ -102,8 +102,9 @@ def test_minimum_batch_above_one_is_padded_and_sliced(monkeypatch, artifacts, tm
 
 
 def test_screener_runs_single_images_on_a_min_batch_engine(monkeypatch, artifacts, tmp_path):
-    from cxr_edge.runtime import Screener
     import cv2
+
+    from cxr_edge.runtime import Screener
 
     fake_gpu.install(monkeypatch, 10)
     d = _copy(artifacts, tmp_path, "model.fp32.onnx")
@@ -250,8 +251,8 @@ def test_unchecked_failures_become_engine_errors(monkeypatch, artifacts, tmp_pat
 
 
 def test_screener_refuses_a_zero_batch_before_loading_anything(monkeypatch, artifacts):
-    from cxr_edge.runtime import Screener
     import cxr_edge.runtime.screener as screener_mod
+    from cxr_edge.runtime import Screener
 
     opened = []
     monkeypatch.setattr(screener_mod, "open_backend", lambda *a, **k: opened.append(a))

@@ -7,8 +7,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from cxr_edge.errors import ConfigError
 
 pytest.importorskip("tritonclient.grpc")

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+import tiny_models as tiny
 from onnx import TensorProto, helper, numpy_helper
 
-import tiny_models as tiny
 from cxr_edge.export.trt_lint import lint_qdq
 
 

@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 pytest.importorskip("cryptography")
@@ -115,6 +114,7 @@ def test_ep_context_with_an_external_engine_file_is_always_refused(tmp_path, key
 
 def test_cli_keygen_sign_predict_with_trusted_key(tmp_path, capsys):
     from conftest import cxr_like, write_png
+
     from cxr_edge.cli import main
 
     art = _tiny_onnx(tmp_path / "m.onnx")
@@ -172,7 +172,7 @@ def test_no_pickle_or_eval_in_the_package():
 @pytest.mark.train
 def test_keras_models_with_lambda_code_are_refused(tmp_path):
     keras = pytest.importorskip("keras")
-    from cxr_edge.train.layers import load_keras_model
+    from cxr_edge.keras_layers import load_keras_model
 
     inp = keras.Input((4,))
     model = keras.Model(inp, keras.layers.Lambda(lambda x: x * 2)(inp))

@@ -23,19 +23,23 @@ def render_markdown(res: dict, command: str | None = None) -> str:
               f"openvino {m['versions'].get('openvino', '-')}, tensorflow {m['versions'].get('tensorflow', '-')}.", "",
               "Latency is per batch; throughput = batch / median latency; ratios are to Keras `model.predict` at the same "
               "batch, measured in the same run (this VM drifts 2-3x between runs, so compare within one table only).", "",
-              "| backend | provider | precision | batch | status | p50 ms | p90 ms | p99 ms | img/s | x Keras predict | GMAC/s | e2e img/s | e2e/engine | load s | peak RSS MB | size MB |",
+              "| backend | provider | precision | batch | status | p50 ms | p90 ms | p99 ms | img/s | x Keras predict "
+              "| GMAC/s | e2e img/s | e2e/engine | load s | peak RSS MB | size MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(
             f"| {r['label']} | {r.get('provider', '-')} | {r.get('precision', '-')} | {r.get('batch', '-')} | {r['status']} | "
             f"{_f(r.get('p50_ms'))} | {_f(r.get('p90_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('throughput_ips'))} | "
-            f"{_f(r.get('speedup_vs_keras_predict'), '{:.2f}')} | {_f(r.get('gmacs_per_s'))} | {_f(r.get('e2e_throughput_ips'))} | "
+            f"{_f(r.get('speedup_vs_keras_predict'), '{:.2f}')} | {_f(r.get('gmacs_per_s'))} | "
+            f"{_f(r.get('e2e_throughput_ips'))} | "
             f"{_f(r.get('e2e_vs_engine'), '{:.2f}')} | {_f(r.get('load_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.0f}')} | "
             f"{_f(r.get('size_mb'), '{:.1f}')} |")
-    lines += ["", "## Summary (MLPerf-style)", "", "| target | single-stream p90 ms (batch 1) | offline img/s | at batch | status |",
+    lines += ["", "## Summary (MLPerf-style)", "",
+              "| target | single-stream p90 ms (batch 1) | offline img/s | at batch | status |",
               "|---|---|---|---|---|"]
     for k, v in res["summary"].items():
-        lines.append(f"| {k} | {_f(v['single_stream_p90_ms'])} | {_f(v['offline_throughput_ips'])} | {v['offline_batch']} | {v['status']} |")
+        lines.append(f"| {k} | {_f(v['single_stream_p90_ms'])} | {_f(v['offline_throughput_ips'])} | "
+                     f"{v['offline_batch']} | {v['status']} |")
     peak = m.get("int8_peak", {})
     if peak:
         lines += ["", "INT8 peak estimate (cores x GHz x MACs/cycle/core): " + ", ".join(
@@ -44,12 +48,14 @@ def render_markdown(res: dict, command: str | None = None) -> str:
     if acc:
         d = res.get("accuracy_data", {})
         lines += ["", f"## Accuracy per precision ({d.get('data')}, split {d.get('split')}, n={d.get('n', '-')})", "",
-                  "| target | status | accuracy | ROC-AUC | COVID sens. | COVID spec. | agreement vs FP32 | flipped decisions | max abs dprob |",
+                  "| target | status | accuracy | ROC-AUC | COVID sens. | COVID spec. | agreement vs FP32 "
+                  "| flipped decisions | max abs dprob |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for k, a in acc.items():
             lines.append(f"| {k} | {a['status']} | {_f(a.get('accuracy'), '{:.3f}')} | {_f(a.get('roc_auc'), '{:.3f}')} | "
                          f"{_f(a.get('covid_sensitivity'), '{:.3f}')} | {_f(a.get('covid_specificity'), '{:.3f}')} | "
-                         f"{a['top_class_agreement_vs_fp32']:.4f} | {a['decision_flips_vs_fp32']} | {a['max_abs_dprob_vs_fp32']:.2e} |")
+                         f"{a['top_class_agreement_vs_fp32']:.4f} | {a['decision_flips_vs_fp32']} | "
+                         f"{a['max_abs_dprob_vs_fp32']:.2e} |")
     return "\n".join(lines) + "\n"
 
 

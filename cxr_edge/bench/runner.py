@@ -15,11 +15,11 @@ from ..data import scan_dataset, split_dataset
 from ..data.loading import load_images
 from ..decision import decide
 from ..errors import CxrEdgeError
+from ..graph_macs import macs_per_image
 from ..manifest import read_manifest
 from ..preprocess import PreprocessSpec
 from ..runtime.backends.registry import open_backend
 from ..runtime.batching import BatchPacker
-from .flops import macs_per_image
 from .machine import machine_info
 from .timing import measure, peak_rss_mb, reset_peak_rss, summarise
 
@@ -112,7 +112,7 @@ def labelled_images(artifact_dir: Path, spec: PreprocessSpec, classes, data: str
     trained = doc.get("data", {})
     root = data or (trained.get("root") if trained.get("root") and Path(trained["root"]).is_dir() else None)
     if root is None:
-        from ..export.gate_data import synthetic_parity_images
+        from ..synthetic import synthetic_parity_images
 
         x = synthetic_parity_images(spec, 64)
         return x, np.full(len(x), -1), [], {"data": "synthetic (unlabelled)", "split": None}
@@ -191,7 +191,7 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
             accuracy[t.label] = {**acc, "status": status, "provider": info.provider}
             for b in cfg.batches:
                 pool = [np.take(x_acc, range(k * b, (k + 1) * b), axis=0, mode="wrap") for k in range(4)]
-                times = measure(lambda batch: eng.infer(batch, ["probs"]), pool, cfg.budget_s)
+                times = measure(lambda batch, e=eng: e.infer(batch, ["probs"]), pool, cfg.budget_s)
                 row = {**base, "batch": b, "status": status, **summarise(times, b), "peak_rss_mb": peak_rss_mb()}
                 if note := eng.fit_note(b):  # engines with a fixed profile: say what the timing includes
                     row["note"] = note

@@ -142,7 +142,7 @@ def scan_dataset(
                 rel = f.relative_to(root).as_posix()
                 prov = lookup(table, rel) if table else Provenance()
                 items.append(DatasetItem(f, rel, label, prov.source, prov.patient, split))
-    for (split, label), names in seen_folders.items():
+    for (_split, label), names in seen_folders.items():
         if len(names) > 1:
             notes.append(f"folders {names} are all aliases of {label!r} and were combined")
     if not items:

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..data import scan_dataset, split_dataset
 from ..data.loading import load_images
-from ..preprocess import PreprocessSpec, pack_image
-from ..synthetic import SYNTHETIC_CLASSES, synth_cxr, write_synthetic_dataset
+from ..preprocess import PreprocessSpec
+from ..synthetic import SYNTHETIC_CLASSES, synthetic_parity_images, write_synthetic_dataset
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,6 @@ class GateData:
     @property
     def parity_x(self) -> np.ndarray:
         return np.concatenate([self.val_x, self.synth_x])
-
-
-def synthetic_parity_images(spec: PreprocessSpec, n: int = 16, seed: int = 123) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    imgs = [(synth_cxr(SYNTHETIC_CLASSES[i % 3], max(spec.height, spec.width), rng) * 255).astype(np.uint8)
-            for i in range(n)]
-    return np.stack([pack_image(im, spec) for im in imgs])
 
 
 def _sample(items, n, seed):

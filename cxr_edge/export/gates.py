@@ -49,7 +49,8 @@ def fp32_parity(ref: np.ndarray, probs: np.ndarray, atol: float = FP32_MAX_ABS) 
     agree = _agreement(ref, probs)
     return _check("fp32", len(ref), {"max_abs_dprob": d, "top_class_agreement": agree},
                   {"max_abs_dprob": atol, "top_class_agreement": 1.0},
-                  [(d <= atol, f"max |dprob| {d:.2e} > {atol:.0e}"), (agree == 1.0, f"top class differs on {(1 - agree) * len(ref):.0f} images")])
+                  [(d <= atol, f"max |dprob| {d:.2e} > {atol:.0e}"),
+                   (agree == 1.0, f"top class differs on {(1 - agree) * len(ref):.0f} images")])
 
 
 def fp16_gate(ref: np.ndarray, probs: np.ndarray) -> GateResult:

@@ -97,8 +97,8 @@ def _main(argv=None) -> int:
     ap.add_argument("out")
     ap.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     a = ap.parse_args(argv)
+    from ..keras_layers import load_keras_model
     from ..manifest import read_manifest
-    from ..train.layers import load_keras_model
 
     doc = read_manifest(a.model)
     keras_to_onnx(load_keras_model(a.model), PreprocessSpec.from_dict(doc["preprocess"]), doc.get("last_conv_layer"),

@@ -97,7 +97,7 @@ def _probs(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig()) -> ExportSummary:
-    from ..train.layers import load_keras_model
+    from ..keras_layers import load_keras_model
 
     model_path = Path(model_path)
     out = Path(out_dir)

@@ -25,7 +25,6 @@ from ..extras import require
 from .quantize import COMPUTE_OPS, ArrayCalibrationReader
 
 
-
 def node_sensitivity(fp32_path: str | Path, qdq_path: str | Path, x: np.ndarray, max_images: int = 4) -> dict[str, float]:
     """Compute node name -> SQNR change (dB) from its input to the next compute node's; lower is worse.
 

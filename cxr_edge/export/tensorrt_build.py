@@ -78,7 +78,7 @@ class BuildConfig:
                 )
 
     @classmethod
-    def from_batch_text(cls, precision: str, batch: str, **kw) -> "BuildConfig":
+    def from_batch_text(cls, precision: str, batch: str, **kw) -> BuildConfig:
         try:
             parts = [int(p) for p in batch.split(",")]
         except ValueError:
@@ -201,7 +201,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _set_timing_cache(bc: "trt_t.IBuilderConfig", path: Path) -> None:
+def _set_timing_cache(bc: trt_t.IBuilderConfig, path: Path) -> None:
     """Load a timing cache; one from another GPU or TensorRT version is replaced by a fresh one, with a warning."""
     blob = path.read_bytes() if path.is_file() else b""
     cache = bc.create_timing_cache(blob)
@@ -212,14 +212,14 @@ def _set_timing_cache(bc: "trt_t.IBuilderConfig", path: Path) -> None:
     check_trt(bc.set_timing_cache(bc.create_timing_cache(b""), ignore_mismatch=False), "a fresh timing cache")
 
 
-def _save_timing_cache(bc: "trt_t.IBuilderConfig", path: Path) -> None:
+def _save_timing_cache(bc: trt_t.IBuilderConfig, path: Path) -> None:
     try:
         _atomic_write(path, bytes(bc.get_timing_cache().serialize()))
     except Exception as exc:  # the engine is good without it: a cache is only a build-time shortcut
         log.warning("could not save the timing cache %s: %s", path, exc)
 
 
-def _set_precision(flavor: TensorRTFlavor, builder: "trt_t.Builder", bc: "trt_t.IBuilderConfig",
+def _set_precision(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBuilderConfig,
                    config: BuildConfig, src: str) -> dict:
     """Builder flags for the requested precision; returns what the manifest records about typing."""
     import tensorrt as trt
@@ -244,8 +244,8 @@ def _set_precision(flavor: TensorRTFlavor, builder: "trt_t.Builder", bc: "trt_t.
     return typing
 
 
-def _configure_dla(flavor: TensorRTFlavor, builder: "trt_t.Builder", bc: "trt_t.IBuilderConfig", config: BuildConfig,
-                   doc: dict, onnx_path: Path, profile: "trt_t.IOptimizationProfile", calib_data) -> dict:
+def _configure_dla(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBuilderConfig, config: BuildConfig,
+                   doc: dict, onnx_path: Path, profile: trt_t.IOptimizationProfile, calib_data) -> dict:
     import tensorrt as trt
 
     assert config.dla_core is not None

@@ -9,7 +9,6 @@ remote model without any local file.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..extras import require
 from ..manifest import read_manifest
+from ..runtime.backends.triton import MANIFEST_PARAMETER, model_name
 
-MANIFEST_PARAMETER = "cxr_edge_manifest"
 _NP_TO_TRITON = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 
 
@@ -38,11 +37,6 @@ class TritonConfig:
             raise ConfigError(f"Preferred batch sizes {bad} are outside 1..{self.max_batch_size}.")
         if self.kind not in ("auto", "KIND_CPU", "KIND_GPU"):
             raise ConfigError(f"kind must be auto, KIND_CPU or KIND_GPU, got {self.kind!r}.")
-
-
-def model_name(doc: dict, artifact: Path) -> str:
-    tag = artifact.name.split(".")[1] if artifact.name.count(".") >= 2 else doc.get("precision", "fp32")
-    return re.sub(r"[^A-Za-z0-9_]", "_", f"cxr_{doc.get('recipe') or 'model'}_{tag}")
 
 
 def _tensor(t: dict) -> str:

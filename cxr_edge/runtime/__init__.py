@@ -2,6 +2,6 @@
 batched preprocessing, screening decisions and engine-native Grad-CAM."""
 
 from .backends.registry import backends_for, open_backend
-from .screener import ScreeningResult, Screener
+from .screener import Screener, ScreeningResult
 
 __all__ = ["Screener", "ScreeningResult", "open_backend", "backends_for"]

@@ -81,7 +81,7 @@ def tensorrt_ep_options(doc: dict, batch: tuple[int, int, int] = DEFAULT_PROFILE
     precision = doc.get("precision", "fp32")
     inp = doc["inputs"][0]["name"]
     h, w, c = (doc["preprocess"][k] for k in ("height", "width", "input_channels"))
-    fmt = lambda b: f"{inp}:{b}x{h}x{w}x{c}"  # noqa: E731
+    fmt = lambda b: f"{inp}:{b}x{h}x{w}x{c}"
     opts = {
         # fp16: FP32 graphs may run FP16 layers where TensorRT finds them faster (the EP is weakly typed);
         # an fp16 artifact computes in FP16 anyway. int8: the QDQ graph decides what is INT8.

@@ -96,8 +96,8 @@ class Screener:
 
     def _tf_cam(self, x, targets):
         """Fallback: Grad-CAM on the source Keras model (needs the train extra and the .keras file)."""
-        from ..train.gradcam_tf import gradcam_tf
-        from ..train.layers import load_keras_model
+        from ..keras_layers import load_keras_model
+        from .backends.keras import gradcam_tf
 
         if not hasattr(self, "_keras"):
             self._keras = load_keras_model(self._source_model_path())

@@ -270,7 +270,7 @@ def default_engine_threads(artifact: str | Path, cores: int | None = None) -> in
     if not str(artifact).endswith(".onnx"):
         return None
     try:
-        from ..bench.flops import macs_per_image
+        from ..graph_macs import macs_per_image
 
         gmacs = macs_per_image(artifact) / 1e9
     except Exception:  # an unreadable graph: let the engine decide

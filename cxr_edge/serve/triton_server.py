@@ -46,8 +46,9 @@ def serve_triton(artifact: str | Path, host: str = "127.0.0.1", http_port: int =
         raise MissingExtraError(
             "serve-triton needs PyTriton (which pins numpy<2): in its own virtual environment, "
             "pip install 'cxr-edge[triton-server]'") from exc
-    from ..export.triton import MANIFEST_PARAMETER, model_name as default_name
     from ..runtime.backends.registry import open_backend
+    from ..runtime.backends.triton import MANIFEST_PARAMETER
+    from ..runtime.backends.triton import model_name as default_name
 
     engine = open_backend(artifact, device="auto").load()
     doc = engine.manifest

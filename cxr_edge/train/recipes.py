@@ -118,7 +118,7 @@ def _backbone(recipe: Recipe, x, weights: str | None):
 def build_model(recipe: Recipe, spec: PreprocessSpec, weights: str | None = None):
     """The recipe's network, taking packed uint8 images; ``weights`` only matters for backbones."""
     keras = require("keras")
-    from .layers import CxrPreprocess
+    from ..keras_layers import CxrPreprocess
 
     L = keras.layers
     inp = keras.Input(shape=spec.input_shape, dtype="uint8", name="image")

@@ -166,7 +166,8 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
     if recipe.early_stopping_patience:
         callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=recipe.early_stopping_patience,
                                                        restore_best_weights=True))
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, callbacks=callbacks, verbose=config.verbose, shuffle=False)
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=recipe.epochs, callbacks=callbacks, verbose=config.verbose,
+                     shuffle=False)
     phases = [{"phase": "head" if recipe.backbone else "train", "epochs": len(hist.epoch),
                "learning_rate": recipe.learning_rate, "precise_batchnorm": bool(precise_bn)}]
 
@@ -190,7 +191,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
         phases.append({"phase": "fine_tune", "epochs": len(ft.epoch), "from_layer": recipe.fine_tune_from,
                        "layers_unfrozen": unfrozen, "learning_rate": recipe.fine_tune_learning_rate})
 
-    from .layers import load_keras_model
+    from ..keras_layers import load_keras_model
 
     best = load_keras_model(model_path)
     p_val = best.predict(x_va, batch_size=recipe.batch_size, verbose=0)
@@ -234,8 +235,8 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
 
 def load_model_and_manifest(model_path: str | Path):
     """A trained ``.keras`` model with its verified manifest."""
+    from ..keras_layers import load_keras_model
     from ..manifest import read_manifest
-    from .layers import load_keras_model
 
     doc = read_manifest(model_path)
     return load_keras_model(model_path), doc

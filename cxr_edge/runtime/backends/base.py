@@ -45,7 +45,7 @@ class Backend(abc.ABC):
         self._loaded = False
 
     # ---- public template -------------------------------------------------
-    def load(self) -> "Backend":
+    def load(self) -> Backend:
         if not self._loaded:
             self.info = self._load()
             self._loaded = True
@@ -97,7 +97,7 @@ class Backend(abc.ABC):
             self._close()
             self._loaded = False
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self.load()
 
     def __exit__(self, *exc) -> None:  # never swallows exceptions
@@ -114,7 +114,7 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]: ...
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # noqa: B027 (optional hook: most backends have nothing to release)
         pass
 
     def _check(self, batch: np.ndarray) -> None:

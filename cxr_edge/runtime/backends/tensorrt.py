@@ -35,9 +35,9 @@ class TensorRTBackend(Backend):
 
     formats = ("tensorrt",)
     name = "tensorrt"
-    runtime: "tensorrt.Runtime | None"
-    engine: "tensorrt.ICudaEngine"
-    context: "tensorrt.IExecutionContext"
+    runtime: tensorrt.Runtime | None
+    engine: tensorrt.ICudaEngine
+    context: tensorrt.IExecutionContext
     stream: int | None
     input_name: str
 

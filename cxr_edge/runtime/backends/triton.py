@@ -7,6 +7,7 @@ The model's manifest comes from its Triton config (the ``cxr_edge_manifest`` par
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,6 +16,15 @@ import numpy as np
 from ...errors import ConfigError, EngineError
 from ...extras import require
 from .base import Backend, BackendInfo
+
+#: the Triton model-config parameter that carries the artifact's manifest (written by export-triton)
+MANIFEST_PARAMETER = "cxr_edge_manifest"
+
+
+def model_name(doc: dict, artifact: Path) -> str:
+    """The Triton model name for an artifact: shared by the repository export and the PyTriton server."""
+    tag = artifact.name.split(".")[1] if artifact.name.count(".") >= 2 else doc.get("precision", "fp32")
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"cxr_{doc.get('recipe') or 'model'}_{tag}")
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -37,7 +47,7 @@ def remote_manifest(url: str, timeout: float = 10.0) -> dict:
             raise
         raise EngineError(f"Cannot reach Triton model {model!r} at {host}: {exc}") from exc  # remote: not the command
     params = cfg.get("parameters", {})
-    raw = params.get("cxr_edge_manifest", {}).get("string_value")
+    raw = params.get(MANIFEST_PARAMETER, {}).get("string_value")
     if not raw:
         raise ConfigError(f"Triton model {model!r} was not exported by cxr-edge (no cxr_edge_manifest parameter).")
     doc = json.loads(raw)

@@ -7,8 +7,8 @@ there is no second implementation to drift.
 
 from __future__ import annotations
 
-from ..extras import require
-from ..preprocess import PreprocessSpec
+from .extras import require
+from .preprocess import PreprocessSpec
 
 keras = require("keras")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..extras import require
+from .extras import require
 
 
 def macs_per_image(path) -> int:
@@ -23,7 +23,7 @@ def macs_per_image(path) -> int:
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
     total = 0
-    size = lambda dims: int(np.prod([d or 1 for d in dims]))  # noqa: E731  (unknown dims: the batch of 1)
+    size = lambda dims: int(np.prod([d or 1 for d in dims]))
     for n in model.graph.node:
         if n.op_type == "Conv" and len(n.input) > 1 and n.output[0] in shapes and n.input[1] in shapes:
             w = shapes[n.input[1]]  # (M, C/group, kh, kw)
