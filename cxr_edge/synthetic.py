@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CANONICAL_CLASSES, COVID, NORMAL, VIRAL_PNEUMONIA
+from .errors import ConfigError
 from .preprocess import PreprocessSpec, pack_image
 
 SYNTHETIC_CLASSES = (COVID, NORMAL, VIRAL_PNEUMONIA)
@@ -74,7 +75,7 @@ def synth_cxr(label: str, size: int = 256, rng: np.random.Generator | None = Non
         img += 0.3 * cv2.GaussianBlur(streaks, (0, 0), s * 0.012) * lungs
         _blob(img, s * 0.5, s * 0.5, s * 0.16, s * 0.12, 0.1)
     elif label not in CANONICAL_CLASSES:
-        raise ValueError(f"unknown class {label!r}")
+        raise ConfigError(f"The synthetic generator has no class {label!r}; choose from {list(SYNTHETIC_CLASSES)}.")
     img += rng.normal(0, 0.025, img.shape).astype(np.float32)
     img = cv2.GaussianBlur(img, (0, 0), 0.6)
     contrast = rng.uniform(0.85, 1.15)

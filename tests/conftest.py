@@ -86,7 +86,21 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A Grad-CAM-capable export directory built with onnx.helper in about a second, no TensorFlow:
+    what runtime, serve, bench, trust, fault and Triton tests run on (see tests/tiny_models.py)."""
+    from tiny_models import write_artifact_set
+
+    from cxr_edge.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny_export")
+    data = write_synthetic_dataset(root / "data", per_class=20, sizes=(64, 96), seed=5)
+    return write_artifact_set(root / "art", data)
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory):
+    """A small CNN trained with Keras and exported by the real pipeline: for tests of train and export."""
     pytest.importorskip("tensorflow")
     from cxr_edge.export.pipeline import ExportConfig, export_model
     from cxr_edge.synthetic import write_synthetic_dataset

@@ -31,11 +31,75 @@ def test_synth_and_scan(tmp_path, capsys):
     assert "1 bad" in out and "broken.png" in out
 
 
-def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
-    assert main(["scan", str(tmp_path / "missing")]) == 2
+def test_user_errors_exit_with_the_code_of_their_kind(tmp_path, capsys):
+    assert main(["scan", str(tmp_path / "missing")]) == 7  # input: the folder given cannot be used
     assert "does not exist" in capsys.readouterr().err
-    assert main(["scan", str(tmp_path), "--classes", "dogs"]) == 2
+    assert main(["scan", str(tmp_path), "--classes", "dogs"]) == 5  # configuration: an option is wrong
     assert "Unknown class 'dogs'" in capsys.readouterr().err
+
+
+def test_each_error_kind_has_its_own_exit_code(monkeypatch, capsys):
+    from cxr_edge.cli import run_commands
+    from cxr_edge.errors import (ConfigError, CorruptImageError, DatasetError, EngineError, ExitCode, ManifestError,
+                                 MissingExtraError)
+    from cxr_edge.signing import SignatureError
+
+    kinds = {ConfigError("bad option"): 5, MissingExtraError("pip install 'cxr-edge[serve]'"): 5,
+             EngineError("cudaMalloc failed"): 4, ManifestError("sha256 differs"): 6, SignatureError("unsigned"): 6,
+             DatasetError("no class folders"): 7, CorruptImageError("x.png", "truncated"): 7,
+             KeyboardInterrupt(): 130}
+    for exc, code in kinds.items():
+        def boom(a, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(run_commands, "cmd_doctor", boom)
+        assert main(["doctor"]) == code, type(exc).__name__
+    assert len({int(c) for c in ExitCode}) == len(ExitCode)  # no two kinds share a code
+    assert "exit codes:" in build_parser().format_help() and "  6  integrity" in build_parser().format_help()
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "dir", "--precisions", "fp61"], ["bench", "dir", "--backends", "openvno"],
+    ["bench", "dir", "--batch", "0"], ["predict", "m.onnx", "x.png", "--precision", "fp61"],
+    ["predict", "m.onnx", "x.png", "--device", "gpu"], ["predict", "m.onnx", "x.png", "--backend", "onnx"],
+    ["export", "m.keras", "--out", "o", "--precision", "fp61"], ["export", "m.keras", "--out", "o", "--calib-method", "kl"],
+    ["train", "--data", "d", "--recipe", "resnet"], ["build", "m.onnx", "--precision", "int4"],
+    ["serve", "m.onnx", "--max-batch", "-1"], ["export-triton", "m.onnx", "--out", "r", "--kind", "GPU"],
+    ["evaluate", "m.keras", "d", "--split", "tset"],
+])
+def test_values_outside_a_fixed_set_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_config_dataclasses_defaults():
+    from cxr_edge.bench.runner import BenchConfig
+    from cxr_edge.export.onnx_export import DEFAULT_OPSET
+    from cxr_edge.export.pipeline import ExportConfig
+    from cxr_edge.export.triton import TritonConfig
+    from cxr_edge.serve.app import ServeConfig
+
+    p = build_parser()
+    sv = p.parse_args(["serve", "m.onnx"])
+    s = ServeConfig()
+    assert (sv.max_batch, sv.max_delay_ms, sv.max_queue, sv.timeout, sv.max_body_mb, sv.device, sv.body_timeout) == (
+        s.max_batch, s.max_delay_ms, s.max_queue, s.timeout_s, s.max_body_mb, s.device, s.body_timeout_s)
+    x = p.parse_args(["export", "m.keras", "--out", "o"])
+    e = ExportConfig()
+    assert (x.precision, x.int8_target, x.calib_method, x.calib_size, x.opset) == (
+        e.precisions, e.int8_targets, e.calib_method, e.calib_size, e.opset)
+    assert x.opset == DEFAULT_OPSET
+    bn = p.parse_args(["bench", "dir"])
+    b = BenchConfig()
+    assert (bn.batch, bn.backends, bn.precisions, bn.budget) == (b.batches, b.backends, b.precisions, b.budget_s)
+    tx = p.parse_args(["export-triton", "m.onnx", "--out", "r"])
+    t = TritonConfig()
+    assert (tx.max_batch, tx.preferred, tx.delay_us, tx.kind) == (t.max_batch_size, t.preferred_batch_sizes,
+                                                                  t.max_queue_delay_us, t.kind)
+    assert "(default: 32)" in p._subparsers._group_actions[0].choices["serve"].format_help()
 
 
 def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_test_one():

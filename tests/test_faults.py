@@ -24,7 +24,7 @@ from conftest import REPO
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
-pytestmark = [pytest.mark.train, pytest.mark.timeout(600)]  # the artifact fixture trains a tiny model
+pytestmark = pytest.mark.timeout(600)
 
 REPORT: dict = {}
 
@@ -114,8 +114,8 @@ def _latency_ms(url, payload, n=30) -> float:
 
 
 @pytest.fixture(scope="module")
-def setup(exported, tmp_path_factory):
-    _, s, data = exported
+def setup(tiny_export, tmp_path_factory):
+    s, data = tiny_export, tiny_export.data
     art = next(a.path for a in s.artifacts if a.variant == "int8-cpu")
     payload = sorted((data / "COVID").iterdir())[0].read_bytes()
     tmp = tmp_path_factory.mktemp("faults")
@@ -300,8 +300,8 @@ def test_dicom_patient_data_never_reaches_the_logs(setup, tmp_path):
     assert "SECRET" not in log and "PHI-123456" not in log  # ...patient data and file names are not
 
 
-def test_shutdown_with_requests_queued_answers_each_once(exported, tmp_path):
-    _, s, data = exported
+def test_shutdown_with_requests_queued_answers_each_once(tiny_export, tmp_path):
+    s, data = tiny_export, tiny_export.data
     art = next(a.path for a in s.artifacts if a.variant == "int8-cpu")
     payload = sorted((data / "COVID").iterdir())[0].read_bytes()
     with FaultServer(art, tmp_path, max_batch=2, max_delay_ms=1, timeout_s=30) as srv:

@@ -8,19 +8,17 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.train
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def server(exported):
+def server(tiny_export):
     pytest.importorskip("uvicorn")
     import uvicorn
 
     from cxr_edge.serve.app import ServeConfig, create_app
 
-    _, s, data = exported
+    s, data = tiny_export, tiny_export.data
     art = next(a.path for a in s.artifacts if a.variant == "int8-cpu")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

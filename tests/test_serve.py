@@ -8,13 +8,11 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
-pytestmark = pytest.mark.train  # needs an exported artifact (the fixture trains one)
 
 
 @pytest.fixture(scope="module")
-def artifact(exported):
-    _, s, data = exported
-    return next(a.path for a in s.artifacts if a.variant == "int8-cpu"), data
+def artifact(tiny_export):
+    return next(a.path for a in tiny_export.artifacts if a.variant == "int8-cpu"), tiny_export.data
 
 
 def _client(artifact, **cfg):

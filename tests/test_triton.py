@@ -38,17 +38,16 @@ def test_config_validation_rejects_bad_configs():
         TritonConfig(max_batch_size=8, preferred_batch_sizes=(4, 16))
 
 
-@pytest.mark.train
-def test_export_triton_repository(exported, tmp_path):
+def test_export_triton_repository(tiny_export, tmp_path):
     from cxr_edge.export.triton import TritonConfig, export_triton, validate_config
 
-    _, s, _ = exported
+    s = tiny_export
     dirs = export_triton([a.path for a in s.artifacts], tmp_path / "repo", TritonConfig(max_batch_size=16, preferred_batch_sizes=(4, 8, 32 // 2)))
-    assert sorted(d.name for d in dirs) == ["cxr_small_cnn_fp16", "cxr_small_cnn_fp32", "cxr_small_cnn_int8_cpu", "cxr_small_cnn_int8_trt"]
+    assert sorted(d.name for d in dirs) == ["cxr_tiny_fp16", "cxr_tiny_fp32", "cxr_tiny_int8_cpu", "cxr_tiny_int8_trt"]
     cfg = validate_config((dirs[0] / "config.pbtxt").read_text())
     assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
     assert [(t.name, list(t.dims)) for t in cfg.input] == [("image", [32, 32, 1])]
-    assert {t.name: list(t.dims) for t in cfg.output} == {"probs": [2], "features": [10, 10, 64]}
+    assert {t.name: list(t.dims) for t in cfg.output} == {"probs": [2], "features": [32, 32, 4]}
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8, 16]
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_CPU
     import json
@@ -84,13 +83,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.train
 @pytest.mark.slow
-def test_serve_triton_and_triton_backend_on_loopback(exported, tmp_path_factory):
+@pytest.mark.network  # installs PyTriton into its own environment unless CXR_EDGE_TRITON_PYTHON names one
+def test_serve_triton_and_triton_backend_on_loopback(tiny_export, tmp_path_factory):
     pytest.importorskip("tritonclient.http")
     from cxr_edge.runtime import Screener
 
-    _, s, data = exported
+    s, data = tiny_export, tiny_export.data
     art = next(a.path for a in s.artifacts if a.variant == "int8-cpu")
     py = _triton_python(tmp_path_factory)
     ports = [_free_port() for _ in range(3)]

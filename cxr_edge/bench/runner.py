@@ -14,7 +14,7 @@ import numpy as np
 from ..data import scan_dataset, split_dataset
 from ..data.loading import load_images
 from ..decision import decide
-from ..errors import CxrEdgeError
+from ..errors import ConfigError
 from ..graph_macs import macs_per_image
 from ..manifest import read_manifest
 from ..preprocess import PreprocessSpec
@@ -107,9 +107,13 @@ def _trt_ep_status() -> str:
 
 def labelled_images(artifact_dir: Path, spec: PreprocessSpec, classes, data: str | None, source: Path | None,
                     limit: int) -> tuple[np.ndarray, np.ndarray, list[Path], dict]:
-    """Test-split images (or all, for foreign data) packed once, with labels and paths."""
+    """Test-split images (or all, for foreign data) packed once, with labels and paths.
+
+    The training data's split comes from the source Keras model's manifest, else from the FP32
+    artifact's (export copies it there), so an export folder moved without its .keras still finds it.
+    """
     doc = read_manifest(source, verify=False) if source else {}
-    trained = doc.get("data", {})
+    trained = doc.get("data") or read_manifest(artifact_dir / "model.fp32.onnx", verify=False).get("data") or {}
     root = data or (trained.get("root") if trained.get("root") and Path(trained["root"]).is_dir() else None)
     if root is None:
         from ..synthetic import synthetic_parity_images
@@ -147,7 +151,7 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     artifact_dir = Path(artifact_dir)
     targets, skipped, source = discover_targets(artifact_dir, cfg)
     if not targets:
-        raise CxrEdgeError(f"Nothing to benchmark in {artifact_dir}: expected model.*.onnx artifacts from cxr-edge export.")
+        raise ConfigError(f"Nothing to benchmark in {artifact_dir}: expected model.*.onnx artifacts from cxr-edge export.")
     fp32_doc = read_manifest(artifact_dir / "model.fp32.onnx", verify=False)
     spec = PreprocessSpec.from_dict(fp32_doc["preprocess"])
     classes = fp32_doc["classes"]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..errors import CxrEdgeError
+from ..errors import ConfigError, EngineError
 from ..extras import require
 from ..preprocess import PreprocessSpec
 
@@ -38,7 +38,7 @@ def keras_to_onnx(model, spec: PreprocessSpec, feature_layer: str | None, out_pa
     tf2onnx = require("tf2onnx")
     onnx = require("onnx")
     if opset < 17:
-        raise ValueError(f"opset {opset} is too old; cxr-edge exports opset >= 17.")
+        raise ConfigError(f"opset {opset} is too old; cxr-edge exports opset >= 17.")
     outputs = {PROBS_OUTPUT: model.output}
     if feature_layer:
         outputs[FEATURES_OUTPUT] = model.get_layer(feature_layer).output
@@ -83,7 +83,7 @@ def convert_in_subprocess(model_path: str | Path, out_path: str | Path, opset: i
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         tail = "\n".join((res.stderr or res.stdout).strip().splitlines()[-15:])
-        raise CxrEdgeError(f"Keras -> ONNX conversion of {model_path} failed (exit {res.returncode}):\n{tail}")
+        raise EngineError(f"Keras -> ONNX conversion of {model_path} failed (exit {res.returncode}):\n{tail}")
     return onnx.load(str(out_path))
 
 

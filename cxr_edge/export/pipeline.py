@@ -6,12 +6,13 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CxrEdgeError
+from ..errors import ConfigError, CxrEdgeError, ExitCode
 from ..manifest import read_manifest, sha256_file, write_manifest
 from ..preprocess import PreprocessSpec
 from ..runtime.head import forward, load_head
@@ -29,11 +30,16 @@ log = logging.getLogger(__name__)
 class ExportGateError(CxrEdgeError):
     """An artifact failed its accuracy gate; the message carries the gate report."""
 
+    exit_code = ExitCode.GATE_FAILED
+
 
 @dataclass(frozen=True)
 class ExportConfig:
-    precisions: str = "fp32,fp16,int8"
-    int8_targets: str = "trt,cpu"
+    """What ``cxr-edge export`` makes. ``precisions``/``int8_targets`` accept ``"fp32,int8"`` or a tuple and
+    are checked here, so a typo fails before the slow work, not after the FP32 export."""
+
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    int8_targets: tuple[str, ...] = ("trt", "cpu")
     calib_data: str | None = None
     calib_method: str = "minmax"
     calib_size: int = 200
@@ -41,6 +47,20 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     seed: int = 0
     mixed_precision: bool = True  # last INT8 remedy: keep the noisiest layers in float
+
+    def __post_init__(self):
+        for name in ("precisions", "int8_targets"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, tuple(t.strip() for t in value.split(",") if t.strip()))
+        if self.calib_method not in CALIBRATION_METHODS:
+            raise ConfigError(f"Unknown calibration method {self.calib_method!r}; choose from {list(CALIBRATION_METHODS)}.")
+        if self.calib_size < 1:
+            raise ConfigError(f"calib_size must be >= 1, got {self.calib_size}.")
+        self.variants()  # raises ConfigError on an unknown precision or INT8 target
+
+    def variants(self) -> list[Variant]:
+        return parse_precisions(",".join(self.precisions), ",".join(self.int8_targets))
 
 
 @dataclass
@@ -92,6 +112,62 @@ def _mixed_precision_attempts(fp32_path: Path, qdq_path: Path, qc: QuantConfig, 
     return out
 
 
+@dataclass
+class Int8Attempt:
+    """One rung of the remedy ladder: a quantisation config, the QDQ graph it gave, and that graph's gate."""
+
+    number: int
+    config: QuantConfig
+    path: Path
+    gate: GateResult
+    info: dict
+
+    @property
+    def remedy(self) -> str:
+        return self.config.note or ("first conv + classifier in float" if self.config.exclude_nodes else "")
+
+    @property
+    def score(self) -> tuple[bool, float]:
+        """Passing beats failing; among equals, higher top-class agreement with FP32."""
+        return self.gate.passed, self.gate.metrics["top_class_agreement"]
+
+    def record(self) -> dict:
+        return {"attempt": self.number, "method": self.config.method, "excluded": list(self.config.exclude_nodes),
+                "remedy": self.remedy, "passed": self.gate.passed, "metrics": self.gate.metrics,
+                "failures": self.gate.failures}
+
+
+def remedy_ladder(target: Int8Target, config: ExportConfig, fp32_path: Path, calib_x: np.ndarray,
+                  best: Callable[[], Int8Attempt | None]) -> Iterator[QuantConfig]:
+    """Quantisation configs to try, cheapest remedy first; the caller stops at the first that passes.
+
+    The last rung (mixed precision) is derived from the best attempt so far, which ``best`` returns
+    when the ladder gets there: its QDQ graph is compared with FP32 layer by layer.
+    """
+    yield from _int8_attempts(target, config.calib_method, fp32_path)
+    if config.mixed_precision and (b := best()) is not None:
+        yield from _mixed_precision_attempts(fp32_path, b.path, b.config, calib_x)
+
+
+@dataclass(frozen=True)
+class ExportContext:
+    """What every variant's step needs, fixed once the FP32 artifact has passed its parity gate."""
+
+    out: Path
+    config: ExportConfig
+    fp32_path: Path
+    base_fields: dict
+    parent: dict  # file + sha256 of the FP32 artifact every variant derives from
+    data: GateData
+    classes: list[str]
+    threshold: float | None
+    ref_parity: np.ndarray  # FP32 probabilities on data.parity_x (validation images first)
+
+    @property
+    def ref_val(self) -> np.ndarray:
+        return self.ref_parity[: len(self.data.val_x)]
+
+
 def _probs(path: Path, x: np.ndarray) -> np.ndarray:
     return run_batched(cpu_session(path), x, [PROBS_OUTPUT])[PROBS_OUTPUT]
 
@@ -102,7 +178,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     model_path = Path(model_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    variants = parse_precisions(config.precisions, config.int8_targets)
+    variants = config.variants()
     doc = read_manifest(model_path)
     spec = PreprocessSpec.from_dict(doc["preprocess"])
     classes = doc["classes"]
@@ -131,6 +207,8 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
                      FEATURES_OUTPUT: f"activations of {layer!r} (Grad-CAM feature map)"},
         "gradcam": gradcam,
         "source_model": {"file": model_path.name, "path": str(model_path.resolve()), "sha256": doc["sha256"]},
+        # the training data's root, fingerprint and split: bench finds the test split without the .keras model
+        "data": doc.get("data") or {},
     }
     fp32_sha = sha256_file(fp32_path)
     artifacts = [ExportedArtifact("fp32", fp32_path, gate32, fp32_path.stat().st_size, gate32.passed)]
@@ -139,16 +217,13 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
         fp32_path.rename(fp32_path.with_suffix(".failed.onnx"))
         raise ExportGateError(f"FP32 ONNX does not match Keras: {gate32.summary()}. This is an export bug; "
                               "please report it with the model's manifest.")
-    ref32_parity = fp32_out[PROBS_OUTPUT]
-    ref32_val = ref32_parity[: len(data.val_x)]
-    parent = {"file": fp32_path.name, "sha256": fp32_sha}
-
+    ctx = ExportContext(out, config, fp32_path, base_fields, {"file": fp32_path.name, "sha256": fp32_sha}, data,
+                        classes, threshold, fp32_out[PROBS_OUTPUT])
     for v in variants:
         if v.precision is Precision.FP16:
-            artifacts.append(_export_fp16(fp32_path, out, v, ref32_parity, parity_x, base_fields, parent, config))
+            artifacts.append(_export_fp16(ctx, v))
         elif v.precision is Precision.INT8:
-            artifacts.append(_export_int8(fp32_path, out, v, ref32_val, data, classes, threshold,
-                                          base_fields, parent, config))
+            artifacts.append(_export_int8(ctx, v))
     summary = ExportSummary(out, artifacts, data.info)
     write_export_report(summary)
     return summary
@@ -173,66 +248,65 @@ def _export_head(model, layer, out: Path, fp32_out: dict) -> dict:
             "method": "gradient of the pre-softmax class score w.r.t. the feature map, closed form through the head"}
 
 
-def _export_fp16(fp32_path, out, v, ref, parity_x, base_fields, parent, config) -> ExportedArtifact:
+def _export_fp16(ctx: ExportContext, v: Variant) -> ExportedArtifact:
     from .fp16 import convert_fp16
 
-    path = out / v.filename()
-    convert_fp16(fp32_path, path)
-    gate = fp16_gate(ref, _probs(path, parity_x))
+    path = ctx.out / v.filename()
+    convert_fp16(ctx.fp32_path, path)
+    gate = fp16_gate(ctx.ref_parity, _probs(path, ctx.data.parity_x))
     log.info("%s", gate.summary())
-    return _finish(path, v, gate, base_fields, parent, config, extra={"conversion": "onnxruntime.transformers.float16, "
-                   "keep_io_types=True (uint8 input, float32 outputs)"})
+    return _finish(ctx, path, v, gate, extra={"conversion": "onnxruntime.transformers.float16, "
+                                              "keep_io_types=True (uint8 input, float32 outputs)"})
 
 
-def _export_int8(fp32_path, out, v, ref_val, data: GateData, classes, threshold, base_fields, parent,
-                 config) -> ExportedArtifact:
-    path = out / v.filename()
-    attempts, best = [], None
-    plan = _int8_attempts(v.int8_target, config.calib_method, fp32_path)
-    mixed_added = False
+def _try_int8(ctx: ExportContext, v: Variant, qc: QuantConfig, number: int, tmp: Path) -> Int8Attempt:
+    cand = tmp / f"attempt{number}.onnx"
+    info = quantize(ctx.fp32_path, cand, ctx.data.calib_x, qc)
+    gate = int8_gate(ctx.ref_val, _probs(cand, ctx.data.val_x), ctx.data.val_y, ctx.classes, ctx.threshold)
+    if info.get("tensorrt_lint"):  # a graph TensorRT would refuse fails like an inaccurate one
+        gate.passed = False
+        gate.failures.append(f"{len(info['tensorrt_lint'])} TensorRT QDQ rule violation(s), first: "
+                             f"{info['tensorrt_lint'][0]}")
+    attempt = Int8Attempt(number, qc, cand, gate, info)
+    how = attempt.remedy
+    log.info("%s attempt %d (%s%s): %s", v.tag, number, qc.method, f", {how}" if how else "", gate.summary())
+    return attempt
+
+
+def _export_int8(ctx: ExportContext, v: Variant) -> ExportedArtifact:
+    path = ctx.out / v.filename()
+    attempts: list[Int8Attempt] = []
+    best: Int8Attempt | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        k = 0
-        while k < len(plan):
-            qc = plan[k]
-            cand = Path(tmp) / f"attempt{k}.onnx"
-            qinfo = quantize(fp32_path, cand, data.calib_x, qc)
-            gate = int8_gate(ref_val, _probs(cand, data.val_x), data.val_y, classes, threshold)
-            if qinfo.get("tensorrt_lint"):  # a graph TensorRT would refuse fails like an inaccurate one
-                gate.passed = False
-                gate.failures.append(f"{len(qinfo['tensorrt_lint'])} TensorRT QDQ rule violation(s), first: "
-                                     f"{qinfo['tensorrt_lint'][0]}")
-            how = qc.note or ("first conv + classifier in float" if qc.exclude_nodes else "")
-            log.info("%s attempt %d (%s%s): %s", v.tag, k + 1, qc.method, f", {how}" if how else "", gate.summary())
-            attempts.append({"attempt": k + 1, "method": qc.method, "excluded": list(qc.exclude_nodes), "remedy": how,
-                             "passed": gate.passed, "metrics": gate.metrics, "failures": gate.failures})
-            score = (gate.passed, gate.metrics["top_class_agreement"])
-            if best is None or score > best[0]:
-                best = (score, cand, gate, qinfo, qc)
-            if gate.passed:
+        ladder = remedy_ladder(v.int8_target, ctx.config, ctx.fp32_path, ctx.data.calib_x, lambda: best)
+        for number, qc in enumerate(ladder, 1):
+            attempt = _try_int8(ctx, v, qc, number, Path(tmp))
+            attempts.append(attempt)
+            if best is None or attempt.score > best.score:
+                best = attempt
+            if attempt.gate.passed:
                 break
-            k += 1
-            if k == len(plan) and not mixed_added and config.mixed_precision:
-                # last remedy: keep the layers whose INT8 activations are noisiest in float
-                mixed_added = True
-                plan += _mixed_precision_attempts(fp32_path, best[1], best[4], data.calib_x)
-        _, cand, gate, qinfo, _ = best
-        shutil.copy(cand, path)
+        assert best is not None  # the ladder always has a first rung
+        shutil.copy(best.path, path)
+    qinfo = best.info
     if v.int8_target is Int8Target.CPU:
         qinfo["ort_cpu_int8_kernels"] = ort_cpu_kernels(path)
-    extra = {"int8_target": v.int8_target.value, "quantization": qinfo, "gate_attempts": attempts,
-             "calibration": {k: data.info[k] for k in ("data", "synthetic", "fingerprint", "calibration_split",
-                                                        "n_calibration")} | {"method": qinfo["method"]}}
-    art = _finish(path, v, gate, base_fields, parent, config, extra)
-    art.attempts, art.quantization = attempts, qinfo
+    records = [a.record() for a in attempts]
+    calibration = {k: ctx.data.info[k] for k in ("data", "synthetic", "fingerprint", "calibration_split",
+                                                 "n_calibration")} | {"method": qinfo["method"]}
+    extra = {"int8_target": v.int8_target.value, "quantization": qinfo, "gate_attempts": records,
+             "calibration": calibration}
+    art = _finish(ctx, path, v, best.gate, extra)
+    art.attempts, art.quantization = records, qinfo
     return art
 
 
-def _finish(path: Path, v: Variant, gate: GateResult, base_fields, parent, config, extra) -> ExportedArtifact:
-    if not gate.passed and not config.force:
+def _finish(ctx: ExportContext, path: Path, v: Variant, gate: GateResult, extra: dict) -> ExportedArtifact:
+    if not gate.passed and not ctx.config.force:
         path.unlink(missing_ok=True)
         log.error("%s failed its gate and was not kept (use --force to keep it, marked failed)", v.tag)
         return ExportedArtifact(v.tag, None, gate, None, False)
-    fields = {**base_fields, "precision": v.precision.value, "parent": parent, "gate": gate.to_dict(), **extra}
+    fields = {**ctx.base_fields, "precision": v.precision.value, "parent": ctx.parent, "gate": gate.to_dict(), **extra}
     if not gate.passed:
         fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
     write_manifest(path, fields)

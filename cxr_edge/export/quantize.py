@@ -105,15 +105,24 @@ def first_and_last_compute(model) -> list[str]:
     return [nodes[0].name, nodes[-1].name] if len(nodes) >= 2 else [n.name for n in nodes]
 
 
+def pre_process_for_quantization(fp32_path: str | Path, out_path: str | Path) -> Path:
+    """Symbolic shape inference + constant folding, as ORT's quantisation docs recommend.
+
+    The QDQ model's node and tensor names are those of this graph, not of the exported file, so
+    anything that matches the two models tensor by tensor (:func:`.sensitivity.node_sensitivity`)
+    must compare against this graph.
+    """
+    shape_inference = require("onnxruntime.quantization.shape_inference")
+    shape_inference.quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
+    return Path(out_path)
+
+
 def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, config: QuantConfig) -> dict:
     """Write a QDQ model; returns what was done (for the manifest)."""
     onnx = require("onnx")
     q = require("onnxruntime.quantization")
-    shape_inference = require("onnxruntime.quantization.shape_inference")
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        # symbolic shape inference + constant folding, as ORT's quantisation docs recommend
-        shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+        pre = pre_process_for_quantization(fp32_path, Path(tmp) / "pre.onnx")
         model = onnx.load(str(pre))
         input_name = model.graph.input[0].name
         exclude = sorted(set(float_boundary_nodes(model)) | set(config.exclude_nodes))

@@ -22,23 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from ..extras import require
-from .quantize import COMPUTE_OPS, ArrayCalibrationReader
+from .quantize import COMPUTE_OPS, ArrayCalibrationReader, pre_process_for_quantization
 
 
 def node_sensitivity(fp32_path: str | Path, qdq_path: str | Path, x: np.ndarray, max_images: int = 4) -> dict[str, float]:
     """Compute node name -> SQNR change (dB) from its input to the next compute node's; lower is worse.
 
-    ``fp32_path`` must be the graph the QDQ model was made from (after ORT's pre-processing), so
-    node and tensor names line up.
+    ``fp32_path`` is the exported FP32 artifact ``qdq_path`` was quantised from; it is put through the
+    same pre-processing as :func:`.quantize.quantize` first, so node and tensor names line up.
     """
     onnx = require("onnx")
     dbg = require("onnxruntime.quantization.qdq_loss_debug")
     x = x[:max_images]
-    model = onnx.load(str(fp32_path))
-    input_name = model.graph.input[0].name
     with tempfile.TemporaryDirectory() as tmp:
+        pre = pre_process_for_quantization(fp32_path, Path(tmp) / "pre.onnx")
+        model = onnx.load(str(pre))
+        input_name = model.graph.input[0].name
         aug_f, aug_q = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
-        dbg.modify_model_output_intermediate_tensors(str(fp32_path), str(aug_f))
+        dbg.modify_model_output_intermediate_tensors(str(pre), str(aug_f))
         dbg.modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q))
         float_acts = dbg.collect_activations(str(aug_f), ArrayCalibrationReader(x, input_name, batch=1))
         qdq_acts = dbg.collect_activations(str(aug_q), ArrayCalibrationReader(x, input_name, batch=1))

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, EngineError
+from ..errors import ConfigError, EngineError, ExitCode
 from ..manifest import read_manifest, sha256_file, write_manifest
 from ..runtime.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
 from .artifacts import Precision
@@ -384,3 +384,5 @@ def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: dict
 
 class EngineGateError(EngineError):
     """A built engine does not give the FP32 model's answers within the export gate's criteria."""
+
+    exit_code = ExitCode.GATE_FAILED

@@ -57,7 +57,9 @@ def gradcam_tf(model, x: np.ndarray, layer_name: str, target=None):
     keras = require("keras")
     final = model.layers[-1]
     if not isinstance(final, keras.layers.Dense):
-        raise ValueError("Grad-CAM needs the model to end in a Dense layer (its pre-softmax score is explained).")
+        from ...errors import ConfigError
+
+        raise ConfigError("Grad-CAM needs the model to end in a Dense layer (its pre-softmax score is explained).")
     grad_model = keras.Model(model.input, [model.get_layer(layer_name).output, final.input])
     with tf.GradientTape() as tape:
         feats, penult = grad_model(x, training=False)

@@ -41,6 +41,11 @@ def backends_for(fmt: str) -> list[str]:
     return list(_REGISTRY.get(fmt, {}))
 
 
+def all_backends() -> list[str]:
+    """Every backend name, in registration order (the CLI's ``--backend`` choices)."""
+    return list(dict.fromkeys(name for names in _REGISTRY.values() for name in names))
+
+
 def backend_class(fmt: str, name: str | None = None):
     options = _REGISTRY.get(fmt)
     if not options:

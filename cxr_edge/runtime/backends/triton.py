@@ -40,10 +40,10 @@ def remote_manifest(url: str, timeout: float = 10.0) -> dict:
     client = http.InferenceServerClient(host, connection_timeout=timeout, network_timeout=timeout)
     try:
         if not client.is_model_ready(model):
-            raise ConfigError(f"Triton at {host} has no ready model {model!r}.")
+            raise EngineError(f"Triton at {host} has no ready model {model!r}; check the model name and the server log.")
         cfg = client.get_model_config(model)
     except Exception as exc:
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, (ConfigError, EngineError)):
             raise
         raise EngineError(f"Cannot reach Triton model {model!r} at {host}: {exc}") from exc  # remote: not the command
     params = cfg.get("parameters", {})

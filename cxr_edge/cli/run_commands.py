@@ -1,0 +1,133 @@
+"""Commands that run artifacts: predict, bench, doctor."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import ExitCode
+from ._common import DEVICES, HelpFormatter, comma_list, csv_text, default_of, positive_float, positive_int
+
+BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
+BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu")
+OPENVINO_PRECISIONS = ("fp32", "bf16")
+
+
+def expand_images(paths) -> list[Path]:
+    """Files as given; directories expanded to the image files under them (any depth, sorted)."""
+    from ..data.layout import IMAGE_SUFFIXES
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            out.append(p)  # files of any name: the decoder judges by content and reports per item
+    return out
+
+
+def cmd_predict(a) -> int:
+    from ..errors import InputError
+    from ..runtime import Screener
+
+    items = expand_images(a.images)
+    if not items:
+        raise InputError("images", "no image files found in the files or directories given")
+    device = "cuda" if a.require_gpu else a.device
+    with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
+                  threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
+                  **({"cuda_graph": True} if a.cuda_graph else {})) as s:
+        results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
+        info, threshold = s.engine.info, s.threshold
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "predictions.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
+    if a.json:
+        for r in results:
+            print(json.dumps(r.to_dict()))
+    else:
+        print(f"# {info.backend} / {info.provider} / {info.precision}; COVID threshold {threshold}")
+        for r in results:
+            if not r.ok:
+                print(f"ERROR  {r.source}: {r.error}")
+                continue
+            probs = "  ".join(f"{c} {p:.3f}" for c, p in r.probabilities.items())
+            extra = f"  heatmap {r.explanation.files.get('overlay', '')}" if r.explanation else ""
+            print(f"{r.label:16s} {probs}  ({r.timings_ms['infer']:.1f} ms)  {r.source}{extra}")
+    failed = sum(not r.ok for r in results)
+    if failed == len(results):
+        return ExitCode.INPUT
+    return ExitCode.SOME_ITEMS_FAILED if failed else ExitCode.OK
+
+
+def cmd_bench(a) -> None:
+    from ..bench.report import write_results
+    from ..bench.runner import BenchConfig, run_bench
+
+    cfg = BenchConfig(batches=a.batch, backends=a.backends, precisions=a.precisions, budget_s=a.budget, data=a.data,
+                      threads=a.threads, e2e=not a.no_e2e, cuda_graph=a.cuda_graph)
+    res = run_bench(a.artifact_dir, cfg)
+    md = write_results(res, a.out or os.path.join(a.artifact_dir, "bench"), " ".join(["cxr-edge", *sys.argv[1:]]))
+    print(md.read_text())
+    print(f"Results: {md.parent}")
+
+
+def cmd_doctor(a) -> None:
+    from ..doctor import format_report, run_doctor
+
+    r = run_doctor()
+    print(json.dumps(r.to_dict(), indent=2) if a.json else format_report(r))
+
+
+def register(sub) -> None:
+    from ..bench.runner import BenchConfig
+    from ..runtime.backends.registry import all_backends
+
+    pr = sub.add_parser("predict", help="screen images with an artifact (ONNX, TensorRT engine or .keras)",
+                        formatter_class=HelpFormatter,
+                        epilog="exit status: 0 all answered, 3 some images failed (each is reported), "
+                               "7 none could be used; see cxr-edge --help for the others")
+    pr.add_argument("artifact", help="an artifact with its manifest, or triton://host:port/model")
+    pr.add_argument("images", nargs="+", help="image files (PNG/JPEG/BMP/TIFF/DICOM) or directories")
+    pr.add_argument("--explain", action="store_true", help="Grad-CAM heatmaps (PNG overlay + raw .npy in --out)")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.add_argument("--out", help="directory for predictions.json and heatmaps")
+    pr.add_argument("--backend", choices=all_backends(), help="backend (default: the artifact format's first)")
+    pr.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
+    pr.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
+    pr.add_argument("--precision", choices=OPENVINO_PRECISIONS, help="OpenVINO only: fp32 (forced f32) or bf16")
+    pr.add_argument("--batch-size", type=positive_int, default=8, help="images per engine call")
+    pr.add_argument("--cuda-graph", action="store_true",
+                    help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
+    pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
+    pr.add_argument("--cam-scale", type=positive_float, help="fixed heatmap scale (default: each map's own max)")
+    pr.add_argument("--trusted-key", action="append", metavar="PUB",
+                    help="only run artifacts signed by this Ed25519 public key (repeatable)")
+    pr.set_defaults(func=cmd_predict)
+
+    bn = sub.add_parser("bench", help="latency/throughput/accuracy per backend x precision x batch, vs Keras",
+                        formatter_class=HelpFormatter)
+    bn.add_argument("artifact_dir", help="a cxr-edge export output directory")
+    bn.add_argument("--data", help="labelled data for accuracy (default: the model's test split)")
+    bn.add_argument("--batch", type=comma_list(item=positive_int), default=csv_text(default_of(BenchConfig, "batches")),
+                    help="batch sizes")
+    bn.add_argument("--backends", type=comma_list(BENCH_BACKENDS), default=csv_text(default_of(BenchConfig, "backends")),
+                    help=f"comma list of {', '.join(BENCH_BACKENDS)}")
+    bn.add_argument("--precisions", type=comma_list(BENCH_PRECISIONS),
+                    default=csv_text(default_of(BenchConfig, "precisions")),
+                    help=f"comma list of {', '.join(BENCH_PRECISIONS)}")
+    bn.add_argument("--budget", type=positive_float, default=default_of(BenchConfig, "budget_s"),
+                    help="seconds of timing per row")
+    bn.add_argument("--threads", type=positive_int, help="threads per engine (default: all usable cores)")
+    bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (decode+infer) measurement")
+    bn.add_argument("--cuda-graph", action="store_true",
+                    help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
+    bn.add_argument("--out", help="results directory (default: ARTIFACT_DIR/bench)")
+    bn.set_defaults(func=cmd_bench)
+
+    dr = sub.add_parser("doctor", help="what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime providers) and fixes",
+                        formatter_class=HelpFormatter)
+    dr.add_argument("--json", action="store_true", help="machine-readable report")
+    dr.set_defaults(func=cmd_doctor)

@@ -1,0 +1,117 @@
+"""Commands that serve artifacts: serve (HTTP + kiosk), export-triton, serve-triton."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ._common import DEVICES, HelpFormatter, comma_list, csv_text, default_of, positive_float, positive_int
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+TRITON_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
+
+
+def cmd_serve(a) -> None:
+    from ..serve.app import ServeConfig, create_app, default_engine_threads
+    from ..serve.http_guard import run_server
+
+    if a.host not in LOCAL_HOSTS:
+        logging.getLogger("cxr_edge.serve").warning(
+            "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", a.host)
+    threads = a.threads or default_engine_threads(a.artifact)
+    cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
+                      max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=threads,
+                      cors_origins=a.cors or (), trusted_keys=tuple(a.trusted_key or ()),
+                      body_timeout_s=a.body_timeout, save_dir=a.save_dir, engine_spin=a.engine_spin,
+                      cuda_graph=a.cuda_graph)
+    run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
+               graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
+
+
+def cmd_export_triton(a) -> None:
+    from ..export.triton import TritonConfig, export_triton
+
+    cfg = TritonConfig(max_batch_size=a.max_batch, preferred_batch_sizes=a.preferred, max_queue_delay_us=a.delay_us,
+                       instances=a.instances, kind=a.kind)
+    for d in export_triton(a.artifacts, a.out, cfg):
+        print(f"{d}: config.pbtxt validated against Triton's ModelConfig")
+
+
+def cmd_serve_triton(a) -> None:
+    from ..serve.triton_server import serve_triton
+
+    serve_triton(a.artifact, a.host, a.http_port, a.grpc_port, a.metrics_port, a.max_batch, a.delay_us, a.name)
+
+
+def register(sub) -> None:
+    import inspect
+
+    from ..export.triton import TritonConfig
+    from ..runtime.backends.registry import all_backends
+    from ..serve.app import ServeConfig
+    from ..serve.http_guard import run_server
+    from ..serve.triton_server import serve_triton
+
+    S = ServeConfig
+    guard = {k: v.default for k, v in inspect.signature(run_server).parameters.items()}
+    sv = sub.add_parser("serve", help="HTTP screening service with dynamic batching and a kiosk page",
+                        formatter_class=HelpFormatter)
+    sv.add_argument("artifact", help="an artifact with its manifest")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (localhost only unless told otherwise)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--max-batch", type=positive_int, default=default_of(S, "max_batch"), help="images per engine call")
+    sv.add_argument("--max-delay-ms", type=float, default=default_of(S, "max_delay_ms"),
+                    help="longest wait for a batch to fill")
+    sv.add_argument("--max-queue", type=positive_int, default=default_of(S, "max_queue"),
+                    help="images waiting before 503 + Retry-After")
+    sv.add_argument("--timeout", type=positive_float, default=default_of(S, "timeout_s"),
+                    help="per-request timeout and graceful-shutdown drain (s)")
+    sv.add_argument("--max-body-mb", type=positive_float, default=default_of(S, "max_body_mb"), help="request body limit")
+    sv.add_argument("--device", default=default_of(S, "device"), choices=DEVICES, help="where to run")
+    sv.add_argument("--backend", choices=all_backends(), help="backend (default: the artifact format's first)")
+    sv.add_argument("--cors", type=comma_list(), help="comma-separated allowed origins (default: none)")
+    sv.add_argument("--threads", type=positive_int,
+                    help="engine threads (default: all usable cores for models over 1 GMAC/image, half of them "
+                         "for lighter ones, whose requests cost more decoding than inference)")
+    sv.add_argument("--engine-spin", action=argparse.BooleanOptionalAction, default=False,
+                    help="let ONNX Runtime threads busy-wait between calls (spinning took ~25%% "
+                         "more CPU per request from the decoders on 2 cores)")
+    sv.add_argument("--trusted-key", action="append", metavar="PUB",
+                    help="only serve an artifact signed by this Ed25519 public key (repeatable)")
+    sv.add_argument("--body-timeout", type=positive_float, default=default_of(S, "body_timeout_s"),
+                    help="seconds for a request body to arrive (408)")
+    sv.add_argument("--header-timeout", type=positive_float, default=guard["header_timeout_s"],
+                    help="seconds for request headers to arrive before the connection is closed")
+    sv.add_argument("--max-connections", type=positive_int, default=512, help="open connections before answering 503")
+    sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")
+    sv.add_argument("--cuda-graph", action="store_true",
+                    help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
+    sv.set_defaults(func=cmd_serve)
+
+    T = TritonConfig
+    tx = sub.add_parser("export-triton", help="write a Triton model repository from artifacts",
+                        formatter_class=HelpFormatter)
+    tx.add_argument("artifacts", nargs="+", help="exported artifacts (ONNX or TensorRT plans)")
+    tx.add_argument("--out", required=True, help="model repository directory")
+    tx.add_argument("--max-batch", type=positive_int, default=default_of(T, "max_batch_size"), help="max_batch_size")
+    tx.add_argument("--preferred", type=comma_list(item=positive_int),
+                    default=csv_text(default_of(T, "preferred_batch_sizes")), help="preferred batch sizes")
+    tx.add_argument("--delay-us", type=int, default=default_of(T, "max_queue_delay_us"),
+                    help="max queue delay (microseconds)")
+    tx.add_argument("--instances", type=positive_int, default=default_of(T, "instances"), help="model instances")
+    tx.add_argument("--kind", default=default_of(T, "kind"), choices=TRITON_KINDS,
+                    help="instance kind (auto: GPU for TensorRT plans, CPU otherwise)")
+    tx.set_defaults(func=cmd_export_triton)
+
+    st_defaults = {k: v.default for k, v in inspect.signature(serve_triton).parameters.items()}
+    st = sub.add_parser("serve-triton", help="serve an artifact inside Triton Inference Server (PyTriton)",
+                        formatter_class=HelpFormatter)
+    st.add_argument("artifact", help="an artifact with its manifest")
+    st.add_argument("--host", default=st_defaults["host"], help="bind address")
+    st.add_argument("--http-port", type=int, default=st_defaults["http_port"], help="HTTP port")
+    st.add_argument("--grpc-port", type=int, default=st_defaults["grpc_port"], help="gRPC port")
+    st.add_argument("--metrics-port", type=int, default=st_defaults["metrics_port"], help="Prometheus port")
+    st.add_argument("--max-batch", type=positive_int, default=st_defaults["max_batch"], help="max batch size")
+    st.add_argument("--delay-us", type=int, default=st_defaults["max_delay_us"], help="max queue delay (microseconds)")
+    st.add_argument("--name", help="model name (default: cxr_<recipe>_<precision>)")
+    st.set_defaults(func=cmd_serve_triton)
