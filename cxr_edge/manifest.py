@@ -7,16 +7,124 @@ verifies the hash, so a swapped or half-copied file is refused instead of silent
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
 import platform
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from .errors import ManifestError
 
 SCHEMA_VERSION = 1
+
+
+class Manifest(Mapping[str, Any]):
+    """An artifact's manifest, read-only: typed accessors for what the code relies on, a Mapping for the rest.
+
+    Frozen, because a manifest is evidence (hash, gate, signer): nothing downstream may edit the copy
+    it was handed and pass it on as the artifact's. Values are returned as copies, so nested dicts
+    cannot be changed through it either; :meth:`with_fields` makes a new one for the few places that
+    describe something the file does not (a remote Triton model, a Keras model's implicit outputs).
+    """
+
+    __slots__ = ("_doc",)
+
+    def __init__(self, doc: Mapping[str, Any]):
+        object.__setattr__(self, "_doc", copy.deepcopy(dict(doc)))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Manifest is read-only; use with_fields() for a changed copy")
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._doc[key]
+        return copy.deepcopy(value) if isinstance(value, (dict, list)) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._doc)
+
+    def __len__(self) -> int:
+        return len(self._doc)
+
+    def __repr__(self) -> str:
+        return f"Manifest({self._doc.get('file')!r}, precision={self.precision!r}, sha256={str(self.sha256)[:12]}...)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._doc)
+
+    def with_fields(self, **fields: Any) -> Manifest:
+        return Manifest({**self._doc, **fields})
+
+    # ---- what the code reads, typed, with the defaults the exporter implies
+    @property
+    def sha256(self) -> str | None:
+        return self._doc.get("sha256")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self._doc["classes"])
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return dict(self._doc["preprocess"])
+
+    @property
+    def precision(self) -> str:
+        return self._doc.get("precision") or "fp32"
+
+    @property
+    def format(self) -> str | None:
+        return self._doc.get("format")
+
+    @property
+    def kind(self) -> str | None:
+        return self._doc.get("kind")
+
+    @property
+    def recipe(self) -> str | None:
+        return self._doc.get("recipe")
+
+    @property
+    def operating_point(self) -> dict[str, Any]:
+        return dict(self._doc.get("operating_point") or {})
+
+    @property
+    def threshold(self) -> float | None:
+        """The COVID threshold chosen on validation (None: argmax decides)."""
+        t = self.operating_point.get("threshold")
+        return None if t is None else float(t)
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self._doc.get("outputs") or [{"name": "probs"}]]
+
+    @property
+    def gradcam(self) -> dict[str, Any]:
+        return copy.deepcopy(self._doc.get("gradcam") or {})
+
+    @property
+    def gate(self) -> dict[str, Any]:
+        return copy.deepcopy(self._doc.get("gate") or {})
+
+    @property
+    def gate_failed(self) -> bool:
+        """True only when the export gate ran and failed (kept with --force); missing gate is not failure."""
+        return self.gate.get("passed") is False
+
+    @property
+    def source_model(self) -> dict[str, Any]:
+        return dict(self._doc.get("source_model") or {})
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return copy.deepcopy(self._doc.get("data") or {})
+
+    @classmethod
+    def read(cls, artifact: str | Path, verify: bool = True) -> Manifest:
+        return read_manifest(artifact, verify)
 
 
 def manifest_path(artifact: str | Path) -> Path:
@@ -59,7 +167,7 @@ def write_manifest(artifact: str | Path, fields: dict) -> Path:
     return path
 
 
-def read_manifest(artifact: str | Path, verify: bool = True) -> dict:
+def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     """Read and check the sidecar of ``artifact``; with ``verify`` the file's sha256 must match."""
     artifact = Path(artifact)
     path = manifest_path(artifact)
@@ -86,4 +194,4 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> dict:
                 f"{artifact} does not match its manifest: sha256 is {actual[:16]}..., manifest says "
                 f"{doc['sha256'][:16]}.... The file was modified or replaced; re-export it or restore the original."
             )
-    return doc
+    return Manifest(doc)

@@ -40,8 +40,15 @@ def test_user_errors_exit_with_the_code_of_their_kind(tmp_path, capsys):
 
 def test_each_error_kind_has_its_own_exit_code(monkeypatch, capsys):
     from cxr_edge.cli import run_commands
-    from cxr_edge.errors import (ConfigError, CorruptImageError, DatasetError, EngineError, ExitCode, ManifestError,
-                                 MissingExtraError)
+    from cxr_edge.errors import (
+        ConfigError,
+        CorruptImageError,
+        DatasetError,
+        EngineError,
+        ExitCode,
+        ManifestError,
+        MissingExtraError,
+    )
     from cxr_edge.signing import SignatureError
 
     kinds = {ConfigError("bad option"): 5, MissingExtraError("pip install 'cxr-edge[serve]'"): 5,

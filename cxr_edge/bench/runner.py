@@ -60,9 +60,9 @@ def discover_targets(artifact_dir: Path, cfg: BenchConfig) -> tuple[list[Target]
     for onnx in sorted(artifact_dir.glob("model.*.onnx")):
         doc = read_manifest(onnx, verify=False)
         tag = onnx.name.split(".")[1]
-        if doc.get("gate", {}).get("passed") is False:
+        if doc.gate_failed:
             log.warning("%s failed its export gate; benchmarking it anyway, marked", onnx.name)
-        src = doc.get("source_model") or {}
+        src = doc.source_model
         for cand in (artifact_dir / src.get("file", "-"), Path(src.get("path", "-"))):
             if source is None and cand.is_file():
                 source = cand
@@ -112,8 +112,8 @@ def labelled_images(artifact_dir: Path, spec: PreprocessSpec, classes, data: str
     The training data's split comes from the source Keras model's manifest, else from the FP32
     artifact's (export copies it there), so an export folder moved without its .keras still finds it.
     """
-    doc = read_manifest(source, verify=False) if source else {}
-    trained = doc.get("data") or read_manifest(artifact_dir / "model.fp32.onnx", verify=False).get("data") or {}
+    trained = (read_manifest(source, verify=False).data if source else {}) or \
+        read_manifest(artifact_dir / "model.fp32.onnx", verify=False).data
     root = data or (trained.get("root") if trained.get("root") and Path(trained["root"]).is_dir() else None)
     if root is None:
         from ..synthetic import synthetic_parity_images
@@ -154,8 +154,8 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         raise ConfigError(f"Nothing to benchmark in {artifact_dir}: expected model.*.onnx artifacts from cxr-edge export.")
     fp32_doc = read_manifest(artifact_dir / "model.fp32.onnx", verify=False)
     spec = PreprocessSpec.from_dict(fp32_doc["preprocess"])
-    classes = fp32_doc["classes"]
-    threshold = (fp32_doc.get("operating_point") or {}).get("threshold")
+    classes = fp32_doc.classes
+    threshold = fp32_doc.threshold
     x_acc, y_acc, paths, data_info = labelled_images(artifact_dir, spec, classes, cfg.data, source, cfg.max_accuracy_images)
     macs = macs_per_image(artifact_dir / "model.fp32.onnx")
     rows, accuracy = list(skipped), {}

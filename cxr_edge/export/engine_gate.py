@@ -54,8 +54,8 @@ def gate_engine(plan: Path, engine_doc: dict, onnx_path: Path, onnx_doc: dict, d
     elif precision == "fp16":
         gate = fp16_gate(ref, probs)
     else:
-        op = onnx_doc.get("operating_point") or {}
-        gate = int8_gate(ref, probs, data.val_y, onnx_doc["classes"], op.get("threshold"))
+        gate = int8_gate(ref, probs, data.val_y, list(onnx_doc["classes"]),
+                         (onnx_doc.get("operating_point") or {}).get("threshold"))
     gate.name = f"engine-{precision}"
     gate.metrics["gate_data"] = data.info["data"]
     return gate

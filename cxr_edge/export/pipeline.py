@@ -181,8 +181,8 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     variants = config.variants()
     doc = read_manifest(model_path)
     spec = PreprocessSpec.from_dict(doc["preprocess"])
-    classes = doc["classes"]
-    threshold = (doc.get("operating_point") or {}).get("threshold")
+    classes = doc.classes
+    threshold = doc.threshold
     model = load_keras_model(model_path)
     data = load_gate_data(doc, spec, config.calib_data, config.calib_size, seed=config.seed)
     log.info("gate data: %s", json.dumps({k: v for k, v in data.info.items() if k != "skipped"}))

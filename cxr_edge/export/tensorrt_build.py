@@ -24,12 +24,13 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EngineError, ExitCode
-from ..manifest import read_manifest, sha256_file, write_manifest
+from ..manifest import Manifest, read_manifest, sha256_file, write_manifest
 from ..runtime.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
 from .artifacts import Precision
 
@@ -102,18 +103,19 @@ def _source_kind(doc: dict) -> str:
     return f"int8-{doc.get('int8_target')}" if prec == "int8" else str(prec)
 
 
-def check_source_artifact(onnx_doc: dict, config: BuildConfig, flavor: TensorRTFlavor | None = None) -> None:
+def check_source_artifact(onnx_doc: Mapping, config: BuildConfig, flavor: TensorRTFlavor | None = None) -> None:
     """Refuse combinations that would silently produce another precision than the one asked for.
 
     ``flavor`` None checks the rules common to TensorRT 10 and 11 (useful before TensorRT is imported).
     """
+    onnx_doc = onnx_doc if isinstance(onnx_doc, Manifest) else Manifest(onnx_doc)
     src = _source_kind(onnx_doc)
     want = config.precision
     dla = config.dla_core is not None
     if src == "int8-cpu":
         raise ConfigError("The int8-cpu artifact has unsigned (U8S8) activations, which TensorRT does not take; "
                           "use model.int8-trt.onnx.")
-    if onnx_doc.get("gate", {}).get("passed") is False:
+    if onnx_doc.gate_failed:
         raise ConfigError("The source artifact failed its accuracy gate at export; refusing to build an engine from it.")
     if want is Precision.FP32 and src != "fp32":
         raise ConfigError(f"An fp32 engine must be built from model.fp32.onnx; this is a {src} artifact, whose graph "

@@ -66,8 +66,7 @@ class Screener:
         self.engine = open_backend(artifact, backend=backend, verify=verify, device=device, **options).load()
         self.manifest = self.engine.manifest
         self.classes = self.engine.classes
-        op = self.manifest.get("operating_point") or {}
-        self.threshold = threshold if threshold is not None else op.get("threshold")
+        self.threshold = threshold if threshold is not None else self.manifest.threshold
         self.batch_size = batch_size  # the engine fits any size to its profile (Backend.infer)
         self.workers = workers
         self._cam = None
@@ -101,16 +100,16 @@ class Screener:
 
         if not hasattr(self, "_keras"):
             self._keras = load_keras_model(self._source_model_path())
-        layer = (self.manifest.get("gradcam") or {}).get("layer") or self.manifest.get("last_conv_layer")
+        layer = self.manifest.gradcam.get("layer") or self.manifest.get("last_conv_layer")
         return gradcam_tf(self._keras, x, layer, targets)[0]
 
     def _source_model_path(self) -> Path:
         """The Keras model an artifact came from: beside it, else where export recorded it (hash-checked)."""
         from ..manifest import read_manifest
 
-        if self.manifest.get("kind") == "keras-model":
+        if self.manifest.kind == "keras-model":
             return self.engine.artifact
-        src = self.manifest.get("source_model") or {}
+        src = self.manifest.source_model
         for cand in (self.engine.artifact.parent / src.get("file", ""), Path(src.get("path", ""))):
             if src.get("file") and cand.is_file() and read_manifest(cand)["sha256"] == src.get("sha256"):
                 return cand

@@ -180,7 +180,7 @@ def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine
             metrics.images.labels("ok").inc()
             return res
 
-        threshold = (engine.manifest.get("operating_point") or {}).get("threshold")
+        threshold = engine.manifest.threshold
         try:
             results = await asyncio.gather(*(one(k, n, d) for k, (n, d) in enumerate(items)))
         except QueueFull:

@@ -63,8 +63,8 @@ def evaluate_model(
     kept = [items[k] for k in loaded.kept]
     y = np.array([classes.index(i.label) for i in kept])
     probs = model.predict(loaded.x, batch_size=32, verbose=0)
-    if threshold is None and doc.get("operating_point"):
-        threshold = doc["operating_point"]["threshold"]
+    if threshold is None:
+        threshold = doc.threshold
     result = evaluate_predictions(y, probs, classes, threshold, sources=[i.source for i in kept],
                                   sizes=loaded.original_sizes, n_boot=n_boot)
     phases = doc.get("training", {}).get("phases", [])

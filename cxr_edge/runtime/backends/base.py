@@ -8,12 +8,14 @@ them, so every backend rejects a wrong batch with the same message; subclasses i
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ...errors import ConfigError
+from ...manifest import Manifest
 from ...preprocess import PreprocessSpec
 
 
@@ -29,17 +31,15 @@ class BackendInfo:
 
 
 class Backend(abc.ABC):
-    #: artifact formats this backend can run (registry key)
-    formats: tuple[str, ...] = ()
-    name: str = "base"
+    name: str = "base"  # which formats a backend runs is said once, in the registry
 
-    def __init__(self, artifact: str | Path, manifest: dict, **options):
+    def __init__(self, artifact: str | Path, manifest: Mapping, **options):
         self.artifact = Path(artifact)
-        self.manifest = manifest
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
         self.options = options
-        self.spec = PreprocessSpec.from_dict(manifest["preprocess"])
-        self.classes = list(manifest["classes"])
-        self.outputs = [o["name"] for o in manifest.get("outputs", [{"name": "probs"}])]
+        self.spec = PreprocessSpec.from_dict(self.manifest.preprocess)
+        self.classes = self.manifest.classes
+        self.outputs = self.manifest.output_names
         self.info: BackendInfo | None = None
         self.trust: dict = {"signed_by": None}  # set by open_backend's load policy
         self._loaded = False

@@ -12,7 +12,6 @@ from .base import Backend, BackendInfo
 
 
 class KerasBackend(Backend):
-    formats = ("keras",)
     name = "keras"
 
     def __init__(self, artifact, manifest, **options):

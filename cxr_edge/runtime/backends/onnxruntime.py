@@ -34,7 +34,6 @@ class OnnxRuntimeBackend(Backend):
     """Options: device, providers, threads, spin, max_batch (TensorRT EP profile), trusted (no engine cache),
     cudnn_conv_algo_search, trt_cache_dir."""
 
-    formats = ("onnx",)
     name = "onnxruntime"
 
     def _load(self) -> BackendInfo:

@@ -17,7 +17,6 @@ _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 
 class OpenVINOBackend(Backend):
-    formats = ("onnx",)
     name = "openvino"
 
     def _load(self) -> BackendInfo:

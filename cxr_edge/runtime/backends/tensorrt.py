@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 class TensorRTBackend(Backend):
     """Options: cuda_graph (bool), device_index (int)."""
 
-    formats = ("tensorrt",)
     name = "tensorrt"
     runtime: tensorrt.Runtime | None
     engine: tensorrt.ICudaEngine

@@ -58,7 +58,6 @@ def remote_manifest(url: str, timeout: float = 10.0) -> dict:
 
 
 class TritonBackend(Backend):
-    formats = ("triton",)
     name = "triton"
 
     def __init__(self, artifact, manifest, **options):
