@@ -22,6 +22,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "fastapi": ("serve", "the screening service"),
     "uvicorn": ("serve", "the screening service"),
     "prometheus_client": ("serve", "service metrics"),
+    "python_multipart": ("serve", "multipart uploads to the screening service"),
     "tritonclient": ("triton", "Triton model repositories and the triton:// backend"),
     "tensorrt": ("gpu-cu12", "TensorRT engines (gpu-cu13 for CUDA 13; on Jetson, TensorRT comes with JetPack)"),
 }

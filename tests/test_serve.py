@@ -8,11 +8,33 @@ import pytest
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
+from cxr_edge.serve.schemas import ScreenResponse
 
 
 @pytest.fixture(scope="module")
 def artifact(tiny_export):
     return next(a.path for a in tiny_export.artifacts if a.variant == "int8-cpu"), tiny_export.data
+
+
+def test_service_screener_and_cli_share_one_result_shape(artifact):
+    """The same image gives the same JSON keys (and values) from the Python API and from the service."""
+    from cxr_edge.runtime import Screener
+
+    art, data = artifact
+    img = sorted((data / "COVID").iterdir())[0]
+    with Screener(art, device="cpu") as s:
+        local = s.predict([img, b"nope"])
+    with _client(art) as c:
+        body = c.post("/v1/predict", files=[("files", (img.name, _png(img), "image/png")),
+                                            ("files", ("nope.bin", b"nope", "application/octet-stream"))]).json()
+    for mine, theirs in zip(local, body["results"]):
+        d = mine.to_dict()
+        assert set(d) == set(theirs)
+        for k in ("ok", "status", "label", "threshold", "backend", "precision"):
+            assert d[k] == theirs[k], k
+        if mine.ok:
+            assert all(abs(d["probabilities"][c] - theirs["probabilities"][c]) < 1e-6 for c in d["probabilities"])
+    assert body["results"][1]["status"] == 422 and local[1].status == 422
 
 
 def _client(artifact, **cfg):
@@ -37,16 +59,22 @@ def test_predict_explain_health_metrics(artifact):
         r = c.post("/v1/predict", files=[("files", (p.name, _png(p), "image/png")) for p in imgs])
         assert r.status_code == 200
         body = r.json()
-        assert [x["filename"] for x in body["results"]] == [p.name for p in imgs]
+        assert [x["source"] for x in body["results"]] == [p.name for p in imgs]
+        ScreenResponse.model_validate(body)  # the answer is what /docs says it is
         assert all(abs(sum(x["probabilities"].values()) - 1) < 1e-3 for x in body["results"])
         raw = c.post("/v1/predict", content=_png(imgs[0]), headers={"content-type": "application/octet-stream"})
         assert raw.status_code == 200 and raw.json()["results"][0]["label"] == body["results"][0]["label"]
         e = c.post("/v1/explain", files=[("files", (imgs[0].name, _png(imgs[0]), "image/png"))]).json()
-        png = base64.b64decode(e["results"][0]["gradcam"]["overlay_png_base64"])
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and e["results"][0]["gradcam"]["method"] == "engine-native"
+        ScreenResponse.model_validate(e)
+        png = base64.b64decode(e["results"][0]["explanation"]["overlay_png_base64"])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and e["results"][0]["explanation"]["method"] == "engine-native"
+        assert e["results"][0]["explanation"]["target"] == e["results"][0]["label"]
         m = c.get("/metrics").text
         assert 'cxr_requests_total{endpoint="predict",status="200"} 2.0' in m and "cxr_batch_size_bucket" in m
-        assert "/v1/predict" in c.get("/openapi.json").json()["paths"]
+        api = c.get("/openapi.json").json()
+        assert "/v1/predict" in api["paths"] and "ScreeningResultModel" in api["components"]["schemas"]
+        ok_schema = api["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert ok_schema["$ref"].endswith("/ScreenResponse")
         assert "cxr-edge screening" in c.get("/").text
 
 

@@ -48,7 +48,7 @@ def register(sub) -> None:
 
     from ..export.triton import TritonConfig
     from ..runtime.backends.registry import all_backends
-    from ..serve.app import ServeConfig
+    from ..serve.config import ServeConfig
     from ..serve.http_guard import run_server
     from ..serve.triton_server import serve_triton
 

@@ -2,6 +2,7 @@
 batched preprocessing, screening decisions and engine-native Grad-CAM."""
 
 from .backends.registry import backends_for, open_backend
-from .screener import Screener, ScreeningResult
+from .result import Explanation, ScreeningResult
+from .screener import Screener
 
-__all__ = ["Screener", "ScreeningResult", "open_backend", "backends_for"]
+__all__ = ["Screener", "ScreeningResult", "Explanation", "open_backend", "backends_for"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,42 +12,9 @@ from ..decision import decide
 from ..errors import ConfigError
 from .backends.registry import open_backend
 from .batching import BatchPacker
+from .result import Explanation, ScreeningResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Explanation:
-    cam: np.ndarray  # raw Grad-CAM at feature-map resolution
-    target: str
-    method: str  # "engine-native" | "tensorflow"
-    peak: float
-    seconds: float
-    files: dict = field(default_factory=dict)
-
-
-@dataclass
-class ScreeningResult:
-    index: int
-    source: str
-    ok: bool
-    error: str | None = None
-    label: str | None = None
-    probabilities: dict[str, float] | None = None
-    threshold: float | None = None
-    backend: str | None = None
-    provider: str | None = None
-    precision: str | None = None
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    explanation: Explanation | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        if self.explanation is not None:
-            e = d["explanation"]
-            e.pop("cam")
-            e["shape"] = list(self.explanation.cam.shape)
-        return d
 
 
 class Screener:
@@ -128,7 +94,7 @@ class Screener:
         try:
             for pb in packer.iter_batches(items):
                 for i, err in pb.errors.items():
-                    results[i] = ScreeningResult(i, pb.names[i], False, error=err.reason)
+                    results[i] = ScreeningResult.unusable(i, pb.names[i], err.reason)
                 if not pb.indices:
                     continue
                 t0 = time.perf_counter()
@@ -143,17 +109,12 @@ class Screener:
                     cams, method = self._explain(pb.x, out.get("features"), labels)
                     cam_s = time.perf_counter() - t1
                 for k, i in enumerate(pb.indices):
-                    r = ScreeningResult(
-                        i, pb.names[i], True, label=self.classes[labels[k]],
-                        probabilities={c: float(p) for c, p in zip(self.classes, probs[k])},
-                        threshold=self.threshold, backend=info.backend, provider=info.provider,
-                        precision=info.precision,
-                        timings_ms={"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per,
-                                    "batch": per},
-                    )
+                    r = ScreeningResult.from_probabilities(
+                        i, pb.names[i], probs[k], self.classes, self.threshold, info,
+                        {"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per, "batch": per})
                     if cams is not None:
-                        r.explanation = Explanation(cams[k], self.classes[labels[k]], method, float(cams[k].max()),
-                                                    cam_s / per)
+                        r.explanation = Explanation(self.classes[labels[k]], method, float(cams[k].max()), cam_s / per,
+                                                    cam=cams[k])
                         r.timings_ms["explain"] = 1e3 * cam_s / per
                         if out_dir is not None:
                             from .overlay import save_explanation

@@ -3,10 +3,10 @@
 Endpoints: ``POST /v1/predict``, ``POST /v1/explain`` (adds a Grad-CAM overlay), ``GET /healthz``,
 ``GET /readyz``, ``GET /metrics`` (Prometheus), ``GET /`` (kiosk page), OpenAPI at ``/docs``.
 Images arrive as multipart files or as a raw body; no file-system path is ever accepted from a client.
-Nothing a client sends is written to disk.
+Nothing a client sends is written to disk unless the operator names a ``save_dir``.
 """
 
-
+# no `from __future__ import annotations`: FastAPI resolves the route functions' annotations (Request)
 import asyncio
 import base64
 import logging
@@ -14,244 +14,288 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from ..decision import decide
 from ..decode import DecodeLimits
 from ..errors import ImageError
 from ..extras import require
 from ..preprocess import pack_source
 from ..runtime.backends.registry import open_backend
+from ..runtime.result import Explanation, ScreeningResult
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
+from .config import ServeConfig
 from .http_guard import BodyGuard
 from .metrics import ServiceMetrics
+
+__all__ = ["ScreeningService", "ServeConfig", "create_app", "default_engine_threads"]
 
 log = logging.getLogger("cxr_edge.serve")
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    max_batch: int = 32
-    max_delay_ms: float = 5.0
-    max_queue: int = 256
-    timeout_s: float = 30.0
-    max_body_mb: float = 64.0
-    max_images_per_request: int = 16
-    decode_workers: int = 4
-    device: str = "auto"
-    backend: str | None = None
-    threads: int | None = None  # engine intra-op threads (default: the engine's own choice)
-    engine_spin: bool | None = None  # False: engine threads sleep between calls instead of busy-waiting
-    cors_origins: tuple[str, ...] = ()  # closed unless the operator lists origins
-    trusted_keys: tuple[str, ...] = ()  # public keys; when given, only artifacts they signed are served
-    body_timeout_s: float = 30.0  # a body still arriving after this is answered 408 (slow uploads)
-    save_dir: str | None = None  # operator opt-in: keep received images here (never elsewhere, never by default)
-    cuda_graph: bool = False  # TensorRT engines: replay each batch size's kernels as one CUDA graph
+class _Refused(Exception):
+    """A request answered with an error status before any image was screened."""
+
+    def __init__(self, status: int, detail: str, retry_after: int | None = None):
+        super().__init__(detail)
+        self.status, self.detail, self.retry_after = status, detail, retry_after
 
 
-def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine_wrapper=None):
-    """The ASGI app. ``engine_wrapper`` (engine -> engine) wraps the loaded backend: for embedding, and
-    for the fault-injection tests that make an engine raise or stall under load."""
-    fastapi = require("fastapi")
-    from starlette.formparsers import MultiPartParser
+class ScreeningService:
+    """One loaded artifact behind HTTP: engine, dynamic batcher, decoders, Grad-CAM head and metrics.
 
-    # Starlette spools multipart files over 1 MB to a temporary file on disk. Nothing a patient's image
-    # passes through may touch the disk unless the operator asked (save_dir), so keep uploads up to
-    # the body limit in memory: the body limit already bounds that memory.
-    max_body = int(config.max_body_mb * 1024 * 1024)
-    MultiPartParser.spool_max_size = max(MultiPartParser.spool_max_size, max_body + 1)
-    save_dir = Path(config.save_dir).resolve() if config.save_dir else None
-    from fastapi import Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    The engine is loaded in the app's lifespan (so the port opens only once the model is warm), and
+    every request is screened through :meth:`screen`, which returns one
+    :class:`~cxr_edge.runtime.result.ScreeningResult` per image.
+    """
 
-    state: dict = {"ready": False}
-    metrics = ServiceMetrics()
-    decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode")
-    limits = DecodeLimits(max_bytes=int(config.max_body_mb * 1024 * 1024))
+    def __init__(self, artifact: "str | Path", config: ServeConfig = ServeConfig(), engine_wrapper=None):
+        self.artifact, self.config, self.engine_wrapper = artifact, config, engine_wrapper
+        self.engine = None
+        self.batcher: DynamicBatcher | None = None
+        self.head = None
+        self.ready = False
+        self.metrics = ServiceMetrics()
+        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode")
+        self.max_body = int(config.max_body_mb * 1024 * 1024)
+        self.limits = DecodeLimits(max_bytes=self.max_body)
+        self.save_dir = Path(config.save_dir).resolve() if config.save_dir else None
+        self._multipart = _in_memory_multipart_parser(self.max_body)
 
-    async def lifespan(app):
-        opts = {"threads": config.threads} if config.threads else {}
-        opts["max_batch"] = config.max_batch
-        if config.cuda_graph:
+    # ---- lifecycle
+    async def start(self) -> None:
+        c = self.config
+        opts: dict = {"threads": c.threads} if c.threads else {}
+        opts["max_batch"] = c.max_batch
+        if c.cuda_graph:
             opts["cuda_graph"] = True
-        if config.engine_spin is not None:
-            opts["spin"] = config.engine_spin
-        engine = open_backend(artifact, backend=config.backend, device=config.device,
-                              trusted_keys=list(config.trusted_keys) or None, **opts).load()
-        if engine_wrapper is not None:
-            engine = engine_wrapper(engine)
-        state["engine"] = engine
-        state["batcher"] = DynamicBatcher(engine, config.max_batch, config.max_delay_ms, config.max_queue, metrics)
-        await state["batcher"].start()
-        # warm up before declaring readiness: the first inference allocates and tunes kernels
-        await state["batcher"].submit(np.zeros(engine.spec.input_shape, np.uint8), features=True)
-        head = None
-        if "features" in engine.outputs and engine.artifact is not None:
-            from ..runtime.head import load_artifact_head
+        if c.engine_spin is not None:
+            opts["spin"] = c.engine_spin
+        engine = open_backend(self.artifact, backend=c.backend, device=c.device,
+                              trusted_keys=list(c.trusted_keys) or None, **opts).load()
+        try:
+            if self.engine_wrapper is not None:
+                engine = self.engine_wrapper(engine)
+            self.engine = engine
+            self.batcher = DynamicBatcher(engine, c.max_batch, c.max_delay_ms, c.max_queue, self.metrics)
+            await self.batcher.start()
+            # warm up before declaring readiness: the first inference allocates and tunes kernels
+            await self.batcher.submit(np.zeros(engine.spec.input_shape, np.uint8), features=True)
+            if "features" in engine.outputs and engine.artifact is not None:
+                from ..runtime.head import load_artifact_head
 
-            head = load_artifact_head(engine.artifact, engine.manifest)
-        state["head"] = head
-        state["ready"] = True
-        log.info("ready: %s on %s/%s (%s)", Path(artifact).name, engine.info.backend, engine.info.provider, engine.info.precision)
-        yield
-        state["ready"] = False
-        await state["batcher"].stop(config.timeout_s)
-        engine.close()
-        decode_pool.shutdown(wait=False)
+                self.head = load_artifact_head(engine.artifact, engine.manifest)
+        except BaseException:
+            if self.batcher is not None:
+                await self.batcher.stop(0)
+            engine.close()  # a failed start must not keep the engine (GPU memory, threads)
+            raise
+        self.ready = True
+        info = engine.info
+        log.info("ready: %s on %s/%s (%s)", Path(str(self.artifact)).name, info.backend, info.provider, info.precision)
 
-    app = fastapi.FastAPI(title="cxr-edge screening service", version="1", lifespan=lifespan,
-                          description="Chest X-ray screening: COVID-19 / Normal / Viral Pneumonia with Grad-CAM.")
-    if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
+    async def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop(self.config.timeout_s)
+        if self.engine is not None:
+            self.engine.close()
+        self.decode_pool.shutdown(wait=False)
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"])
-
-    def _decode(data: bytes, name: str, rid: str, k: int):
-        if save_dir is not None:
-            _save_upload(save_dir, data, rid, k)
-        packed, img = pack_source(data, state["engine"].spec, name=name, limits=limits)
-        return packed, img.pixels
-
-    async def _images(request: Request) -> list[tuple[str, bytes]]:
-        from starlette.exceptions import HTTPException
+    # ---- one request
+    async def _images(self, request) -> list[tuple[str, bytes]]:
+        from starlette.formparsers import MultiPartException
 
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
+            parser = self._multipart(request.headers, request.stream(), max_files=self.config.max_images_per_request,
+                                     max_fields=self.config.max_images_per_request)
             try:
-                form = await request.form(max_files=config.max_images_per_request)
-            except HTTPException as exc:
-                if "Too many files" in str(exc.detail):
-                    raise HTTPException(413, f"at most {config.max_images_per_request} images per request") from exc
-                raise
+                form = await parser.parse()
+            except MultiPartException as exc:
+                if "Too many files" in exc.message:
+                    raise _Refused(413, f"at most {self.config.max_images_per_request} images per request") from exc
+                raise _Refused(400, f"malformed multipart body: {exc.message}") from exc
             uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
             return [(u.filename or f"upload{i}", await u.read()) for i, u in enumerate(uploads)]
         body = await request.body()
         return [("body", body)] if body else []
 
-    async def _screen(request: Request, explain: bool, endpoint: str):
-        rid = _request_id(request.headers.get("x-request-id"))
-        t0 = time.perf_counter()
-        if not state["ready"]:
-            metrics.requests.labels(endpoint, "503").inc()
-            return JSONResponse({"detail": "model is loading", "request_id": rid}, 503, headers={"Retry-After": "2"})
-        items = await _images(request)
-        if not items:
-            metrics.requests.labels(endpoint, "400").inc()
-            return JSONResponse({"detail": "no image in the request: send multipart field 'files' or a raw image body",
-                                 "request_id": rid}, 400)
-        if len(items) > config.max_images_per_request:
-            metrics.requests.labels(endpoint, "413").inc()
-            return JSONResponse({"detail": f"at most {config.max_images_per_request} images per request",
-                                 "request_id": rid}, 413)
-        engine, batcher = state["engine"], state["batcher"]
-        if explain and state["head"] is None:
-            return JSONResponse({"detail": "engine-native Grad-CAM is not available for this artifact", "request_id": rid}, 501)
-        loop = asyncio.get_running_loop()
+    def _decode(self, data: bytes, name: str, rid: str, k: int):
+        if self.save_dir is not None:
+            _save_upload(self.save_dir, data, rid, k)
+        packed, img = pack_source(data, self.engine.spec, name=name, limits=self.limits)
+        return packed, img.pixels
 
-        async def one(k, name, data):
-            t = time.perf_counter()
-            batcher.expect()
-            try:
-                packed, original = await loop.run_in_executor(decode_pool, _decode, data, name, rid, k)
-            except BaseException as exc:
-                batcher.arrived()
-                if not isinstance(exc, ImageError):
-                    raise
-                metrics.images.labels("bad_image").inc()
-                return {"index": k, "filename": name, "ok": False, "status": 422, "error": exc.reason}
-            decode_ms = 1e3 * (time.perf_counter() - t)
-            t = time.perf_counter()
-            out = await asyncio.wait_for(batcher.enqueue(packed, features=explain, announced=True), config.timeout_s)
-            probs = out["probs"][None]
-            label = int(decide(probs, engine.classes, threshold)[0])
-            res = {"index": k, "filename": name, "ok": True, "label": engine.classes[label],
-                   "probabilities": {c: float(p) for c, p in zip(engine.classes, probs[0])}, "threshold": threshold,
-                   "timings_ms": {"decode": decode_ms, "queue_and_infer": 1e3 * (time.perf_counter() - t)}}
-            if explain:
-                t = time.perf_counter()
-                png, peak = await loop.run_in_executor(decode_pool, _overlay_png, original, out["features"], label)
-                res["gradcam"] = {"overlay_png_base64": png, "peak": peak, "target": engine.classes[label],
-                                  "method": "engine-native"}
-                res["timings_ms"]["explain"] = 1e3 * (time.perf_counter() - t)
-            metrics.images.labels("ok").inc()
-            return res
-
-        threshold = engine.manifest.threshold
-        try:
-            results = await asyncio.gather(*(one(k, n, d) for k, (n, d) in enumerate(items)))
-        except QueueFull:
-            metrics.requests.labels(endpoint, "503").inc()
-            return JSONResponse({"detail": "queue full, retry shortly", "request_id": rid}, 503, headers={"Retry-After": "1"})
-        except ShuttingDown:
-            metrics.requests.labels(endpoint, "503").inc()
-            return JSONResponse({"detail": "shutting down", "request_id": rid}, 503, headers={"Retry-After": "5"})
-        except asyncio.TimeoutError:
-            metrics.requests.labels(endpoint, "504").inc()
-            return JSONResponse({"detail": f"no answer within {config.timeout_s} s", "request_id": rid}, 504)
-        except Exception as exc:  # engine failure: this request fails, the service stays up
-            log.exception("request %s failed", rid)
-            metrics.requests.labels(endpoint, "500").inc()
-            return JSONResponse({"detail": f"inference failed: {type(exc).__name__}", "request_id": rid}, 500)
-        status = 200 if any(r["ok"] for r in results) else 422
-        metrics.requests.labels(endpoint, str(status)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        info = engine.info
-        log.info("request %s: %d image(s), status %d, %.1f ms", rid, len(items), status, 1e3 * (time.perf_counter() - t0))
-        return JSONResponse({"request_id": rid, "results": results,
-                             "model": {"backend": info.backend, "provider": info.provider, "precision": info.precision,
-                                       "classes": engine.classes}}, status)
-
-    def _overlay_png(original, features, label):
+    def _explanation(self, original: np.ndarray, features: np.ndarray, label: int) -> Explanation:
         import cv2
 
         from ..runtime.gradcam import gradcam
         from ..runtime.overlay import overlay
 
-        cam = gradcam(state["head"], features[None], label).cam[0]
+        t = time.perf_counter()
+        cam = gradcam(self.head, features[None], label).cam[0]
         ok, buf = cv2.imencode(".png", overlay(original, cam))
-        return base64.b64encode(buf.tobytes()).decode(), float(cam.max())
+        return Explanation(self.engine.classes[label], "engine-native", float(cam.max()), time.perf_counter() - t,
+                           cam=cam, overlay_png_base64=base64.b64encode(buf.tobytes()).decode())
 
-    body_doc = {"requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+    async def _one(self, k: int, name: str, data: bytes, rid: str, explain: bool) -> ScreeningResult:
+        loop = asyncio.get_running_loop()
+        engine, batcher = self.engine, self.batcher
+        t = time.perf_counter()
+        batcher.expect()
+        try:
+            packed, original = await loop.run_in_executor(self.decode_pool, self._decode, data, name, rid, k)
+        except BaseException as exc:
+            batcher.arrived()
+            if not isinstance(exc, ImageError):
+                raise
+            self.metrics.images.labels("bad_image").inc()
+            return ScreeningResult.unusable(k, name, exc.reason)
+        decode_ms = 1e3 * (time.perf_counter() - t)
+        t = time.perf_counter()
+        out = await asyncio.wait_for(batcher.enqueue(packed, features=explain, announced=True), self.config.timeout_s)
+        r = ScreeningResult.from_probabilities(k, name, out["probs"], engine.classes, engine.manifest.threshold,
+                                               engine.info, {"decode": decode_ms,
+                                                             "queue_and_infer": 1e3 * (time.perf_counter() - t)})
+        if explain:
+            label = engine.classes.index(r.label)
+            r.explanation = await loop.run_in_executor(self.decode_pool, self._explanation, original,
+                                                       out["features"], label)
+            r.timings_ms["explain"] = 1e3 * r.explanation.seconds
+        self.metrics.images.labels("ok").inc()
+        return r
 
-    @app.post("/v1/predict", summary="Screen one or more images (multipart 'files', or one raw image body)",
-              openapi_extra=body_doc)
-    async def predict(request: Request):
-        return await _screen(request, False, "predict")
+    async def screen(self, request, explain: bool, endpoint: str):
+        from fastapi.responses import JSONResponse
 
-    @app.post("/v1/explain", summary="Screen and add Grad-CAM overlays (PNG, base64)", openapi_extra=body_doc)
-    async def explain(request: Request):
-        return await _screen(request, True, "explain")
+        rid = _request_id(request.headers.get("x-request-id"))
+        t0 = time.perf_counter()
 
-    @app.get("/healthz")
-    async def healthz():
-        return {"status": "ok"}
+        def refuse(status: int, detail: str, retry_after: int | None = None):
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            headers = {"Retry-After": str(retry_after)} if retry_after else None
+            return JSONResponse({"detail": detail, "request_id": rid}, status, headers=headers)
 
-    @app.get("/readyz")
-    async def readyz():
-        if not state["ready"]:
-            return JSONResponse({"ready": False}, 503)
-        info = state["engine"].info
-        return {"ready": True, "backend": info.backend, "provider": info.provider, "precision": info.precision,
-                "queue_depth": state["batcher"].depth()}
+        if not self.ready:
+            return refuse(503, "model is loading", 2)
+        try:
+            items = await self._images(request)
+        except _Refused as exc:
+            return refuse(exc.status, exc.detail, exc.retry_after)
+        if not items:
+            return refuse(400, "no image in the request: send multipart field 'files' or a raw image body")
+        if len(items) > self.config.max_images_per_request:
+            return refuse(413, f"at most {self.config.max_images_per_request} images per request")
+        if explain and self.head is None:
+            return refuse(501, "engine-native Grad-CAM is not available for this artifact")
+        try:
+            results = await asyncio.gather(*(self._one(k, n, d, rid, explain) for k, (n, d) in enumerate(items)))
+        except QueueFull:
+            return refuse(503, "queue full, retry shortly", 1)
+        except ShuttingDown:
+            return refuse(503, "shutting down", 5)
+        except asyncio.TimeoutError:
+            return refuse(504, f"no answer within {self.config.timeout_s} s")
+        except Exception as exc:  # engine failure: this request fails, the service stays up
+            log.exception("request %s failed", rid)
+            return refuse(500, f"inference failed: {type(exc).__name__}")
+        status = 200 if any(r.ok for r in results) else 422
+        self.metrics.requests.labels(endpoint, str(status)).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+        info = self.engine.info
+        log.info("request %s: %d image(s), status %d, %.1f ms", rid, len(items), status, 1e3 * (time.perf_counter() - t0))
+        return JSONResponse({"request_id": rid, "results": [r.to_dict() for r in results],
+                             "model": {"backend": info.backend, "provider": info.provider, "precision": info.precision,
+                                       "classes": self.engine.classes}}, status)
 
-    @app.get("/metrics")
-    async def prom():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    # ---- the ASGI app
+    def build_app(self):
+        fastapi = require("fastapi")
+        from fastapi import Request
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    @app.get("/", response_class=HTMLResponse)
-    async def kiosk():
-        return resources.files("cxr_edge.serve").joinpath("kiosk.html").read_text()
+        from .schemas import ErrorResponse, HealthResponse, ReadyResponse, ScreenResponse
 
-    app.state.cxr = state
-    app.state.metrics = metrics
-    return BodyGuard(app, max_body, config.body_timeout_s)
+        service = self
+
+        async def lifespan(app):
+            await service.start()
+            yield
+            await service.stop()
+
+        app = fastapi.FastAPI(title="cxr-edge screening service", version="1", lifespan=lifespan,
+                              description="Chest X-ray screening: COVID-19 / Normal / Viral Pneumonia with Grad-CAM.")
+        if self.config.cors_origins:
+            from fastapi.middleware.cors import CORSMiddleware
+
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.config.cors_origins), allow_methods=["GET", "POST"])
+
+        body_doc = {"requestBody": {"content": {
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+        answers = {200: {"model": ScreenResponse, "description": "at least one image screened (others: per-image 422)"},
+                   422: {"model": ScreenResponse, "description": "no image could be used; each result says why"},
+                   400: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
+                   503: {"model": ErrorResponse, "description": "loading, queue full or shutting down (Retry-After)"},
+                   504: {"model": ErrorResponse}}
+
+        @app.post("/v1/predict", summary="Screen one or more images (multipart 'files', or one raw image body)",
+                  openapi_extra=body_doc, response_model=ScreenResponse, responses=answers)
+        async def predict(request: Request):
+            return await service.screen(request, False, "predict")
+
+        @app.post("/v1/explain", summary="Screen and add Grad-CAM overlays (PNG, base64)", openapi_extra=body_doc,
+                  response_model=ScreenResponse, responses={**answers, 501: {"model": ErrorResponse}})
+        async def explain(request: Request):
+            return await service.screen(request, True, "explain")
+
+        @app.get("/healthz", response_model=HealthResponse)
+        async def healthz():
+            return {"status": "ok"}
+
+        @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+        async def readyz():
+            if not service.ready:
+                return JSONResponse({"ready": False}, 503)
+            info = service.engine.info
+            return {"ready": True, "backend": info.backend, "provider": info.provider, "precision": info.precision,
+                    "queue_depth": service.batcher.depth()}
+
+        @app.get("/metrics", response_class=Response)
+        async def prom():
+            return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @app.get("/", response_class=HTMLResponse)
+        async def kiosk():
+            return resources.files("cxr_edge.serve").joinpath("kiosk.html").read_text()
+
+        app.state.service = service
+        app.state.metrics = service.metrics
+        return BodyGuard(app, self.max_body, self.config.body_timeout_s)
+
+
+def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine_wrapper=None):
+    """The ASGI app. ``engine_wrapper`` (engine -> engine) wraps the loaded backend: for embedding, and
+    for the fault-injection tests that make an engine raise or stall under load."""
+    return ScreeningService(artifact, config, engine_wrapper).build_app()
+
+
+def _in_memory_multipart_parser(max_body: int):
+    """Starlette's multipart parser with uploads kept in memory up to the body limit, for this service only.
+
+    Starlette spools multipart files over 1 MB to a temporary file on disk. Nothing a patient's image
+    passes through may touch the disk unless the operator asked (save_dir); the body limit already
+    bounds the memory. A subclass, not a change to Starlette's class, so other apps in the process
+    keep their own behaviour.
+    """
+    require("python_multipart")  # python-multipart, which Starlette's parser needs
+    from starlette.formparsers import MultiPartParser
+
+    return type("InMemoryMultiPartParser", (MultiPartParser,), {"spool_max_size": max_body + 1})
 
 
 #: below this many multiply-accumulates per image, decoding costs a CPU service more than inference

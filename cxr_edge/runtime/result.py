@@ -1,0 +1,74 @@
+"""One screening result, one JSON shape: the same for ``Screener.predict``, ``cxr-edge predict --json``, the
+HTTP service and the kiosk page, so a result read from any of them means the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..decision import decide
+
+#: ``status`` of a result: screened, or an input that could not be used (the HTTP status it gets)
+OK, UNUSABLE_INPUT = 200, 422
+
+
+@dataclass
+class Explanation:
+    """Where the model looked: Grad-CAM of the decided class at the feature map's resolution."""
+
+    target: str  # the class explained (the decided label)
+    method: str  # "engine-native" | "tensorflow"
+    peak: float  # the raw map's maximum: near zero means the model found nothing to point at
+    seconds: float
+    cam: np.ndarray | None = None  # raw Grad-CAM (h, w), not normalised; not part of the JSON
+    files: dict[str, str] = field(default_factory=dict)  # overlay PNG / raw .npy written by predict --out
+    overlay_png_base64: str | None = None  # the service sends the overlay inline
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"target": self.target, "method": self.method, "peak": self.peak, "seconds": self.seconds,
+                             "shape": list(self.cam.shape) if self.cam is not None else None, "files": dict(self.files)}
+        if self.overlay_png_base64 is not None:
+            d["overlay_png_base64"] = self.overlay_png_base64
+        return d
+
+
+@dataclass
+class ScreeningResult:
+    index: int  # position in the request / the list of items
+    source: str  # file name (never a path from an HTTP client) or a description of the item
+    ok: bool
+    status: int = OK
+    error: str | None = None
+    label: str | None = None
+    probabilities: dict[str, float] | None = None
+    threshold: float | None = None  # the COVID threshold the label was decided with (None: argmax)
+    backend: str | None = None
+    provider: str | None = None
+    precision: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    explanation: Explanation | None = None
+
+    @classmethod
+    def unusable(cls, index: int, source: str, reason: str) -> ScreeningResult:
+        """An item that could not be screened (corrupt, truncated, too large...): reported, never raised."""
+        return cls(index, source, False, status=UNUSABLE_INPUT, error=reason)
+
+    @classmethod
+    def from_probabilities(cls, index: int, source: str, probs: np.ndarray, classes: list[str],
+                           threshold: float | None, info=None, timings_ms: dict[str, float] | None = None,
+                           ) -> ScreeningResult:
+        """Label by the one decision rule (:func:`cxr_edge.decision.decide`) and record what decided it."""
+        label = classes[int(decide(probs[None], classes, threshold)[0])]
+        return cls(index, source, True, label=label, probabilities={c: float(p) for c, p in zip(classes, probs)},
+                   threshold=threshold, backend=getattr(info, "backend", None), provider=getattr(info, "provider", None),
+                   precision=getattr(info, "precision", None), timings_ms=dict(timings_ms or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "source": self.source, "ok": self.ok, "status": self.status, "error": self.error,
+                "label": self.label, "probabilities": self.probabilities, "threshold": self.threshold,
+                "backend": self.backend, "provider": self.provider, "precision": self.precision,
+                "timings_ms": dict(self.timings_ms),
+                "explanation": self.explanation.to_dict() if self.explanation is not None else None}
