@@ -8,21 +8,151 @@ Grad-CAM, to differentiate it in closed form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
 from ..errors import ManifestError
 
-SUPPORTED_OPS = ("maxpool", "gap", "gmp", "flatten", "dense", "batchnorm", "identity", "relu")
 
-
-@dataclass
 class HeadOp:
-    kind: str
-    params: dict
-    arrays: dict[str, np.ndarray]
+    """One layer of the head: its forward pass and, beside it, its exact gradient (for Grad-CAM).
+
+    Forward and backward live in one class so they cannot drift apart; a new layer kind is one new
+    subclass here, and the exporter (``export/head_export.py``) learns to emit it.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, params: dict | None = None, arrays: dict[str, np.ndarray] | None = None):
+        self.params = dict(params or {})
+        self.arrays = dict(arrays or {})
+
+    def forward(self, x: np.ndarray, last: bool = False, logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(output, dense pre-activation or None)."""
+        raise NotImplementedError
+
+    def backward(self, grad: np.ndarray, inp: np.ndarray, pre: np.ndarray | None, out: np.ndarray,
+                 last: bool) -> np.ndarray:
+        """d score / d input, given d score / d output (``grad``) and what forward saw and produced."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"
+
+
+class MaxPool(HeadOp):
+    kind = "maxpool"
+
+    def _windows(self, x: np.ndarray):
+        pool, stride = self.params["pool"], self.params["stride"]
+        oh, ow = (x.shape[1] - pool) // stride + 1, (x.shape[2] - pool) // stride + 1
+        for dy in range(pool):
+            for dx in range(pool):
+                yield (slice(None), slice(dy, dy + stride * oh, stride), slice(dx, dx + stride * ow, stride)), (oh, ow)
+
+    def forward(self, x, last=False, logits=False):
+        out = None
+        for idx, (oh, ow) in self._windows(x):
+            if out is None:
+                out = np.full((len(x), oh, ow, x.shape[3]), -np.inf, dtype=x.dtype)
+            out = np.maximum(out, x[idx])
+        return out, None
+
+    def backward(self, grad, inp, pre, out, last):
+        """Route each window's gradient to its (first) maximum, as TensorFlow's MaxPoolGrad does."""
+        g = np.zeros_like(inp)
+        taken = np.zeros(out.shape, bool)
+        for idx, _ in self._windows(inp):
+            hit = (inp[idx] == out) & ~taken
+            taken |= hit
+            g[idx] += np.where(hit, grad, 0)
+        return g
+
+
+class GlobalAveragePool(HeadOp):
+    kind = "gap"
+
+    def forward(self, x, last=False, logits=False):
+        return x.mean(axis=(1, 2)), None
+
+    def backward(self, grad, inp, pre, out, last):
+        h, w = inp.shape[1:3]
+        return np.broadcast_to(grad[:, None, None, :] / (h * w), inp.shape).copy()
+
+
+class GlobalMaxPool(HeadOp):
+    kind = "gmp"
+
+    def forward(self, x, last=False, logits=False):
+        return x.max(axis=(1, 2)), None
+
+    def backward(self, grad, inp, pre, out, last):
+        mask = inp == inp.max(axis=(1, 2), keepdims=True)
+        first = mask & (np.cumsum(np.cumsum(mask, 1), 2) == 1)
+        return np.where(first, grad[:, None, None, :], 0.0)
+
+
+class Flatten(HeadOp):
+    kind = "flatten"
+
+    def forward(self, x, last=False, logits=False):
+        return x.reshape(len(x), -1), None
+
+    def backward(self, grad, inp, pre, out, last):
+        return grad.reshape(inp.shape)
+
+
+class Dense(HeadOp):
+    kind = "dense"
+
+    def forward(self, x, last=False, logits=False):
+        pre = x @ self.arrays["kernel"] + self.arrays.get("bias", 0.0)
+        return (pre if (last and logits) else _activation(pre, self.params.get("activation", "linear"))), pre
+
+    def backward(self, grad, inp, pre, out, last):
+        # the last dense layer is differentiated before its softmax (Grad-CAM explains the class score)
+        if not last and self.params.get("activation") == "relu":
+            grad = grad * (pre > 0)
+        return grad @ self.arrays["kernel"].T
+
+
+class BatchNorm(HeadOp):
+    kind = "batchnorm"
+
+    def forward(self, x, last=False, logits=False):
+        return x * self.arrays["scale"] + self.arrays["shift"], None
+
+    def backward(self, grad, inp, pre, out, last):
+        return grad * self.arrays["scale"]
+
+
+class Relu(HeadOp):
+    kind = "relu"
+
+    def forward(self, x, last=False, logits=False):
+        return np.maximum(x, 0), None
+
+    def backward(self, grad, inp, pre, out, last):
+        return grad * (inp > 0)
+
+
+class Identity(HeadOp):
+    """Dropout and other layers that do nothing at inference."""
+
+    kind = "identity"
+
+    def forward(self, x, last=False, logits=False):
+        return x, None
+
+    def backward(self, grad, inp, pre, out, last):
+        return grad
+
+
+OPS: dict[str, type[HeadOp]] = {c.kind: c for c in (MaxPool, GlobalAveragePool, GlobalMaxPool, Flatten, Dense,
+                                                    BatchNorm, Relu, Identity)}
+SUPPORTED_OPS = tuple(OPS)
 
 
 def load_head(ops_json: list[dict], npz_path: str | Path, sha256: str | None = None) -> list[HeadOp]:
@@ -40,10 +170,10 @@ def load_head(ops_json: list[dict], npz_path: str | Path, sha256: str | None = N
         arrays = {k: z[k] for k in z.files}
     out = []
     for i, op in enumerate(ops_json):
-        if op["kind"] not in SUPPORTED_OPS:
-            raise ManifestError(f"Head op {i} has unsupported kind {op['kind']!r}.")
+        if op["kind"] not in OPS:
+            raise ManifestError(f"Head op {i} has unsupported kind {op['kind']!r}; this cxr-edge knows {list(OPS)}.")
         mine = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")}
-        out.append(HeadOp(op["kind"], op.get("params", {}), mine))
+        out.append(OPS[op["kind"]](op.get("params", {}), mine))
     return out
 
 
@@ -75,40 +205,9 @@ def _activation(x: np.ndarray, name: str) -> np.ndarray:
     raise ManifestError(f"Unsupported head activation {name!r}.")
 
 
-def _maxpool(x: np.ndarray, pool: int, stride: int) -> np.ndarray:
-    n, h, w, c = x.shape
-    oh, ow = (h - pool) // stride + 1, (w - pool) // stride + 1
-    out = np.full((n, oh, ow, c), -np.inf, dtype=x.dtype)
-    for dy in range(pool):
-        for dx in range(pool):
-            out = np.maximum(out, x[:, dy : dy + stride * oh : stride, dx : dx + stride * ow : stride, :])
-    return out
-
-
-def apply_op(op: HeadOp, x: np.ndarray, last: bool = False, logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """One head op forward: (output, dense pre-activation or None). Shared by inference and Grad-CAM."""
-    pre = None
-    if op.kind == "maxpool":
-        x = _maxpool(x, op.params["pool"], op.params["stride"])
-    elif op.kind == "gap":
-        x = x.mean(axis=(1, 2))
-    elif op.kind == "gmp":
-        x = x.max(axis=(1, 2))
-    elif op.kind == "flatten":
-        x = x.reshape(len(x), -1)
-    elif op.kind == "dense":
-        pre = x @ op.arrays["kernel"] + op.arrays.get("bias", 0.0)
-        x = pre if (last and logits) else _activation(pre, op.params.get("activation", "linear"))
-    elif op.kind == "batchnorm":
-        x = x * op.arrays["scale"] + op.arrays["shift"]
-    elif op.kind == "relu":
-        x = np.maximum(x, 0)
-    return x, pre
-
-
 def forward(ops: list[HeadOp], features: np.ndarray, logits: bool = False) -> np.ndarray:
     """Probabilities (or, with ``logits``, the last dense layer's pre-softmax scores)."""
     x = features.astype(np.float32, copy=False)
     for k, op in enumerate(ops):
-        x, _ = apply_op(op, x, k == len(ops) - 1, logits)
+        x, _ = op.forward(x, k == len(ops) - 1, logits)
     return x
