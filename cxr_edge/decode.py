@@ -23,6 +23,7 @@ from .errors import (
     ImageError,
     ImageTooLargeError,
     ImageTooSmallError,
+    MissingExtraError,
     UnsupportedImageError,
 )
 from .extras import require
@@ -203,7 +204,10 @@ def _check_dicom_size(ds, name: str, limits: DecodeLimits) -> None:
 
 
 def _decode_dicom(data: bytes, name: str, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
-    pydicom = require("pydicom")
+    try:
+        pydicom = require("pydicom")
+    except MissingExtraError as exc:  # one item the installation cannot read: per item, never the batch
+        raise DicomError(name, f"DICOM support is not installed here ({exc})") from exc
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types for damaged files

@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 # small-CNN learning rate (1e-3, plain SGD) needs many more epochs than a demo should take; the
 # real recipe is untouched for `cxr-edge train`.
 DEMO_OVERRIDES = {"epochs": 12, "learning_rate": 0.01}
+#: seconds of timing per benchmark row: enough for a first impression, not for a report
+DEMO_BENCH_BUDGET_S = 1.0
 
 
 def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None = None,
@@ -48,7 +50,7 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
     from .bench.report import write_results
     from .bench.runner import BenchConfig, run_bench
 
-    bench = run_bench(exported.out_dir, BenchConfig(batches=(1, 8), budget_s=1.0, e2e=False), progress=False)
+    bench = run_bench(exported.out_dir, BenchConfig(batches=(1, 8), budget_s=DEMO_BENCH_BUDGET_S, e2e=False), progress=False)
     bench_md = write_results(bench, out / "bench", "cxr-edge demo (short benchmark)")
     cov = metrics.get("covid") or {}
     print(f"\nTest accuracy {metrics['accuracy']:.3f}, ROC-AUC {metrics['roc_auc_macro']:.3f}, "

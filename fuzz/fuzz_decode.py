@@ -13,7 +13,6 @@ Keep new corpus entries out of the repository (pass a scratch corpus directory f
 import sys
 
 import atheris
-
 import numpy as np
 
 with atheris.instrument_imports(include=["cxr_edge"]):
@@ -36,7 +35,7 @@ def _array(fdp: atheris.FuzzedDataProvider):
     if n > 300_000:  # long thin images (1 x up to 2M) instead of arrays too big for the fuzzing process
         shape, n = (1, min(n // max(1, shape[0]), 2_000_000)), 0
     raw = fdp.ConsumeBytes(min(n * max(dtype.itemsize, 1), 1_000_000))
-    if dtype == object:
+    if dtype.kind == "O":
         return np.array([raw], dtype=object)
     buf = raw + bytes(max(0, n * dtype.itemsize - len(raw)))
     arr = np.frombuffer(buf, dtype=dtype, count=n).reshape(shape) if n else np.zeros(shape, dtype)

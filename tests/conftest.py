@@ -99,27 +99,36 @@ def tiny_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
-    """A small CNN trained with Keras and exported by the real pipeline: for tests of train and export."""
+def trained(tmp_path_factory):
+    """The one small CNN trained per session (Keras): training, evaluation and export tests share it."""
     pytest.importorskip("tensorflow")
-    from cxr_edge.export.pipeline import ExportConfig, export_model
     from cxr_edge.synthetic import write_synthetic_dataset
     from cxr_edge.train.trainer import TrainConfig, train
 
-    root = tmp_path_factory.mktemp("export")
-    data = write_synthetic_dataset(root / "data", per_class=50, sizes=(64, 96), seed=5)
-    r = train(TrainConfig(recipe="small_cnn", epochs=6, learning_rate=0.01, image_size=32, verbose=0), data, root / "m")
-    summary = export_model(r.model_path, root / "art", ExportConfig(calib_size=60))
+    root = tmp_path_factory.mktemp("trained")
+    data = write_synthetic_dataset(root / "data", per_class=60, sizes=(64, 96), seed=5)
+    cfg = TrainConfig(recipe="small_cnn", epochs=10, learning_rate=0.01, image_size=32, verbose=0, seed=0)
+    return train(cfg, data, root / "m"), data
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory):
+    """The session's small CNN exported by the real pipeline: for tests of export and the Keras baseline."""
+    from cxr_edge.export.pipeline import ExportConfig, export_model
+
+    r, data = trained
+    summary = export_model(r.model_path, tmp_path_factory.mktemp("export") / "art", ExportConfig(calib_size=60))
     return r, summary, data
 
 
 @pytest.fixture(autouse=True)
-def _free_keras_memory():
-    """Keras keeps every model built in a process alive; drop them between tests (big backbones add up)."""
+def _free_keras_memory(request):
+    """Keras keeps every model built in a process alive; drop them after tests that build Keras models
+    (big backbones add up). Only those: a full gc.collect over TensorFlow's heap costs ~4 s a test."""
     yield
     import sys
 
-    if "keras" in sys.modules:
+    if "keras" in sys.modules and (request.node.get_closest_marker("train") or request.node.get_closest_marker("slow")):
         import gc
 
         sys.modules["keras"].backend.clear_session()

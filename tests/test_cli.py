@@ -121,6 +121,22 @@ def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_test_one():
 
 
 @pytest.mark.train
+def test_demo_runs_every_stage_small(tmp_path, monkeypatch, capsys):
+    """The demo's five stages in one process, shrunk (1 epoch at 32 px, 0.05 s per bench row); the
+    full-size demo runs as a subprocess in the slow test below."""
+    from cxr_edge import demo
+
+    monkeypatch.setattr(demo, "DEMO_OVERRIDES", {"epochs": 1, "learning_rate": 0.01, "image_size": 32})
+    monkeypatch.setattr(demo, "DEMO_BENCH_BUDGET_S", 0.05)
+    report = demo.run_demo(tmp_path / "demo", per_class=12, seed=1)
+    out = capsys.readouterr().out
+    assert [f"[{k}/5]" in out for k in range(1, 6)] == [True] * 5 and "Report:" in out
+    assert report.is_file() and "Exported artifacts and their accuracy gates" in report.read_text()
+    assert (tmp_path / "demo" / "bench" / "results.md").is_file()
+    assert (tmp_path / "demo" / "artifacts" / "model.fp32.onnx").is_file()
+
+
+@pytest.mark.train
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     out = _run("demo", "--out", str(tmp_path / "demo"), "--per-class", "40", timeout=600)

@@ -134,7 +134,7 @@ def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch
 
 
 @pytest.mark.train
-def test_sensitivity_ranks_compute_nodes_and_widens_to_blocks(exported):
+def test_sensitivity_ranks_compute_nodes_and_widens_to_blocks(exported, tmp_path):
     import onnx
 
     from cxr_edge.export.sensitivity import node_sensitivity, worst_nodes
@@ -148,7 +148,10 @@ def test_sensitivity_ranks_compute_nodes_and_widens_to_blocks(exported):
     spec = PreprocessSpec.from_dict(read_manifest(fp32)["preprocess"])
     x = np.stack([pack_source(f, spec)[0] for f in sorted((data / "COVID").iterdir())[:4]])
     sens = node_sensitivity(fp32, qdq, x)
-    model = onnx.load(str(fp32))
+    from cxr_edge.export.quantize import pre_process_for_quantization
+
+    # names as quantize() sees them: ORT's pre-processing (constant folding) renames some nodes
+    model = onnx.load(str(pre_process_for_quantization(fp32, tmp_path / "pre.onnx")))
     compute = [n.name for n in model.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
     assert sens and set(sens) <= set(compute) and all(np.isfinite(v) for v in sens.values())
     assert len(worst_nodes(sens, 0.01)) == 1
@@ -238,3 +241,20 @@ def test_calibration_reader_protocol():
     r.set_range(1, 2)
     assert np.array_equal(r.get_next()["image"], x[4:8]) and r.get_next() is None
     assert len(ArrayCalibrationReader(x[:3], "image", batch=16)) == 1
+
+
+@pytest.mark.train
+def test_the_float_remedy_keeps_first_conv_and_classifier_in_float(exported, tmp_path):
+    """Node names must be those quantize() sees: ORT's pre-processing renames MatMul+Add (a Keras Dense)
+    to '.../MatMulAddFusion', and excluding the exported name silently left the classifier in INT8."""
+    from cxr_edge.export.artifacts import Int8Target
+    from cxr_edge.export.pipeline import _int8_attempts
+    from cxr_edge.export.quantize import quantize
+
+    _, s, _ = exported
+    fp32 = next(a.path for a in s.artifacts if a.variant == "fp32")
+    remedy = _int8_attempts(Int8Target.CPU, "minmax", fp32)[1]
+    assert len(remedy.exclude_nodes) == 2 and any("MatMulAddFusion" in n for n in remedy.exclude_nodes)
+    rng = np.random.default_rng(0)
+    info = quantize(fp32, tmp_path / "q.onnx", rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8), remedy)
+    assert info["float_compute_nodes"] >= 2, info  # both really stayed float

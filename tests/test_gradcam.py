@@ -13,7 +13,8 @@ def _parity(a: np.ndarray, b: np.ndarray):
     return corr, float(np.abs(normalise(a) - normalise(b)).max())
 
 
-@pytest.mark.parametrize("recipe, size", [("small_cnn", 48), ("resnet50_tl", 64), ("resnet152v2_tl", 64)])
+@pytest.mark.parametrize("recipe, size", [("small_cnn", 48), pytest.param("resnet50_tl", 64, marks=pytest.mark.slow),
+                                          pytest.param("resnet152v2_tl", 64, marks=pytest.mark.slow)])
 def test_head_gradient_matches_tensorflow(recipe, size, tmp_path):
     keras = pytest.importorskip("keras")
     from cxr_edge.export.head_export import extract_head, save_head

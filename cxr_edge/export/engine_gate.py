@@ -9,7 +9,9 @@ labelled validation images.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from .gate_data import load_gate_data
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 
 
-def reference_fp32(onnx_path: Path, doc: dict) -> Path:
+def reference_fp32(onnx_path: Path, doc: Mapping[str, Any]) -> Path:
     """The FP32 ONNX artifact an engine is judged against: the source itself, or its recorded parent."""
     if doc.get("precision") == "fp32":
         return onnx_path
@@ -33,7 +35,8 @@ def reference_fp32(onnx_path: Path, doc: dict) -> Path:
     return ref
 
 
-def gate_engine(plan: Path, engine_doc: dict, onnx_path: Path, onnx_doc: dict, data_dir: str | None) -> GateResult:
+def gate_engine(plan: Path, engine_doc: Mapping[str, Any], onnx_path: Path, onnx_doc: Mapping[str, Any],
+                data_dir: str | None) -> GateResult:
     from ..runtime.backends.tensorrt import TensorRTBackend
 
     spec = PreprocessSpec.from_dict(onnx_doc["preprocess"])

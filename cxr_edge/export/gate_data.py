@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +44,7 @@ def _sample(items, n, seed):
     return [items[i] for i in idx]
 
 
-def load_gate_data(doc: dict, spec: PreprocessSpec, data_dir: str | Path | None, calib_size: int = 200,
+def load_gate_data(doc: Mapping[str, Any], spec: PreprocessSpec, data_dir: str | Path | None, calib_size: int = 200,
                    max_val: int = 500, seed: int = 0) -> GateData:
     classes = tuple(doc["classes"])
     root = Path(data_dir) if data_dir else None

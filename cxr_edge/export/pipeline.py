@@ -22,7 +22,14 @@ from .gate_data import GateData, load_gate_data
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 from .head_export import UnsupportedHead, extract_head, save_head
 from .onnx_export import DEFAULT_OPSET, FEATURES_OUTPUT, PROBS_OUTPUT, convert_in_subprocess, io_contract
-from .quantize import CALIBRATION_METHODS, QuantConfig, first_and_last_compute, ort_cpu_kernels, quantize
+from .quantize import (
+    CALIBRATION_METHODS,
+    QuantConfig,
+    first_and_last_compute,
+    ort_cpu_kernels,
+    pre_process_for_quantization,
+    quantize,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,10 @@ class ExportSummary:
 def _int8_attempts(target: Int8Target, method: str, model_path: Path) -> list[QuantConfig]:
     """The configured calibration first, then the known remedies, in order of cost to accuracy."""
     onnx = __import__("onnx")
-    keep = tuple(first_and_last_compute(onnx.load(str(model_path))))
+    # the names quantize() will look for: ORT's pre-processing fuses MatMul+Add into a node of another
+    # name, so names read from the exported file would exclude nothing (the classifier stayed INT8)
+    with tempfile.TemporaryDirectory() as tmp:
+        keep = tuple(first_and_last_compute(onnx.load(str(pre_process_for_quantization(model_path, Path(tmp) / "p.onnx")))))
     out = [QuantConfig(target, method), QuantConfig(target, method, exclude_nodes=keep)]
     out += [QuantConfig(target, m, exclude_nodes=keep) for m in CALIBRATION_METHODS if m != method]
     return out
@@ -101,7 +111,8 @@ def _mixed_precision_attempts(fp32_path: Path, qdq_path: Path, qc: QuantConfig, 
     sens = node_sensitivity(fp32_path, qdq_path, calib_x)
     if not sens:
         return []
-    model = onnx.load(str(fp32_path), load_external_data=False)
+    with tempfile.TemporaryDirectory() as tmp:  # node names as quantize() sees them (after its pre-processing)
+        model = onnx.load(str(pre_process_for_quantization(fp32_path, Path(tmp) / "pre.onnx")))
     out = []
     for frac in (0.05, 0.15):
         worst = worst_nodes(sens, frac, model)

@@ -155,12 +155,16 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, c
 
 
 def count_int8_nodes(path: str | Path) -> dict:
-    """Compute nodes (conv/matmul/gemm) whose inputs are dequantised from INT8, vs. left in float."""
+    """Compute nodes (conv/matmul/gemm) whose activation *and* weight are dequantised from INT8, vs. the rest.
+
+    Both, because ONNX Runtime feeds a node kept in float the quantised tensor its neighbours share:
+    its activation comes through a DequantizeLinear while its weight stays float, and it runs in float.
+    """
     onnx = require("onnx")
     model = onnx.load(str(path))
     from_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     compute = _compute_nodes(model)
-    int8 = [n for n in compute if n.input and n.input[0] in from_dq]
+    int8 = [n for n in compute if len(n.input) >= 2 and n.input[0] in from_dq and n.input[1] in from_dq]
     return {"int8_compute_nodes": len(int8), "float_compute_nodes": len(compute) - len(int8),
             "qdq_pairs": sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")}
 

@@ -98,7 +98,7 @@ class BuildConfig:
         return d
 
 
-def _source_kind(doc: dict) -> str:
+def _source_kind(doc: Mapping[str, Any]) -> str:
     prec = doc.get("precision")
     return f"int8-{doc.get('int8_target')}" if prec == "int8" else str(prec)
 
@@ -247,7 +247,7 @@ def _set_precision(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBu
 
 
 def _configure_dla(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBuilderConfig, config: BuildConfig,
-                   doc: dict, onnx_path: Path, profile: trt_t.IOptimizationProfile, calib_data) -> dict:
+                   doc: Mapping[str, Any], onnx_path: Path, profile: trt_t.IOptimizationProfile, calib_data) -> dict:
     import tensorrt as trt
 
     assert config.dla_core is not None
@@ -350,7 +350,7 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
     return save_engine(bytes(blob), out, fields, onnx_path, doc, config)
 
 
-def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: dict, config: BuildConfig) -> Path:
+def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: Mapping[str, Any], config: BuildConfig) -> Path:
     """Gate the engine under a temporary name, then move the .plan and its manifest into place together."""
     from ..manifest import manifest_path
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from ..extras import require
@@ -44,7 +46,7 @@ def _tensor(t: dict) -> str:
     return f'  {{\n    name: "{t["name"]}"\n    data_type: {_NP_TO_TRITON[t["dtype"]]}\n    dims: [ {dims} ]\n  }}'
 
 
-def render_config(doc: dict, name: str, fmt: str, cfg: TritonConfig) -> str:
+def render_config(doc: Mapping[str, Any], name: str, fmt: str, cfg: TritonConfig) -> str:
     platform = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[fmt]
     max_batch = cfg.max_batch_size
     if fmt == "tensorrt":

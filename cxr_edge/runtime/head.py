@@ -8,8 +8,9 @@ Grad-CAM, to differentiate it in closed form.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -177,7 +178,7 @@ def load_head(ops_json: list[dict], npz_path: str | Path, sha256: str | None = N
     return out
 
 
-def load_artifact_head(artifact: str | Path, manifest: dict) -> list[HeadOp] | None:
+def load_artifact_head(artifact: str | Path, manifest: Mapping[str, Any]) -> list[HeadOp] | None:
     """The verified head stored beside an exported artifact, or None when it has none.
 
     The file name comes from the manifest, so it must be a bare name in the artifact's folder (no

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -37,7 +39,7 @@ class ProviderFallbackError(ConfigError):
     """A GPU provider was required (``--device cuda`` / ``--require-gpu``) but cannot be used here."""
 
 
-def tensorrt_compatible(doc: dict) -> tuple[bool, str]:
+def tensorrt_compatible(doc: Mapping[str, Any]) -> tuple[bool, str]:
     """Whether TensorRT (native or through the EP) can take this ONNX artifact, and why not."""
     if doc.get("precision") == "int8" and doc.get("int8_target") != "trt":
         return False, ("its INT8 graph has unsigned (U8S8) activations, which TensorRT does not take; "
@@ -66,8 +68,8 @@ def private_cache_dir(sha256: str, kind: str = "ort-trt") -> Path | None:
     return path
 
 
-def tensorrt_ep_options(doc: dict, batch: tuple[int, int, int] = DEFAULT_PROFILE, cache_dir: str | Path | None = None,
-                        dump_ep_context: bool = False) -> dict:
+def tensorrt_ep_options(doc: Mapping[str, Any], batch: tuple[int, int, int] = DEFAULT_PROFILE,
+                        cache_dir: str | Path | None = None, dump_ep_context: bool = False) -> dict:
     """Provider options for ONNX Runtime's TensorRT EP: precision from the artifact, the given profile.
 
     ``cache_dir=None`` disables the engine and timing caches (signed-only deployments).

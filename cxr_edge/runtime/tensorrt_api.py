@@ -18,6 +18,7 @@ Imports are lazy: this module itself imports nothing from TensorRT or CUDA until
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,7 @@ def _cuda_version(v: Any) -> str | None:
     return f"{int(v) // 1000}.{int(v) % 1000 // 10}" if v else None
 
 
-def check_engine_compat(engine_doc: dict, device: DeviceInfo, engine_path: str | Path = "the engine") -> None:
+def check_engine_compat(engine_doc: Mapping[str, Any], device: DeviceInfo, engine_path: str | Path = "the engine") -> None:
     """Engines are tied to one GPU model and TensorRT version; say how to rebuild when they differ."""
     built = engine_doc.get("device", {})
     problems = []

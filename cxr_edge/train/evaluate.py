@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +20,7 @@ from .trainer import load_model_and_manifest
 log = logging.getLogger(__name__)
 
 
-def _select_split(doc: dict, ds, split: str):
+def _select_split(doc: Mapping[str, Any], ds, split: str):
     """``auto``: the model's own test split when this is the data it trained on, else every image."""
     data = doc.get("data", {})
     same = data.get("fingerprint") == ds.fingerprint()

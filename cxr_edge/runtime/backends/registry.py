@@ -4,7 +4,9 @@ callers never branch on format."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ...errors import ConfigError, ManifestError
 from ...manifest import read_manifest
@@ -26,7 +28,7 @@ register("keras", "keras", "cxr_edge.runtime.backends.keras:KerasBackend")
 register("triton", "triton", "cxr_edge.runtime.backends.triton:TritonBackend")
 
 
-def artifact_format(path: str | Path, manifest: dict | None = None) -> str:
+def artifact_format(path: str | Path, manifest: Mapping[str, Any] | None = None) -> str:
     if manifest and manifest.get("format") in _REGISTRY:
         return manifest["format"]
     if manifest and manifest.get("kind") == "keras-model":

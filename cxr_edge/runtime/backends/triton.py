@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -21,7 +23,7 @@ from .base import Backend, BackendInfo
 MANIFEST_PARAMETER = "cxr_edge_manifest"
 
 
-def model_name(doc: dict, artifact: Path) -> str:
+def model_name(doc: Mapping[str, Any], artifact: Path) -> str:
     """The Triton model name for an artifact: shared by the repository export and the PyTriton server."""
     tag = artifact.name.split(".")[1] if artifact.name.count(".") >= 2 else doc.get("precision", "fp32")
     return re.sub(r"[^A-Za-z0-9_]", "_", f"cxr_{doc.get('recipe') or 'model'}_{tag}")
