@@ -113,6 +113,7 @@ def pre_process_for_quantization(fp32_path: str | Path, out_path: str | Path) ->
     must compare against this graph.
     """
     shape_inference = require("onnxruntime.quantization.shape_inference")
+    require("sympy")  # ORT's symbolic shape inference; its own ImportError names no cxr-edge extra
     shape_inference.quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=False)
     return Path(out_path)
 
