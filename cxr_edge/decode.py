@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -39,11 +38,25 @@ MIN_SIDE = 32
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]  # noqa: UP007 (evaluated at import on 3.10)
 
 
+#: decoded bytes per image (pixels x channels x bytes per sample, as the header declares them): a 49 MP
+#: 16-bit RGBA PNG (392 MiB) still decodes; what would take more is refused before decoding
+DEFAULT_MAX_DECODED_BYTES = 512 * 1024 * 1024
+#: DICOM bytes before the pixel data: real headers are kilobytes (private tags, an icon: a few hundred kB);
+#: a 48 MB header of 6 million tiny elements took pydicom 29 s and 2.1 GB (issue 13)
+DEFAULT_MAX_DICOM_HEADER_BYTES = 2 * 1024 * 1024
+#: transfer syntaxes whose data set is deflated as a whole: pydicom inflates it without bound before any
+#: size check (1 MB became 2.5 GB), and no radiography device writes them
+DEFLATED_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
+                              "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression"}
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_bytes: int = DEFAULT_MAX_BYTES
     min_side: int = MIN_SIDE
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
+    max_dicom_header_bytes: int = DEFAULT_MAX_DICOM_HEADER_BYTES
 
 
 @dataclass
@@ -73,77 +86,6 @@ def _sniff_format(data: bytes) -> str | None:
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
     return None
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from the first SOF marker, without decoding."""
-    i = 2
-    n = len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            i += 1
-            continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-            i += 1 if marker == 0xFF else 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return h, w
-        i += 2 + length
-    return None
-
-
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    """(height, width) from the first IFD's ImageLength/ImageWidth tags, without decoding.
-
-    libtiff allocates the whole raster before reading strips, so a 10 kB deflate-compressed TIFF
-    declaring 30000 x 30000 pixels would cost 0.9-1.8 GB; reading the tags first refuses it cheaply.
-    """
-    end = "<" if data[:2] == b"II" else ">"
-    (off,) = struct.unpack(end + "I", data[4:8])
-    (n,) = struct.unpack(end + "H", data[off : off + 2])
-    dims = {}
-    for k in range(min(n, 512)):
-        e = off + 2 + 12 * k
-        tag, typ = struct.unpack(end + "HH", data[e : e + 4])
-        if tag in (256, 257):
-            fmt = end + ("H" if typ == 3 else "I")
-            dims[tag] = struct.unpack(fmt, data[e + 8 : e + 8 + struct.calcsize(fmt)])[0]
-    if 256 in dims and 257 in dims:
-        return dims[257], dims[256]
-    return None
-
-
-def _header_size(fmt: str, data: bytes) -> tuple[int, int] | None:
-    """(height, width) read from the header, so huge images are refused before decoding."""
-    try:
-        if fmt == "png" and len(data) >= 24:
-            w, h = struct.unpack(">II", data[16:24])
-            return h, w
-        if fmt == "bmp" and len(data) >= 26:
-            if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sides
-                w, h = struct.unpack("<HH", data[18:22])
-            else:
-                w, h = struct.unpack("<ii", data[18:26])
-            return abs(h), abs(w)
-        if fmt == "jpeg":
-            return _jpeg_size(data)
-        if fmt == "tiff":
-            return _tiff_size(data)
-    except struct.error:
-        return None
-    return None
-
-
-def _check_truncation(fmt: str, data: bytes, name: str) -> None:
-    # OpenCV happily returns a half-grey image for a truncated JPEG (libjpeg only warns);
-    # a screening model must not see that, so check the end-of-stream markers ourselves.
-    if fmt == "jpeg" and b"\xff\xd9" not in data[-4096:]:
-        raise CorruptImageError(name, "JPEG is truncated (no end-of-image marker); re-export or re-send the file.")
-    if fmt == "png" and b"IEND" not in data[-64:]:
-        raise CorruptImageError(name, "PNG is truncated (no IEND chunk); re-export or re-send the file.")
 
 
 def _check_size(h: int, w: int, name: str, limits: DecodeLimits) -> None:
@@ -203,11 +145,42 @@ def _check_dicom_size(ds, name: str, limits: DecodeLimits) -> None:
         )
 
 
+def _dicom_transfer_syntax(pydicom, data: bytes) -> str | None:
+    """The transfer syntax from the file meta group only (group 2 is never deflated)."""
+    from pydicom import filereader
+
+    fp = io.BytesIO(data)
+    try:
+        filereader.read_preamble(fp, True)
+        meta = filereader._read_file_meta_info(fp)  # public read_file_meta_info wants a path
+        return str(meta.get("TransferSyntaxUID", "")) or None
+    except Exception:  # no or damaged meta group: judged below by the byte search and by dcmread
+        return None
+
+
+def _check_dicom_structure(pydicom, data: bytes, name: str, limits: DecodeLimits) -> None:
+    """Bounds checked on the raw bytes, before pydicom parses (and inflates) anything."""
+    ts = _dicom_transfer_syntax(pydicom, data)
+    head = data[: 64 * 1024]
+    deflated = DEFLATED_TRANSFER_SYNTAXES.get(ts or "") or next(
+        (v for k, v in DEFLATED_TRANSFER_SYNTAXES.items() if ts is None and k.encode() in head), None)
+    if deflated:
+        raise DicomError(name, f"transfer syntax {deflated} is refused: it inflates without bound before its size "
+                               "can be checked. Convert it first (e.g. dcmconv +te in.dcm out.dcm).")
+    found = [p for p in (data.find(b"\xe0\x7f\x10\x00"), data.find(b"\x7f\xe0\x00\x10")) if p >= 0]
+    if not found:
+        raise DicomError(name, "DICOM object has no pixel data (a report or presentation state?); send the image itself.")
+    if min(found) > limits.max_dicom_header_bytes:
+        raise DicomError(name, f"DICOM header is {min(found):,} bytes before the pixel data, over the "
+                               f"{limits.max_dicom_header_bytes:,}-byte limit; strip private or overlay data first.")
+
+
 def _decode_dicom(data: bytes, name: str, limits: DecodeLimits = DecodeLimits()) -> DecodedImage:
     try:
         pydicom = require("pydicom")
     except MissingExtraError as exc:  # one item the installation cannot read: per item, never the batch
         raise DicomError(name, f"DICOM support is not installed here ({exc})") from exc
+    _check_dicom_structure(pydicom, data, name, limits)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as exc:  # pydicom raises many types for damaged files
@@ -247,11 +220,19 @@ def _dicom_pixels(ds, name: str, limits: DecodeLimits) -> DecodedImage:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom < 3
         from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    out = apply_modality_lut(arr, ds)
+    if "ModalityLUTSequence" in ds:
+        out = apply_modality_lut(arr, ds)
+    else:  # rescale slope/intercept in float32, in place: pydicom's float64 doubles the peak memory
+        out = arr.astype(np.float32)
+        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+        if slope != 1:
+            out *= np.float32(slope)
+        if intercept:
+            out += np.float32(intercept)
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         out = apply_voi_lut(out, ds)
         notes.append("applied the DICOM VOI LUT / window")
-    out = np.asarray(out, dtype=np.float64)
+    out = np.asarray(out, dtype=np.float32)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = out.max() + out.min() - out
         notes.append("inverted MONOCHROME1")
@@ -302,18 +283,71 @@ def jpeg_reduction(h: int, w: int, target: int | None) -> int:
     return 1
 
 
+#: OpenCV flags per requested channel count: alpha is never decoded (radiographs carry an opaque one),
+#: depth is kept, and orientation is ours to apply (see :func:`apply_orientation`), never OpenCV's
+def _cv2_flags(channels: int | None) -> int:
+    import cv2
+
+    colour = {1: cv2.IMREAD_GRAYSCALE, 3: cv2.IMREAD_COLOR}.get(channels or 0, cv2.IMREAD_ANYCOLOR)
+    return colour | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF/TIFF orientation (1-8) the way viewers do.
+
+    One rule for every path and every scale: the orientation a JPEG, PNG (eXIf) or TIFF declares is
+    applied, whether it was decoded at full or reduced scale (OpenCV applied it only to reduced-scale
+    decodes, so the same file was upright or rotated depending on its size). DICOM carries no display
+    transform and is never rotated.
+    """
+    if orientation in (2, 4):
+        return np.ascontiguousarray(pixels[:, ::-1] if orientation == 2 else pixels[::-1])
+    if orientation == 3:
+        return np.ascontiguousarray(pixels[::-1, ::-1])
+    if orientation in (5, 6, 7, 8):
+        t = np.swapaxes(pixels, 0, 1)  # 5: transpose
+        if orientation == 6:
+            t = t[:, ::-1]  # 90 degrees clockwise
+        elif orientation == 7:
+            t = t[::-1, ::-1]  # transverse
+        elif orientation == 8:
+            t = t[::-1]  # 90 degrees counter-clockwise
+        return np.ascontiguousarray(t)
+    return pixels
+
+
+def _decode_jpeg_strict(data: bytes, hdr, name: str, channels: int | None, r: int) -> np.ndarray | None:
+    """libjpeg-turbo through simplejpeg with warnings as errors (a truncated scan with an end marker
+    appended decodes as flat grey in OpenCV, which only prints libjpeg's warning). None when the file
+    is outside what simplejpeg decodes (12-bit, lossless, CMYK): OpenCV decodes those."""
+    if hdr.bits != 8 or hdr.jpeg_process not in (0xC0, 0xC1, 0xC2) or hdr.channels not in (1, 3):
+        return None
+    simplejpeg = require("simplejpeg")
+    gray = channels == 1 or (channels is None and hdr.channels == 1)
+    try:
+        out = simplejpeg.decode_jpeg(data, "GRAY" if gray else "BGR", min_factor=r,
+                                     min_height=-(-hdr.height // r), min_width=-(-hdr.width // r), strict=True)
+    except ValueError as exc:
+        raise CorruptImageError(name, f"JPEG data is damaged ({exc}); re-export or re-send the file.") from exc
+    return out[:, :, 0] if gray else out
+
+
 def decode_image(
     source: ImageSource, *, name: str | None = None, limits: DecodeLimits = DecodeLimits(),
-    reduce_for: int | None = None,
+    reduce_for: int | None = None, channels: int | None = None,
 ) -> DecodedImage:
     """Decode one image (PNG/JPEG/BMP/TIFF at 8 or 16 bit, DICOM, or a NumPy array).
 
     ``reduce_for``: the longest side the caller will resize to; large JPEGs are then decoded directly
-    at a reduced scale (see :func:`jpeg_reduction`). Every consumer passes the model's size through
-    :func:`cxr_edge.preprocess.pack_source`, so training and serving decode the same way.
-    Raises a subclass of :class:`~cxr_edge.errors.ImageError` naming the item on any problem.
+    at a reduced scale (see :func:`jpeg_reduction`). ``channels``: 1 decodes straight to gray, 3 to
+    BGR, None keeps what the file has (alpha is always dropped); deciding at decode time keeps a 16-bit
+    RGBA file from ever existing in memory as four wide channels. Every consumer passes the model's
+    size and channels through :func:`cxr_edge.preprocess.pack_source`, so training and serving decode
+    the same way. Raises a subclass of :class:`~cxr_edge.errors.ImageError` naming the item on any problem.
     """
     import cv2
+
+    from .image_headers import check_decoded_bytes, read_header
 
     if isinstance(source, np.ndarray):
         name = name or f"<array {source.shape} {source.dtype}>"
@@ -339,26 +373,29 @@ def decode_image(
         _check_size(img.pixels.shape[0], img.pixels.shape[1], name, limits)
         return img
 
-    _check_truncation(fmt, data, name)
-    hw = _header_size(fmt, data)
-    if hw is None and fmt in ("jpeg", "png"):
-        # libjpeg/libpng would find a size we could not: never decode what we could not bound
-        raise CorruptImageError(name, f"{fmt.upper()} has no readable frame header; the file is damaged.")
-    if hw is not None:
-        if 0 in hw:
-            raise CorruptImageError(name, f"{fmt.upper()} header declares a {hw[1]}x{hw[0]} image; the file is damaged.")
-        _check_size(hw[0], hw[1], name, limits)
-    buf = np.frombuffer(data, dtype=np.uint8)
-    r = jpeg_reduction(*hw, reduce_for) if fmt == "jpeg" and hw else 1
-    flag = {1: cv2.IMREAD_UNCHANGED, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-            8: cv2.IMREAD_REDUCED_COLOR_8}[r]
-    try:
-        pixels = cv2.imdecode(buf, flag)
-    except cv2.error as exc:
-        raise CorruptImageError(name, f"{fmt.upper()} could not be decoded ({exc}).") from exc
+    def budget(h) -> None:
+        _check_size(h.height, h.width, name, limits)
+        check_decoded_bytes(h, name, limits.max_decoded_bytes)
+
+    hdr = read_header(fmt, data, name, budget)
+    notes = []
+    r = jpeg_reduction(hdr.height, hdr.width, reduce_for) if fmt == "jpeg" else 1
+    pixels = _decode_jpeg_strict(data, hdr, name, channels, r) if fmt == "jpeg" else None
+    if pixels is None:
+        r = 1  # OpenCV decodes the rare JPEG kinds at full scale
+        try:
+            pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _cv2_flags(channels))
+        except cv2.error as exc:
+            raise CorruptImageError(name, f"{fmt.upper()} could not be decoded ({exc}).") from exc
     if pixels is None or pixels.size == 0:
         raise CorruptImageError(name, f"{fmt.upper()} data is damaged and could not be decoded.")
+    if r > 1:
+        notes.append(f"JPEG decoded at 1/{r} scale")
+    elif pixels.shape[:2] != (hdr.height, hdr.width):
+        raise CorruptImageError(name, f"{fmt.upper()} decoded to {pixels.shape[1]}x{pixels.shape[0]}, not the "
+                                      f"{hdr.width}x{hdr.height} its header declares; the file is damaged.")
+    if hdr.orientation != 1:
+        pixels = apply_orientation(pixels, hdr.orientation)
+        notes.append(f"applied orientation {hdr.orientation} from the file's EXIF/TIFF tag")
     pixels = _check_pixels(pixels, name)
-    if r == 1:
-        _check_size(pixels.shape[0], pixels.shape[1], name, limits)
-    return DecodedImage(pixels, name, fmt, _bit_depth(pixels), [f"JPEG decoded at 1/{r} scale"] if r > 1 else [])
+    return DecodedImage(pixels, name, fmt, _bit_depth(pixels), notes)

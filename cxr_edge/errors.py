@@ -63,6 +63,9 @@ class ImageError(InputError):
         self.reason = reason
         super().__init__(f"{source}: {reason}")
 
+    def __reduce__(self):  # survives pickling (worker processes): rebuilt from (source, reason)
+        return type(self), (self.source, self.reason)
+
 
 class UnsupportedImageError(ImageError):
     """Not an image format we read (or an empty file)."""

@@ -153,19 +153,36 @@ class PreprocessSpec:
         return cls(**d)
 
 
+#: rows converted per step in :func:`to_uint8`: bounds the float64 working copy to a few MiB
+_ROWS_PER_STEP_ELEMENTS = 1 << 20
+
+
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Bring 8-bit, 16-bit or float pixels to uint8.
 
     8-bit data is left untouched (that is what the published recipes trained on). Wider data is
     linearly windowed from its own min to max: radiograph PNG/TIFF exports rarely use the full
     16-bit range, so a fixed /257 would give a dark, low-contrast image.
+
+    Memory is the output plus a few MiB, whatever the input: 16-bit data goes through a 65,536-entry
+    lookup table, float data is converted a band of rows at a time (a whole-image float64 copy of a
+    49 MP four-channel image was 1.5 GB; issue 13). The arithmetic is the same float64 formula either way.
     """
     if pixels.dtype == np.uint8:
         return pixels
-    x = pixels.astype(np.float64)
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(pixels.min()), float(pixels.max())
     if hi <= lo:
         return np.zeros(pixels.shape, dtype=np.uint8)
+    if pixels.dtype == np.uint16:
+        return _window(np.arange(65536, dtype=np.float64), lo, hi)[pixels]
+    out = np.empty(pixels.shape, dtype=np.uint8)
+    step = max(1, _ROWS_PER_STEP_ELEMENTS // max(1, pixels[:1].size))
+    for r in range(0, pixels.shape[0], step):
+        out[r : r + step] = _window(pixels[r : r + step].astype(np.float64), lo, hi)
+    return out
+
+
+def _window(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     scale = 255.0 / (hi - lo)
     if np.isfinite(scale) and scale > 0:
         y = (x - lo) * scale
@@ -202,7 +219,13 @@ def pack_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Decoded pixels -> ``uint8 (H, W, C_in)`` at the model's resolution (the host half of preprocessing)."""
     import cv2
 
-    img = to_channels(to_uint8(pixels), spec.input_channels)
+    # gray data: depth first, then replication (three wide copies are never made); colour data: channels
+    # first at native depth (cvtColor works at 16-bit and float32), then depth, so a wide multi-channel
+    # image is never windowed whole
+    if pixels.ndim == 2 or pixels.shape[2] == 1 or pixels.dtype not in (np.uint8, np.uint16, np.float32):
+        img = to_channels(to_uint8(pixels), spec.input_channels)
+    else:
+        img = to_uint8(to_channels(pixels, spec.input_channels))
     if img.shape[:2] != (spec.height, spec.width):
         img = cv2.resize(img, (spec.width, spec.height), interpolation=spec.interpolation.cv2_flag)
         if img.ndim == 2:
@@ -220,7 +243,8 @@ def pack_source(source, spec: PreprocessSpec, *, name: str | None = None, limits
     from .decode import DecodeLimits, decode_image
 
     target = max(spec.height, spec.width, common_size or 0)
-    img = decode_image(source, name=name, limits=limits or DecodeLimits(), reduce_for=target)
+    img = decode_image(source, name=name, limits=limits or DecodeLimits(), reduce_for=target,
+                       channels=spec.input_channels)
     pixels = img.pixels
     if common_size:
         pixels = cv2.resize(to_uint8(pixels), (common_size, common_size), interpolation=cv2.INTER_AREA)

@@ -68,6 +68,16 @@ def positive_int(text: str) -> int:
 positive_int.__name__ = "positive integer"
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+non_negative_int.__name__ = "non-negative integer"
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ._common import DEVICES, HelpFormatter, comma_list, csv_text, default_of, positive_float, positive_int
+from ._common import (
+    DEVICES,
+    HelpFormatter,
+    comma_list,
+    csv_text,
+    default_of,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TRITON_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
@@ -23,7 +32,9 @@ def cmd_serve(a) -> None:
                       max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=threads,
                       cors_origins=a.cors or (), trusted_keys=tuple(a.trusted_key or ()),
                       body_timeout_s=a.body_timeout, save_dir=a.save_dir, engine_spin=a.engine_spin,
-                      cuda_graph=a.cuda_graph)
+                      cuda_graph=a.cuda_graph, decode_workers=a.decode_workers, decode_timeout_s=a.decode_timeout,
+                      decode_memory_mb=a.decode_memory_mb, max_inflight_body_mb=a.max_inflight_body_mb,
+                      min_body_rate_kbs=a.min_body_rate_kbs)
     run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
                graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
 
@@ -83,6 +94,17 @@ def register(sub) -> None:
     sv.add_argument("--header-timeout", type=positive_float, default=guard["header_timeout_s"],
                     help="seconds for request headers to arrive before the connection is closed")
     sv.add_argument("--max-connections", type=positive_int, default=512, help="open connections before answering 503")
+    sv.add_argument("--decode-workers", type=non_negative_int, default=default_of(S, "decode_workers"),
+                    help="decoder processes, each image under --decode-timeout and --decode-memory-mb "
+                         "(0: decode in threads of the server, without those limits)")
+    sv.add_argument("--decode-timeout", type=positive_float, default=default_of(S, "decode_timeout_s"),
+                    help="seconds one image may take to decode before it is stopped and answered as a bad image")
+    sv.add_argument("--decode-memory-mb", type=positive_int, default=default_of(S, "decode_memory_mb"),
+                    help="memory ceiling of each decoder process above its own footprint")
+    sv.add_argument("--max-inflight-body-mb", type=positive_float, default=default_of(S, "max_inflight_body_mb"),
+                    help="request bodies held at once by all clients together (503 above)")
+    sv.add_argument("--min-body-rate-kbs", type=positive_float, default=default_of(S, "min_body_rate_kbs"),
+                    help="slowest accepted upload after its first 2 s (kB/s; 408 below)")
     sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")
     sv.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")

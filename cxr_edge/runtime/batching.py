@@ -1,7 +1,9 @@
 """Batched preprocessing that overlaps decoding of batch k+1 with inference of batch k.
 
-Decoding and resizing run in a thread pool (OpenCV releases the GIL); packed bytes go straight into
-a preallocated uint8 batch. Items that fail to decode become per-item errors and the rest of the
+Files and bytes are decoded in worker processes under a per-image deadline and memory ceiling
+(:mod:`cxr_edge.decode_workers`) unless ``isolation`` is None, then in a thread pool (OpenCV releases
+the GIL); NumPy arrays are packed in the caller's process (there is nothing to decode). Packed bytes go
+straight into a preallocated uint8 batch. Items that fail become per-item errors and the rest of the
 batch is still answered.
 """
 
@@ -17,6 +19,7 @@ from queue import Queue
 import numpy as np
 
 from ..decode import DecodeLimits
+from ..decode_workers import DecodeIsolation, IsolatedDecoder, preview_of
 from ..errors import ImageError
 from ..preprocess import PreprocessSpec, pack_source
 
@@ -26,7 +29,7 @@ class PackedBatch:
     x: np.ndarray  # (n_ok, H, W, C) uint8: a view of a preallocated buffer
     indices: list[int]  # positions of the packed items in the caller's sequence
     errors: dict[int, ImageError] = field(default_factory=dict)
-    originals: dict[int, np.ndarray] = field(default_factory=dict)  # decoded pixels, kept only for explanations
+    originals: dict[int, np.ndarray] = field(default_factory=dict)  # decoded previews, kept only for explanations
     names: dict[int, str] = field(default_factory=dict)
     decode_s: float = 0.0
 
@@ -41,18 +44,26 @@ def item_name(item, i: int) -> str:
 
 class BatchPacker:
     def __init__(self, spec: PreprocessSpec, batch_size: int, workers: int | None = None,
-                 limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False):
+                 limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False,
+                 isolation: DecodeIsolation | None = None):
         self.spec, self.batch_size, self.limits, self.keep = spec, batch_size, limits, keep_originals
         self.pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
+        self.isolated = IsolatedDecoder(spec, limits, isolation) if isolation and isolation.workers > 0 else None
         # three buffers: one being inferred, one queued, one being filled
         self.buffers = [np.empty((batch_size, *spec.input_shape), np.uint8) for _ in range(3)]
 
     def _one(self, item, i):
         name = item_name(item, i)
+        if self.isolated is not None and not isinstance(item, np.ndarray):
+            try:
+                it = self.isolated.decode(item, None if isinstance(item, (str, os.PathLike)) else name, self.keep)
+                return i, name, it.packed, it.preview, None
+            except ImageError as exc:
+                return i, name, None, None, exc
         try:
             packed, img = pack_source(item, self.spec, name=name if not isinstance(item, (str, os.PathLike)) else None,
                                       limits=self.limits)
-            return i, name, packed, (img.pixels if self.keep else None), None
+            return i, name, packed, (preview_of(img.pixels) if self.keep else None), None
         except ImageError as exc:
             return i, name, None, None, exc
         except Exception as exc:  # a decoder bug must not take down the batch: report it per item
@@ -108,3 +119,6 @@ class BatchPacker:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+        if self.isolated is not None:
+            self.isolated.close()
+

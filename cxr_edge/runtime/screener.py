@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..decision import decide
+from ..decode_workers import DecodeIsolation
 from ..errors import ConfigError
 from .backends.registry import open_backend
 from .batching import BatchPacker
@@ -21,11 +22,14 @@ class Screener:
     """Load an artifact on the best available backend and screen images in batches.
 
     ``device``: 'auto' (best available, reported truthfully), 'cpu', or 'cuda' (raise rather than fall
-    back). ``backend`` picks one of the registered backends for the artifact's format.
+    back). ``backend`` picks one of the registered backends for the artifact's format. ``isolation``:
+    files and bytes are decoded in worker processes with a deadline and memory ceiling per image
+    (:class:`~cxr_edge.decode_workers.DecodeIsolation`); None decodes in threads, for trusted data.
     """
 
     def __init__(self, artifact, *, backend: str | None = None, device: str = "auto", batch_size: int = 8,
-                 workers: int | None = None, threshold: float | None = None, verify: bool = True, **options):
+                 workers: int | None = None, threshold: float | None = None, verify: bool = True,
+                 isolation: DecodeIsolation | None = DecodeIsolation(), **options):
         if batch_size < 1:  # checked before anything is loaded, so a bad value leaks no engine
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         options.setdefault("max_batch", batch_size)  # profile of engines compiled at load (ORT's TensorRT EP)
@@ -35,6 +39,7 @@ class Screener:
         self.threshold = threshold if threshold is not None else self.manifest.threshold
         self.batch_size = batch_size  # the engine fits any size to its profile (Backend.infer)
         self.workers = workers
+        self.isolation = isolation  # None: decode in threads of this process (trusted files only)
         self._cam = None
 
     # --------------------------------------------------------------- explanations
@@ -88,7 +93,8 @@ class Screener:
         """One result per item, in order; bad items get ``ok=False`` and an error, never an exception."""
         items = list(items)
         results: list[ScreeningResult | None] = [None] * len(items)
-        packer = BatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain)
+        packer = BatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain,
+                             isolation=self.isolation)
         info = self.engine.info
         outputs = ["probs", "features"] if explain and self._cam_engine()[0] == "engine-native" else ["probs"]
         try:

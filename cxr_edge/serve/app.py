@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ..decode import DecodeLimits
+from ..decode_workers import DecodeIsolation, IsolatedDecoder, PackedItem, decode_and_pack, error_from
 from ..errors import ImageError
 from ..extras import require
-from ..preprocess import pack_source
 from ..runtime.backends.registry import open_backend
 from ..runtime.result import Explanation, ScreeningResult
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
@@ -58,9 +58,15 @@ class ScreeningService:
         self.head = None
         self.ready = False
         self.metrics = ServiceMetrics()
-        self.decode_pool = ThreadPoolExecutor(max_workers=config.decode_workers, thread_name_prefix="decode")
+        self.stopping = False
+        # threads: saving uploads, overlays, and decoding itself when isolation is off (decode_workers=0)
+        self.decode_pool = ThreadPoolExecutor(max_workers=max(2, config.decode_workers), thread_name_prefix="decode")
+        self.decoder: IsolatedDecoder | None = None
         self.max_body = int(config.max_body_mb * 1024 * 1024)
         self.limits = DecodeLimits(max_bytes=self.max_body)
+        #: images being decoded or waiting for a decoder beyond this: requests are refused up front and
+        #: /readyz says not ready (a load balancer sends the work elsewhere)
+        self.max_decode_backlog = 8 * max(1, config.decode_workers)
         self.save_dir = Path(config.save_dir).resolve() if config.save_dir else None
         self._multipart = _in_memory_multipart_parser(self.max_body)
 
@@ -79,6 +85,10 @@ class ScreeningService:
             if self.engine_wrapper is not None:
                 engine = self.engine_wrapper(engine)
             self.engine = engine
+            if c.decode_workers > 0:
+                self.decoder = IsolatedDecoder(engine.spec, self.limits, DecodeIsolation(
+                    c.decode_workers, c.decode_timeout_s, c.decode_memory_mb))
+                await asyncio.get_running_loop().run_in_executor(None, self.decoder.warm_up)
             self.batcher = DynamicBatcher(engine, c.max_batch, c.max_delay_ms, c.max_queue, self.metrics)
             await self.batcher.start()
             # warm up before declaring readiness: the first inference allocates and tunes kernels
@@ -90,6 +100,8 @@ class ScreeningService:
         except BaseException:
             if self.batcher is not None:
                 await self.batcher.stop(0)
+            if self.decoder is not None:
+                self.decoder.close()
             engine.close()  # a failed start must not keep the engine (GPU memory, threads)
             raise
         self.ready = True
@@ -97,19 +109,39 @@ class ScreeningService:
         log.info("ready: %s on %s/%s (%s)", Path(str(self.artifact)).name, info.backend, info.provider, info.precision)
 
     async def stop(self) -> None:
+        """Drain: requests already queued for the engine are answered; those still decoding or arriving
+        get a JSON 503 with their request id (see :meth:`screen`)."""
         self.ready = False
+        self.stopping = True
         if self.batcher is not None:
             await self.batcher.stop(self.config.timeout_s)
+        if self.decoder is not None:
+            self.decoder.close()
         if self.engine is not None:
             self.engine.close()
         self.decode_pool.shutdown(wait=False)
+
+    def _capacity_for(self, n: int) -> str | None:
+        if self.decoder is not None and self.decoder.pending + n > self.max_decode_backlog:
+            return f"{self.decoder.pending} images waiting for {self.config.decode_workers} decoders"
+        if self.batcher.depth() + self.batcher.incoming + n > self.config.max_queue:
+            return "inference queue full"
+        return None
+
+    def saturated(self) -> str | None:
+        """Why new work should go elsewhere now, or None."""
+        if self.decoder is not None and self.decoder.pending >= self.max_decode_backlog:
+            return f"{self.decoder.pending} images waiting for {self.config.decode_workers} decoders"
+        if self.batcher is not None and self.batcher.depth() + self.batcher.incoming >= self.config.max_queue:
+            return "inference queue full"
+        return None
 
     # ---- one request
     async def _images(self, request) -> list[tuple[str, bytes]]:
         from starlette.formparsers import MultiPartException
 
         ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
+        if ctype.lower().startswith("multipart/form-data"):  # media types are case-insensitive (RFC 9110)
             parser = self._multipart(request.headers, request.stream(), max_files=self.config.max_images_per_request,
                                      max_fields=self.config.max_images_per_request)
             try:
@@ -123,13 +155,22 @@ class ScreeningService:
         body = await request.body()
         return [("body", body)] if body else []
 
-    def _decode(self, data: bytes, name: str, rid: str, k: int):
+    async def _decode(self, data: bytes, name: str, rid: str, k: int, explain: bool) -> PackedItem:
+        """Decode + pack one upload: in a worker process under the per-image deadline and memory ceiling,
+        or in a thread when isolation is off. Raises the item's ImageError."""
+        loop = asyncio.get_running_loop()
         if self.save_dir is not None:
-            _save_upload(self.save_dir, data, rid, k)
-        packed, img = pack_source(data, self.engine.spec, name=name, limits=self.limits)
-        return packed, img.pixels
+            await loop.run_in_executor(self.decode_pool, _save_upload, self.save_dir, data, rid, k)
+        if self.decoder is not None:
+            return await asyncio.wrap_future(self.decoder.submit(data, name, keep_preview=explain))
+        res = await loop.run_in_executor(self.decode_pool, decode_and_pack, data, name, self.engine.spec,
+                                         self.limits, explain)
+        if res[0] != "ok":
+            raise error_from(*res[1:])
+        return res[1]
 
-    def _explanation(self, original: np.ndarray, features: np.ndarray, label: int) -> Explanation:
+    def _explanation(self, preview: np.ndarray, features: np.ndarray, label: int) -> Explanation:
+        """Grad-CAM and its overlay, drawn on the capped preview (never the full-resolution image)."""
         import cv2
 
         from ..runtime.gradcam import gradcam
@@ -137,17 +178,18 @@ class ScreeningService:
 
         t = time.perf_counter()
         cam = gradcam(self.head, features[None], label).cam[0]
-        ok, buf = cv2.imencode(".png", overlay(original, cam))
+        ok, buf = cv2.imencode(".png", overlay(preview, cam))
         return Explanation(self.engine.classes[label], "engine-native", float(cam.max()), time.perf_counter() - t,
                            cam=cam, overlay_png_base64=base64.b64encode(buf.tobytes()).decode())
 
-    async def _one(self, k: int, name: str, data: bytes, rid: str, explain: bool) -> ScreeningResult:
+    async def _one(self, k: int, name: str, data: bytes, rid: str, explain: bool, deadline: float) -> ScreeningResult:
+        """One image: decode, queue, infer, explain, all within the request's deadline (``timeout_s``)."""
         loop = asyncio.get_running_loop()
         engine, batcher = self.engine, self.batcher
         t = time.perf_counter()
         batcher.expect()
         try:
-            packed, original = await loop.run_in_executor(self.decode_pool, self._decode, data, name, rid, k)
+            item = await asyncio.wait_for(self._decode(data, name, rid, k, explain), _left(deadline))
         except BaseException as exc:
             batcher.arrived()
             if not isinstance(exc, ImageError):
@@ -156,20 +198,40 @@ class ScreeningService:
             return ScreeningResult.unusable(k, name, exc.reason)
         decode_ms = 1e3 * (time.perf_counter() - t)
         t = time.perf_counter()
-        out = await asyncio.wait_for(batcher.enqueue(packed, features=explain, announced=True), self.config.timeout_s)
+        out = await asyncio.wait_for(batcher.enqueue(item.packed, features=explain, announced=True), _left(deadline))
         r = ScreeningResult.from_probabilities(k, name, out["probs"], engine.classes, engine.manifest.threshold,
                                                engine.info, {"decode": decode_ms,
                                                              "queue_and_infer": 1e3 * (time.perf_counter() - t)})
         if explain:
             label = engine.classes.index(r.label)
-            r.explanation = await loop.run_in_executor(self.decode_pool, self._explanation, original,
+            r.explanation = await loop.run_in_executor(self.decode_pool, self._explanation, item.preview,
                                                        out["features"], label)
             r.timings_ms["explain"] = 1e3 * r.explanation.seconds
         self.metrics.images.labels("ok").inc()
         return r
 
+    async def _run_all(self, items, rid: str, explain: bool, deadline: float):
+        """All images of one request; the first failure (queue full, timeout, engine) cancels the
+        siblings, so a refused request stops decoding and inferring at once. Returns the results, or
+        the exception that ended the request."""
+        tasks = [asyncio.create_task(self._one(k, n, d, rid, explain, deadline)) for k, (n, d) in enumerate(items)]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:  # the server is going away: take the siblings with us
+            for t in tasks:
+                t.cancel()
+            raise
+        failed = next((t for t in tasks if t in done and not t.cancelled() and t.exception() is not None), None)
+        if failed is None:
+            return [t.result() for t in tasks]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return failed.exception()
+
     async def screen(self, request, explain: bool, endpoint: str):
-        from fastapi.responses import JSONResponse
+        from fastapi.responses import JSONResponse, Response
+        from starlette.requests import ClientDisconnect
 
         rid = _request_id(request.headers.get("x-request-id"))
         t0 = time.perf_counter()
@@ -179,29 +241,40 @@ class ScreeningService:
             headers = {"Retry-After": str(retry_after)} if retry_after else None
             return JSONResponse({"detail": detail, "request_id": rid}, status, headers=headers)
 
+        if self.stopping:
+            return refuse(503, "shutting down", 5)
         if not self.ready:
             return refuse(503, "model is loading", 2)
+        deadline = time.monotonic() + self.config.timeout_s  # decoding counts, not only queue and inference
         try:
             items = await self._images(request)
         except _Refused as exc:
             return refuse(exc.status, exc.detail, exc.retry_after)
+        except ClientDisconnect:  # the client left mid-upload: nobody to answer, nothing to log as an error
+            log.info("request %s: client disconnected during the upload", rid)
+            self.metrics.requests.labels(endpoint, "499").inc()
+            return Response(status_code=499)
         if not items:
             return refuse(400, "no image in the request: send multipart field 'files' or a raw image body")
         if len(items) > self.config.max_images_per_request:
             return refuse(413, f"at most {self.config.max_images_per_request} images per request")
         if explain and self.head is None:
             return refuse(501, "engine-native Grad-CAM is not available for this artifact")
-        try:
-            results = await asyncio.gather(*(self._one(k, n, d, rid, explain) for k, (n, d) in enumerate(items)))
-        except QueueFull:
-            return refuse(503, "queue full, retry shortly", 1)
-        except ShuttingDown:
-            return refuse(503, "shutting down", 5)
-        except asyncio.TimeoutError:
-            return refuse(504, f"no answer within {self.config.timeout_s} s")
-        except Exception as exc:  # engine failure: this request fails, the service stays up
-            log.exception("request %s failed", rid)
+        # capacity up front: all of this request's images fit, or none is started
+        busy = self._capacity_for(len(items))
+        if busy:
+            return refuse(503, f"busy ({busy}), retry shortly", 1)
+        exc = await self._run_all(items, rid, explain, deadline)
+        if isinstance(exc, BaseException):
+            if isinstance(exc, QueueFull):
+                return refuse(503, "queue full, retry shortly", 1)
+            if isinstance(exc, ShuttingDown) or self.stopping:
+                return refuse(503, "shutting down", 5)
+            if isinstance(exc, asyncio.TimeoutError):
+                return refuse(504, f"no answer within {self.config.timeout_s} s")
+            log.error("request %s failed: %s: %s", rid, type(exc).__name__, exc, exc_info=exc)
             return refuse(500, f"inference failed: {type(exc).__name__}")
+        results = exc
         status = 200 if any(r.ok for r in results) else 422
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -260,13 +333,19 @@ class ScreeningService:
         @app.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
         async def readyz():
             if not service.ready:
-                return JSONResponse({"ready": False}, 503)
+                return JSONResponse({"ready": False, "reason": "shutting down" if service.stopping else "loading"}, 503)
+            busy = service.saturated()
+            if busy:
+                return JSONResponse({"ready": False, "reason": busy, "queue_depth": service.batcher.depth()}, 503)
             info = service.engine.info
             return {"ready": True, "backend": info.backend, "provider": info.provider, "precision": info.precision,
                     "queue_depth": service.batcher.depth()}
 
         @app.get("/metrics", response_class=Response)
         async def prom():
+            if service.decoder is not None:
+                service.metrics.decode_backlog.set(service.decoder.pending)
+                service.metrics.decode_killed.set(service.decoder.killed)
             return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
         @app.get("/", response_class=HTMLResponse)
@@ -275,7 +354,9 @@ class ScreeningService:
 
         app.state.service = service
         app.state.metrics = service.metrics
-        return BodyGuard(app, self.max_body, self.config.body_timeout_s)
+        return BodyGuard(app, self.max_body, self.config.body_timeout_s,
+                         max_inflight_bytes=int(self.config.max_inflight_body_mb * 1024 * 1024),
+                         min_rate=self.config.min_body_rate_kbs * 1024)
 
 
 def create_app(artifact: str | Path, config: ServeConfig = ServeConfig(), engine_wrapper=None):
@@ -320,6 +401,10 @@ def default_engine_threads(artifact: str | Path, cores: int | None = None) -> in
     except Exception:  # an unreadable graph: let the engine decide
         return None
     return max(1, cores // 2) if gmacs < LIGHT_MODEL_GMACS else cores
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def _request_id(client_value: str | None) -> str:

@@ -14,7 +14,11 @@ class ServeConfig:
     timeout_s: float = 30.0
     max_body_mb: float = 64.0
     max_images_per_request: int = 16
-    decode_workers: int = 4
+    decode_workers: int = 4  # worker processes (0: threads in the server process, no per-image limits)
+    decode_timeout_s: float = 5.0  # per image: a decode running longer is killed and answered as a bad image
+    decode_memory_mb: int = 1024  # per decode worker: address space above its own footprint
+    max_inflight_body_mb: float = 256.0  # request bodies held at once, all clients together (503 above)
+    min_body_rate_kbs: float = 8.0  # after the first 2 s, a body arriving slower than this is cut off (408)
     device: str = "auto"
     backend: str | None = None
     threads: int | None = None  # engine intra-op threads (default: the engine's own choice)

@@ -8,7 +8,11 @@ handler) for as long as it likes. The guards here give each phase a deadline:
   ``header_timeout_s`` is closed (uvicorn's h11 protocol, subclassed; chosen explicitly so the
   guard does not depend on which HTTP parser happens to be installed).
 * :class:`BodyGuard`: ASGI middleware answering 413 for bodies over the limit (by Content-Length and
-  while streaming) and 408 when a body does not finish arriving within ``body_timeout_s``.
+  while streaming), 408 when a body does not finish arriving within ``body_timeout_s`` or arrives
+  slower than ``min_rate`` after a grace period, 400 for bodies sent in a flood of tiny chunks (1-byte
+  chunks cost the event loop per chunk and delayed everyone else's requests to 7.8 s), and 503 when
+  the bodies held by all requests together would pass ``max_inflight_bytes`` (24 held 64 MB bodies
+  were 1.4 GB).
 """
 
 from __future__ import annotations
@@ -21,11 +25,22 @@ import time
 log = logging.getLogger("cxr_edge.serve")
 
 
-class BodyGuard:
-    """ASGI middleware: 413 over ``max_bytes``, 408 when the body takes longer than ``timeout_s``."""
+#: seconds before the minimum body rate applies (TCP slow start, a phone on a weak link)
+RATE_GRACE_S = 2.0
+#: chunks a body may arrive in before their average size is judged
+SMALL_CHUNK_ALLOWANCE = 256
+#: smallest average chunk (bytes) past the allowance; curl and browsers send 16-64 kB
+MIN_AVERAGE_CHUNK = 512
 
-    def __init__(self, app, max_bytes: int, timeout_s: float | None = 30.0):
+
+class BodyGuard:
+    """ASGI middleware bounding each request body (size, time, rate, chunking) and all bodies together."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float | None = 30.0, max_inflight_bytes: int | None = None,
+                 min_rate: float | None = None):
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        self.max_inflight, self.min_rate = max_inflight_bytes, min_rate
+        self.inflight = 0  # body bytes held by requests in progress (one event loop: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -34,16 +49,23 @@ class BodyGuard:
         length = headers.get(b"content-length")
         if self.max_bytes and length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await plain_response(send, 413, f"request body over {self.max_bytes} bytes")
+        if self.max_inflight and length is not None and length.isdigit() and self.inflight + int(length) > self.max_inflight:
+            return await plain_response(send, 503, "the server holds too many uploads right now; retry shortly",
+                                        extra=[(b"retry-after", b"1")])
         from starlette.exceptions import HTTPException
 
-        seen = 0
-        deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
+        seen = chunks = 0
+        start = time.monotonic()
+        deadline = start + self.timeout_s if self.timeout_s else None
         body_done = False
 
-        # Raised from inside the app's receive(), these surface as the route's own 413/408 answer
+        def cut(status: int, text: str, extra: dict | None = None):
+            return HTTPException(status, text, headers={"Connection": "close", **(extra or {})})
+
+        # Raised from inside the app's receive(), these surface as the route's own 413/408/503 answer
         # (Starlette turns HTTPException into a response); the connection is closed after it.
         async def guarded():
-            nonlocal seen, body_done
+            nonlocal seen, body_done, chunks
             if body_done or deadline is None:
                 msg = await receive()
             else:
@@ -52,16 +74,34 @@ class BodyGuard:
                 except asyncio.TimeoutError:
                     log.warning("request body from %s did not arrive within %.0f s; answering 408",
                                 _client(scope), self.timeout_s)
-                    raise HTTPException(408, f"request body did not arrive within {self.timeout_s:.0f} s",
-                                        headers={"Connection": "close"}) from None
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
+                    raise cut(408, f"request body did not arrive within {self.timeout_s:.0f} s") from None
+            if msg["type"] == "http.request" and not body_done:
+                n = len(msg.get("body", b""))
+                seen += n
+                chunks += 1
+                self.inflight += n
                 if self.max_bytes and seen > self.max_bytes:
-                    raise HTTPException(413, f"request body over {self.max_bytes} bytes", headers={"Connection": "close"})
+                    raise cut(413, f"request body over {self.max_bytes} bytes")
+                if self.max_inflight and self.inflight > self.max_inflight:
+                    raise cut(503, "the server holds too many uploads right now; retry shortly", {"Retry-After": "1"})
                 body_done = not msg.get("more_body", False)
+                if not body_done:
+                    elapsed = time.monotonic() - start
+                    if chunks > SMALL_CHUNK_ALLOWANCE and seen / chunks < MIN_AVERAGE_CHUNK:
+                        log.warning("cutting off %s: body in %d chunks of %.0f bytes on average", _client(scope),
+                                    chunks, seen / chunks)
+                        raise cut(400, f"request body arrives in chunks of {seen / chunks:.0f} bytes on average; "
+                                       f"send chunks of at least {MIN_AVERAGE_CHUNK} bytes")
+                    if self.min_rate and elapsed > RATE_GRACE_S and seen / elapsed < self.min_rate:
+                        log.warning("cutting off %s: body arriving at %.0f B/s", _client(scope), seen / elapsed)
+                        raise cut(408, f"request body arrives at {seen / elapsed:.0f} bytes/s, under the "
+                                       f"{self.min_rate:.0f} bytes/s minimum")
             return msg
 
-        await self.app(scope, guarded, send)
+        try:
+            await self.app(scope, guarded, send)
+        finally:
+            self.inflight -= seen
 
 
 def _client(scope) -> str:
@@ -69,9 +109,9 @@ def _client(scope) -> str:
     return f"{c[0]}:{c[1]}" if c else "unknown client"
 
 
-async def plain_response(send, status: int, text: str, close: bool = True):
+async def plain_response(send, status: int, text: str, close: bool = True, extra: list | None = None):
     body = json.dumps({"detail": text}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra or [])]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -21,5 +21,10 @@ class ServiceMetrics:
         self.latency = prom.Histogram("cxr_request_seconds", "Request latency", ["endpoint"],
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
 
+        self.decode_backlog = prom.Gauge("cxr_decode_backlog", "Images being decoded or waiting for a decoder",
+                                         registry=r)
+        self.decode_killed = prom.Gauge("cxr_decode_workers_replaced",
+                                        "Decode workers killed and replaced (deadline, memory ceiling, crash)", registry=r)
+
     def render(self) -> bytes:
         return require("prometheus_client").generate_latest(self.registry)

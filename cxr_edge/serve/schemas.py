@@ -63,3 +63,4 @@ class ReadyResponse(BaseModel):
     provider: str | None = None
     precision: str | None = None
     queue_depth: int | None = None
+    reason: str | None = None  # why not ready: loading, shutting down, decoders or queue saturated

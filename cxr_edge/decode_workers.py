@@ -1,0 +1,205 @@
+"""Decoding in worker processes, each image under a deadline and a memory ceiling.
+
+Header checks bound what a file *declares*; they cannot bound what a decoder *does* with a crafted file
+(libpng inflating gigabytes past the last row, libjpeg re-reading scans, pydicom parsing millions of
+elements). In a thread, such a file holds a core and the GIL-free decoder for as long as it likes and can
+take the whole server's memory. In a worker process it gets ``seconds`` of wall time and an address-space
+limit (``memory_mb`` above the worker's own footprint); a worker that overruns is killed and replaced,
+and that one image is answered with a per-item error. Only the packed model input (kilobytes) and, when
+asked, a preview capped at ``preview_side`` pixels travel back, so an explanation overlay is never built
+at full resolution either.
+
+Pool management (per-task deadlines, killing and replacing workers) is ``pebble``'s; the module imports
+nothing heavy at the top so a worker can set its thread and memory limits before NumPy and OpenCV load.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: longest side of the decoded image kept for overlays (the heatmap itself is the model's size)
+PREVIEW_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class DecodeIsolation:
+    """Per-image limits of isolated decoding. ``workers=0`` decodes in threads of the caller (no limits:
+    for trusted data, e.g. training on a curated folder)."""
+
+    workers: int = 2
+    seconds: float = 5.0
+    memory_mb: int = 1024
+    start_method: str = "spawn"  # never fork a process that holds engine threads
+
+
+@dataclass
+class PackedItem:
+    """One decoded, packed image: the model input and what a result reports about the source."""
+
+    packed: Any  # np.ndarray (H, W, C) uint8
+    preview: Any | None  # np.ndarray, longest side <= PREVIEW_SIDE, or None
+    shape: tuple[int, int]
+    format: str
+    bit_depth: int
+    notes: list[str]
+
+
+def _limit_worker(memory_mb: int) -> None:
+    """Worker initializer: one thread per library, then an address-space ceiling above what is loaded."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    import resource
+
+    import cv2
+    import numpy  # noqa: F401  (loaded before the ceiling is measured)
+
+    cv2.setNumThreads(1)
+    from . import decode, image_headers, preprocess  # noqa: F401
+
+    try:
+        import pydicom  # noqa: F401
+        import simplejpeg  # noqa: F401
+        import tifffile  # noqa: F401
+    except ImportError:
+        pass
+    with open("/proc/self/status") as f:
+        vm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), 0)
+    if vm and memory_mb > 0:
+        limit = vm + memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def decode_and_pack(source, name: str | None, spec, limits, keep_preview: bool) -> tuple:
+    """Runs in a worker: decode + pack one image. Returns ``("ok", PackedItem)`` or ``("error", kind, name, reason)``
+    (exceptions are returned as values: ImageError's constructor does not survive pickling)."""
+    from .errors import ImageError
+    from .preprocess import pack_source
+
+    shown = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
+    try:
+        packed, img = pack_source(source, spec, name=name, limits=limits)
+        preview = preview_of(img.pixels) if keep_preview else None
+        return "ok", PackedItem(packed, preview, img.pixels.shape[:2], img.format, img.bit_depth, img.notes)
+    except ImageError as exc:
+        return "error", type(exc).__name__, exc.source, exc.reason
+    except MemoryError:
+        return "error", "ImageTooLargeError", shown, "decoding needed more memory than the per-image budget allows."
+    except Exception as exc:  # OpenCV reports allocation failures as cv2.error
+        if "memory" in str(exc).lower() or "allocate" in str(exc).lower():
+            return "error", "ImageTooLargeError", shown, "decoding needed more memory than the per-image budget allows."
+        return "error", "ImageError", shown, f"unexpected {type(exc).__name__}: {exc}"
+
+
+def preview_of(pixels):
+    """The decoded image as uint8, longest side at most PREVIEW_SIDE: what overlays are drawn on."""
+    import cv2
+
+    from .preprocess import to_uint8
+
+    h, w = pixels.shape[:2]
+    f = PREVIEW_SIDE / max(h, w)
+    if f < 1:  # resize the wide data first: to_uint8 then works on the small image
+        src = pixels if pixels.dtype in ("uint8", "uint16", "float32") else pixels.astype("float32")
+        pixels = cv2.resize(src, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    return to_uint8(pixels)
+
+
+def error_from(kind: str, name: str, reason: str):
+    from . import errors
+
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.ImageError)):
+        cls = errors.ImageError
+    return cls(name, reason)
+
+
+class IsolatedDecoder:
+    """A pool of decode workers; :meth:`submit` returns a future of a :class:`PackedItem`
+    (or of a per-item :class:`~cxr_edge.errors.ImageError` raised from ``result()``)."""
+
+    def __init__(self, spec, limits, isolation: DecodeIsolation = DecodeIsolation()):
+        import multiprocessing
+
+        from .extras import require
+
+        pebble = require("pebble")
+        self.spec, self.limits, self.isolation = spec, limits, isolation
+        self.pool = pebble.ProcessPool(max_workers=isolation.workers, initializer=_limit_worker,
+                                       initargs=(isolation.memory_mb,),
+                                       context=multiprocessing.get_context(isolation.start_method))
+        self.pending = 0  # submitted, not finished: readiness reports a saturated pool
+        self.killed = 0  # workers replaced after a deadline or a crash
+        self._lock = threading.Lock()
+
+    def submit(self, source, name: str | None = None, keep_preview: bool = False) -> Future:
+        """Schedule one image; the future's result is a PackedItem, or it raises the item's ImageError."""
+        shown = name or str(source)
+        inner = self.pool.schedule(decode_and_pack, args=(source, name, self.spec, self.limits, keep_preview),
+                                   timeout=self.isolation.seconds)
+        with self._lock:
+            self.pending += 1
+        outer: Future = Future()
+
+        def done(f) -> None:
+            with self._lock:
+                self.pending -= 1
+            if outer.done():  # the caller gave up (timeout, sibling failed): nobody to tell
+                return
+            if f.cancelled():
+                outer.cancel()
+                return
+            try:
+                res = f.result()
+            except Exception as exc:
+                outer.set_exception(self._failure(exc, shown))
+                return
+            if res[0] == "ok":
+                outer.set_result(res[1])
+            else:
+                outer.set_exception(error_from(*res[1:]))
+
+        inner.add_done_callback(done)
+        # a caller that gives up on an item not yet started frees its place in the queue; a running one
+        # is left to finish (cancelling it would kill and respawn its worker)
+        outer.add_done_callback(lambda f: f.cancelled() and not inner.running() and inner.cancel())
+        return outer
+
+    def _failure(self, exc: BaseException, name: str):
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from .errors import ImageError
+
+        if isinstance(exc, FutureTimeout):
+            self.killed += 1
+            log.warning("decode of %r ran past %.1f s: worker killed", name, self.isolation.seconds)
+            return ImageError(name, f"decoding took longer than {self.isolation.seconds:g} s and was stopped "
+                                    "(a crafted or damaged file?); re-export it as a plain PNG or JPEG.")
+        code = getattr(exc, "exitcode", None)
+        if code is None:  # not a dead worker: the task itself could not be sent or run
+            log.warning("decode of %r failed in the pool: %s", name, exc)
+            return ImageError(name, f"could not be decoded ({type(exc).__name__}: {exc}).")
+        self.killed += 1
+        log.warning("decode worker died on %r (%s: exit code %s)", name, type(exc).__name__, code)
+        return ImageError(name, f"the decoder crashed on this file (exit code {code}); it is damaged or crafted.")
+
+    def decode(self, source, name: str | None = None, keep_preview: bool = False) -> PackedItem:
+        return self.submit(source, name, keep_preview).result()
+
+    def warm_up(self) -> None:
+        """Start every worker now (spawning and importing take ~0.3 s each), not on the first request."""
+        import numpy as np
+
+        blank = np.zeros((64, 64), np.uint8)
+        for f in [self.submit(blank, "warm-up") for _ in range(self.isolation.workers)]:
+            f.result()
+
+    def close(self) -> None:
+        self.pool.stop()
+        self.pool.join(timeout=5)
