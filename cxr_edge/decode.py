@@ -7,6 +7,7 @@ with the same message.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -81,7 +82,7 @@ def _sniff_format(data: bytes) -> str | None:
         return "jpeg"
     if data[:2] == b"BM":
         return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic TIFF and BigTIFF
         return "tiff"
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "dicom"
@@ -316,6 +317,46 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return pixels
 
 
+def _orientation_probe(fmt: str) -> bytes:
+    """A tiny image in ``fmt`` with orientation 3 (rotate 180) declared: bright pixel top-left as stored."""
+    import zlib
+
+    import cv2
+
+    img = np.zeros((8, 16), np.uint8)
+    img[0, 0] = 255
+    if fmt == "tiff":
+        import tifffile
+
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, img, extratags=[(274, 3, 1, 3, True)])
+        return buf.getvalue()
+    exif = b"II*\x00\x08\x00\x00\x00\x01\x00" + b"\x12\x01\x03\x00\x01\x00\x00\x00\x03\x00\x00\x00" + b"\x00" * 4
+    ok, enc = cv2.imencode("." + ("jpg" if fmt == "jpeg" else fmt), img)
+    data = enc.tobytes()
+    if fmt == "jpeg":
+        seg = b"Exif\x00\x00" + exif
+        return data[:2] + b"\xff\xe1" + (len(seg) + 2).to_bytes(2, "big") + seg + data[2:]
+    chunk = len(exif).to_bytes(4, "big") + b"eXIf" + exif + zlib.crc32(b"eXIf" + exif).to_bytes(4, "big")
+    return data[:33] + chunk + data[33:]  # after IHDR
+
+
+@functools.cache
+def opencv_orients(fmt: str) -> bool:
+    """Whether this OpenCV build applies ``fmt``'s orientation tag itself even when told to ignore it.
+
+    Versions differ (OpenCV 5's TIFF reader always rotates), so it is measured once, on a probe image,
+    and :func:`decode_image` applies the orientation only where OpenCV did not: one rule whatever the build.
+    """
+    import cv2
+
+    try:
+        out = cv2.imdecode(np.frombuffer(_orientation_probe(fmt), np.uint8), _cv2_flags(1))
+    except Exception:  # no encoder for the probe in this build: assume the documented behaviour
+        return False
+    return out is not None and out.shape == (8, 16) and int(out[-1, -1]) > int(out[0, 0])
+
+
 def _decode_jpeg_strict(data: bytes, hdr, name: str, channels: int | None, r: int) -> np.ndarray | None:
     """libjpeg-turbo through simplejpeg with warnings as errors (a truncated scan with an end marker
     appended decodes as flat grey in OpenCV, which only prints libjpeg's warning). None when the file
@@ -381,7 +422,8 @@ def decode_image(
     notes = []
     r = jpeg_reduction(hdr.height, hdr.width, reduce_for) if fmt == "jpeg" else 1
     pixels = _decode_jpeg_strict(data, hdr, name, channels, r) if fmt == "jpeg" else None
-    if pixels is None:
+    by_opencv = pixels is None
+    if by_opencv:
         r = 1  # OpenCV decodes the rare JPEG kinds at full scale
         try:
             pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _cv2_flags(channels))
@@ -394,7 +436,7 @@ def decode_image(
     elif pixels.shape[:2] != (hdr.height, hdr.width):
         raise CorruptImageError(name, f"{fmt.upper()} decoded to {pixels.shape[1]}x{pixels.shape[0]}, not the "
                                       f"{hdr.width}x{hdr.height} its header declares; the file is damaged.")
-    if hdr.orientation != 1:
+    if hdr.orientation != 1 and not (by_opencv and opencv_orients(fmt)):
         pixels = apply_orientation(pixels, hdr.orientation)
         notes.append(f"applied orientation {hdr.orientation} from the file's EXIF/TIFF tag")
     pixels = _check_pixels(pixels, name)

@@ -127,9 +127,75 @@ class Manifest(Mapping[str, Any]):
         return read_manifest(artifact, verify)
 
 
+#: manifests cxr-edge writes are a few kB; a larger one is not ours
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+
+def _check_types(doc: dict, path: Path) -> None:
+    """The fields the code relies on have the types it relies on: a malformed manifest is a ManifestError
+    naming the field, never a TypeError deep inside a backend."""
+    def bad(field: str, want: str) -> ManifestError:
+        return ManifestError(f"Manifest {path}: {field} must be {want}, got {type(doc.get(field)).__name__}.")
+
+    sha = doc["sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise bad("sha256", "64 lower-case hex digits")
+    classes = doc["classes"]
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise bad("classes", "a list of at least two distinct names")
+    if not isinstance(doc["preprocess"], dict):
+        raise bad("preprocess", "an object")
+    from .errors import ConfigError
+    from .preprocess import PreprocessSpec
+
+    try:
+        PreprocessSpec.from_dict(doc["preprocess"])
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ManifestError(f"Manifest {path}: preprocess is not usable ({exc}).") from None
+    for field in ("operating_point", "gradcam", "gate", "source_model", "data", "external_data"):
+        if doc.get(field) is not None and not isinstance(doc[field], dict):
+            raise bad(field, "an object")
+    t = (doc.get("operating_point") or {}).get("threshold")
+    if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1):
+        raise ManifestError(f"Manifest {path}: operating_point.threshold must be a number in [0, 1], got {t!r}.")
+    outputs = doc.get("outputs")
+    if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                                       for o in outputs)):
+        raise bad("outputs", "a list of objects with a name")
+    for field in ("format", "kind", "precision", "recipe", "file"):
+        if doc.get(field) is not None and not isinstance(doc[field], str):
+            raise bad(field, "a string")
+
+
 def manifest_path(artifact: str | Path) -> Path:
     p = Path(artifact)
     return p.with_name(p.name + ".manifest.json")
+
+
+def sibling_file(artifact: str | Path, name: object, what: str) -> Path:
+    """A file the manifest names beside its artifact, checked before anything reads it.
+
+    It must be a bare file name (no path parts), and a regular file in the artifact's own folder (a
+    link is followed only when it stays in that folder): a FIFO or a link to ``/dev/zero`` would block
+    or never end a read, and a path elsewhere is not part of the artifact.
+    """
+    import stat
+
+    artifact = Path(artifact)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ManifestError(f"Manifest of {artifact.name}: {what} {name!r} must be a file name beside the artifact.")
+    path = artifact.parent / name
+    try:
+        real = path.resolve(strict=True)
+        mode = real.stat().st_mode
+    except (OSError, RuntimeError) as exc:
+        raise ManifestError(f"The {what} {name} of {artifact.name} is missing ({exc}); copy it with the artifact.") from exc
+    if real.parent != artifact.parent.resolve():
+        raise ManifestError(f"The {what} {name} of {artifact.name} links outside the artifact's folder; refused.")
+    if not stat.S_ISREG(mode):
+        raise ManifestError(f"The {what} {name} of {artifact.name} is not a regular file; refused.")
+    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -177,9 +243,15 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
             "by cxr-edge train/export, which write one."
         )
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"Manifest {path} is over {MAX_MANIFEST_BYTES:,} bytes; not a manifest cxr-edge wrote.")
         doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ManifestError(f"Manifest {path} is not valid JSON: {exc}") from exc
+    except ManifestError:
+        raise
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: thousands of nested brackets
+        raise ManifestError(f"Manifest {path} is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"Manifest {path} is a JSON {type(doc).__name__}, not an object.")
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise ManifestError(
             f"Manifest {path} has schema_version {doc.get('schema_version')!r}; this cxr-edge reads {SCHEMA_VERSION}."
@@ -187,6 +259,7 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
     for key in ("sha256", "classes", "preprocess"):
         if key not in doc:
             raise ManifestError(f"Manifest {path} lacks the required field {key!r}.")
+    _check_types(doc, path)
     if verify:
         actual = sha256_file(artifact)
         if actual != doc["sha256"]:

@@ -174,7 +174,8 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         try:
             reset_peak_rss()
             t0 = time.perf_counter()
-            eng = open_backend(t.artifact, backend=t.backend, verify=True, **t.options).load()
+            # a gate-failed artifact is measured and reported as such, never deployed by bench
+            eng = open_backend(t.artifact, backend=t.backend, verify=True, allow_failed_gate=True, **t.options).load()
             load_s = time.perf_counter() - t0
         except Exception as exc:  # a row that cannot run is reported, not fatal
             rows += [{**base, "batch": b, "status": f"could not run: {exc}"} for b in cfg.batches]

@@ -22,10 +22,18 @@ def expand_images(paths) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            # every entry with an image name, whatever it is: a FIFO or a link to /dev/zero gets its own error
+            # line from the decoder ("not a regular file") instead of vanishing from the results
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and not f.is_dir())
         else:
             out.append(p)  # files of any name: the decoder judges by content and reports per item
     return out
+
+
+def printable(text: object) -> str:
+    """One line of text whatever a file name holds: control characters (a newline in a name forged a
+    result line) and other non-printables are shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def cmd_predict(a) -> int:
@@ -38,6 +46,7 @@ def cmd_predict(a) -> int:
     device = "cuda" if a.require_gpu else a.device
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
                   threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
+                  allow_failed_gate=a.allow_failed_gate,
                   **({"cuda_graph": True} if a.cuda_graph else {})) as s:
         results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info, threshold = s.engine.info, s.threshold
@@ -51,11 +60,11 @@ def cmd_predict(a) -> int:
         print(f"# {info.backend} / {info.provider} / {info.precision}; COVID threshold {threshold}")
         for r in results:
             if not r.ok:
-                print(f"ERROR  {r.source}: {r.error}")
+                print(f"ERROR  {printable(r.source)}: {printable(r.error)}")
                 continue
             probs = "  ".join(f"{c} {p:.3f}" for c, p in r.probabilities.items())
-            extra = f"  heatmap {r.explanation.files.get('overlay', '')}" if r.explanation else ""
-            print(f"{r.label:16s} {probs}  ({r.timings_ms['infer']:.1f} ms)  {r.source}{extra}")
+            extra = f"  heatmap {printable(r.explanation.files.get('overlay', ''))}" if r.explanation else ""
+            print(f"{r.label:16s} {probs}  ({r.timings_ms['infer']:.1f} ms)  {printable(r.source)}{extra}")
     failed = sum(not r.ok for r in results)
     if failed == len(results):
         return ExitCode.INPUT
@@ -103,6 +112,8 @@ def register(sub) -> None:
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
     pr.add_argument("--cam-scale", type=positive_float, help="fixed heatmap scale (default: each map's own max)")
+    pr.add_argument("--allow-failed-gate", action="store_true",
+                    help="run an artifact whose export accuracy gate failed (investigation only; refused otherwise)")
     pr.add_argument("--trusted-key", action="append", metavar="PUB",
                     help="only run artifacts signed by this Ed25519 public key (repeatable)")
     pr.set_defaults(func=cmd_predict)

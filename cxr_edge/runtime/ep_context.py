@@ -44,12 +44,36 @@ def _nodes(graph):
                 yield from _nodes(g)
 
 
-def find_ep_context_nodes(path: str | Path) -> list[EpContextNode]:
-    """Every EPContext node in the model (empty for a plain ONNX graph). Reads no external data."""
+def all_nodes(model):
+    """Every node of the model: the main graph, control-flow subgraphs, and model-local functions
+    (ONNX Runtime inlines functions before it runs, so a node inside one runs like any other)."""
+    yield from _nodes(model.graph)
+    for fn in model.functions:
+        for node in fn.node:
+            yield node
+            for a in node.attribute:
+                if a.g is not None and a.g.node:
+                    yield from _nodes(a.g)
+                for g in a.graphs:
+                    yield from _nodes(g)
+
+
+def load_structure(path: str | Path):
+    """The model's graph without external data, or a ManifestError when it is not a parseable ONNX file."""
+    from ..errors import ManifestError
+
     onnx = require("onnx")
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ManifestError(f"{Path(path).name} is not a readable ONNX model ({type(exc).__name__}: {exc}).") from exc
+
+
+def find_ep_context_nodes(path_or_model) -> list[EpContextNode]:
+    """Every EPContext node in the model (empty for a plain ONNX graph). Reads no external data."""
+    model = load_structure(path_or_model) if isinstance(path_or_model, (str, Path)) else path_or_model
     out = []
-    for node in _nodes(model.graph):
+    for node in all_nodes(model):
         if node.op_type != EP_CONTEXT_OP:
             continue
         mode = _attr(node, "embed_mode")

@@ -188,11 +188,12 @@ def load_artifact_head(artifact: str | Path, manifest: Mapping[str, Any]) -> lis
     name = g.get("head_file")
     if not g.get("engine_native") or not name:
         return None
-    if Path(name).name != name or name in (".", ".."):
-        raise ManifestError(f"Manifest head_file {name!r} must be a file name beside the artifact, not a path.")
     if not g.get("head_sha256"):
         raise ManifestError(f"Manifest of {Path(artifact).name} names a Grad-CAM head but no head_sha256; re-export.")
-    return load_head(g["head_ops"], Path(artifact).parent / name, g["head_sha256"])
+    from ..manifest import sibling_file
+
+    # a regular file in the artifact's folder: a FIFO or a link to /dev/zero hung predict and serve start-up
+    return load_head(g["head_ops"], sibling_file(artifact, name, "Grad-CAM head file"), g["head_sha256"])
 
 
 def _activation(x: np.ndarray, name: str) -> np.ndarray:

@@ -79,7 +79,7 @@ class ScreeningService:
             opts["cuda_graph"] = True
         if c.engine_spin is not None:
             opts["spin"] = c.engine_spin
-        engine = open_backend(self.artifact, backend=c.backend, device=c.device,
+        engine = open_backend(self.artifact, backend=c.backend, device=c.device, allow_failed_gate=c.allow_failed_gate,
                               trusted_keys=list(c.trusted_keys) or None, **opts).load()
         try:
             if self.engine_wrapper is not None:

@@ -27,4 +27,5 @@ class ServeConfig:
     trusted_keys: tuple[str, ...] = ()  # public keys; when given, only artifacts they signed are served
     body_timeout_s: float = 30.0  # a body still arriving after this is answered 408 (slow uploads)
     save_dir: str | None = None  # operator opt-in: keep received images here (never elsewhere, never by default)
+    allow_failed_gate: bool = False  # serve an artifact whose export gate failed (investigation only)
     cuda_graph: bool = False  # TensorRT engines: replay each batch size's kernels as one CUDA graph

@@ -29,13 +29,15 @@ register("triton", "triton", "cxr_edge.runtime.backends.triton:TritonBackend")
 
 
 def artifact_format(path: str | Path, manifest: Mapping[str, Any] | None = None) -> str:
-    if manifest and manifest.get("format") in _REGISTRY:
-        return manifest["format"]
-    if manifest and manifest.get("kind") == "keras-model":
-        return "keras"
+    """A local file's format, from its suffix: never from the manifest, which (unsigned) anyone can edit
+    (a manifest saying ``format: triton`` once sent the patient's image to the host it named)."""
     fmt = _SUFFIX_FORMAT.get(Path(path).suffix.lower())
     if fmt is None:
         raise ConfigError(f"Cannot tell the format of {path}; expected one of {sorted(_SUFFIX_FORMAT)}.")
+    claimed = (manifest or {}).get("format")
+    if claimed is not None and claimed != fmt:
+        raise ManifestError(f"The manifest of {Path(path).name} says format {claimed!r}, but the file is {fmt!r} "
+                            "by its name; refused. Remote models are addressed as triton://host:port/model.")
     return fmt
 
 
@@ -59,44 +61,54 @@ def backend_class(fmt: str, name: str | None = None):
     return getattr(importlib.import_module(module), cls)
 
 
-def check_trust(artifact: Path, fmt: str, trusted_keys) -> dict:
-    """Apply the load policy; returns what was established (signer, native engine blobs).
-
-    With trusted keys, every artifact must carry a manifest signature from one of them. Whatever the
-    keys, an ONNX model with EP-context nodes (a native engine inside the .onnx) runs only when signed
-    by a trusted key, and never with its engine in an external file no hash covers.
-    """
-    from ...signing import SignatureError, load_trusted_keys, verify_artifact_signature
+def check_signature(artifact: Path, trusted_keys) -> dict:
+    """With trusted keys, the manifest must carry a signature from one of them; returns the signer."""
+    from ...signing import load_trusted_keys, verify_artifact_signature
 
     keys = [k for k in trusted_keys or () if not isinstance(k, (str, Path))]
     keys += load_trusted_keys([k for k in trusted_keys or () if isinstance(k, (str, Path))])
-    signer = verify_artifact_signature(artifact, keys).key_id if keys else None
-    found = []
-    if fmt == "onnx":
-        from ..ep_context import find_ep_context_nodes
+    return {"signed_by": verify_artifact_signature(artifact, keys).key_id if keys else None}
 
-        found = find_ep_context_nodes(artifact)
-        external = [n for n in found if n.embed_mode == 0]
-        if external:
-            raise SignatureError(
-                f"{artifact.name} is an ONNX Runtime EP-context model whose engine lives in an external file "
-                f"({external[0].external_path!r}) that no manifest hash or signature covers; refusing to load it. "
-                "Re-dump the EP-context model with embed mode 1 and sign it."
-            )
-        if found and signer is None:
-            raise SignatureError(
-                f"{artifact.name} is an ONNX Runtime EP-context model: {len(found)} EPContext node(s) embed a compiled "
-                f"native engine ({found[0].source or 'unknown EP'}) that ONNX Runtime would deserialize without checks. "
-                "Such models run only when signed by a trusted key: cxr-edge sign ARTIFACT --key KEY.key where it was "
-                "built, then start with --trusted-key KEY.pub."
-            )
-    return {"signed_by": signer, "ep_context_nodes": len(found)}
+
+def check_contents(artifact: Path, fmt: str, manifest: Mapping[str, Any], signer: str | None) -> dict:
+    """The load policy for what is inside a (hash-verified) ONNX file.
+
+    An ONNX model with EP-context nodes (a native engine inside the .onnx, also inside model-local
+    functions) runs only when signed by a trusted key, and never with its engine in an external file no
+    hash covers; weights in external files must be pinned by the manifest (:mod:`..external_data`).
+    """
+    if fmt != "onnx":
+        return {"ep_context_nodes": 0, "external_data": []}
+    from ...signing import SignatureError
+    from ..ep_context import find_ep_context_nodes, load_structure
+    from ..external_data import check_external_data
+
+    model = load_structure(artifact)
+    found = find_ep_context_nodes(model)
+    external = [n for n in found if n.embed_mode == 0]
+    if external:
+        raise SignatureError(
+            f"{artifact.name} is an ONNX Runtime EP-context model whose engine lives in an external file "
+            f"({external[0].external_path!r}) that no manifest hash or signature covers; refusing to load it. "
+            "Re-dump the EP-context model with embed mode 1 and sign it."
+        )
+    if found and signer is None:
+        raise SignatureError(
+            f"{artifact.name} is an ONNX Runtime EP-context model: {len(found)} EPContext node(s) embed a compiled "
+            f"native engine ({found[0].source or 'unknown EP'}) that ONNX Runtime would deserialize without checks. "
+            "Such models run only when signed by a trusted key: cxr-edge sign ARTIFACT --key KEY.key where it was "
+            "built, then start with --trusted-key KEY.pub."
+        )
+    return {"ep_context_nodes": len(found), "external_data": check_external_data(artifact, manifest, model)}
 
 
 def open_backend(artifact: str | Path, backend: str | None = None, verify: bool = True, trusted_keys=None,
-                 **options):
+                 allow_failed_gate: bool = False, **options):
     """Verified manifest + the chosen (or preferred) backend for this artifact, not yet loaded.
 
+    Order matters: the signature (when keys are given) authenticates the manifest, the sha256 then ties
+    the file to it, and only a file that matched is parsed (EP-context nodes, external data); an
+    artifact whose export gate failed runs only with ``allow_failed_gate`` (benchmarks, investigations).
     ``trusted_keys``: public key paths (or loaded keys); when given, only signed artifacts load.
     ``triton://host:port/model`` addresses a remote Triton model; its manifest comes from the server.
     """
@@ -117,8 +129,14 @@ def open_backend(artifact: str | Path, backend: str | None = None, verify: bool 
     if trusted_keys and not verify:
         raise ConfigError("verify=False cannot be combined with trusted keys: the signature covers the sha256.")
     fmt = artifact_format(artifact, read_manifest(artifact, verify=False))
-    trust = check_trust(artifact, fmt, trusted_keys)  # before hashing: a forged manifest stops here
-    manifest = read_manifest(artifact, verify=verify)
+    trust = check_signature(artifact, trusted_keys)  # before hashing: a forged manifest stops here
+    manifest = read_manifest(artifact, verify=verify)  # hash before parse: a half-copied file stops here
+    trust.update(check_contents(artifact, fmt, manifest, trust["signed_by"]))
+    if manifest.gate_failed and not allow_failed_gate:
+        raise ManifestError(
+            f"{artifact.name} failed its accuracy gate at export ({manifest.get('gate_status') or 'gate passed: false'}) "
+            "and was kept only with --force; it must not screen patients. Re-export it, or pass --allow-failed-gate "
+            "to run it anyway for investigation.")
     # trusted: signed-only deployments, where backends must not load natively compiled caches either
     engine = backend_class(fmt, backend)(artifact, manifest, **{"trusted": bool(trusted_keys), **options})
     engine.trust = trust

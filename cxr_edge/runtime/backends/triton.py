@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from ...errors import ConfigError, EngineError
+from ...errors import ConfigError, EngineError, ManifestError
 from ...extras import require
 from .base import Backend, BackendInfo
 
@@ -30,10 +30,18 @@ def model_name(doc: Mapping[str, Any], artifact: Path) -> str:
 
 
 def parse_url(url: str) -> tuple[str, str]:
-    u = urlparse(url)
-    if u.scheme != "triton" or not u.hostname or not u.path.strip("/"):
+    """``triton://host[:port]/model`` -> ("host:port", model); IPv6 hosts in brackets. ConfigError, never
+    a traceback, for anything else (a port over 65535 made urlparse raise ValueError)."""
+    try:
+        u = urlparse(url)
+        port = u.port or 8000
+        host = u.hostname
+    except ValueError as exc:
+        raise ConfigError(f"Expected triton://host:port/model, got {url!r} ({exc}).") from None
+    model = u.path.strip("/")
+    if u.scheme != "triton" or not host or not model or "/" in model:
         raise ConfigError(f"Expected triton://host:port/model, got {url!r}.")
-    return f"{u.hostname}:{u.port or 8000}", u.path.strip("/")
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), model
 
 
 def remote_manifest(url: str, timeout: float = 10.0) -> dict:
@@ -52,7 +60,12 @@ def remote_manifest(url: str, timeout: float = 10.0) -> dict:
     raw = params.get(MANIFEST_PARAMETER, {}).get("string_value")
     if not raw:
         raise ConfigError(f"Triton model {model!r} was not exported by cxr-edge (no cxr_edge_manifest parameter).")
-    doc = json.loads(raw)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ManifestError(f"Triton model {model!r} carries a manifest that is not valid JSON ({str(exc)[:200]}).") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"Triton model {model!r} carries a manifest that is not a JSON object.")
     doc["format"] = "triton"
     doc.setdefault("outputs", [{"name": o["name"]} for o in cfg.get("output", [])])
     doc["triton"] = {"host": host, "model": model, "max_batch_size": cfg.get("max_batch_size")}
