@@ -33,7 +33,7 @@ def _port() -> int:
 class LocalServer:
     """`cxr-edge serve` in its own process on 127.0.0.1 (a client in the same process would share its GIL)."""
 
-    def __init__(self, artifact, max_batch=32, max_delay_ms=5.0, max_queue=256, threads=None, extra=()):
+    def __init__(self, artifact, max_batch=32, max_delay_ms=5.0, max_queue=256, threads=None, extra=(), src=None):
         import subprocess
         import sys
 
@@ -43,11 +43,14 @@ class LocalServer:
                     "--port", str(self.port), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
                     "--max-queue", str(max_queue)] + (["--threads", str(threads)] if threads else []) + list(extra)
         self._subprocess = subprocess
+        # another checkout's code (e.g. the commit before a change) serving the same artifact, for same-run ratios
+        self.env = {**os.environ, "PYTHONPATH": str(src)} if src else None
 
     def __enter__(self):
         import httpx
 
-        self.proc = self._subprocess.Popen(self.cmd, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL)
+        self.proc = self._subprocess.Popen(self.cmd, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL,
+                                           env=self.env)
         for _ in range(1200):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {' '.join(self.cmd)}")
@@ -60,9 +63,20 @@ class LocalServer:
         raise RuntimeError("server did not become ready")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU the service process has used (Linux /proc), to compare work per request."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU of the service process and its live children (decode workers), from /proc."""
+        stats = {}
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]))
+        tree, total = {self.proc.pid}, 0
+        for _ in range(3):  # server -> pebble workers (and their helpers)
+            tree |= {pid for pid, (ppid, _) in stats.items() if ppid in tree}
+        total = sum(stats[pid][1] for pid in tree if pid in stats)
+        return total / os.sysconf("SC_CLK_TCK")
 
     def __exit__(self, *exc):
         self.proc.terminate()
@@ -130,6 +144,8 @@ def main() -> None:
     ap.add_argument("--modes", default="batching,batch1,queue", help="batching, batch1, queue (deliberate 503s)")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved repetitions of batching/batch-1 per level")
     ap.add_argument("--server-args", default="", help="extra `cxr-edge serve` flags, e.g. '--threads 1'")
+    ap.add_argument("--baseline-src", help="a checkout whose cxr_edge serves mode 'baseline' (same run, interleaved)")
+    ap.add_argument("--reference", default="batch1", help="mode the summary table divides by")
     a = ap.parse_args()
     files = sorted(p for p in Path(a.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:: 7][: a.n_images]
     payloads = [f.read_bytes() for f in files]
@@ -138,14 +154,18 @@ def main() -> None:
     levels = [int(c) for c in a.concurrency.split(",")]
     all_modes = {"batching": ("dynamic batching (max 32, 5 ms)", {"max_batch": 32, "max_delay_ms": 5}),
                  "batch1": ("batch-1 serving", {"max_batch": 1, "max_delay_ms": 0}),
-                 "queue": ("queue bound 8 (deliberate 503s)", {"max_batch": 32, "max_delay_ms": 5, "max_queue": 8})}
+                 "queue": ("queue bound 8 (deliberate 503s)", {"max_batch": 32, "max_delay_ms": 5, "max_queue": 8}),
+                 "threads": ("batching, decoding in threads (--decode-workers 0)",
+                             {"max_batch": 32, "max_delay_ms": 5, "extra": ["--decode-workers", "0"]}),
+                 "baseline": ("batching, baseline checkout", {"max_batch": 32, "max_delay_ms": 5, "src": a.baseline_src})}
     chosen = [m.strip() for m in a.modes.split(",") if m.strip()]
     extra = a.server_args.split()
     results = []
     servers = {}
     try:
         for key in chosen:  # one long-lived server per mode; levels and repetitions interleave the modes
-            servers[key] = LocalServer(a.artifact, extra=extra, **all_modes[key][1]).__enter__()
+            opts = dict(all_modes[key][1])
+            servers[key] = LocalServer(a.artifact, **{**opts, "extra": extra + opts.pop("extra", [])}).__enter__()
         plan = [(c, rep, key) for c in levels for rep in range(a.repeat) for key in chosen if key != "queue"]
         plan += [(max(levels), 0, "queue")] if "queue" in chosen else []
         for c, rep, key in plan:
@@ -181,14 +201,18 @@ def main() -> None:
     for r in results:
         if "queue" not in r["mode"]:
             summary.setdefault((r["concurrency"], r["mode"]), []).append(r["throughput_rps"])
-    if summary:
-        lines += ["", "Median throughput over repetitions:", "", "| concurrency | dynamic batching req/s | batch-1 req/s | ratio |",
-                  "|---|---|---|---|"]
+    ref = all_modes[a.reference][0] if a.reference in all_modes else None
+    modes_run = [all_modes[k][0] for k in chosen if k != "queue"]
+    if summary and ref in modes_run:
+        lines += ["", f"Median over repetitions (req/s, and the ratio to '{ref}' measured in the same run):", "",
+                  "| concurrency | " + " | ".join(modes_run) + " |", "|---|" + "---|" * len(modes_run)]
         for c in levels:
-            b = summary.get((c, all_modes["batching"][0]))
-            o = summary.get((c, all_modes["batch1"][0]))
-            if b and o:
-                lines.append(f"| {c} | {np.median(b):.1f} | {np.median(o):.1f} | {np.median(b) / np.median(o):.2f}x |")
+            base = summary.get((c, ref))
+            cells = []
+            for m in modes_run:
+                v = summary.get((c, m))
+                cells.append(f"{np.median(v):.1f} ({np.median(v) / np.median(base):.2f}x)" if v and base else "-")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
     (out / "loadtest.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -431,12 +431,16 @@ def decode_image(
             raise CorruptImageError(name, f"{fmt.upper()} could not be decoded ({exc}).") from exc
     if pixels is None or pixels.size == 0:
         raise CorruptImageError(name, f"{fmt.upper()} data is damaged and could not be decoded.")
+    oriented_by_opencv = hdr.orientation != 1 and by_opencv and opencv_orients(fmt)
+    expected = (hdr.width, hdr.height) if oriented_by_opencv and hdr.orientation >= 5 else (hdr.height, hdr.width)
     if r > 1:
         notes.append(f"JPEG decoded at 1/{r} scale")
-    elif pixels.shape[:2] != (hdr.height, hdr.width):
+    elif pixels.shape[:2] != expected:
         raise CorruptImageError(name, f"{fmt.upper()} decoded to {pixels.shape[1]}x{pixels.shape[0]}, not the "
-                                      f"{hdr.width}x{hdr.height} its header declares; the file is damaged.")
-    if hdr.orientation != 1 and not (by_opencv and opencv_orients(fmt)):
+                                      f"{expected[1]}x{expected[0]} its header declares; the file is damaged.")
+    if oriented_by_opencv:
+        notes.append(f"orientation {hdr.orientation} from the file's TIFF/EXIF tag (applied by OpenCV)")
+    elif hdr.orientation != 1:
         pixels = apply_orientation(pixels, hdr.orientation)
         notes.append(f"applied orientation {hdr.orientation} from the file's EXIF/TIFF tag")
     pixels = _check_pixels(pixels, name)

@@ -31,6 +31,30 @@ def seeds() -> dict[str, bytes]:
         ok, buf = cv2.imencode(ext, img, params)
         assert ok, name
         out[name] = buf.tobytes()
+    # issue 13: high bit depth with alpha, EXIF orientation, BigTIFF, multi-page and RGBA16 TIFF
+    ok, buf = cv2.imencode(".png", np.dstack([g16, g16, g16, np.full_like(g16, 65535)]), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    out["rgba16.png"] = buf.tobytes()
+    exif = (b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x06\x00"
+            b"\x00\x00\x00\x00\x00\x00")
+    jpg = out["gray.jpg"]
+    out["exif6.jpg"] = jpg[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + jpg[2:]
+    try:
+        import tifffile
+
+        for name, kw, img in [("big.tif", {"bigtiff": True}, g8[:33, :33]),
+                              ("deflate-rgba16.tif", {"compression": "zlib", "photometric": "rgb"},
+                               np.dstack([g16, g16, g16, g16])[:33, :33]),
+                              ("oriented.tif", {"extratags": [(274, 3, 1, 8, True)]}, g8[:33, :34])]:
+            f = io.BytesIO()
+            tifffile.imwrite(f, img, **kw)
+            out[name] = f.getvalue()
+        f = io.BytesIO()
+        with tifffile.TiffWriter(f) as tw:  # two pages: libtiff and our header read the first
+            tw.write(g8[:33, :33])
+            tw.write(g16[:40, :36])
+        out["multipage.tif"] = f.getvalue()
+    except ImportError:
+        print("tifffile not installed: no TIFF-specific seeds", file=sys.stderr)
     try:
         import pydicom
         from pydicom.dataset import FileMetaDataset

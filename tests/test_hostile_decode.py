@@ -49,7 +49,9 @@ def test_tiff_orientation_tag_is_applied_too():
     src = H.gradient(256, 192)
     plain = decode_image(H.tiff(src), name="a.tif", channels=1)
     flipped = decode_image(H.tiff(src, extratags=[(274, 3, 1, 3, True)]), name="b.tif", channels=1)
+    turned = decode_image(H.tiff(src, extratags=[(274, 3, 1, 6, True)]), name="c.tif", channels=1)
     assert _corner(plain.pixels) == "tl" and _corner(flipped.pixels) == "br"
+    assert turned.pixels.shape == (192, 256) and _corner(turned.pixels) == "tr"  # 90 degrees clockwise
 
 
 # ------------------------------------------------------------------ truncation a decoder would hide

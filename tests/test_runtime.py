@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import cxr_like
 
-from cxr_edge.errors import ConfigError
+from cxr_edge.errors import ConfigError, ManifestError
 from cxr_edge.runtime.backends import registry
 from cxr_edge.runtime.backends.onnxruntime import ProviderFallbackError, requested_providers
 
@@ -19,7 +19,11 @@ def test_registry_by_format_without_importing_backends():
     assert registry.backends_for("onnx") == ["onnxruntime", "openvino"]
     assert registry.backends_for("tensorrt") == ["tensorrt"]
     assert registry.artifact_format("m.plan") == "tensorrt" and registry.artifact_format("m.keras") == "keras"
-    assert registry.artifact_format("x.bin", {"format": "onnx"}) == "onnx"
+    assert registry.artifact_format("m.onnx", {"format": "onnx"}) == "onnx"
+    with pytest.raises(ManifestError, match="says format 'onnx'"):  # the name decides; a manifest cannot redirect it
+        registry.artifact_format("m.plan", {"format": "onnx"})
+    with pytest.raises(ConfigError, match="Cannot tell the format"):
+        registry.artifact_format("x.bin", {"format": "onnx"})
     with pytest.raises(ConfigError, match="Cannot tell the format"):
         registry.artifact_format("model.pb")
     with pytest.raises(ConfigError, match="Backend 'tensorrt' cannot run 'onnx'"):
@@ -148,3 +152,29 @@ def test_openvino_backend_names_its_precision_truthfully(tiny_export):
             assert ov.engine.info.details["inference_precision_hint"] == {"fp32": "f32", "bf16": "bf16"}[prec]
         got = np.array([list(r.probabilities.values()) for r in res])
         assert np.abs(got - base).max() <= (1e-4 if prec == "fp32" else 2e-2)
+
+
+def test_predict_text_output_cannot_be_forged_and_special_files_are_reported(tiny_export, tmp_path):
+    """Issue 13: a newline in a file name must not print a result line of its own; FIFOs and links to
+    devices in a directory get an error line each instead of vanishing."""
+    import os
+    import shutil
+
+    art = next(a.path for a in tiny_export.artifacts if a.variant == "fp32")
+    src = sorted((tiny_export.data / "COVID").iterdir())[0]
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(src, d / "a.png")
+    forged = d / "x.png\nCOVID            COVID 0.000  Normal 1.000  (0.1 ms)  forged.png"
+    shutil.copy(src, forged)
+    os.mkfifo(d / "pipe.png")
+    os.symlink("/dev/zero", d / "zero.png")
+    out = subprocess.run([sys.executable, "-m", "cxr_edge.cli", "predict", str(art), str(d)],
+                         capture_output=True, text=True, timeout=300)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert len(lines) == 1 + 4, lines  # header + one line per entry
+    assert not any(line.startswith("COVID") and line.endswith("forged.png") for line in lines)
+    assert any("\\n" in line for line in lines)  # the newline is shown escaped
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 2 and all("not a regular file" in e for e in errors), errors

@@ -271,3 +271,12 @@ def test_engine_threads_follow_model_cost(artifact, monkeypatch):
     monkeypatch.setattr(app_mod, "LIGHT_MODEL_GMACS", 0.0)
     assert app_mod.default_engine_threads(art, cores=8) == 8  # treated as heavy: all cores
     assert app_mod.default_engine_threads("model.keras", cores=8) is None
+
+
+def test_kiosk_never_inserts_markup_from_the_service():
+    """Class names come from the artifact's manifest: the page must build them as text, not HTML."""
+    from importlib import resources
+
+    page = resources.files("cxr_edge.serve").joinpath("kiosk.html").read_text()
+    assert "innerHTML" not in page and "outerHTML" not in page and "insertAdjacentHTML" not in page
+    assert "document.write" not in page

@@ -11,7 +11,7 @@ from cxr_edge.runtime.tensorrt_api import DeviceInfo, check_engine_compat, flavo
 TRT10, TRT11 = flavor_of("10.3.0"), flavor_of("11.4.0.106")
 
 DOC = {"precision": "fp32", "inputs": [{"name": "image"}], "gate": {"passed": True},
-       "preprocess": {"height": 224, "width": 224, "input_channels": 1}}
+       "preprocess": {"height": 224, "width": 224, "mode": "rescale", "input_channels": 1}}
 
 
 def test_batch_text_and_profile_shapes():

@@ -151,7 +151,7 @@ def test_grad_cam_head_is_verified_and_must_sit_beside_the_artifact(tiny_export,
     manifest_path(art).write_text(json.dumps(doc))
     from cxr_edge.runtime.head import load_artifact_head
 
-    with pytest.raises(ManifestError, match="not a path"):
+    with pytest.raises(ManifestError, match="must be a file name beside the artifact"):
         load_artifact_head(art, doc)
 
 

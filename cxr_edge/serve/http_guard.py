@@ -9,10 +9,11 @@ handler) for as long as it likes. The guards here give each phase a deadline:
   guard does not depend on which HTTP parser happens to be installed).
 * :class:`BodyGuard`: ASGI middleware answering 413 for bodies over the limit (by Content-Length and
   while streaming), 408 when a body does not finish arriving within ``body_timeout_s`` or arrives
-  slower than ``min_rate`` after a grace period, 400 for bodies sent in a flood of tiny chunks (1-byte
-  chunks cost the event loop per chunk and delayed everyone else's requests to 7.8 s), and 503 when
-  the bodies held by all requests together would pass ``max_inflight_bytes`` (24 held 64 MB bodies
-  were 1.4 GB).
+  slower than ``min_rate`` after a grace period, and 503 when the bodies held by all requests together
+  would pass ``max_inflight_bytes`` (24 held 64 MB bodies were 1.4 GB).
+* the same h11 protocol answers 400 to a body sent as a flood of tiny chunks: h11 parses each chunk in
+  Python (1-byte chunks delayed everyone else's requests to 7.8 s), and uvicorn merges them before the
+  app sees them, so only the protocol can count them.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class BodyGuard:
                                         extra=[(b"retry-after", b"1")])
         from starlette.exceptions import HTTPException
 
-        seen = chunks = 0
+        seen = 0
         start = time.monotonic()
         deadline = start + self.timeout_s if self.timeout_s else None
         body_done = False
@@ -65,7 +66,7 @@ class BodyGuard:
         # Raised from inside the app's receive(), these surface as the route's own 413/408/503 answer
         # (Starlette turns HTTPException into a response); the connection is closed after it.
         async def guarded():
-            nonlocal seen, body_done, chunks
+            nonlocal seen, body_done
             if body_done or deadline is None:
                 msg = await receive()
             else:
@@ -78,7 +79,6 @@ class BodyGuard:
             if msg["type"] == "http.request" and not body_done:
                 n = len(msg.get("body", b""))
                 seen += n
-                chunks += 1
                 self.inflight += n
                 if self.max_bytes and seen > self.max_bytes:
                     raise cut(413, f"request body over {self.max_bytes} bytes")
@@ -87,11 +87,6 @@ class BodyGuard:
                 body_done = not msg.get("more_body", False)
                 if not body_done:
                     elapsed = time.monotonic() - start
-                    if chunks > SMALL_CHUNK_ALLOWANCE and seen / chunks < MIN_AVERAGE_CHUNK:
-                        log.warning("cutting off %s: body in %d chunks of %.0f bytes on average", _client(scope),
-                                    chunks, seen / chunks)
-                        raise cut(400, f"request body arrives in chunks of {seen / chunks:.0f} bytes on average; "
-                                       f"send chunks of at least {MIN_AVERAGE_CHUNK} bytes")
                     if self.min_rate and elapsed > RATE_GRACE_S and seen / elapsed < self.min_rate:
                         log.warning("cutting off %s: body arriving at %.0f B/s", _client(scope), seen / elapsed)
                         raise cut(408, f"request body arrives at {seen / elapsed:.0f} bytes/s, under the "
@@ -127,6 +122,30 @@ def header_deadline_protocol(header_timeout_s: float):
             super().connection_made(transport)
             self._header_deadline = None
             self._arm()
+            self._count_chunks()
+
+        def _count_chunks(self):
+            """Wrap h11's event source: count body chunks per request; too many small ones end it with 400."""
+            import h11
+
+            next_event = self.conn.next_event
+            counts = {"chunks": 0, "bytes": 0}
+
+            def counted():
+                event = next_event()
+                if isinstance(event, h11.Request):
+                    counts.update(chunks=0, bytes=0)
+                elif isinstance(event, h11.Data):
+                    counts["chunks"] += 1
+                    counts["bytes"] += len(event.data)
+                    if counts["chunks"] > SMALL_CHUNK_ALLOWANCE and counts["bytes"] < MIN_AVERAGE_CHUNK * counts["chunks"]:
+                        log.warning("cutting off %s: request body in %d chunks of %.0f bytes on average",
+                                    f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client",
+                                    counts["chunks"], counts["bytes"] / counts["chunks"])
+                        raise h11.RemoteProtocolError("request body sent in too many tiny chunks")
+                return event
+
+            self.conn.next_event = counted
 
         def _waiting_for_headers(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
