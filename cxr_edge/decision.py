@@ -8,6 +8,7 @@ decision is the most probable of the remaining classes. NumPy only, so the runti
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -48,3 +49,86 @@ def decide(probs: np.ndarray, classes, threshold: float | None) -> np.ndarray:
     others = probs.copy()
     others[:, ci] = -np.inf
     return np.where(probs[:, ci] >= threshold, ci, others.argmax(axis=1))
+
+
+#: the smallest half-width of the borderline band around the threshold (absolute probability)
+MIN_BORDERLINE_BAND = 0.05
+
+
+def borderline_band(manifest) -> float:
+    """Half-width of the band around the threshold inside which a decision is reported as borderline.
+
+    Defined per artifact as the larger of 0.05 and the largest |p - p_FP32| its export gate measured: a
+    result closer to the threshold than the artifact's own disagreement with its FP32 model could have
+    gone the other way on another precision or engine, so it is shown as uncertain, not hidden.
+    """
+    gate = (manifest.get("gate") or {}) if manifest is not None else {}
+    measured = (gate.get("metrics") or {}).get("max_abs_dprob")
+    try:
+        return max(MIN_BORDERLINE_BAND, float(measured)) if measured is not None else MIN_BORDERLINE_BAND
+    except (TypeError, ValueError):
+        return MIN_BORDERLINE_BAND
+
+
+def describe_operating_point(op: dict | None) -> str | None:
+    """'95% sensitivity on validation (n+ = 54)' or 'site calibration ...' from a manifest's operating_point."""
+    if not op or op.get("threshold") is None:
+        return None
+    target = op.get("target_sensitivity")
+    where = {"val": "validation", "validation": "validation"}.get(op.get("chosen_on"), op.get("chosen_on") or "validation")
+    text = f"{100 * target:.0f}% sensitivity on {where}" if target is not None else f"chosen on {where}"
+    if op.get("n_positive") is not None:
+        text += f" (n+ = {op['n_positive']})"
+    return text
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why a label was given, in one vocabulary for the CLI, JSON, the service and the kiosk.
+
+    ``margin`` is p(COVID) minus the threshold (positive: at or above it); ``borderline`` is true when
+    it lies within ``band`` of zero. Without a threshold (no COVID class, or none chosen), the rule is
+    argmax and margin/borderline are None.
+    """
+
+    label: str
+    probability: float  # of the label
+    rule: str  # "threshold" | "argmax"
+    threshold: float | None = None
+    covid_probability: float | None = None
+    margin: float | None = None
+    borderline: bool | None = None
+    band: float | None = None
+    operating_point: str | None = None
+
+    @classmethod
+    def of(cls, probs, classes, threshold: float | None, operating_point: str | None = None,
+           band: float = MIN_BORDERLINE_BAND) -> Decision:
+        probs = np.asarray(probs, dtype=np.float64)
+        classes = list(classes)
+        k = int(decide(probs[None], classes, threshold)[0])
+        if threshold is None or COVID not in classes:
+            return cls(classes[k], float(probs[k]), "argmax")
+        p = float(probs[classes.index(COVID)])
+        margin = p - threshold
+        return cls(classes[k], float(probs[k]), "threshold", float(threshold), p, margin, abs(margin) < band, band,
+                   operating_point)
+
+    def text(self) -> str:
+        """The decision line people read, floats rounded: 'COVID: p 0.50 >= threshold 0.47 (operating point: ...)'."""
+        if self.rule == "argmax":
+            return f"{self.label}: most probable class (p {self.probability:.2f}); no COVID threshold is set"
+        op = f" (operating point: {self.operating_point})" if self.operating_point else ""
+        if self.label == COVID:
+            line = f"COVID: p {self.covid_probability:.2f} >= threshold {self.threshold:.2f}{op}"
+        else:
+            line = (f"{self.label}: p(COVID) {self.covid_probability:.2f} < threshold {self.threshold:.2f}{op}; "
+                    f"{self.label} is the most probable other class (p {self.probability:.2f})")
+        if self.borderline:
+            line += f". Borderline: within {self.band:.2f} of the threshold, treat as uncertain"
+        return line
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "probability": self.probability, "rule": self.rule, "threshold": self.threshold,
+                "covid_probability": self.covid_probability, "margin": self.margin, "borderline": self.borderline,
+                "borderline_band": self.band, "operating_point": self.operating_point, "text": self.text()}

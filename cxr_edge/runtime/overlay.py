@@ -29,13 +29,62 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, scale: float
     return (base * (1 - a) + heat * a).astype(np.uint8)
 
 
+#: raw Grad-CAM peaks below this are reported as weak: the output barely depends on any region (a saturated
+#: probability), and a map normalised by its own maximum would stretch near-zero values to full colour
+WEAK_CAM_PEAK = 1e-3
+
+
+def heatmap(cam: np.ndarray, size: tuple[int, int], scale: float | None = None) -> np.ndarray:
+    """The JET-coloured map alone (BGR uint8) at ``size`` (w, h): for viewers that blend it themselves."""
+    import cv2
+
+    m = cv2.resize(normalise(cam, scale).astype(np.float32), size, interpolation=cv2.INTER_LINEAR)
+    return cv2.applyColorMap((m * 255).astype(np.uint8), cv2.COLORMAP_JET)
+
+
+def annotate(img: np.ndarray, lines: list[str], vmax: float, scaled_by: str) -> np.ndarray:
+    """The overlay with a strip below it: a colour bar from 0 to ``vmax`` and caption lines."""
+    import textwrap
+
+    import cv2
+
+    h, w = img.shape[:2]
+    font, fs = cv2.FONT_HERSHEY_SIMPLEX, max(0.4, min(1.0, w / 900))
+    lh = int(28 * fs) + 6
+    (cw, _), _ = cv2.getTextSize("n", font, fs, 1)
+    lines = [part for line in lines for part in textwrap.wrap(line, max(20, (w - 20) // max(1, cw))) or [""]]
+    bar_h = max(12, h // 40)
+    strip = np.full((bar_h + lh * (len(lines) + 1) + 12, w, 3), 255, np.uint8)
+    ramp = cv2.applyColorMap(np.linspace(0, 255, max(2, w - 20)).astype(np.uint8)[None, :], cv2.COLORMAP_JET)
+    strip[6 : 6 + bar_h, 10 : w - 10] = np.repeat(ramp, bar_h, axis=0)
+    y = 6 + bar_h + lh - 6
+    cv2.putText(strip, "0", (10, y), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    right = f"{vmax:.2g} ({scaled_by})"
+    (tw, _), _ = cv2.getTextSize(right, font, fs, 1)
+    cv2.putText(strip, right, (max(10, w - 10 - tw), y), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    for k, line in enumerate(lines):
+        cv2.putText(strip, line, (10, y + lh * (k + 1)), font, fs, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([img, strip])
+
+
+def explained_overlay(image: np.ndarray, cam: np.ndarray, caption: list[str], scale: float | None = None) -> np.ndarray:
+    """Overlay + colour bar + caption; says when the map is weak and which scale the colours use."""
+    peak = float(np.max(cam)) if cam.size else 0.0
+    vmax = scale if scale else peak
+    scaled_by = "fixed scale" if scale else "this map's own maximum"
+    lines = list(caption)
+    if peak < WEAK_CAM_PEAK:
+        lines.append(f"WEAK MAP (peak {peak:.1e}): the output barely depends on any region; colours are stretched")
+    return annotate(overlay(image, cam, scale=scale), lines, vmax, scaled_by)
+
+
 def save_explanation(out_dir: str | Path, stem: str, image: np.ndarray, cam: np.ndarray,
-                     scale: float | None = None) -> dict[str, str]:
+                     scale: float | None = None, caption: list[str] | None = None) -> dict[str, str]:
     import cv2
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png, npy = out / f"{stem}.gradcam.png", out / f"{stem}.gradcam.npy"
-    cv2.imwrite(str(png), overlay(image, cam, scale=scale))
+    cv2.imwrite(str(png), explained_overlay(image, cam, caption or [], scale))
     np.save(npy, cam.astype(np.float32), allow_pickle=False)
     return {"overlay": str(png), "raw": str(npy)}

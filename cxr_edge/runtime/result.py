@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ..decision import decide
+from ..decision import MIN_BORDERLINE_BAND, Decision
 
 #: ``status`` of a result: screened, or an input that could not be used (the HTTP status it gets)
 OK, UNUSABLE_INPUT = 200, 422
@@ -26,12 +26,17 @@ class Explanation:
     cam: np.ndarray | None = None  # raw Grad-CAM (h, w), not normalised; not part of the JSON
     files: dict[str, str] = field(default_factory=dict)  # overlay PNG / raw .npy written by predict --out
     overlay_png_base64: str | None = None  # the service sends the overlay inline
+    preview_jpeg_base64: str | None = None  # the image as decoded (longest side <= 1024), for viewers
+    heatmap_png_base64: str | None = None  # the coloured map alone, for viewers that blend with their own opacity
+    weak: bool | None = None  # peak below WEAK_CAM_PEAK: the colours are stretched from a near-zero map
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"target": self.target, "method": self.method, "peak": self.peak, "seconds": self.seconds,
                              "shape": list(self.cam.shape) if self.cam is not None else None, "files": dict(self.files)}
-        if self.overlay_png_base64 is not None:
-            d["overlay_png_base64"] = self.overlay_png_base64
+        d["weak"] = self.weak
+        for key in ("overlay_png_base64", "preview_jpeg_base64", "heatmap_png_base64"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
 
 
@@ -50,6 +55,7 @@ class ScreeningResult:
     precision: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     explanation: Explanation | None = None
+    decision: Decision | None = None  # why this label: threshold, margin, borderline, operating point
 
     @classmethod
     def unusable(cls, index: int, source: str, reason: str) -> ScreeningResult:
@@ -59,16 +65,17 @@ class ScreeningResult:
     @classmethod
     def from_probabilities(cls, index: int, source: str, probs: np.ndarray, classes: list[str],
                            threshold: float | None, info=None, timings_ms: dict[str, float] | None = None,
-                           ) -> ScreeningResult:
+                           operating_point: str | None = None, band: float = MIN_BORDERLINE_BAND) -> ScreeningResult:
         """Label by the one decision rule (:func:`cxr_edge.decision.decide`) and record what decided it."""
-        label = classes[int(decide(probs[None], classes, threshold)[0])]
-        return cls(index, source, True, label=label, probabilities={c: float(p) for c, p in zip(classes, probs)},
+        d = Decision.of(probs, classes, threshold, operating_point, band)
+        return cls(index, source, True, label=d.label, probabilities={c: float(p) for c, p in zip(classes, probs)},
                    threshold=threshold, backend=getattr(info, "backend", None), provider=getattr(info, "provider", None),
-                   precision=getattr(info, "precision", None), timings_ms=dict(timings_ms or {}))
+                   precision=getattr(info, "precision", None), timings_ms=dict(timings_ms or {}), decision=d)
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "source": self.source, "ok": self.ok, "status": self.status, "error": self.error,
                 "label": self.label, "probabilities": self.probabilities, "threshold": self.threshold,
                 "backend": self.backend, "provider": self.provider, "precision": self.precision,
                 "timings_ms": dict(self.timings_ms),
-                "explanation": self.explanation.to_dict() if self.explanation is not None else None}
+                "explanation": self.explanation.to_dict() if self.explanation is not None else None,
+                "decision": self.decision.to_dict() if self.decision is not None else None}

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..decision import decide
+from ..decision import borderline_band, decide, describe_operating_point
 from ..decode_workers import DecodeIsolation
 from ..errors import ConfigError
 from .backends.registry import open_backend
 from .batching import BatchPacker
+from .overlay import WEAK_CAM_PEAK
 from .result import Explanation, ScreeningResult
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,10 @@ class Screener:
         self.manifest = self.engine.manifest
         self.classes = self.engine.classes
         self.threshold = threshold if threshold is not None else self.manifest.threshold
+        op = self.manifest.operating_point
+        self.operating_point = ("threshold given by the caller" if threshold is not None
+                                else describe_operating_point(op))
+        self.band = borderline_band(self.manifest)
         self.batch_size = batch_size  # the engine fits any size to its profile (Backend.infer)
         self.workers = workers
         self.isolation = isolation  # None: decode in threads of this process (trusted files only)
@@ -117,16 +122,20 @@ class Screener:
                 for k, i in enumerate(pb.indices):
                     r = ScreeningResult.from_probabilities(
                         i, pb.names[i], probs[k], self.classes, self.threshold, info,
-                        {"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per, "batch": per})
+                        {"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per, "batch": per},
+                        self.operating_point, self.band)
                     if cams is not None:
                         r.explanation = Explanation(self.classes[labels[k]], method, float(cams[k].max()), cam_s / per,
-                                                    cam=cams[k])
+                                                    cam=cams[k], weak=bool(cams[k].max() < WEAK_CAM_PEAK))
                         r.timings_ms["explain"] = 1e3 * cam_s / per
                         if out_dir is not None:
                             from .overlay import save_explanation
 
                             stem = f"{i:05d}_{Path(pb.names[i]).stem}"
-                            r.explanation.files = save_explanation(out_dir, stem, pb.originals[i], cams[k], cam_scale)
+                            caption = [r.decision.text() if r.decision else str(r.label),
+                                       f"Grad-CAM of {r.label} ({method}), {info.precision} on {info.backend}"]
+                            r.explanation.files = save_explanation(out_dir, stem, pb.originals[i], cams[k], cam_scale,
+                                                                   caption)
                     results[i] = r
         finally:
             packer.close()

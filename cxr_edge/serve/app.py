@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..decision import borderline_band, describe_operating_point
 from ..decode import DecodeLimits
 from ..decode_workers import DecodeIsolation, IsolatedDecoder, PackedItem, decode_and_pack, error_from
 from ..errors import ImageError
@@ -85,6 +86,8 @@ class ScreeningService:
             if self.engine_wrapper is not None:
                 engine = self.engine_wrapper(engine)
             self.engine = engine
+            self.operating_point = describe_operating_point(engine.manifest.operating_point)
+            self.band = borderline_band(engine.manifest)
             if c.decode_workers > 0:
                 self.decoder = IsolatedDecoder(engine.spec, self.limits, DecodeIsolation(
                     c.decode_workers, c.decode_timeout_s, c.decode_memory_mb))
@@ -170,17 +173,26 @@ class ScreeningService:
         return res[1]
 
     def _explanation(self, preview: np.ndarray, features: np.ndarray, label: int) -> Explanation:
-        """Grad-CAM and its overlay, drawn on the capped preview (never the full-resolution image)."""
+        """Grad-CAM, its overlay, the preview and the map alone, all at the capped preview size (never the
+        full-resolution image): the kiosk blends preview and map with its own opacity control."""
         import cv2
 
         from ..runtime.gradcam import gradcam
-        from ..runtime.overlay import overlay
+        from ..runtime.overlay import WEAK_CAM_PEAK, heatmap, overlay
 
         t = time.perf_counter()
         cam = gradcam(self.head, features[None], label).cam[0]
-        ok, buf = cv2.imencode(".png", overlay(preview, cam))
+        h, w = preview.shape[:2]
+        small = (max(1, w * 256 // max(h, w)), max(1, h * 256 // max(h, w)))  # smooth: the browser scales it up
+
+        def b64(ext: str, img: np.ndarray, *params) -> str:
+            ok, buf = cv2.imencode(ext, img, list(params))
+            return base64.b64encode(buf.tobytes()).decode()
+
         return Explanation(self.engine.classes[label], "engine-native", float(cam.max()), time.perf_counter() - t,
-                           cam=cam, overlay_png_base64=base64.b64encode(buf.tobytes()).decode())
+                           cam=cam, overlay_png_base64=b64(".png", overlay(preview, cam)),
+                           preview_jpeg_base64=b64(".jpg", preview, cv2.IMWRITE_JPEG_QUALITY, 90),
+                           heatmap_png_base64=b64(".png", heatmap(cam, small)), weak=bool(cam.max() < WEAK_CAM_PEAK))
 
     async def _one(self, k: int, name: str, data: bytes, rid: str, explain: bool, deadline: float) -> ScreeningResult:
         """One image: decode, queue, infer, explain, all within the request's deadline (``timeout_s``)."""
@@ -201,7 +213,8 @@ class ScreeningService:
         out = await asyncio.wait_for(batcher.enqueue(item.packed, features=explain, announced=True), _left(deadline))
         r = ScreeningResult.from_probabilities(k, name, out["probs"], engine.classes, engine.manifest.threshold,
                                                engine.info, {"decode": decode_ms,
-                                                             "queue_and_infer": 1e3 * (time.perf_counter() - t)})
+                                                             "queue_and_infer": 1e3 * (time.perf_counter() - t)},
+                                               self.operating_point, self.band)
         if explain:
             label = engine.classes.index(r.label)
             r.explanation = await loop.run_in_executor(self.decode_pool, self._explanation, item.preview,
@@ -278,11 +291,18 @@ class ScreeningService:
         status = 200 if any(r.ok for r in results) else 422
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
-        info = self.engine.info
         log.info("request %s: %d image(s), status %d, %.1f ms", rid, len(items), status, 1e3 * (time.perf_counter() - t0))
-        return JSONResponse({"request_id": rid, "results": [r.to_dict() for r in results],
-                             "model": {"backend": info.backend, "provider": info.provider, "precision": info.precision,
-                                       "classes": self.engine.classes}}, status)
+        return JSONResponse({"request_id": rid, "results": [r.to_dict() for r in results], "model": self.model_info()},
+                            status)
+
+    def model_info(self) -> dict:
+        """What the kiosk shows about the model: which file, which version, which precision, which threshold."""
+        info, m = self.engine.info, self.engine.manifest
+        created = str(m.get("created") or "")[:10]
+        return {"backend": info.backend, "provider": info.provider, "precision": info.precision,
+                "classes": self.engine.classes, "artifact": m.get("file"), "recipe": m.recipe,
+                "version": f"v{m.get('manifest_version', 1)}" + (f" ({created})" if created else ""),
+                "sha256": (m.sha256 or "")[:12] or None, "operating_point": self.operating_point}
 
     # ---- the ASGI app
     def build_app(self):
@@ -290,7 +310,7 @@ class ScreeningService:
         from fastapi import Request
         from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-        from .schemas import ErrorResponse, HealthResponse, ReadyResponse, ScreenResponse
+        from .schemas import ErrorResponse, HealthResponse, ModelInfo, ReadyResponse, ScreenResponse
 
         service = self
 
@@ -325,6 +345,12 @@ class ScreeningService:
                   response_model=ScreenResponse, responses={**answers, 501: {"model": ErrorResponse}})
         async def explain(request: Request):
             return await service.screen(request, True, "explain")
+
+        @app.get("/v1/model", response_model=ModelInfo, responses={503: {"model": ErrorResponse}})
+        async def model():
+            if not service.ready:
+                return JSONResponse({"detail": "model is loading"}, 503)
+            return service.model_info()
 
         @app.get("/healthz", response_model=HealthResponse)
         async def healthz():

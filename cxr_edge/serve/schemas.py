@@ -17,6 +17,22 @@ class ExplanationModel(BaseModel):
     shape: list[int] | None = Field(None, description="feature-map resolution of the raw map")
     files: dict[str, str] = Field(default_factory=dict, description="files written (CLI only)")
     overlay_png_base64: str | None = Field(None, description="overlay on the image, PNG, base64 (service)")
+    preview_jpeg_base64: str | None = Field(None, description="the decoded image, longest side <= 1024, JPEG, base64")
+    heatmap_png_base64: str | None = Field(None, description="the coloured map alone (JET), PNG, base64")
+    weak: bool | None = Field(None, description="the map's peak is near zero: its colours are stretched")
+
+
+class DecisionModel(BaseModel):
+    label: str
+    probability: float = Field(description="probability of the label")
+    rule: str = Field(description="threshold (on p(COVID)) or argmax")
+    threshold: float | None = None
+    covid_probability: float | None = None
+    margin: float | None = Field(None, description="p(COVID) - threshold; positive: at or above it")
+    borderline: bool | None = Field(None, description="within borderline_band of the threshold: treat as uncertain")
+    borderline_band: float | None = None
+    operating_point: str | None = Field(None, description="how the threshold was chosen")
+    text: str = Field(description="the decision in one sentence, floats rounded")
 
 
 class ScreeningResultModel(BaseModel):
@@ -33,6 +49,7 @@ class ScreeningResultModel(BaseModel):
     precision: str | None = None
     timings_ms: dict[str, float] = Field(default_factory=dict)
     explanation: ExplanationModel | None = None
+    decision: DecisionModel | None = None
 
 
 class ModelInfo(BaseModel):
@@ -40,6 +57,11 @@ class ModelInfo(BaseModel):
     provider: str
     precision: str
     classes: list[str]
+    artifact: str | None = Field(None, description="artifact file name")
+    recipe: str | None = None
+    version: str | None = Field(None, description="manifest version and creation date")
+    sha256: str | None = Field(None, description="first 12 hex digits of the artifact's sha256")
+    operating_point: str | None = None
 
 
 class ScreenResponse(BaseModel):
