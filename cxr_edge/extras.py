@@ -32,9 +32,40 @@ _EXTRAS: dict[str, tuple[str, str]] = {
 }
 
 
+#: imports whose native start-up chatter (absl "before InitializeLog", oneDNN notices, "could not find cuda
+#: drivers") goes to file descriptor 2 before TF_CPP_MIN_LOG_LEVEL is read: silenced unless CXR_EDGE_VERBOSE_TF=1
+_NOISY_NATIVE_IMPORTS = ("tensorflow", "keras", "tf2onnx")
+
+
+def _quiet_native_import(module: str) -> ModuleType:
+    """Import with the process's stderr (fd 2) pointed at /dev/null, then restored; Python-level errors
+    still raise normally and are printed after the restore."""
+    import os
+    import sys
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        return importlib.import_module(module)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def require(module: str) -> ModuleType:
     """Import ``module`` or raise :class:`MissingExtraError` telling the user which extra to install."""
+    import os
+    import sys
+
     try:
+        top = module.split(".")[0]
+        if (top in _NOISY_NATIVE_IMPORTS and "tensorflow" not in sys.modules
+                and os.environ.get("CXR_EDGE_VERBOSE_TF") != "1"):
+            return _quiet_native_import(module)
         return importlib.import_module(module)
     except ImportError as exc:
         top = module.split(".")[0]

@@ -32,8 +32,16 @@ EXIT_CODES = "\n".join(f"  {c.value:3d}  {doc}" for c, doc in (
 ))
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _quiet_tensorflow(verbose: bool = False) -> None:
+    """Third-party chatter off by default (TensorFlow's native start-up lines, absl, oneDNN notices; see
+    extras.require); ``-v`` shows it again."""
+    if verbose:
+        os.environ.setdefault("CXR_EDGE_VERBOSE_TF", "1")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0")
+    else:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        for name in ("absl", "tensorflow", "tf2onnx", "h5py", "matplotlib", "PIL", "onnxruntime"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +58,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    _quiet_tensorflow()
+    _quiet_tensorflow(args.verbose)
     try:
         code = args.func(args)
     except CxrEdgeError as exc:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ExitCode
-from ._common import HelpFormatter, comma_list, csv_text, default_of, positive_int
+from ._common import DEVICES, HelpFormatter, comma_list, csv_text, default_of, positive_int
 
 SPLITS = ("auto", "train", "val", "test", "all")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int8-trt", "int8-cpu")
@@ -43,14 +43,36 @@ def cmd_train(a) -> None:
 
 
 def cmd_evaluate(a) -> None:
-    from ..train.evaluate import evaluate_model
+    """A .keras model through Keras (train extra); any other artifact through the TensorFlow-free runtime."""
+    from ..errors import ConfigError
 
-    out = a.out or str(Path(a.model).parent / "report")
-    report, m = evaluate_model(a.model, a.data, out, split=a.split, threshold=a.threshold,
-                               common_size=a.common_size, n_boot=a.bootstrap)
+    model = str(a.model)
+    out = a.out or (str(Path(model).parent / ("report" if model.endswith(".keras") else f"report-{Path(model).name}"))
+                    if not model.startswith("triton://") else "report-triton")
+    kw = dict(split=a.split, threshold=a.threshold, common_size=a.common_size, n_boot=a.bootstrap)
+    if model.endswith(".keras"):
+        if a.backend or a.device != "auto":
+            raise ConfigError("--backend and --device apply to exported artifacts; a .keras model runs on Keras.")
+        from ..train.evaluate import evaluate_model
+
+        report, m = evaluate_model(model, a.data, out, **kw)
+    else:
+        from ..runtime.evaluate import evaluate_artifact
+
+        report, m = evaluate_artifact(model, a.data, out, backend=a.backend, device=a.device, **kw)
     cov = m.get("covid") or {}
-    print(f"accuracy {m['accuracy']:.4f}  macro ROC-AUC {m['roc_auc_macro']}  "
-          f"COVID sens {cov.get('sensitivity')}  spec {cov.get('specificity')}  n={m['n']}")
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    auc = m["roc_auc_macro"]
+    line = f"accuracy {pct(m['accuracy'])}  macro ROC-AUC {'n/a' if auc is None else f'{auc:.3f}'}  n={m['n']}"
+    if cov:
+        ci_s, ci_p = cov.get("sensitivity_ci95") or [None, None], cov.get("specificity_ci95") or [None, None]
+        line += (f"\nCOVID sensitivity {pct(cov.get('sensitivity'))} (95% CI {pct(ci_s[0])}-{pct(ci_s[1])}), "
+                 f"specificity {pct(cov.get('specificity'))} (95% CI {pct(ci_p[0])}-{pct(ci_p[1])}) "
+                 f"at threshold {cov['threshold']:.2f}")
+    print(line)
     print(f"Report: {report}")
 
 
@@ -85,6 +107,7 @@ def register(sub) -> None:
     from ..export.pipeline import ExportConfig
     from ..export.quantize import CALIBRATION_METHODS
     from ..export.tensorrt_build import BuildConfig
+    from ..runtime.backends.registry import all_backends
     from ..train.recipes import RECIPES
     from ..train.trainer import TrainConfig
 
@@ -119,16 +142,20 @@ def register(sub) -> None:
     t.add_argument("--seed", type=int, default=default_of(TrainConfig, "seed"), help="random seed")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("evaluate", help="evaluate a trained model and write report.json/.md and plots",
+    e = sub.add_parser("evaluate", help="evaluate a model or a deployable artifact: report.json/.md and plots",
                        formatter_class=HelpFormatter)
-    e.add_argument("model", help="a .keras model from cxr-edge train")
+    e.add_argument("model", help="a .keras model (needs the train extra), or an exported artifact (ONNX, TensorRT "
+                                 ".plan) or triton://host:port/model, evaluated on the engine that would screen")
     e.add_argument("data", help="labelled data directory")
     e.add_argument("--out", help="report directory (default: <model dir>/report)")
     e.add_argument("--split", default="auto", choices=SPLITS,
                    help="auto: the model's test split when DATA is its training data, else all images")
     e.add_argument("--threshold", type=float, help="COVID threshold (default: the manifest's operating point)")
     e.add_argument("--common-size", type=positive_int, help="down-sample every image to NxN first (size-leak check)")
-    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the ROC-AUC interval "
+                                                               "(sensitivity/specificity use exact intervals)")
+    e.add_argument("--backend", choices=all_backends(), help="artifacts: backend (default: the format's first)")
+    e.add_argument("--device", default="auto", choices=DEVICES, help="artifacts: where to run")
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="Keras model -> gated FP32/FP16/INT8 ONNX artifacts with manifests",

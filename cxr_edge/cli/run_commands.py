@@ -36,6 +36,16 @@ def printable(text: object) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
+def predict_header(info, threshold: float | None, operating_point: str | None, band: float) -> str:
+    """What decides the labels below, said once: the threshold, how it was chosen, the borderline band."""
+    where = f"# {info.backend} / {info.provider} / {info.precision}"
+    if threshold is None:
+        return f"{where}; no COVID threshold: each label is the most probable class"
+    op = f" ({operating_point})" if operating_point else ""
+    return (f"{where}\n# COVID when p(COVID) >= {threshold:.2f}{op}, even when another class is more probable; "
+            f"otherwise the most probable other class. BORDERLINE: within {band:.2f} of the threshold.")
+
+
 def cmd_predict(a) -> int:
     from ..errors import InputError
     from ..runtime import Screener
@@ -57,14 +67,19 @@ def cmd_predict(a) -> int:
         for r in results:
             print(json.dumps(r.to_dict()))
     else:
-        print(f"# {info.backend} / {info.provider} / {info.precision}; COVID threshold {threshold}")
+        print(predict_header(info, threshold, s.operating_point, s.band))
         for r in results:
             if not r.ok:
                 print(f"ERROR  {printable(r.source)}: {printable(r.error)}")
                 continue
-            probs = "  ".join(f"{c} {p:.3f}" for c, p in r.probabilities.items())
+            probs = "  ".join(f"{c} {p:.2f}" for c, p in r.probabilities.items())
+            why = ""
+            if r.decision and r.decision.rule == "threshold":
+                d = r.decision
+                why = f"  [p(COVID) {d.covid_probability:.2f} {'>=' if d.margin >= 0 else '<'} {d.threshold:.2f}" + \
+                      (" BORDERLINE]" if d.borderline else "]")
             extra = f"  heatmap {printable(r.explanation.files.get('overlay', ''))}" if r.explanation else ""
-            print(f"{r.label:16s} {probs}  ({r.timings_ms['infer']:.1f} ms)  {printable(r.source)}{extra}")
+            print(f"{r.label:16s} {probs}{why}  ({r.timings_ms['infer']:.1f} ms)  {printable(r.source)}{extra}")
     failed = sum(not r.ok for r in results)
     if failed == len(results):
         return ExitCode.INPUT

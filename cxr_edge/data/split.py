@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from .layout import Dataset, DatasetItem
 
 SPLITS = ("train", "val", "test")
@@ -94,3 +96,24 @@ def _warn_patient_overlap(splits: dict[str, list[DatasetItem]]) -> None:
 
 def split_counts(splits: dict[str, list[DatasetItem]], classes) -> dict[str, dict[str, int]]:
     return {s: {c: sum(1 for i in items if i.label == c) for c in classes} for s, items in splits.items()}
+
+
+def select_split(doc: Mapping[str, Any], ds, split: str):
+    """``auto``: the model's own test split when this is the data it trained on, else every image."""
+    data = doc.get("data") or {}
+    same = data.get("fingerprint") is not None and data.get("fingerprint") == ds.fingerprint()
+    if split == "auto":
+        split = "test" if same else "all"
+    if split == "all":
+        if same:
+            log.warning("evaluating on all images, including the ones this model was trained on")
+        return ds.items, split
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"--split must be auto, train, val, test or all, got {split!r}.")
+    if not same:
+        raise DatasetError(
+            f"This is not the data the model was trained on (fingerprint differs), so its {split!r} split "
+            "is unknown. Use --split all to evaluate on every image, or point at the training data."
+        )
+    splits = split_dataset(ds, tuple(data["split_fractions"]), seed=data["split_seed"])
+    return splits[split], split

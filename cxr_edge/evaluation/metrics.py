@@ -1,7 +1,8 @@
 """Metrics over predicted probabilities; independent of the engine that produced them.
 
 Beyond the published classification report this adds what a screening deployment needs: COVID
-sensitivity/specificity at the operating threshold with bootstrap intervals, a per-source
+sensitivity/specificity at the operating threshold with exact (Clopper-Pearson) intervals, ROC-AUC with
+stratified-bootstrap intervals (:mod:`.intervals`), a per-source
 breakdown, and a size-only probe that measures how much the label leaks through image size.
 """
 
@@ -14,6 +15,7 @@ import numpy as np
 from ..classes import COVID
 from ..decision import decide
 from ..extras import require
+from .intervals import auc_ci, exact_ci
 
 
 def _sens_spec(is_pos: np.ndarray, pred_pos: np.ndarray) -> tuple[float | None, float | None]:
@@ -22,16 +24,9 @@ def _sens_spec(is_pos: np.ndarray, pred_pos: np.ndarray) -> tuple[float | None, 
     return sens, spec
 
 
-def bootstrap_ci(stat, n: int, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05):
-    """Percentile interval of ``stat(indices)`` over ``n_boot`` resamples (None values skipped)."""
-    rng = np.random.default_rng(seed)
-    vals = [v for v in (stat(rng.integers(0, n, n)) for _ in range(n_boot)) if v is not None]
-    if not vals:
-        return None
-    return [float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))]
-
-
 def covid_operating_metrics(y_true, probs, classes, threshold, n_boot=1000, seed=0) -> dict | None:
+    """COVID sensitivity/specificity at ``threshold`` with exact 95% intervals, and the AUC with a
+    stratified-bootstrap interval."""
     classes = list(classes)
     if COVID not in classes:
         return None
@@ -39,14 +34,20 @@ def covid_operating_metrics(y_true, probs, classes, threshold, n_boot=1000, seed
     is_pos = np.asarray(y_true) == ci
     pred_pos = probs[:, ci] >= threshold
     sens, spec = _sens_spec(is_pos, pred_pos)
+    tp, tn = int((pred_pos & is_pos).sum()), int((~pred_pos & ~is_pos).sum())
+    n_pos, n_neg = int(is_pos.sum()), int((~is_pos).sum())
     return {
         "threshold": float(threshold),
         "sensitivity": sens,
-        "sensitivity_ci95": bootstrap_ci(lambda i: _sens_spec(is_pos[i], pred_pos[i])[0], len(is_pos), n_boot, seed),
+        "sensitivity_ci95": exact_ci(tp, n_pos),
+        "true_positives": tp,
         "specificity": spec,
-        "specificity_ci95": bootstrap_ci(lambda i: _sens_spec(is_pos[i], pred_pos[i])[1], len(is_pos), n_boot, seed),
-        "n_positive": int(is_pos.sum()),
-        "n_negative": int((~is_pos).sum()),
+        "specificity_ci95": exact_ci(tn, n_neg),
+        "true_negatives": tn,
+        "n_positive": n_pos,
+        "n_negative": n_neg,
+        "interval_method": "Clopper-Pearson exact (proportions), stratified bootstrap (AUC)",
+        "auc_ci95": auc_ci(is_pos, probs[:, ci], n_boot, seed),
     }
 
 
@@ -115,7 +116,7 @@ def evaluate_predictions(
     out = {
         "n": int(len(y_true)),
         "classes": classes,
-        "decision_rule": (f"COVID if p(COVID) >= {threshold:.4g}, else argmax of the other classes"
+        "decision_rule": (f"COVID if p(COVID) >= {threshold:.2f}, else argmax of the other classes"
                           if threshold is not None and COVID in classes else "argmax"),
         "accuracy": float((y_pred == y_true).mean()),
         "accuracy_argmax": float((probs.argmax(1) == y_true).mean()),

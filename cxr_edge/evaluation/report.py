@@ -99,9 +99,11 @@ def _fmt(v, pct=False):
 def render_markdown(r: dict, context: dict) -> str:
     classes = r["classes"]
     lines = [f"# Evaluation: {context.get('model', '')}", ""]
-    for k in ("data", "split", "n_images", "skipped", "common_size"):
+    for k in ("engine", "data", "split", "n_images", "skipped", "common_size"):
         if context.get(k) is not None:
             lines.append(f"- {k.replace('_', ' ')}: {context[k]}")
+    if context.get("operating_point"):
+        lines.append(f"- operating point: {context['operating_point']}")
     lines += [f"- decision rule: {r['decision_rule']}", "", CAVEAT, "", "## Summary", "",
               f"- accuracy: {_fmt(r['accuracy'], True)} (argmax: {_fmt(r['accuracy_argmax'], True)}), "
               f"macro F1 {_fmt(r['macro_f1'])}, macro ROC-AUC {_fmt(r['roc_auc_macro'])}"]
@@ -109,9 +111,14 @@ def render_markdown(r: dict, context: dict) -> str:
     if cov:
         def ci(v):
             return f" (95% CI {_fmt(v[0], True)}-{_fmt(v[1], True)})" if v else ""
-        lines.append(f"- COVID sensitivity {_fmt(cov['sensitivity'], True)}{ci(cov['sensitivity_ci95'])}, "
-                     f"specificity {_fmt(cov['specificity'], True)}{ci(cov['specificity_ci95'])} "
-                     f"at threshold {cov['threshold']:.4g} (n+ = {cov['n_positive']}, n- = {cov['n_negative']})")
+        tp = f"{cov['true_positives']}/{cov['n_positive']} " if "true_positives" in cov else ""
+        tn = f"{cov['true_negatives']}/{cov['n_negative']} " if "true_negatives" in cov else ""
+        lines.append(f"- COVID sensitivity {tp}= {_fmt(cov['sensitivity'], True)}{ci(cov['sensitivity_ci95'])}, "
+                     f"specificity {tn}= {_fmt(cov['specificity'], True)}{ci(cov['specificity_ci95'])} "
+                     f"at threshold {cov['threshold']:.2f}")
+        if cov.get("auc_ci95"):
+            lines.append(f"- COVID ROC-AUC {_fmt(r['roc_auc'].get('COVID'))} (95% CI {_fmt(cov['auc_ci95'][0])}-"
+                         f"{_fmt(cov['auc_ci95'][1])}); intervals: {cov.get('interval_method', 'bootstrap')}")
     lines += ["", "## Per class", "", "| class | precision | recall | F1 | support | ROC-AUC |", "|---|---|---|---|---|---|"]
     for c in classes:
         p = r["per_class"][c]

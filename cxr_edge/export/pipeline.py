@@ -187,6 +187,10 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     from ..keras_layers import load_keras_model
 
     model_path = Path(model_path)
+    if model_path.suffix.lower() != ".keras":
+        raise ConfigError(f"export takes the .keras model from cxr-edge train; {model_path.name} is not one "
+                          "(an exported artifact is built for TensorRT with cxr-edge build and measured with "
+                          "cxr-edge evaluate or bench).")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     variants = config.variants()

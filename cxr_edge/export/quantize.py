@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from collections import Counter
@@ -141,12 +143,17 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, c
             # rounds the logits to 256 levels and leaves TensorRT a standalone DQ; the next quantised op
             # quantises its own input anyway
             extra["OpTypesToExcludeOutputQuantization"] = ["Gemm", "MatMul"]
-        q.quantize_static(
-            str(pre), str(out_path), ArrayCalibrationReader(calib_x, input_name, config.calib_batch),
-            quant_format=q.QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
-            weight_type=q.QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
-            extra_options=extra,
-        )
+        # ORT's histogram calibrators print() a dozen progress lines; they go to the debug log instead
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
+            q.quantize_static(
+                str(pre), str(out_path), ArrayCalibrationReader(calib_x, input_name, config.calib_batch),
+                quant_format=q.QuantFormat.QDQ, per_channel=config.per_channel, activation_type=act,
+                weight_type=q.QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
+                extra_options=extra,
+            )
+        for line in chatter.getvalue().splitlines():
+            log.debug("onnxruntime.quantization: %s", line)
     info = {**config.to_dict(), "nodes_kept_float": exclude, **count_int8_nodes(out_path)}
     if config.target is Int8Target.TRT:
         from .trt_lint import lint_qdq

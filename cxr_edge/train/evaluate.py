@@ -3,42 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ..data import scan_dataset, split_dataset
+from ..data import scan_dataset
 from ..data.loading import load_images
-from ..errors import ConfigError, DatasetError
+from ..data.split import select_split
+from ..decision import describe_operating_point
+from ..errors import DatasetError
 from ..evaluation.metrics import evaluate_predictions
 from ..evaluation.report import write_report
 from ..preprocess import PreprocessSpec
 from .trainer import load_model_and_manifest
 
 log = logging.getLogger(__name__)
-
-
-def _select_split(doc: Mapping[str, Any], ds, split: str):
-    """``auto``: the model's own test split when this is the data it trained on, else every image."""
-    data = doc.get("data", {})
-    same = data.get("fingerprint") == ds.fingerprint()
-    if split == "auto":
-        split = "test" if same else "all"
-    if split == "all":
-        if same:
-            log.warning("evaluating on all images, including the ones this model was trained on")
-        return ds.items, split
-    if split not in ("train", "val", "test"):
-        raise ConfigError(f"--split must be auto, train, val, test or all, got {split!r}.")
-    if not same:
-        raise DatasetError(
-            f"This is not the data the model was trained on (fingerprint differs), so its {split!r} split "
-            "is unknown. Use --split all to evaluate on every image, or point at the training data."
-        )
-    splits = split_dataset(ds, tuple(data["split_fractions"]), seed=data["split_seed"])
-    return splits[split], split
 
 
 def evaluate_model(
@@ -58,7 +37,7 @@ def evaluate_model(
     ds = scan_dataset(data_dir, classes=classes)
     if tuple(ds.classes) != tuple(classes):
         raise DatasetError(f"The model predicts {classes} but the data has {list(ds.classes)}.")
-    items, used_split = _select_split(doc, ds, split)
+    items, used_split = select_split(doc, ds, split)
     if not items:
         raise DatasetError(f"The {used_split} split of {data_dir} is empty.")
     loaded = load_images([i.path for i in items], spec, common_size=common_size, progress=progress)
@@ -73,7 +52,8 @@ def evaluate_model(
     ft_start = phases[0]["epochs"] if len(phases) > 1 else None
     context = {"model": str(model_path), "recipe": doc.get("recipe"), "data": str(data_dir), "split": used_split,
                "n_images": len(kept), "skipped": len(loaded.errors), "common_size": common_size,
-               "operating_point_from_training": doc.get("operating_point")}
+               "operating_point_from_training": doc.get("operating_point"),
+               "operating_point": describe_operating_point(doc.get("operating_point"))}
     history = Path(model_path).with_name(doc.get("training", {}).get("history", "history.csv"))
     report = write_report(result, out_dir, context, history, ft_start)
     return report, result
