@@ -39,6 +39,18 @@ def choose_threshold(is_covid: np.ndarray, p_covid: np.ndarray, target_sensitivi
     }
 
 
+def calibrated(probs: np.ndarray, temperature: float | None, logp: np.ndarray | None = None) -> np.ndarray:
+    """softmax(log p / T): probabilities re-calibrated with a temperature fitted on a site's data (``cxr-edge
+    calibrate --temperature``). The ranking, and so the ROC, is unchanged; T > 1 softens over-confident output."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if not temperature or temperature == 1.0:
+        return probs
+    z = (np.log(np.clip(probs, 1e-12, 1.0)) if logp is None else logp) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 def decide(probs: np.ndarray, classes, threshold: float | None) -> np.ndarray:
     """Class index per row: COVID when p(COVID) >= threshold, else argmax of the other classes."""
     probs = np.asarray(probs)

@@ -159,6 +159,12 @@ def _check_types(doc: dict, path: Path) -> None:
     t = (doc.get("operating_point") or {}).get("threshold")
     if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1):
         raise ManifestError(f"Manifest {path}: operating_point.threshold must be a number in [0, 1], got {t!r}.")
+    temp = doc.get("probability_temperature")
+    if temp is not None and not (isinstance(temp, (int, float)) and not isinstance(temp, bool) and 0.01 <= temp <= 100):
+        raise ManifestError(f"Manifest {path}: probability_temperature must be a number in [0.01, 100], got {temp!r}.")
+    mv = doc.get("manifest_version")
+    if mv is not None and not (isinstance(mv, int) and not isinstance(mv, bool) and mv >= 1):
+        raise bad("manifest_version", "a positive integer")
     outputs = doc.get("outputs")
     if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str)
                                                                        for o in outputs)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -86,14 +85,48 @@ def cmd_predict(a) -> int:
     return ExitCode.SOME_ITEMS_FAILED if failed else ExitCode.OK
 
 
+def cmd_calibrate(a) -> None:
+    from ..runtime.calibrate import calibrate_artifact
+
+    s = calibrate_artifact(a.artifact, a.data, target_sensitivity=a.target_sensitivity, temperature=a.temperature,
+                           out_dir=a.out, dry_run=a.dry_run, backend=a.backend, device=a.device)
+    print(Path(s["report"]).read_text())
+    if a.dry_run:
+        print("Dry run: the manifest was not changed.")
+    else:
+        print(f"Wrote manifest v{s['manifest_version']}: {s['manifest']} (the previous version is kept beside it); "
+              "predict and serve use it from now on.")
+
+
+def bench_out_dir(artifact_dir: str, out: str | None, force: bool) -> Path:
+    """A new run folder (ARTIFACT_DIR/bench/YYYYmmdd-HHMMSS) by default; an --out that already holds results
+    is refused unless --force, so one run never silently replaces another."""
+    import time
+
+    from ..errors import ConfigError
+
+    if out is None:
+        path = Path(artifact_dir) / "bench" / time.strftime("%Y%m%d-%H%M%S")
+        k = 1
+        while path.exists():
+            path = path.with_name(f"{path.name.split('.')[0]}.{k}")
+            k += 1
+        return path
+    path = Path(out)
+    if (path / "results.json").exists() and not force:
+        raise ConfigError(f"{path} already holds benchmark results; choose another --out or pass --force to replace them.")
+    return path
+
+
 def cmd_bench(a) -> None:
     from ..bench.report import write_results
     from ..bench.runner import BenchConfig, run_bench
 
     cfg = BenchConfig(batches=a.batch, backends=a.backends, precisions=a.precisions, budget_s=a.budget, data=a.data,
                       threads=a.threads, e2e=not a.no_e2e, cuda_graph=a.cuda_graph)
+    out = bench_out_dir(a.artifact_dir, a.out, a.force)  # decided before the run: no overwrite discovered at the end
     res = run_bench(a.artifact_dir, cfg)
-    md = write_results(res, a.out or os.path.join(a.artifact_dir, "bench"), " ".join(["cxr-edge", *sys.argv[1:]]))
+    md = write_results(res, out, " ".join(["cxr-edge", *sys.argv[1:]]))
     print(md.read_text())
     print(f"Results: {md.parent}")
 
@@ -108,6 +141,22 @@ def cmd_doctor(a) -> None:
 def register(sub) -> None:
     from ..bench.runner import BenchConfig
     from ..runtime.backends.registry import all_backends
+
+    ca = sub.add_parser("calibrate", help="set an artifact's COVID threshold on the site's own labelled images",
+                        formatter_class=HelpFormatter,
+                        description="Screens DATA (class folders) with the artifact, chooses the threshold for the target "
+                                    "sensitivity there, reports old and new operating points with exact 95%% intervals, "
+                                    "and writes the artifact's next manifest version (the previous one is kept).")
+    ca.add_argument("artifact", help="an exported artifact (ONNX or TensorRT .plan) with its manifest")
+    ca.add_argument("data", help="the site's labelled images: COVID and at least one other class folder")
+    ca.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID sensitivity to reach on DATA")
+    ca.add_argument("--temperature", action="store_true",
+                    help="also fit a probability temperature on DATA (reliability plot; applied by every consumer)")
+    ca.add_argument("--out", help="report directory (default: beside the artifact)")
+    ca.add_argument("--dry-run", action="store_true", help="report only; leave the manifest as it is")
+    ca.add_argument("--backend", choices=all_backends(), help="backend (default: the artifact format's first)")
+    ca.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
+    ca.set_defaults(func=cmd_calibrate)
 
     pr = sub.add_parser("predict", help="screen images with an artifact (ONNX, TensorRT engine or .keras)",
                         formatter_class=HelpFormatter,
@@ -150,7 +199,8 @@ def register(sub) -> None:
     bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (decode+infer) measurement")
     bn.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
-    bn.add_argument("--out", help="results directory (default: ARTIFACT_DIR/bench)")
+    bn.add_argument("--out", help="results directory (default: a new ARTIFACT_DIR/bench/DATE-TIME folder per run)")
+    bn.add_argument("--force", action="store_true", help="replace the results already in --out")
     bn.set_defaults(func=cmd_bench)
 
     dr = sub.add_parser("doctor", help="what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime providers) and fixes",

@@ -51,7 +51,7 @@ class Backend(abc.ABC):
             self._loaded = True
         return self
 
-    def infer(self, batch: np.ndarray, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def infer(self, batch: np.ndarray, outputs: list[str] | None = None, calibrated: bool = True) -> dict[str, np.ndarray]:
         """Run one packed uint8 batch of any size; returns output name -> array.
 
         Engines with a fixed optimisation profile (TensorRT, DLA's static shapes) take only batches
@@ -67,6 +67,19 @@ class Backend(abc.ABC):
         if unknown:
             raise ConfigError(f"Output(s) {unknown} are not produced by {self.artifact.name}; it has {self.outputs}.")
         batch = np.ascontiguousarray(batch)
+        out = self._fitted(batch, wanted)
+        return self._temperature(out) if calibrated else out
+
+    def _temperature(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Probabilities re-calibrated by a site's temperature when the manifest has one (cxr-edge calibrate)."""
+        t = self.manifest.get("probability_temperature")
+        if t and "probs" in out:
+            from ...decision import calibrated
+
+            out = {**out, "probs": calibrated(out["probs"], float(t)).astype(np.float32)}
+        return out
+
+    def _fitted(self, batch: np.ndarray, wanted: list[str]) -> dict[str, np.ndarray]:
         lo, hi = self.batch_range()
         n = len(batch)
         if lo <= n <= hi:

@@ -128,6 +128,7 @@ def open_backend(artifact: str | Path, backend: str | None = None, verify: bool 
         raise ManifestError(f"Artifact {artifact} does not exist.")
     if trusted_keys and not verify:
         raise ConfigError("verify=False cannot be combined with trusted keys: the signature covers the sha256.")
+    artifact_format(artifact)  # a file we cannot run is named as such before its manifest is looked for
     fmt = artifact_format(artifact, read_manifest(artifact, verify=False))
     trust = check_signature(artifact, trusted_keys)  # before hashing: a forged manifest stops here
     manifest = read_manifest(artifact, verify=verify)  # hash before parse: a half-copied file stops here

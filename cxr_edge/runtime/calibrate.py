@@ -1,0 +1,215 @@
+"""Site calibration: set an artifact's operating threshold on the site's own labelled images.
+
+A threshold chosen on the training data's validation split does not travel: on adult images from another
+hospital, the small CNN kept its ranking (ROC-AUC 0.92) but the validation threshold for 95% sensitivity
+flagged 15 of 18 normals. ``calibrate`` screens the site's images with the deployed engine, chooses the
+threshold for the target sensitivity there, reports the old and the new operating point side by side with
+exact intervals, and writes the artifact's next manifest version (the previous one is kept beside it; the
+artifact file, and so its sha256, is untouched). ``predict`` and ``serve`` read the new one; a signed
+deployment must re-sign it. Optionally a temperature is fitted so the probabilities themselves are
+calibrated on the site's data (applied by every consumer of the manifest; see ``decision.calibrated``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..classes import COVID
+from ..data import scan_dataset
+from ..data.loading import load_images
+from ..decision import calibrated, choose_threshold, decide, describe_operating_point
+from ..errors import ConfigError, DatasetError
+from ..evaluation.intervals import exact_ci
+from ..manifest import manifest_path, read_manifest
+from .screener import Screener
+
+log = logging.getLogger(__name__)
+
+
+def _operating(p_covid: np.ndarray, is_covid: np.ndarray, threshold: float) -> dict:
+    pred = p_covid >= threshold
+    tp, tn = int((pred & is_covid).sum()), int((~pred & ~is_covid).sum())
+    n_pos, n_neg = int(is_covid.sum()), int((~is_covid).sum())
+    return {"threshold": float(threshold), "sensitivity": tp / n_pos if n_pos else None,
+            "sensitivity_ci95": exact_ci(tp, n_pos), "true_positives": tp, "n_positive": n_pos,
+            "specificity": tn / n_neg if n_neg else None, "specificity_ci95": exact_ci(tn, n_neg),
+            "true_negatives": tn, "n_negative": n_neg}
+
+
+def fit_temperature(probs: np.ndarray, y: np.ndarray) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(log p / T) on these labels."""
+    from ..extras import require
+
+    optimize = require("scipy.optimize")
+    logp = np.log(np.clip(probs, 1e-12, 1.0))
+
+    def nll(log_t: float) -> float:
+        q = calibrated(probs, float(np.exp(log_t)), logp)
+        return float(-np.mean(np.log(np.clip(q[np.arange(len(y)), y], 1e-12, 1.0))))
+
+    res = optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(res.x))
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    conf, pred = probs.max(1), probs.argmax(1)
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(float((pred[m] == y[m]).mean()) - float(conf[m].mean()))
+    return float(ece)
+
+
+def _reliability_plot(probs_before, probs_after, y, path: Path, title: str) -> None:
+    from ..extras import require
+
+    mpl = require("matplotlib")
+    mpl.use("Agg")
+    plt = require("matplotlib.pyplot")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    edges = np.linspace(0, 1, 11)
+    for probs, name in ((probs_before, "before"), (probs_after, "after temperature")):
+        conf, ok = probs.max(1), probs.argmax(1) == y
+        xs, ys = [], []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            m = (conf > lo) & (conf <= hi)
+            if m.sum() >= 3:
+                xs.append(conf[m].mean())
+                ys.append(ok[m].mean())
+        ax.plot(xs, ys, "o-", label=f"{name} (ECE {expected_calibration_error(probs, y):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def calibrate_artifact(artifact: str | Path, data_dir: str | Path, *, target_sensitivity: float = 0.95,
+                       temperature: bool = False, out_dir: str | Path | None = None, dry_run: bool = False,
+                       backend: str | None = None, device: str = "auto", progress: bool = True) -> dict:
+    """Choose the site's operating point and write the artifact's next manifest version; returns the summary."""
+    artifact = Path(artifact)
+    if str(artifact).startswith("triton:/"):
+        raise ConfigError("calibrate writes the artifact's manifest, so it needs the local file; calibrate it on the "
+                          "Triton host and re-export the repository.")
+    if not 0 < target_sensitivity < 1:
+        raise ConfigError(f"--target-sensitivity must be between 0 and 1, got {target_sensitivity}.")
+    old_doc = read_manifest(artifact)
+    classes = old_doc.classes
+    if COVID not in classes:
+        raise ConfigError(f"{artifact.name} has no {COVID} class ({classes}); there is no threshold to calibrate.")
+    ds = scan_dataset(data_dir, classes=classes)
+    labels = {i.label for i in ds.items}
+    if COVID not in labels or len(labels) < 2:
+        raise DatasetError(f"{data_dir} must hold labelled {COVID} images and at least one other class "
+                           f"({classes}); found {sorted(labels) or 'none'}.")
+    with Screener(artifact, backend=backend, device=device, isolation=None, batch_size=32) as s:
+        loaded = load_images([i.path for i in ds.items], s.engine.spec, progress=progress)
+        # the engine's own output, before any temperature an earlier calibration set
+        probs = np.concatenate([s.engine.infer(loaded.x[i : i + 32], ["probs"], calibrated=False)["probs"]
+                                for i in range(0, len(loaded.x), 32)]).astype(np.float64)
+        info = s.engine.info
+    kept = [ds.items[k] for k in loaded.kept]
+    y = np.array([classes.index(i.label) for i in kept])
+    old_t = old_doc.get("probability_temperature")
+    raw = calibrated(probs, float(old_t)) if old_t else probs  # what the deployed artifact reports today
+    t_new = fit_temperature(probs, y) if temperature else (float(old_t) if old_t else None)
+    site_probs = calibrated(probs, t_new) if t_new else probs
+    ci = classes.index(COVID)
+    is_covid = y == ci
+    chosen = choose_threshold(is_covid, site_probs[:, ci], target_sensitivity)
+    old_threshold = old_doc.threshold if old_doc.threshold is not None else 0.5
+    before = _operating(raw[:, ci], is_covid, old_threshold)
+    after = _operating(site_probs[:, ci], is_covid, chosen["threshold"])
+    accuracy = {"before": float((decide(raw, classes, old_threshold) == y).mean()),
+                "after": float((decide(site_probs, classes, chosen["threshold"]) == y).mean())}
+    version = int(old_doc.get("manifest_version", 1)) + 1
+    today = _dt.date.today().isoformat()
+    site = {"data": str(Path(data_dir).resolve()), "fingerprint": ds.fingerprint(), "n_images": len(kept),
+            "skipped": len(loaded.errors), "counts": {c: int((y == k).sum()) for k, c in enumerate(classes)},
+            "date": today, "engine": f"{info.backend} / {info.provider} / {info.precision}"}
+    new_op = {**after, "target_sensitivity": target_sensitivity,
+              "chosen_on": f"site data ({Path(data_dir).name}, {today})"}
+    out = Path(out_dir) if out_dir else artifact.parent / f"calibration-{artifact.name}-v{version}"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"artifact": artifact.name, "manifest_version": version, "site": site, "target_sensitivity": target_sensitivity,
+               "before": {**before, "described": describe_operating_point(old_doc.operating_point),
+                          "accuracy": accuracy["before"], "temperature": old_t},
+               "after": {**after, "described": describe_operating_point(new_op), "accuracy": accuracy["after"],
+                         "temperature": t_new}}
+    if temperature:
+        summary["calibration_error"] = {"ece_before": expected_calibration_error(raw, y),
+                                        "ece_after": expected_calibration_error(site_probs, y)}
+        _reliability_plot(raw, site_probs, y, out / "reliability.png",
+                          f"{artifact.name} on {Path(data_dir).name} (n={len(y)})")
+    (out / "calibration.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "calibration.md").write_text(render(summary))
+    summary["report"] = str(out / "calibration.md")
+    if not dry_run:
+        mpath = manifest_path(artifact)
+        shutil.copy2(mpath, mpath.with_name(f"{artifact.name}.manifest.v{version - 1}.json"))
+        doc = old_doc.to_dict()
+        history = list(doc.get("operating_point_history") or []) + [
+            {**(doc.get("operating_point") or {}), "manifest_version": version - 1}]
+        doc.update(manifest_version=version, operating_point=new_op, operating_point_history=history,
+                   site_calibration=site)
+        if t_new:
+            doc["probability_temperature"] = t_new
+        mpath.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        read_manifest(artifact)  # the new version is one the loaders accept
+        summary["manifest"] = str(mpath)
+        from ..signing import signature_path
+
+        if signature_path(artifact).is_file():
+            summary["signature"] = ("the previous signature no longer matches this manifest: re-sign it with "
+                                    f"cxr-edge sign {artifact} --key KEY.key before serving with --trusted-key")
+            log.warning(summary["signature"])
+    return summary
+
+
+def render(s: dict) -> str:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}%"
+
+    def ci(v):
+        return f"{pct(v[0])}-{pct(v[1])}" if v else "n/a"
+
+    def temp(t):
+        return f"{t:.3f}" if t else "none"
+
+    def rate(d, k, n, name):
+        return f"{d[k]}/{d[n]} = {pct(d[name])} (95% CI {ci(d[name + '_ci95'])})"
+
+    b, a = s["before"], s["after"]
+    lines = [f"# Site calibration of {s['artifact']} (manifest v{s['manifest_version']})", "",
+             f"- site data: {s['site']['data']} ({s['site']['n_images']} images: "
+             + ", ".join(f"{k} {v}" for k, v in s["site"]["counts"].items() if v) + f"; {s['site']['skipped']} skipped)",
+             f"- engine: {s['site']['engine']}", f"- target: {100 * s['target_sensitivity']:.0f}% COVID sensitivity", "",
+             "| | before (as deployed) | after (this site) |", "|---|---|---|",
+             f"| threshold | {b['threshold']:.3f} ({b['described'] or 'default'}) | {a['threshold']:.3f} ({a['described']}) |",
+             f"| sensitivity | {rate(b, 'true_positives', 'n_positive', 'sensitivity')} | "
+             f"{rate(a, 'true_positives', 'n_positive', 'sensitivity')} |",
+             f"| specificity | {rate(b, 'true_negatives', 'n_negative', 'specificity')} | "
+             f"{rate(a, 'true_negatives', 'n_negative', 'specificity')} |",
+             f"| accuracy (decision rule) | {pct(b['accuracy'])} | {pct(a['accuracy'])} |",
+             f"| probability temperature | {temp(b['temperature'])} | {temp(a['temperature'])} |", ""]
+    if "calibration_error" in s:
+        e = s["calibration_error"]
+        lines += [f"Expected calibration error {e['ece_before']:.3f} -> {e['ece_after']:.3f} (reliability.png).", ""]
+    lines += ["Intervals are exact (Clopper-Pearson) 95% intervals: with few site images they are wide, and the "
+              "new threshold is only as good as the site data is representative. Re-calibrate when the equipment, "
+              "protocol or population changes.", ""]
+    if s.get("signature"):
+        lines += [f"**Signature:** {s['signature']}.", ""]
+    return "\n".join(lines)
