@@ -17,6 +17,27 @@ DEMO_OVERRIDES = {"epochs": 12, "learning_rate": 0.01}
 DEMO_BENCH_BUDGET_S = 1.0
 
 
+def explain_examples(artifact_dir: Path, data_dir: str | Path, out_dir: Path, per_class: int = 2) -> list[str]:
+    """Screen ``per_class`` images of each class with the INT8 CPU artifact and write Grad-CAM overlays."""
+    from .data import scan_dataset
+    from .runtime import Screener
+
+    art = next((p for p in (Path(artifact_dir) / "model.int8-cpu.onnx", Path(artifact_dir) / "model.fp32.onnx")
+                if p.is_file()), None)
+    if art is None:
+        return []
+    try:
+        with Screener(art, isolation=None) as s:
+            ds = scan_dataset(data_dir, classes=s.classes)
+            picks = [i.path for c in ds.classes for i in [it for it in ds.items if it.label == c][:per_class]]
+            results = s.predict(picks, explain=True, out_dir=out_dir)
+    except Exception as exc:  # a demo step, not the product: say why and go on
+        log.warning("heatmaps skipped: %s", exc)
+        return []
+    return [f"{Path(r.explanation.files['overlay']).name}: {r.decision.text() if r.decision else r.label}"
+            for r in results if r.ok and r.explanation and r.explanation.files]
+
+
 def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None = None,
              per_class: int = 150, seed: int = 0) -> Path:
     from .export.pipeline import ExportConfig, export_model
@@ -46,7 +67,8 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
     doc = json.loads(report.with_suffix(".json").read_text())
     doc["export"] = json.loads((exported.out_dir / "export_report.json").read_text())
     report.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    print("[5/5] Short benchmark of the artifacts (batch 1 and 8, ~1 s per row) against Keras")
+    print("[5/5] Grad-CAM heatmaps of a few images, and a short benchmark (batch 1 and 8) against Keras")
+    heatmaps = explain_examples(exported.out_dir, data_dir, out / "heatmaps")
     from .bench.report import write_results
     from .bench.runner import BenchConfig, run_bench
 
@@ -68,5 +90,9 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
     print(f"Artifacts: {exported.out_dir}")
     print(f"Report: {report}")
     print(f"Benchmark: {bench_md}")
+    if heatmaps:
+        print("Heatmaps (where the model looked; caption and colour scale in each image):")
+        for line in heatmaps:
+            print(f"  {line}")
     print(f"Done in {time.perf_counter() - t0:.0f} s")
     return report

@@ -134,6 +134,7 @@ def test_demo_runs_every_stage_small(tmp_path, monkeypatch, capsys):
     assert report.is_file() and "Exported artifacts and their accuracy gates" in report.read_text()
     assert (tmp_path / "demo" / "bench" / "results.md").is_file()
     assert (tmp_path / "demo" / "artifacts" / "model.fp32.onnx").is_file()
+    assert len(list((tmp_path / "demo" / "heatmaps").glob("*.gradcam.png"))) == 4 and "Heatmaps" in out
 
 
 @pytest.mark.train

@@ -32,6 +32,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.4, scale: float
 #: raw Grad-CAM peaks below this are reported as weak: the output barely depends on any region (a saturated
 #: probability), and a map normalised by its own maximum would stretch near-zero values to full colour
 WEAK_CAM_PEAK = 1e-3
+MIN_CAPTIONED_WIDTH = 640
 
 
 def heatmap(cam: np.ndarray, size: tuple[int, int], scale: float | None = None) -> np.ndarray:
@@ -75,7 +76,13 @@ def explained_overlay(image: np.ndarray, cam: np.ndarray, caption: list[str], sc
     lines = list(caption)
     if peak < WEAK_CAM_PEAK:
         lines.append(f"WEAK MAP (peak {peak:.1e}): the output barely depends on any region; colours are stretched")
-    return annotate(overlay(image, cam, scale=scale), lines, vmax, scaled_by)
+    img = overlay(image, cam, scale=scale)
+    if img.shape[1] < MIN_CAPTIONED_WIDTH:  # small images: enlarge so the caption stays legible
+        import cv2
+
+        f = MIN_CAPTIONED_WIDTH / img.shape[1]
+        img = cv2.resize(img, (MIN_CAPTIONED_WIDTH, round(img.shape[0] * f)), interpolation=cv2.INTER_CUBIC)
+    return annotate(img, lines, vmax, scaled_by)
 
 
 def save_explanation(out_dir: str | Path, stem: str, image: np.ndarray, cam: np.ndarray,
