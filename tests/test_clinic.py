@@ -108,3 +108,36 @@ def test_bench_never_overwrites_a_previous_run_silently(tmp_path):
     with pytest.raises(ConfigError, match="--force"):
         bench_out_dir(str(tmp_path), str(tmp_path / "mine"), False)
     assert bench_out_dir(str(tmp_path), str(tmp_path / "mine"), True) == tmp_path / "mine"
+
+
+def test_one_agreement_criterion_with_split_n_and_resolution():
+    from cxr_edge.evaluation.criteria import FAILED, PASSED, WITHIN_RESOLUTION, agreement_verdict
+
+    assert agreement_verdict(102, 102, 0.99, "validation")["status"] == PASSED
+    one = agreement_verdict(43, 44, 0.99, "test")  # the contradiction of the report: 1 flip in 44
+    assert one["status"] == WITHIN_RESOLUTION and "43/44" in one["text"] and "test split" in one["text"]
+    assert "cannot tell" in one["text"]
+    assert agreement_verdict(39, 44, 0.99, "test")["status"] == FAILED
+    assert agreement_verdict(990, 1000, 0.99)["status"] == PASSED
+    assert agreement_verdict(975, 1000, 0.99)["status"] == FAILED  # many images resolve 97.5% from 99%
+
+
+def test_training_note_marks_the_saved_epoch_and_a_still_falling_loss():
+    from cxr_edge.evaluation.report import training_note
+
+    n = training_note({"val_loss": [1.0, 0.8, 0.7, 0.6]})
+    assert n["saved_epoch"] == 4 and n["still_falling"] and "more epochs" in n["text"]
+    n = training_note({"val_loss": [1.0, 0.5, 0.7, 0.8]})
+    assert n["saved_epoch"] == 2 and not n["still_falling"]
+
+
+def test_scan_of_a_class_folder_says_pass_its_parent(tmp_path):
+    import cv2
+
+    from cxr_edge.data import scan_dataset
+    from cxr_edge.errors import DatasetError
+
+    (tmp_path / "COVID").mkdir()
+    cv2.imwrite(str(tmp_path / "COVID" / "a.png"), np.zeros((64, 64), np.uint8))
+    with pytest.raises(DatasetError, match="is itself a class folder.*pass its parent"):
+        scan_dataset(tmp_path / "COVID")

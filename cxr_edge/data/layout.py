@@ -146,6 +146,11 @@ def scan_dataset(
         if len(names) > 1:
             notes.append(f"folders {names} are all aliases of {label!r} and were combined")
     if not items:
+        own = canonical_class(root.name)
+        if own is not None:  # the user pointed at one class folder rather than the data root
+            raise DatasetError(
+                f"{root} is itself a class folder ({own}); pass its parent, which holds one folder per class: "
+                f"{root.parent}")
         raise DatasetError(
             f"No images of classes {list(wanted)} under {root}. Expected ROOT/<class>/ or "
             f"ROOT/train/<class>/ folders; found {[p.name for p in subdirs] or 'no folders'}."

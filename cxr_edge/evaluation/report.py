@@ -72,9 +72,27 @@ def read_history(path: Path) -> dict[str, list[float]] | None:
     return {k: [float(r[k]) for r in rows if r.get(k) not in (None, "")] for k in rows[0]}
 
 
+def training_note(hist: dict) -> dict | None:
+    """Which epoch the checkpoint kept (lowest validation loss, as ModelCheckpoint saves) and whether the
+    loss was still falling when training stopped (then more epochs would likely help)."""
+    val = hist.get("val_loss") or []
+    if not val:
+        return None
+    best = int(np.argmin(val))
+    tail = val[-3:]
+    falling = len(val) >= 3 and all(b < a for a, b in zip(tail, tail[1:]))
+    text = f"saved epoch {best + 1} of {len(val)} (lowest validation loss {val[best]:.3f})"
+    if falling:
+        text += "; validation loss was still falling at the last epoch: more epochs would likely help"
+    elif best + 1 == len(val):
+        text += "; it was the last epoch"
+    return {"saved_epoch": best + 1, "epochs": len(val), "still_falling": falling, "text": text}
+
+
 def plot_history(hist: dict, path: Path, fine_tune_start: int | None = None) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    note = training_note(hist)
     epochs = [e + 1 for e in hist.get("epoch", range(len(hist.get("loss", []))))]
     for ax, metric in zip(axes, ("accuracy", "loss")):
         for key, style in ((metric, "-o"), (f"val_{metric}", "-s")):
@@ -82,8 +100,10 @@ def plot_history(hist: dict, path: Path, fine_tune_start: int | None = None) -> 
                 ax.plot(epochs[: len(hist[key])], hist[key], style, label=key.replace("_", " "), ms=3)
         if fine_tune_start:
             ax.axvline(fine_tune_start + 0.5, color="grey", ls=":", label="fine-tuning starts")
+        if note:
+            ax.axvline(note["saved_epoch"], color="green", ls="--", lw=1, label=f"saved (epoch {note['saved_epoch']})")
         ax.set_xlabel("epoch")
-        ax.set_title(metric)
+        ax.set_title(metric + (" (still falling at the end)" if note and note["still_falling"] and metric == "loss" else ""))
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -99,7 +119,7 @@ def _fmt(v, pct=False):
 def render_markdown(r: dict, context: dict) -> str:
     classes = r["classes"]
     lines = [f"# Evaluation: {context.get('model', '')}", ""]
-    for k in ("engine", "data", "split", "n_images", "skipped", "common_size"):
+    for k in ("engine", "data", "split", "n_images", "skipped", "common_size", "training"):
         if context.get(k) is not None:
             lines.append(f"- {k.replace('_', ' ')}: {context[k]}")
     if context.get("operating_point"):
@@ -158,6 +178,8 @@ def write_report(result: dict, out_dir: str | Path, context: dict, history_path:
     if hist:
         plot_history(hist, out / "training_curves.png", fine_tune_start)
         context = {**context, "curves": True}
+        if (note := training_note(hist)) is not None:
+            context["training"] = note["text"]
     doc = {**context, "metrics": {k: v for k, v in result.items() if k != "roc_curves"},
            "roc_curves": result["roc_curves"], "history": hist, "caveat": CAVEAT}
     (out / "report.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..classes import COVID
 from ..decision import decide
+from ..evaluation.criteria import accepted, agreement_verdict
 
 FP32_MAX_ABS = 1e-4
 FP16_MAX_ABS = 1e-2
@@ -78,7 +79,8 @@ def _sensitivity(y: np.ndarray, probs: np.ndarray, classes, threshold) -> float 
     return float((decide(probs, classes, threshold)[y == ci] == ci).mean())
 
 
-def int8_gate(ref: np.ndarray, probs: np.ndarray, y_true: np.ndarray, classes, threshold: float | None) -> GateResult:
+def int8_gate(ref: np.ndarray, probs: np.ndarray, y_true: np.ndarray, classes, threshold: float | None,
+              split: str | None = "validation") -> GateResult:
     """On labelled validation images: agreement with FP32, ROC-AUC drop, COVID sensitivity drop."""
     y_true = np.asarray(y_true)
     agree = _agreement(ref, probs)
@@ -90,10 +92,12 @@ def int8_gate(ref: np.ndarray, probs: np.ndarray, y_true: np.ndarray, classes, t
     metrics = {"top_class_agreement": agree, "auc_fp32": auc_ref, "auc_int8": auc_q, "auc_drop": auc_drop,
                "covid_sensitivity_fp32": sens_ref, "covid_sensitivity_int8": sens_q, "sensitivity_drop": sens_drop,
                "decision_flips": flips, "max_abs_dprob": float(np.abs(ref - probs).max())}
+    verdict = agreement_verdict(int(round(agree * len(ref))), len(ref), INT8_MIN_AGREEMENT, split)
+    metrics["agreement_verdict"] = verdict["text"]
     return _check("int8", len(ref), metrics,
                   {"top_class_agreement": INT8_MIN_AGREEMENT, "auc_drop": INT8_MAX_AUC_DROP,
                    "sensitivity_drop": INT8_MAX_SENS_DROP},
-                  [(agree >= INT8_MIN_AGREEMENT, f"top-class agreement {agree:.4f} < {INT8_MIN_AGREEMENT}"),
+                  [(accepted(verdict), verdict["text"]),
                    (auc_drop is None or auc_drop <= INT8_MAX_AUC_DROP, f"ROC-AUC drop {auc_drop} > {INT8_MAX_AUC_DROP}"),
                    (sens_drop is None or sens_drop <= INT8_MAX_SENS_DROP + 1e-12,
                     f"COVID sensitivity drop {sens_drop} > {INT8_MAX_SENS_DROP}")])
