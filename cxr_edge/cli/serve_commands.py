@@ -20,6 +20,16 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 TRITON_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
 
 
+def cmd_kiosk(a) -> int:
+    import shlex
+
+    from ..serve.kiosk_launcher import KioskConfig, Supervisor
+
+    cfg = KioskConfig(port=a.port, browser=a.browser, mode=a.mode, serve_args=tuple(shlex.split(a.serve_args or "")),
+                      status_file=a.status_file, max_restarts=a.max_restarts)
+    return Supervisor(a.artifact, cfg).run()
+
+
 def cmd_serve(a) -> None:
     from ..serve.app import ServeConfig, create_app, default_engine_threads
     from ..serve.http_guard import run_server
@@ -61,6 +71,7 @@ def register(sub) -> None:
     from ..runtime.backends.registry import all_backends
     from ..serve.config import ServeConfig
     from ..serve.http_guard import run_server
+    from ..serve.kiosk_launcher import KioskConfig
     from ..serve.triton_server import serve_triton
 
     S = ServeConfig
@@ -111,6 +122,23 @@ def register(sub) -> None:
     sv.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     sv.set_defaults(func=cmd_serve)
+
+    K = KioskConfig
+    ki = sub.add_parser("kiosk", help="the service on localhost plus a Chromium kiosk window on its page, kept running",
+                        formatter_class=HelpFormatter,
+                        description="Starts `cxr-edge serve` on 127.0.0.1 and Chromium in kiosk (full screen) or app mode "
+                                    "with a private profile; restarts either if it exits; stops both on SIGTERM. Works "
+                                    "offline. A systemd unit example: docs/kiosk/cxr-edge-kiosk.service.")
+    ki.add_argument("artifact", help="an artifact with its manifest")
+    ki.add_argument("--port", type=positive_int, default=default_of(K, "port"), help="local port of the service")
+    ki.add_argument("--mode", choices=("kiosk", "app", "headless"), default=default_of(K, "mode"),
+                    help="kiosk: full screen; app: a window; headless: no display (checks, tests)")
+    ki.add_argument("--browser", help="Chromium executable (default: chromium, chromium-browser or google-chrome)")
+    ki.add_argument("--serve-args", help="extra `cxr-edge serve` flags, quoted, e.g. \"--trusted-key op.pub\"")
+    ki.add_argument("--status-file", help="write the children's pids and restart counts here (JSON)")
+    ki.add_argument("--max-restarts", type=positive_int, default=default_of(K, "max_restarts"),
+                    help="restarts per child before giving up")
+    ki.set_defaults(func=cmd_kiosk)
 
     T = TritonConfig
     tx = sub.add_parser("export-triton", help="write a Triton model repository from artifacts",
