@@ -39,18 +39,20 @@ class LocalServer:
 
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "cxr_edge.cli", "serve", str(artifact), "--host", "127.0.0.1",
+        self.cmd = [sys.executable, "-m", "cxr_edge.cli", "serve", str(Path(artifact).resolve()), "--host", "127.0.0.1",
                     "--port", str(self.port), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms),
                     "--max-queue", str(max_queue)] + (["--threads", str(threads)] if threads else []) + list(extra)
         self._subprocess = subprocess
-        # another checkout's code (e.g. the commit before a change) serving the same artifact, for same-run ratios
+        # another checkout's code (e.g. the commit before a change) serving the same artifact, for same-run ratios;
+        # run from inside that checkout, since `python -m` puts the working directory first on sys.path
         self.env = {**os.environ, "PYTHONPATH": str(src)} if src else None
+        self.cwd = str(src) if src else None
 
     def __enter__(self):
         import httpx
 
         self.proc = self._subprocess.Popen(self.cmd, stdout=self._subprocess.DEVNULL, stderr=self._subprocess.DEVNULL,
-                                           env=self.env)
+                                           env=self.env, cwd=self.cwd)
         for _ in range(1200):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {' '.join(self.cmd)}")

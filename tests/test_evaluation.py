@@ -8,7 +8,8 @@ import pytest
 from cxr_edge.decision import choose_threshold, decide
 
 pytest.importorskip("sklearn")
-from cxr_edge.evaluation.metrics import bootstrap_ci, evaluate_predictions, size_confounder_probe
+from cxr_edge.evaluation.intervals import auc_ci
+from cxr_edge.evaluation.metrics import evaluate_predictions, size_confounder_probe
 
 
 def test_choose_threshold_meets_target_sensitivity():
@@ -50,10 +51,15 @@ def test_metrics_on_known_predictions():
     assert r["per_source"]["b"]["accuracy"] == pytest.approx(0.75)
 
 
-def test_bootstrap_ci_brackets_the_statistic():
-    x = np.random.default_rng(1).normal(5, 1, 400)
-    lo, hi = bootstrap_ci(lambda i: float(x[i].mean()), len(x), 300)
-    assert lo < 5.05 and hi > 4.95 and hi - lo < 0.4
+def test_stratified_auc_interval_brackets_the_auc():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = rng.random(300) < 0.3
+    s = y + rng.normal(0, 1, 300)
+    lo, hi = auc_ci(y, s, 300)
+    assert lo < roc_auc_score(y, s) < hi and hi - lo < 0.2
+    assert auc_ci(np.ones(10, bool), np.arange(10.0)) is None  # one class only: no interval
 
 
 def test_size_probe_detects_a_size_leak_and_not_a_fair_dataset():
