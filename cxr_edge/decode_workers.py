@@ -20,6 +20,7 @@ import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,20 @@ PREVIEW_SIDE = 1024
 @dataclass(frozen=True)
 class DecodeIsolation:
     """Per-image limits of isolated decoding. ``workers=0`` decodes in threads of the caller (no limits:
-    for trusted data, e.g. training on a curated folder)."""
+    for trusted data, e.g. training on a curated folder).
+
+    ``inline_max_bytes``: images whose whole decoding cost the header bounds (PNG; sequential JPEG with one
+    scan per component; uncompressed BMP) and that declare at most this many decoded bytes are decoded in a
+    thread of the caller: their memory is at most a few times that, and their time linear in it (the PNG
+    data is inflated to exactly the declared rows, the JPEG is walked to its end marker first). Everything
+    else (TIFF, DICOM, progressive JPEG, large images) goes to a worker. 0 sends everything to workers.
+    """
 
     workers: int = 2
     seconds: float = 5.0
     memory_mb: int = 1024
     start_method: str = "spawn"  # never fork a process that holds engine threads
+    inline_max_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass
@@ -120,6 +129,35 @@ def error_from(kind: str, name: str, reason: str):
     return cls(name, reason)
 
 
+def header_bounded(data: bytes, max_bytes: int) -> bool:
+    """Whether ``data`` is an image whose decoding the header bounds and which is small enough to decode
+    inline (see :class:`DecodeIsolation`). Reads only headers; any doubt answers False (a worker)."""
+    import struct
+
+    from .decode import _sniff_format
+    from .image_headers import jpeg_header
+
+    if max_bytes <= 0 or len(data) < 33:
+        return False
+    try:
+        fmt = _sniff_format(data[:256])
+        if fmt == "png":
+            w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
+            ch = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(ctype, 4)
+            return w * h * ch * (2 if depth > 8 else 1) <= max_bytes
+        if fmt == "jpeg":
+            hdr = jpeg_header(data, "inline-check")
+            return (hdr.jpeg_process in (0xC0, 0xC1) and hdr.scans <= hdr.channels and hdr.bits == 8
+                    and hdr.decoded_bytes <= max_bytes)
+        if fmt == "bmp":
+            w, h = struct.unpack("<ii", data[18:26])
+            (compression,) = struct.unpack("<I", data[30:34])
+            return compression == 0 and abs(w) * abs(h) * 4 <= max_bytes
+    except Exception:  # a header we cannot read: the worker will say what is wrong with it
+        return False
+    return False
+
+
 class IsolatedDecoder:
     """A pool of decode workers; :meth:`submit` returns a future of a :class:`PackedItem`
     (or of a per-item :class:`~cxr_edge.errors.ImageError` raised from ``result()``)."""
@@ -130,21 +168,59 @@ class IsolatedDecoder:
         from .extras import require
 
         pebble = require("pebble")
+        # OpenCV's loader puts its own folder first on sys.path while it imports; a worker spawned during that
+        # window inherits the path and finds cv2/typing instead of the standard library (every worker then dies
+        # at start). Finishing that import here, before any worker exists, closes the window.
+        import cv2  # noqa: F401
+
         self.spec, self.limits, self.isolation = spec, limits, isolation
         self.pool = pebble.ProcessPool(max_workers=isolation.workers, initializer=_limit_worker,
                                        initargs=(isolation.memory_mb,),
                                        context=multiprocessing.get_context(isolation.start_method))
         self.pending = 0  # submitted, not finished: readiness reports a saturated pool
         self.killed = 0  # workers replaced after a deadline or a crash
+        self.inline = 0  # decoded in a caller thread because the header bounds them (counted for reports)
         self._lock = threading.Lock()
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._threads = ThreadPoolExecutor(max_workers=max(1, isolation.workers), thread_name_prefix="decode-inline")
 
     def submit(self, source, name: str | None = None, keep_preview: bool = False) -> Future:
         """Schedule one image; the future's result is a PackedItem, or it raises the item's ImageError."""
         shown = name or str(source)
-        inner = self.pool.schedule(decode_and_pack, args=(source, name, self.spec, self.limits, keep_preview),
-                                   timeout=self.isolation.seconds)
-        with self._lock:
-            self.pending += 1
+        if isinstance(source, (str, os.PathLike)):
+            source, name = self._read(source, name)
+        if isinstance(source, (bytes, bytearray, memoryview)) and header_bounded(bytes(source),
+                                                                                 self.isolation.inline_max_bytes):
+            with self._lock:
+                self.inline += 1
+                self.pending += 1
+            inner = self._threads.submit(decode_and_pack, bytes(source), name, self.spec, self.limits, keep_preview)
+        else:
+            inner = self.pool.schedule(decode_and_pack, args=(source, name, self.spec, self.limits, keep_preview),
+                                       timeout=self.isolation.seconds)
+            with self._lock:
+                self.pending += 1
+        return self._wrap(inner, shown)
+
+    def _read(self, path, name):
+        """A path's bytes, read here (so the header can route it), only when it is a regular file within
+        the byte limit; anything else goes to the worker as a path, which reports it as the item's error."""
+        import stat as stat_
+
+        p = Path(path)
+        try:
+            st = p.stat()
+        except OSError:
+            return path, name
+        if not stat_.S_ISREG(st.st_mode) or st.st_size > self.limits.max_bytes:
+            return path, name
+        try:
+            return p.read_bytes(), name or str(path)
+        except OSError:
+            return path, name
+
+    def _wrap(self, inner, shown: str) -> Future:
         outer: Future = Future()
 
         def done(f) -> None:
@@ -201,5 +277,6 @@ class IsolatedDecoder:
             f.result()
 
     def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self.pool.stop()
         self.pool.join(timeout=5)

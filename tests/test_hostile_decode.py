@@ -216,3 +216,16 @@ def test_isolated_decoder_memory_ceiling_is_a_per_item_error():
         assert d.decode(small.tobytes(), "small.png").packed.shape == (64, 64, 1)  # the pool still works
     finally:
         d.close()
+
+
+def test_only_images_whose_header_bounds_their_cost_are_decoded_inline():
+    from cxr_edge.decode_workers import header_bounded
+
+    small_png = H.raw_png(64, 64, 8, 0, b"".join(b"\x00" + bytes(64) for _ in range(64)))
+    assert header_bounded(small_png, 1 << 24)
+    assert not header_bounded(H.png_wide(4000, 4000, 4, 16), 1 << 24)  # 128 MB declared: a worker
+    assert header_bounded(H.jpeg(H.gradient(256, 256)), 1 << 24)  # baseline, one scan
+    assert not header_bounded(H.jpeg(H.gradient(256, 256), progressive=True), 1 << 24)  # scans: a worker
+    assert not header_bounded(H.tiff(H.gradient(64, 64)), 1 << 24)  # TIFF: always a worker
+    assert not header_bounded(small_png, 0)  # inline decoding off
+    header_bounded(b"\x89PNG\r\n\x1a\n" + b"\xff" * 40, 1 << 24)  # damaged headers never raise
