@@ -85,7 +85,7 @@ def _limit_worker(memory_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def decode_and_pack(source, name: str | None, spec, limits, keep_preview: bool) -> tuple:
+def decode_and_pack(source, name: str | None, spec, limits, keep_preview: bool, resize: bool = True) -> tuple:
     """Runs in a worker: decode + pack one image. Returns ``("ok", PackedItem)`` or ``("error", kind, name, reason)``
     (exceptions are returned as values: ImageError's constructor does not survive pickling)."""
     from .errors import ImageError
@@ -93,7 +93,7 @@ def decode_and_pack(source, name: str | None, spec, limits, keep_preview: bool) 
 
     shown = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     try:
-        packed, img = pack_source(source, spec, name=name, limits=limits)
+        packed, img = pack_source(source, spec, name=name, limits=limits, resize=resize)
         preview = preview_of(img.pixels) if keep_preview else None
         return "ok", PackedItem(packed, preview, img.pixels.shape[:2], img.format, img.bit_depth, img.notes)
     except ImageError as exc:
@@ -185,7 +185,7 @@ class IsolatedDecoder:
 
         self._threads = ThreadPoolExecutor(max_workers=max(1, isolation.workers), thread_name_prefix="decode-inline")
 
-    def submit(self, source, name: str | None = None, keep_preview: bool = False) -> Future:
+    def submit(self, source, name: str | None = None, keep_preview: bool = False, resize: bool = True) -> Future:
         """Schedule one image; the future's result is a PackedItem, or it raises the item's ImageError."""
         shown = name or str(source)
         if isinstance(source, (str, os.PathLike)):
@@ -195,9 +195,10 @@ class IsolatedDecoder:
             with self._lock:
                 self.inline += 1
                 self.pending += 1
-            inner = self._threads.submit(decode_and_pack, bytes(source), name, self.spec, self.limits, keep_preview)
+            inner = self._threads.submit(decode_and_pack, bytes(source), name, self.spec, self.limits, keep_preview,
+                                         resize)
         else:
-            inner = self.pool.schedule(decode_and_pack, args=(source, name, self.spec, self.limits, keep_preview),
+            inner = self.pool.schedule(decode_and_pack, args=(source, name, self.spec, self.limits, keep_preview, resize),
                                        timeout=self.isolation.seconds)
             with self._lock:
                 self.pending += 1
@@ -265,8 +266,8 @@ class IsolatedDecoder:
         log.warning("decode worker died on %r (%s: exit code %s)", name, type(exc).__name__, code)
         return ImageError(name, f"the decoder crashed on this file (exit code {code}); it is damaged or crafted.")
 
-    def decode(self, source, name: str | None = None, keep_preview: bool = False) -> PackedItem:
-        return self.submit(source, name, keep_preview).result()
+    def decode(self, source, name: str | None = None, keep_preview: bool = False, resize: bool = True) -> PackedItem:
+        return self.submit(source, name, keep_preview, resize).result()
 
     def warm_up(self) -> None:
         """Start every worker now (spawning and importing take ~0.3 s each), not on the first request."""

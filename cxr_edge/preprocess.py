@@ -215,8 +215,11 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     return cv2.cvtColor(pixels, code)
 
 
-def pack_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Decoded pixels -> ``uint8 (H, W, C_in)`` at the model's resolution (the host half of preprocessing)."""
+def pack_image(pixels: np.ndarray, spec: PreprocessSpec, resize: bool = True) -> np.ndarray:
+    """Decoded pixels -> ``uint8 (H, W, C_in)`` at the model's resolution (the host half of preprocessing).
+
+    ``resize=False`` stops before the resize (the GPU path resizes on the device, with the same rule:
+    :func:`cxr_edge.runtime.resize.area_resize`)."""
     import cv2
 
     # gray data: depth first, then replication (three wide copies are never made); colour data: channels
@@ -226,14 +229,17 @@ def pack_image(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         img = to_channels(to_uint8(pixels), spec.input_channels)
     else:
         img = to_uint8(to_channels(pixels, spec.input_channels))
-    if img.shape[:2] != (spec.height, spec.width):
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if resize and img.shape[:2] != (spec.height, spec.width):
         img = cv2.resize(img, (spec.width, spec.height), interpolation=spec.interpolation.cv2_flag)
         if img.ndim == 2:
             img = img[:, :, None]
     return np.ascontiguousarray(img, dtype=np.uint8)
 
 
-def pack_source(source, spec: PreprocessSpec, *, name: str | None = None, limits=None, common_size: int | None = None):
+def pack_source(source, spec: PreprocessSpec, *, name: str | None = None, limits=None, common_size: int | None = None,
+                resize: bool = True):
     """Decode + pack in one call, the way every consumer does it: returns (packed, decoded image).
 
     ``common_size`` first down-samples to one square size (the size-leak check of evaluation).
@@ -248,4 +254,4 @@ def pack_source(source, spec: PreprocessSpec, *, name: str | None = None, limits
     pixels = img.pixels
     if common_size:
         pixels = cv2.resize(to_uint8(pixels), (common_size, common_size), interpolation=cv2.INTER_AREA)
-    return pack_image(pixels, spec), img
+    return pack_image(pixels, spec, resize), img

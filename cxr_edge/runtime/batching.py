@@ -43,6 +43,9 @@ def item_name(item, i: int) -> str:
 
 
 class BatchPacker:
+    resize = True  # the GPU packer decodes here and resizes on the device
+    path = "cpu"  # which preprocessing path ran, for results and /metrics
+
     def __init__(self, spec: PreprocessSpec, batch_size: int, workers: int | None = None,
                  limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False,
                  isolation: DecodeIsolation | None = None):
@@ -56,13 +59,14 @@ class BatchPacker:
         name = item_name(item, i)
         if self.isolated is not None and not isinstance(item, np.ndarray):
             try:
-                it = self.isolated.decode(item, None if isinstance(item, (str, os.PathLike)) else name, self.keep)
+                it = self.isolated.decode(item, None if isinstance(item, (str, os.PathLike)) else name, self.keep,
+                                          self.resize)
                 return i, name, it.packed, it.preview, None
             except ImageError as exc:
                 return i, name, None, None, exc
         try:
             packed, img = pack_source(item, self.spec, name=name if not isinstance(item, (str, os.PathLike)) else None,
-                                      limits=self.limits)
+                                      limits=self.limits, resize=self.resize)
             return i, name, packed, (preview_of(img.pixels) if self.keep else None), None
         except ImageError as exc:
             return i, name, None, None, exc
@@ -78,14 +82,22 @@ class BatchPacker:
             if err is not None:
                 pb.errors[i] = err
                 continue
-            buf[n] = packed
+            self._place(buf, n, packed)
             pb.indices.append(i)
             if orig is not None:
                 pb.originals[i] = orig
             n += 1
         pb.x = buf[:n]
+        self._finish(pb)
         pb.decode_s = time.perf_counter() - t0
         return pb
+
+    def _place(self, buf, n: int, packed: np.ndarray) -> None:
+        """Put one packed image in slot ``n`` of the batch (the GPU packer resizes into a device batch here)."""
+        buf[n] = packed
+
+    def _finish(self, pb: PackedBatch) -> None:
+        """The batch is complete (the GPU packer waits for its device work here)."""
 
     def iter_batches(self, items):
         """Yield PackedBatch objects; batch k+1 is decoded in the background while k is consumed."""

@@ -56,6 +56,7 @@ class ScreeningResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     explanation: Explanation | None = None
     decision: Decision | None = None  # why this label: threshold, margin, borderline, operating point
+    preprocess: str | None = None  # which path decoded and resized the image: "cpu" or "gpu"
 
     @classmethod
     def unusable(cls, index: int, source: str, reason: str) -> ScreeningResult:
@@ -78,4 +79,5 @@ class ScreeningResult:
                 "backend": self.backend, "provider": self.provider, "precision": self.precision,
                 "timings_ms": dict(self.timings_ms),
                 "explanation": self.explanation.to_dict() if self.explanation is not None else None,
-                "decision": self.decision.to_dict() if self.decision is not None else None}
+                "decision": self.decision.to_dict() if self.decision is not None else None,
+                "preprocess": self.preprocess}

@@ -30,7 +30,7 @@ class Screener:
 
     def __init__(self, artifact, *, backend: str | None = None, device: str = "auto", batch_size: int = 8,
                  workers: int | None = None, threshold: float | None = None, verify: bool = True,
-                 isolation: DecodeIsolation | None = DecodeIsolation(), **options):
+                 isolation: DecodeIsolation | None = DecodeIsolation(), preprocess: str = "auto", **options):
         if batch_size < 1:  # checked before anything is loaded, so a bad value leaks no engine
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         options.setdefault("max_batch", batch_size)  # profile of engines compiled at load (ORT's TensorRT EP)
@@ -46,6 +46,7 @@ class Screener:
         self.workers = workers
         self.isolation = isolation  # None: decode in threads of this process (trusted files only)
         self._cam = None
+        self.preprocess, self.preprocess_note = choose_preprocess(preprocess, self.engine)
 
     # --------------------------------------------------------------- explanations
     def _cam_engine(self):
@@ -93,23 +94,47 @@ class Screener:
                           f"({src.get('file')}) was not found beside it or at {src.get('path')} for the TensorFlow fallback.")
 
     # --------------------------------------------------------------- screening
+    def _packer(self, path: str, explain: bool) -> BatchPacker:
+        if path == "gpu":
+            from .gpu_preprocess import GpuBatchPacker
+
+            return GpuBatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain,
+                                  isolation=self.isolation)
+        return BatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain,
+                           isolation=self.isolation)
+
     def predict(self, items, explain: bool = False, out_dir: str | Path | None = None,
                 cam_scale: float | None = None) -> list[ScreeningResult]:
-        """One result per item, in order; bad items get ``ok=False`` and an error, never an exception."""
+        """One result per item, in order; bad items get ``ok=False`` and an error, never an exception.
+
+        With GPU preprocessing, a failure of the device path (not of an image) re-runs the remaining
+        items on the CPU path and logs why; each result says which path prepared it."""
         items = list(items)
         results: list[ScreeningResult | None] = [None] * len(items)
-        packer = BatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain,
-                             isolation=self.isolation)
+        if self.preprocess == "gpu":
+            try:
+                self._predict(items, list(range(len(items))), results, "gpu", explain, out_dir, cam_scale)
+                return results  # type: ignore[return-value]
+            except Exception as exc:  # the device path failed: the CPU path answers what is left
+                log.warning("GPU preprocessing failed (%s: %s); the remaining images run on the CPU path",
+                            type(exc).__name__, exc)
+        todo = [k for k, r in enumerate(results) if r is None]
+        self._predict([items[k] for k in todo], todo, results, "cpu", explain, out_dir, cam_scale)
+        return results  # type: ignore[return-value]
+
+    def _predict(self, items, positions, results, path, explain, out_dir, cam_scale) -> None:
+        packer = self._packer(path, explain)
         info = self.engine.info
         outputs = ["probs", "features"] if explain and self._cam_engine()[0] == "engine-native" else ["probs"]
         try:
             for pb in packer.iter_batches(items):
+                pb = _renumber(pb, positions)
                 for i, err in pb.errors.items():
                     results[i] = ScreeningResult.unusable(i, pb.names[i], err.reason)
                 if not pb.indices:
                     continue
                 t0 = time.perf_counter()
-                out = self.engine.infer(pb.x, outputs)
+                out = self.engine.infer_device(pb.x, outputs) if path == "gpu" else self.engine.infer(pb.x, outputs)
                 infer_s = time.perf_counter() - t0
                 probs = out["probs"]
                 labels = decide(probs, self.classes, self.threshold)
@@ -117,13 +142,14 @@ class Screener:
                 cams, method, cam_s = None, None, 0.0
                 if explain:
                     t1 = time.perf_counter()
-                    cams, method = self._explain(pb.x, out.get("features"), labels)
+                    cams, method = self._explain(_host(pb.x), out.get("features"), labels)
                     cam_s = time.perf_counter() - t1
                 for k, i in enumerate(pb.indices):
                     r = ScreeningResult.from_probabilities(
                         i, pb.names[i], probs[k], self.classes, self.threshold, info,
                         {"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per, "batch": per},
                         self.operating_point, self.band)
+                    r.preprocess = path
                     if cams is not None:
                         r.explanation = Explanation(self.classes[labels[k]], method, float(cams[k].max()), cam_s / per,
                                                     cam=cams[k], weak=bool(cams[k].max() < WEAK_CAM_PEAK))
@@ -139,7 +165,6 @@ class Screener:
                     results[i] = r
         finally:
             packer.close()
-        return results
 
     def close(self) -> None:
         self.engine.close()
@@ -149,3 +174,44 @@ class Screener:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def choose_preprocess(requested: str, engine) -> tuple[str, str]:
+    """'cpu' or 'gpu', and why. ``auto`` picks the GPU only for an engine running on CUDA, and only after the
+    device resize reproduced the CPU reference (:func:`.gpu_preprocess.self_test`); ``gpu`` insists."""
+    if requested not in ("auto", "cpu", "gpu"):
+        raise ConfigError(f"preprocess must be auto, cpu or gpu, got {requested!r}.")
+    if requested == "cpu":
+        return "cpu", "asked for"
+    on_cuda = getattr(engine.info, "device", "cpu") == "cuda"
+    if requested == "auto" and not on_cuda:
+        return "cpu", "the engine runs on the CPU"
+    try:
+        import cupy as cp
+    except ImportError:
+        why = "CuPy is not installed (pip install cupy-cuda12x)"
+    else:
+        from .gpu_preprocess import self_test
+
+        why = self_test(cp)
+    if why is None:
+        return "gpu", "the device resize matched the CPU reference at load"
+    if requested == "gpu":
+        raise ConfigError(f"GPU preprocessing was asked for but cannot run here: {why}. Use preprocess='auto' or 'cpu'.")
+    return "cpu", f"GPU preprocessing unavailable: {why}"
+
+
+def _host(x):
+    return x.get() if hasattr(x, "get") else x
+
+
+def _renumber(pb, positions):
+    """A PackedBatch of a sub-list, with its indices mapped back to the caller's positions."""
+    if positions == list(range(len(positions))):
+        return pb
+    m = positions.__getitem__
+    pb.indices = [m(i) for i in pb.indices]
+    pb.errors = {m(i): e for i, e in pb.errors.items()}
+    pb.originals = {m(i): o for i, o in pb.originals.items()}
+    pb.names = {m(i): n for i, n in pb.names.items()}
+    return pb

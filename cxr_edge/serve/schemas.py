@@ -50,6 +50,7 @@ class ScreeningResultModel(BaseModel):
     timings_ms: dict[str, float] = Field(default_factory=dict)
     explanation: ExplanationModel | None = None
     decision: DecisionModel | None = None
+    preprocess: str | None = Field(None, description="which path decoded and resized the image: cpu or gpu")
 
 
 class ModelInfo(BaseModel):

@@ -96,6 +96,12 @@ class Backend(abc.ABC):
             parts.append({name: arr[:k] for name, arr in res.items()})
         return {name: np.concatenate([p[name] for p in parts]) for name in wanted}
 
+    def infer_device(self, batch, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Run a batch already on the GPU (a CuPy array from GPU preprocessing). Engines that can read device
+        memory override this (TensorRT copies device to device into its fixed input buffer); the default
+        copies the batch to the host and runs :meth:`infer`."""
+        return self.infer(batch.get() if hasattr(batch, "get") else np.asarray(batch), outputs)
+
     def fit_note(self, n: int) -> str | None:
         """How a batch of ``n`` is fitted to the profile (for reports), or None when it fits as it is."""
         lo, hi = self.batch_range()

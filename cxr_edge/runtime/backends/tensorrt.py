@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...errors import EngineError
+from ...errors import ConfigError, EngineError
 from ..tensorrt_api import check_cuda, check_engine_compat, check_trt, current_device, require_cudart, require_tensorrt
 from .base import Backend, BackendInfo
 
@@ -137,10 +137,15 @@ class TensorRTBackend(Backend):
         self.host[self.input_name][:n] = batch
         check_trt(self.context.set_input_shape(self.input_name, tuple(batch.shape)), f"input shape {tuple(batch.shape)}")
         kind_h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         check_cuda(cudart.cudaMemcpyAsync(self.buffers[self.input_name], self.host[self.input_name].ctypes.data,
                                           batch.nbytes, kind_h2d, self.stream), "cudaMemcpyAsync (input)")
         self._launch(n)
+        return self._fetch(outputs)
+
+    def _fetch(self, outputs: list[str]) -> dict[str, np.ndarray]:
+        """Copy the named outputs of the last launch to the host and wait for the stream."""
+        cudart = self.cudart
+        kind_d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         shapes = {}
         for name in outputs:
             shape = tuple(int(d) for d in self.context.get_tensor_shape(name))
@@ -152,6 +157,27 @@ class TensorRTBackend(Backend):
             shapes[name] = shape
         check_cuda(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         return {name: self.host[name].reshape(-1)[: int(np.prod(s))].reshape(s).copy() for name, s in shapes.items()}
+
+    def infer_device(self, batch, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """A CuPy batch from GPU preprocessing: copied device to device into the engine's fixed input buffer
+        (so captured CUDA graphs stay valid), with no trip through the host."""
+        lo, hi = self.batch_range()
+        n = len(batch)
+        if not hasattr(batch, "data") or not hasattr(batch.data, "ptr") or not lo <= n <= hi:
+            return super().infer_device(batch, outputs)  # host arrays, or a batch the profile must pad or split
+        if not self._loaded:
+            self.load()
+        if tuple(batch.shape[1:]) != self.spec.input_shape or str(batch.dtype) != "uint8":
+            raise ConfigError(f"Expected a uint8 device batch of shape (N, {', '.join(map(str, self.spec.input_shape))}), "
+                              f"got {str(batch.dtype)} {tuple(batch.shape)}.")
+        wanted = outputs or self.outputs
+        cudart = self.cudart
+        check_trt(self.context.set_input_shape(self.input_name, tuple(batch.shape)), f"input shape {tuple(batch.shape)}")
+        check_cuda(cudart.cudaMemcpyAsync(self.buffers[self.input_name], int(batch.data.ptr), int(batch.nbytes),
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream),
+                   "cudaMemcpyAsync (device input)")
+        self._launch(n)
+        return self._temperature(self._fetch(wanted))
 
     def _close(self) -> None:
         self._release()
