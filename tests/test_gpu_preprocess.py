@@ -81,3 +81,17 @@ def test_auto_stays_on_the_cpu_for_a_cpu_engine_and_gpu_says_why_it_cannot(tiny_
         pass
     with pytest.raises(ConfigError, match="GPU preprocessing was asked for"):
         Screener(art, isolation=None, preprocess="gpu")
+
+
+def test_bench_has_preprocessing_rows_for_each_path():
+    from cxr_edge.bench.preprocess_bench import measure_preprocessing
+    from cxr_edge.bench.report import render_markdown
+
+    rows = measure_preprocessing([], PreprocessSpec(64, 64, "rescale"), budget_s=0.05)
+    assert [r["path"] for r in rows] == ["cpu", "cpu", "gpu"]
+    assert rows[0]["status"] == "ran" and rows[0]["ms_per_megapixel"] > 0 and rows[0]["mean_megapixels"] == 3.2
+    assert rows[2]["status"].startswith("could not run") or rows[2]["status"] == "ran"
+    md = render_markdown({"machine": {"cpu_model": "x", "usable_cores": 2, "cpu_mhz": 1, "cpu_flags": [], "gpu": None,
+                                      "versions": {}}, "recipe": "r", "input": {"height": 64, "width": 64},
+                          "macs_per_image": 1e9, "rows": [], "summary": {}, "accuracy": {}, "preprocessing": rows})
+    assert "## Preprocessing" in md and "CuPy area_resize" in md

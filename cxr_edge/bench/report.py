@@ -56,6 +56,12 @@ def render_markdown(res: dict, command: str | None = None) -> str:
                          f"{_f(a.get('covid_sensitivity'), '{:.3f}')} | {_f(a.get('covid_specificity'), '{:.3f}')} | "
                          f"{a['top_class_agreement_vs_fp32']:.4f} | {a['decision_flips_vs_fp32']} | "
                          f"{a['max_abs_dprob_vs_fp32']:.2e} |")
+    if res.get("preprocessing"):
+        lines += ["", "## Preprocessing (decoded image -> model input; decoding stays on the CPU in both paths)", "",
+                  "| path | implementation | images/s | ms/image | ms per megapixel | status |", "|---|---|---|---|---|---|"]
+        for r in res["preprocessing"]:
+            lines.append(f"| {r['path']} | {r['implementation']} | {_f(r.get('images_per_s'))} | "
+                         f"{_f(r.get('ms_per_image'), '{:.2f}')} | {_f(r.get('ms_per_megapixel'), '{:.2f}')} | {r['status']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,7 @@ class BenchConfig:
     threads: int | None = None
     max_accuracy_images: int = 400
     cuda_graph: bool = False  # TensorRT rows: replay CUDA graphs
+    preprocessing: bool = True  # rows for the host half of preprocessing, CPU and GPU paths
 
 
 @dataclass
@@ -227,7 +228,13 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     if bar:
         bar.close()
     _add_ratios(rows)
-    return {"machine": machine_info(), "config": {k: v for k, v in cfg.__dict__.items()}, "artifact_dir": str(artifact_dir),
+    prep = []
+    if cfg.preprocessing:
+        from .preprocess_bench import measure_preprocessing
+
+        prep = measure_preprocessing(paths, spec, budget_s=min(cfg.budget_s, 2.0))
+    return {"preprocessing": prep, "machine": machine_info(), "config": {k: v for k, v in cfg.__dict__.items()},
+            "artifact_dir": str(artifact_dir),
             "recipe": fp32_doc.get("recipe"), "classes": classes, "input": spec.to_dict(), "macs_per_image": macs,
             "accuracy_data": data_info, "rows": rows, "accuracy": accuracy, "summary": _summary(rows, macs)}
 

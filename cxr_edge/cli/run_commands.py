@@ -55,7 +55,7 @@ def cmd_predict(a) -> int:
     device = "cuda" if a.require_gpu else a.device
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
                   threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
-                  allow_failed_gate=a.allow_failed_gate,
+                  allow_failed_gate=a.allow_failed_gate, preprocess=a.preprocess,
                   **({"cuda_graph": True} if a.cuda_graph else {})) as s:
         results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info, threshold = s.engine.info, s.threshold
@@ -176,6 +176,8 @@ def register(sub) -> None:
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
     pr.add_argument("--cam-scale", type=positive_float, help="fixed heatmap scale (default: each map's own max)")
+    pr.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
+                    help="where images are resized: auto (the GPU only for a CUDA engine, after a self-test), cpu, gpu")
     pr.add_argument("--allow-failed-gate", action="store_true",
                     help="run an artifact whose export accuracy gate failed (investigation only; refused otherwise)")
     pr.add_argument("--trusted-key", action="append", metavar="PUB",

@@ -17,6 +17,7 @@ from ._common import (
 )
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+PREPROCESS = ("auto", "cpu", "gpu")
 TRITON_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
 
 
@@ -44,7 +45,8 @@ def cmd_serve(a) -> None:
                       body_timeout_s=a.body_timeout, save_dir=a.save_dir, engine_spin=a.engine_spin,
                       cuda_graph=a.cuda_graph, decode_workers=a.decode_workers, decode_timeout_s=a.decode_timeout,
                       decode_memory_mb=a.decode_memory_mb, max_inflight_body_mb=a.max_inflight_body_mb,
-                      min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate)
+                      min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate,
+                      preprocess=a.preprocess)
     run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
                graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
 
@@ -116,6 +118,8 @@ def register(sub) -> None:
                     help="request bodies held at once by all clients together (503 above)")
     sv.add_argument("--min-body-rate-kbs", type=positive_float, default=default_of(S, "min_body_rate_kbs"),
                     help="slowest accepted upload after its first 2 s (kB/s; 408 below)")
+    sv.add_argument("--preprocess", choices=PREPROCESS, default=default_of(S, "preprocess"),
+                    help="where images are resized: auto (the GPU only for a CUDA engine, after a self-test), cpu, gpu")
     sv.add_argument("--allow-failed-gate", action="store_true",
                     help="serve an artifact whose export accuracy gate failed (investigation only; refused otherwise)")
     sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")

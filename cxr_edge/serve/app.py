@@ -60,6 +60,7 @@ class ScreeningService:
         self.ready = False
         self.metrics = ServiceMetrics()
         self.stopping = False
+        self.preprocess = "cpu"
         # threads: saving uploads, overlays, and decoding itself when isolation is off (decode_workers=0)
         self.decode_pool = ThreadPoolExecutor(max_workers=max(2, config.decode_workers), thread_name_prefix="decode")
         self.decoder: IsolatedDecoder | None = None
@@ -86,6 +87,10 @@ class ScreeningService:
             if self.engine_wrapper is not None:
                 engine = self.engine_wrapper(engine)
             self.engine = engine
+            from ..runtime.screener import choose_preprocess
+
+            self.preprocess, note = choose_preprocess(c.preprocess, engine)
+            log.info("preprocessing on the %s (%s)", self.preprocess.upper(), note)
             self.operating_point = describe_operating_point(engine.manifest.operating_point)
             self.band = borderline_band(engine.manifest)
             if c.decode_workers > 0:
@@ -164,13 +169,32 @@ class ScreeningService:
         loop = asyncio.get_running_loop()
         if self.save_dir is not None:
             await loop.run_in_executor(self.decode_pool, _save_upload, self.save_dir, data, rid, k)
+        resize = self.preprocess != "gpu"  # the GPU path resizes on the device, below
         if self.decoder is not None:
-            return await asyncio.wrap_future(self.decoder.submit(data, name, keep_preview=explain))
-        res = await loop.run_in_executor(self.decode_pool, decode_and_pack, data, name, self.engine.spec,
-                                         self.limits, explain)
-        if res[0] != "ok":
-            raise error_from(*res[1:])
-        return res[1]
+            item = await asyncio.wrap_future(self.decoder.submit(data, name, keep_preview=explain, resize=resize))
+        else:
+            res = await loop.run_in_executor(self.decode_pool, decode_and_pack, data, name, self.engine.spec,
+                                             self.limits, explain, resize)
+            if res[0] != "ok":
+                raise error_from(*res[1:])
+            item = res[1]
+        if not resize:
+            item.packed = await loop.run_in_executor(self.decode_pool, self._gpu_resize, item.packed)
+        return item
+
+    def _gpu_resize(self, img: np.ndarray) -> np.ndarray:
+        """One decoded image resized on the device (the CPU resize if the device fails: logged, counted)."""
+        from ..runtime.resize import area_resize
+
+        spec = self.engine.spec
+        try:
+            import cupy as cp
+
+            return cp.asnumpy(area_resize(cp.asarray(img), spec.height, spec.width, cp))
+        except Exception as exc:
+            log.warning("GPU resize failed (%s: %s); resized on the CPU", type(exc).__name__, exc)
+            self.metrics.images.labels("gpu_fallback").inc()
+            return area_resize(img, spec.height, spec.width)
 
     def _explanation(self, preview: np.ndarray, features: np.ndarray, label: int) -> Explanation:
         """Grad-CAM, its overlay, the preview and the map alone, all at the capped preview size (never the
@@ -215,6 +239,7 @@ class ScreeningService:
                                                engine.info, {"decode": decode_ms,
                                                              "queue_and_infer": 1e3 * (time.perf_counter() - t)},
                                                self.operating_point, self.band)
+        r.preprocess = self.preprocess
         if explain:
             label = engine.classes.index(r.label)
             r.explanation = await loop.run_in_executor(self.decode_pool, self._explanation, item.preview,
@@ -302,7 +327,8 @@ class ScreeningService:
         return {"backend": info.backend, "provider": info.provider, "precision": info.precision,
                 "classes": self.engine.classes, "artifact": m.get("file"), "recipe": m.recipe,
                 "version": f"v{m.get('manifest_version', 1)}" + (f" ({created})" if created else ""),
-                "sha256": (m.sha256 or "")[:12] or None, "operating_point": self.operating_point}
+                "sha256": (m.sha256 or "")[:12] or None, "operating_point": self.operating_point,
+                "preprocess": self.preprocess}
 
     # ---- the ASGI app
     def build_app(self):

@@ -63,6 +63,7 @@ class ModelInfo(BaseModel):
     version: str | None = Field(None, description="manifest version and creation date")
     sha256: str | None = Field(None, description="first 12 hex digits of the artifact's sha256")
     operating_point: str | None = None
+    preprocess: str | None = Field(None, description="where images are resized: cpu or gpu")
 
 
 class ScreenResponse(BaseModel):
