@@ -1,0 +1,34 @@
+"""Shared by the kit's tests (imported, not a conftest: the kit runs with --noconftest)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+FIXTURES = ROOT / "tests" / "gpu" / "fixtures"
+
+
+def cupy_or_skip():
+    """CuPy with a working CUDA device, or skip saying why."""
+    try:
+        import cupy as cp
+    except ImportError:
+        pytest.skip("no CUDA: CuPy is not installed")
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, no device
+        pytest.skip(f"no CUDA device ({type(exc).__name__}: {exc})")
+    if n < 1:
+        pytest.skip("no CUDA device")
+    return cp
+
+
+def cudart_or_skip():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        pytest.skip("cuda-bindings is not installed")
+    return cudart
