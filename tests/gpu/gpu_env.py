@@ -1,4 +1,7 @@
-"""Shared by the kit's tests (imported, not a conftest: the kit runs with --noconftest)."""
+"""The kit's own setup, imported by its tests. Not a conftest.py: the kit runs with ``--noconftest`` on a bare
+GPU machine, and a second ``conftest.py`` would shadow tests/conftest.py (``from conftest import ...``) under
+pytest's default import mode when the whole suite runs. Without a CUDA device every test skips with the reason.
+"""
 
 import sys
 from pathlib import Path
