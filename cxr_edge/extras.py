@@ -13,6 +13,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "keras": ("train", "training and Keras models"),
     "tf2onnx": ("train", "exporting Keras models to ONNX"),
     "sklearn": ("bench", "evaluation metrics (also in the train extra)"),
+    "scipy": ("bench", "exact confidence intervals and calibration (scikit-learn brings it)"),
     "matplotlib": ("bench", "evaluation and benchmark plots (also in the train extra)"),
     "sympy": ("export", "INT8 quantisation of ONNX models (also in the train extra)"),
     "pydicom": ("dicom", "reading DICOM files"),

@@ -43,7 +43,7 @@ def test_any_other_size_is_within_one_level(seed, h, w, oh, ow, ch, dtype):
     d = np.abs(got.astype(np.int64) - ref.astype(np.int64))
     assert d.max() <= 1
     if oh <= h and ow <= w and dtype == np.uint8:
-        assert (d == 0).mean() > 0.99  # downscales: nearly every pixel identical
+        assert (d != 0).sum() <= max(2, 0.01 * d.size)  # downscales: nearly every pixel identical
 
 
 def test_the_size_radiographs_see_matches_the_cpu_path():
