@@ -23,7 +23,7 @@ def _cv2(img, oh, ow):
     return ref[..., None] if img.ndim == 3 and ref.ndim == 2 else ref
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31), oh=st.integers(2, 90), ow=st.integers(2, 90), fy=st.integers(1, 6),
        fx=st.integers(1, 6), ch=CHANNELS, dtype=DTYPES)
 def test_integer_factors_are_bit_exact(seed, oh, ow, fy, fx, ch, dtype):
@@ -33,7 +33,7 @@ def test_integer_factors_are_bit_exact(seed, oh, ow, fy, fx, ch, dtype):
     assert np.array_equal(got, ref)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**31), h=st.integers(8, 300), w=st.integers(8, 300), oh=st.integers(2, 260),
        ow=st.integers(2, 260), ch=CHANNELS, dtype=DTYPES)
 def test_any_other_size_is_within_one_level(seed, h, w, oh, ow, ch, dtype):
