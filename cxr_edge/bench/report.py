@@ -56,6 +56,13 @@ def render_markdown(res: dict, command: str | None = None) -> str:
                          f"{_f(a.get('covid_sensitivity'), '{:.3f}')} | {_f(a.get('covid_specificity'), '{:.3f}')} | "
                          f"{a['top_class_agreement_vs_fp32']:.4f} | {a['decision_flips_vs_fp32']} | "
                          f"{a['max_abs_dprob_vs_fp32']:.2e} |")
+    gpu_e2e = [r for r in res.get("rows", []) if r.get("e2e_gpu_preprocess")]
+    if gpu_e2e:
+        lines += ["", "End-to-end with GPU preprocessing (resize on the device):", ""]
+        for r in gpu_e2e:
+            got = (f"{r['e2e_gpu_throughput_ips']:.1f} img/s ({r['e2e_gpu_vs_engine']:.2f} of engine-only)"
+                   if r["e2e_gpu_preprocess"] == "ran" else r["e2e_gpu_preprocess"])
+            lines.append(f"- {r.get('label', r.get('backend'))} batch {r['batch']}: {got}")
     if res.get("preprocessing"):
         lines += ["", "## Preprocessing (decoded image -> model input; decoding stays on the CPU in both paths)", "",
                   "| path | implementation | images/s | ms/image | ms per megapixel | status |", "|---|---|---|---|---|---|"]

@@ -175,7 +175,10 @@ def register(sub) -> None:
     pr.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     pr.add_argument("--threshold", type=float, help="override the manifest's COVID threshold")
-    pr.add_argument("--cam-scale", type=positive_float, help="fixed heatmap scale (default: each map's own max)")
+    pr.add_argument("--cam-scale", type=positive_float,
+                    help="absolute heatmap scale: the raw Grad-CAM value drawn as full red, the same for every image, so "
+                         "maps can be compared (default: each map's own maximum, which makes a weak map look as hot as "
+                         "a strong one; overlays then say so and flag weak maps)")
     pr.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
                     help="where images are resized: auto (the GPU only for a CUDA engine, after a self-test), cpu, gpu")
     pr.add_argument("--allow-failed-gate", action="store_true",
