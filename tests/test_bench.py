@@ -90,3 +90,10 @@ def test_an_engine_failing_mid_run_becomes_rows_not_a_crash(tiny_export, monkeyp
     assert [r["batch"] for r in bad] == [1, 2]
     assert all(r["status"] == "failed while running: [CPU] Convolution node is not initialized" for r in bad)
     assert any(r["label"] == "onnxruntime fp32" and "p50_ms" in r for r in res["rows"])
+
+
+def test_the_int8_ceiling_is_measured_not_assumed():
+    from cxr_edge.bench.peak import measured_int8_gemm_peak
+
+    p = measured_int8_gemm_peak(budget_s=0.05, n=256)
+    assert p["status"] == "ran" and p["gmacs"] > 0 and "MatMulInteger" in p["what"]

@@ -40,9 +40,17 @@ def render_markdown(res: dict, command: str | None = None) -> str:
     for k, v in res["summary"].items():
         lines.append(f"| {k} | {_f(v['single_stream_p90_ms'])} | {_f(v['offline_throughput_ips'])} | "
                      f"{v['offline_batch']} | {v['status']} |")
+    measured = res.get("measured_int8_peak") or {}
+    if measured.get("status") == "ran":
+        lines += ["", f"Measured INT8 GEMM peak: {measured['gmacs']:.0f} GMAC/s ({measured['what']}); INT8 rows give their "
+                      "fraction of it:"]
+        for r in res.get("rows", []):
+            if r.get("fraction_of_measured_int8_peak") is not None:
+                lines.append(f"- {r.get('label', r.get('backend'))} batch {r['batch']}: {r['gmacs_per_s']:.0f} GMAC/s = "
+                             f"{r['fraction_of_measured_int8_peak']:.2f} of the measured peak")
     peak = m.get("int8_peak", {})
     if peak:
-        lines += ["", "INT8 peak estimate (cores x GHz x MACs/cycle/core): " + ", ".join(
+        lines += ["", "Nominal INT8 estimate (cores x nominal GHz x MACs/cycle/core; not measured, often off): " + ", ".join(
             f"{k.replace('_gmacs', '')} {v:.0f} GMAC/s" for k, v in peak.items() if k.endswith("_gmacs")) + "."]
     acc = res.get("accuracy", {})
     if acc:
