@@ -33,6 +33,8 @@ class Screener:
                  isolation: DecodeIsolation | None = DecodeIsolation(), preprocess: str = "auto", **options):
         if batch_size < 1:  # checked before anything is loaded, so a bad value leaks no engine
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        if preprocess not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"preprocess must be auto, cpu or gpu, got {preprocess!r}.")
         options.setdefault("max_batch", batch_size)  # profile of engines compiled at load (ORT's TensorRT EP)
         self.engine = open_backend(artifact, backend=backend, verify=verify, device=device, **options).load()
         self.manifest = self.engine.manifest
@@ -46,7 +48,11 @@ class Screener:
         self.workers = workers
         self.isolation = isolation  # None: decode in threads of this process (trusted files only)
         self._cam = None
-        self.preprocess, self.preprocess_note = choose_preprocess(preprocess, self.engine)
+        try:
+            self.preprocess, self.preprocess_note = choose_preprocess(preprocess, self.engine)
+        except BaseException:
+            self.engine.close()  # a refused GPU path must not keep the engine
+            raise
 
     # --------------------------------------------------------------- explanations
     def _cam_engine(self):
