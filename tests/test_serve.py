@@ -71,6 +71,7 @@ def test_predict_explain_health_metrics(artifact):
         assert e["results"][0]["explanation"]["target"] == e["results"][0]["label"]
         m = c.get("/metrics").text
         assert 'cxr_requests_total{endpoint="predict",status="200"} 2.0' in m and "cxr_batch_size_bucket" in m
+        assert "cxr_preprocess_on_gpu 0.0" in m  # which preprocessing path runs is on /metrics too
         api = c.get("/openapi.json").json()
         assert "/v1/predict" in api["paths"] and "ScreeningResultModel" in api["components"]["schemas"]
         ok_schema = api["paths"]["/v1/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]

@@ -24,7 +24,7 @@ def _plt():
     return require("matplotlib.pyplot")
 
 
-def plot_confusion(cm, classes, path: Path) -> None:
+def plot_confusion(cm, classes, path: Path, subtitle: str = "") -> None:
     plt = _plt()
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4 + len(classes), 3.5 + len(classes)))
@@ -37,13 +37,13 @@ def plot_confusion(cm, classes, path: Path) -> None:
         for j in range(cm.shape[1]):
             ax.text(j, i, str(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=14)
-    ax.set_title("Confusion matrix")
+    ax.set_title("Confusion matrix" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_roc(curves: dict, aucs: dict, path: Path, operating: dict | None = None) -> None:
+def plot_roc(curves: dict, aucs: dict, path: Path, operating: dict | None = None, subtitle: str = "") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, r in curves.items():
@@ -55,7 +55,7 @@ def plot_roc(curves: dict, aucs: dict, path: Path, operating: dict | None = None
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate (1 - specificity)")
     ax.set_ylabel("true positive rate (sensitivity)")
-    ax.set_title("ROC, one-vs-rest")
+    ax.set_title("ROC, one-vs-rest" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -172,8 +172,12 @@ def write_report(result: dict, out_dir: str | Path, context: dict, history_path:
                  fine_tune_start: int | None = None) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(result["confusion_matrix"], result["classes"], out / "confusion_matrix.png")
-    plot_roc(result["roc_curves"], result["roc_auc"], out / "roc.png", result.get("covid"))
+    # every plot says what it was measured on: split, n and the decision threshold
+    cov = result.get("covid") or {}
+    subtitle = f"split {context.get('split', '?')}, n={result.get('n')}" + (
+        f", COVID threshold {cov['threshold']:.2f}" if cov.get("threshold") is not None else ", argmax")
+    plot_confusion(result["confusion_matrix"], result["classes"], out / "confusion_matrix.png", subtitle)
+    plot_roc(result["roc_curves"], result["roc_auc"], out / "roc.png", result.get("covid"), subtitle)
     hist = read_history(history_path) if history_path else None
     if hist:
         plot_history(hist, out / "training_curves.png", fine_tune_start)

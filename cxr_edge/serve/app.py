@@ -91,6 +91,7 @@ class ScreeningService:
 
             self.preprocess, note = choose_preprocess(c.preprocess, engine)
             log.info("preprocessing on the %s (%s)", self.preprocess.upper(), note)
+            self.metrics.preprocess_on_gpu.set(1 if self.preprocess == "gpu" else 0)
             self.operating_point = describe_operating_point(engine.manifest.operating_point)
             self.band = borderline_band(engine.manifest)
             if c.decode_workers > 0:

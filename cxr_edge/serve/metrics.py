@@ -26,5 +26,8 @@ class ServiceMetrics:
         self.decode_killed = prom.Gauge("cxr_decode_workers_replaced",
                                         "Decode workers killed and replaced (deadline, memory ceiling, crash)", registry=r)
 
+        self.preprocess_on_gpu = prom.Gauge("cxr_preprocess_on_gpu",
+                                            "1 when images are resized on the GPU, 0 on the CPU", registry=r)
+
     def render(self) -> bytes:
         return require("prometheus_client").generate_latest(self.registry)
