@@ -126,8 +126,8 @@ class Decision:
         return cls(classes[k], float(probs[k]), "threshold", float(threshold), p, margin, abs(margin) < band, band,
                    operating_point)
 
-    def text(self) -> str:
-        """The decision line people read, floats rounded: 'COVID: p 0.50 >= threshold 0.47 (operating point: ...)'."""
+    def reason(self) -> str:
+        """Why this label, floats rounded: 'COVID: p 0.50 >= threshold 0.47 (operating point: ...)'."""
         if self.rule == "argmax":
             return f"{self.label}: most probable class (p {self.probability:.2f}); no COVID threshold is set"
         op = f" (operating point: {self.operating_point})" if self.operating_point else ""
@@ -136,6 +136,11 @@ class Decision:
         else:
             line = (f"{self.label}: p(COVID) {self.covid_probability:.2f} < threshold {self.threshold:.2f}{op}; "
                     f"{self.label} is the most probable other class (p {self.probability:.2f})")
+        return line
+
+    def text(self) -> str:
+        """The decision line people read: the reason, and the borderline warning when it applies."""
+        line = self.reason()
         if self.borderline:
             line += f". Borderline: within {self.band:.2f} of the threshold, treat as uncertain"
         return line
@@ -143,4 +148,5 @@ class Decision:
     def to_dict(self) -> dict:
         return {"label": self.label, "probability": self.probability, "rule": self.rule, "threshold": self.threshold,
                 "covid_probability": self.covid_probability, "margin": self.margin, "borderline": self.borderline,
-                "borderline_band": self.band, "operating_point": self.operating_point, "text": self.text()}
+                "borderline_band": self.band, "operating_point": self.operating_point, "reason": self.reason(),
+                "text": self.text()}

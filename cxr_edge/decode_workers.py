@@ -190,12 +190,13 @@ class IsolatedDecoder:
         shown = name or str(source)
         if isinstance(source, (str, os.PathLike)):
             source, name = self._read(source, name)
-        if isinstance(source, (bytes, bytearray, memoryview)) and header_bounded(bytes(source),
-                                                                                 self.isolation.inline_max_bytes):
+        if isinstance(source, (bytearray, memoryview)):
+            source = bytes(source)  # one copy, shared by the header check and whichever path decodes
+        if isinstance(source, bytes) and header_bounded(source, self.isolation.inline_max_bytes):
             with self._lock:
                 self.inline += 1
                 self.pending += 1
-            inner = self._threads.submit(decode_and_pack, bytes(source), name, self.spec, self.limits, keep_preview,
+            inner = self._threads.submit(decode_and_pack, source, name, self.spec, self.limits, keep_preview,
                                          resize)
         else:
             inner = self.pool.schedule(decode_and_pack, args=(source, name, self.spec, self.limits, keep_preview, resize),

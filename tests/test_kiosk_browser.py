@@ -156,7 +156,8 @@ def test_borderline_results_are_flagged_and_class_names_are_text(server, browser
                            "decision": {"label": evil, "probability": 0.52, "rule": "threshold", "threshold": 0.5,
                                         "covid_probability": 0.48, "margin": -0.02, "borderline": True,
                                         "borderline_band": 0.05, "operating_point": "95% sensitivity on validation",
-                                        "text": f"{evil}: p(COVID) 0.48 < threshold 0.50"},
+                                        "reason": f"{evil}: p(COVID) 0.48 < threshold 0.50",
+                                        "text": f"{evil}: p(COVID) 0.48 < threshold 0.50. Borderline: ..."},
                            "explanation": None}]}
     page = browser.new_page(viewport=VIEWPORTS["kiosk"])
     page.route("**/v1/explain", lambda route: route.fulfill(status=200, content_type="application/json",
@@ -167,6 +168,7 @@ def test_borderline_results_are_flagged_and_class_names_are_text(server, browser
     page.set_input_files("#file", str(f))
     _wait_result(page)
     assert page.is_visible("#borderline") and "Borderline" in page.text_content("#borderline")
+    assert "Borderline" not in page.text_content("#decision")  # said once, in its own banner
     assert page.text_content("#label") == evil  # shown as text
     assert page.evaluate("window.pwned") is None and page.locator("#result img").count() == 0
     _shot(page, tmp_path, "kiosk-borderline")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import scan_dataset, split_dataset
-from ..data.loading import load_images
+from ..data.labelled import load_items
 from ..decision import decide
 from ..errors import ConfigError
 from ..evaluation.criteria import PASSED, accepted, agreement_verdict
@@ -128,11 +128,8 @@ def labelled_images(artifact_dir: Path, spec: PreprocessSpec, classes, data: str
         split = "test"
     else:
         items, split = ds.items, "all"
-    items = items[:limit]
-    loaded = load_images([i.path for i in items], spec)
-    kept = [items[k] for k in loaded.kept]
-    y = np.array([list(classes).index(i.label) for i in kept])
-    return loaded.x, y, [i.path for i in kept], {"data": str(root), "split": split, "n": len(kept)}
+    data = load_items(items[:limit], classes, spec, split)
+    return data.x, data.y, [i.path for i in data.items], {"data": str(root), "split": split, "n": len(data.items)}
 
 
 def _accuracy(probs, y, classes, threshold, ref) -> dict:
@@ -189,7 +186,7 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
                      "threads": t.options.get("threads")})
         done = set()
         try:
-            probs = np.concatenate([eng.infer(x_acc[i : i + 32], ["probs"])["probs"] for i in range(0, len(x_acc), 32)])
+            probs = eng.infer_all(x_acc, 32)
             acc = _accuracy(probs, y_acc, classes, threshold, ref_probs)
             kind = "int8" if t.precision.startswith("int8") else t.precision
             verdict = agreement_verdict(int((probs.argmax(1) == ref_probs.argmax(1)).sum()), len(ref_probs),

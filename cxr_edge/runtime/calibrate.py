@@ -22,7 +22,7 @@ import numpy as np
 
 from ..classes import COVID
 from ..data import scan_dataset
-from ..data.loading import load_images
+from ..data.labelled import load_items
 from ..decision import calibrated, choose_threshold, decide, describe_operating_point
 from ..errors import ConfigError, DatasetError
 from ..evaluation.intervals import exact_ci
@@ -115,13 +115,11 @@ def calibrate_artifact(artifact: str | Path, data_dir: str | Path, *, target_sen
         raise DatasetError(f"{data_dir} must hold labelled {COVID} images and at least one other class "
                            f"({classes}); found {sorted(labels) or 'none'}.")
     with Screener(artifact, backend=backend, device=device, isolation=None, batch_size=32) as s:
-        loaded = load_images([i.path for i in ds.items], s.engine.spec, progress=progress)
+        data = load_items(ds.items, classes, s.engine.spec, progress=progress)
         # the engine's own output, before any temperature an earlier calibration set
-        probs = np.concatenate([s.engine.infer(loaded.x[i : i + 32], ["probs"], calibrated=False)["probs"]
-                                for i in range(0, len(loaded.x), 32)]).astype(np.float64)
+        probs = s.engine.infer_all(data.x, 32, calibrated=False).astype(np.float64)
         info = s.engine.info
-    kept = [ds.items[k] for k in loaded.kept]
-    y = np.array([classes.index(i.label) for i in kept])
+    loaded, kept, y = data.loaded, data.items, data.y
     old_t = old_doc.get("probability_temperature")
     raw = calibrated(probs, float(old_t)) if old_t else probs  # what the deployed artifact reports today
     t_new = fit_temperature(probs, y) if temperature else (float(old_t) if old_t else None)

@@ -7,13 +7,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from ..data import scan_dataset
-from ..data.loading import load_images
-from ..data.split import select_split
+from ..data.labelled import load_split
 from ..decision import describe_operating_point
-from ..errors import DatasetError
 from ..evaluation.metrics import evaluate_predictions
 from ..evaluation.report import write_report
 from .screener import Screener
@@ -30,24 +25,15 @@ def evaluate_artifact(artifact: str | Path, data_dir: str | Path, out_dir: str |
     with Screener(artifact, backend=backend, device=device, batch_size=batch_size, isolation=None,
                   allow_failed_gate=True) as s:
         doc, classes = s.manifest, s.classes
-        ds = scan_dataset(data_dir, classes=classes)
-        if tuple(ds.classes) != tuple(classes):
-            raise DatasetError(f"The artifact predicts {classes} but the data has {list(ds.classes)}.")
-        items, used_split = select_split(doc, ds, split)
-        if not items:
-            raise DatasetError(f"The {used_split} split of {data_dir} is empty.")
-        loaded = load_images([i.path for i in items], s.engine.spec, common_size=common_size, progress=progress)
-        kept = [items[k] for k in loaded.kept]
-        y = np.array([classes.index(i.label) for i in kept])
-        probs = np.concatenate([s.engine.infer(loaded.x[i : i + batch_size], ["probs"])["probs"]
-                                for i in range(0, len(loaded.x), batch_size)]) if len(kept) else np.zeros((0, len(classes)))
+        data = load_split(doc, data_dir, s.engine.spec, split, common_size=common_size, progress=progress)
+        probs = s.engine.infer_all(data.x, batch_size)
         info = s.engine.info
     t = threshold if threshold is not None else doc.threshold
-    result = evaluate_predictions(y, probs, classes, t, sources=[i.source for i in kept], sizes=loaded.original_sizes,
+    result = evaluate_predictions(data.y, probs, classes, t, sources=data.sources, sizes=data.loaded.original_sizes,
                                   n_boot=n_boot)
     context = {"model": str(artifact), "engine": f"{info.backend} / {info.provider} / {info.precision}",
-               "recipe": doc.recipe, "data": str(data_dir), "split": used_split, "n_images": len(kept),
-               "skipped": len(loaded.errors), "common_size": common_size,
+               "recipe": doc.recipe, "data": str(data_dir), "split": data.split, "n_images": len(data.items),
+               "skipped": len(data.loaded.errors), "common_size": common_size,
                "operating_point": "threshold given on the command line" if threshold is not None
                else describe_operating_point(doc.operating_point),
                "operating_point_from_training": doc.operating_point or None}

@@ -32,7 +32,8 @@ class DecisionModel(BaseModel):
     borderline: bool | None = Field(None, description="within borderline_band of the threshold: treat as uncertain")
     borderline_band: float | None = None
     operating_point: str | None = Field(None, description="how the threshold was chosen")
-    text: str = Field(description="the decision in one sentence, floats rounded")
+    reason: str = Field(description="why this label, floats rounded")
+    text: str = Field(description="the reason plus the borderline warning when it applies")
 
 
 class ScreeningResultModel(BaseModel):

@@ -5,13 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from ..data import scan_dataset
-from ..data.loading import load_images
-from ..data.split import select_split
+from ..data.labelled import load_split
 from ..decision import describe_operating_point
-from ..errors import DatasetError
 from ..evaluation.metrics import evaluate_predictions
 from ..evaluation.report import write_report
 from ..preprocess import PreprocessSpec
@@ -34,24 +29,16 @@ def evaluate_model(
     model, doc = load_model_and_manifest(model_path)
     classes = doc["classes"]
     spec = PreprocessSpec.from_dict(doc["preprocess"])
-    ds = scan_dataset(data_dir, classes=classes)
-    if tuple(ds.classes) != tuple(classes):
-        raise DatasetError(f"The model predicts {classes} but the data has {list(ds.classes)}.")
-    items, used_split = select_split(doc, ds, split)
-    if not items:
-        raise DatasetError(f"The {used_split} split of {data_dir} is empty.")
-    loaded = load_images([i.path for i in items], spec, common_size=common_size, progress=progress)
-    kept = [items[k] for k in loaded.kept]
-    y = np.array([classes.index(i.label) for i in kept])
-    probs = model.predict(loaded.x, batch_size=32, verbose=0)
+    data = load_split(doc, data_dir, spec, split, common_size=common_size, progress=progress)
+    probs = model.predict(data.x, batch_size=32, verbose=0)
     if threshold is None:
         threshold = doc.threshold
-    result = evaluate_predictions(y, probs, classes, threshold, sources=[i.source for i in kept],
-                                  sizes=loaded.original_sizes, n_boot=n_boot)
+    result = evaluate_predictions(data.y, probs, classes, threshold, sources=data.sources,
+                                  sizes=data.loaded.original_sizes, n_boot=n_boot)
     phases = doc.get("training", {}).get("phases", [])
     ft_start = phases[0]["epochs"] if len(phases) > 1 else None
-    context = {"model": str(model_path), "recipe": doc.get("recipe"), "data": str(data_dir), "split": used_split,
-               "n_images": len(kept), "skipped": len(loaded.errors), "common_size": common_size,
+    context = {"model": str(model_path), "recipe": doc.get("recipe"), "data": str(data_dir), "split": data.split,
+               "n_images": len(data.items), "skipped": len(data.loaded.errors), "common_size": common_size,
                "operating_point_from_training": doc.get("operating_point"),
                "operating_point": describe_operating_point(doc.get("operating_point"))}
     history = Path(model_path).with_name(doc.get("training", {}).get("history", "history.csv"))

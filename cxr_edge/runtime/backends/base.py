@@ -96,6 +96,13 @@ class Backend(abc.ABC):
             parts.append({name: arr[:k] for name, arr in res.items()})
         return {name: np.concatenate([p[name] for p in parts]) for name in wanted}
 
+    def infer_all(self, x: np.ndarray, batch_size: int = 32, output: str = "probs", calibrated: bool = True) -> np.ndarray:
+        """One output for a whole packed set, run ``batch_size`` images at a time (bounded engine memory)."""
+        if len(x) == 0:
+            return np.zeros((0, len(self.classes)), np.float32)
+        return np.concatenate([self.infer(x[i : i + batch_size], [output], calibrated)[output]
+                               for i in range(0, len(x), batch_size)])
+
     def infer_device(self, batch, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run a batch already on the GPU (a CuPy array from GPU preprocessing). Engines that can read device
         memory override this (TensorRT copies device to device into its fixed input buffer); the default
