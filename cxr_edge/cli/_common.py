@@ -58,34 +58,38 @@ def comma_list(choices: Iterable[str] | None = None, item: Callable[[str], Any] 
     return parse
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _bounded(convert, ok, rule: str, name: str):
+    """An argparse type: ``convert`` the text, refuse values for which ``ok`` is false (argparse shows ``name``)."""
+    def parse(text: str):
+        value = convert(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-positive_int.__name__ = "positive integer"
+positive_int = _bounded(int, lambda v: v >= 1, ">= 1", "positive integer")
+non_negative_int = _bounded(int, lambda v: v >= 0, ">= 0", "non-negative integer")
+positive_float = _bounded(float, lambda v: v > 0, "> 0", "positive number")
+
+PREPROCESS = ("auto", "cpu", "gpu")
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-non_negative_int.__name__ = "non-negative integer"
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-positive_float.__name__ = "positive number"
+def add_engine_args(p, backends, *, device_default: str = "auto", preprocess_default: str | None = None,
+                    failed_gate: str | None = None) -> None:
+    """The options every command that runs an artifact shares, said once: backend, device, and optionally
+    the preprocessing path and the failed-gate override (``failed_gate``: what the command does with it)."""
+    p.add_argument("--backend", choices=backends, help="backend (default: the artifact format's first)")
+    p.add_argument("--device", default=device_default, choices=DEVICES, help="where to run")
+    if preprocess_default is not None:
+        p.add_argument("--preprocess", choices=PREPROCESS, default=preprocess_default,
+                       help="where images are resized: auto (the GPU only for a CUDA engine, after a self-test), cpu, gpu")
+    if failed_gate is not None:
+        p.add_argument("--allow-failed-gate", action="store_true",
+                       help=f"{failed_gate} an artifact whose export accuracy gate failed "
+                            "(investigation only; refused otherwise)")
 
 
 def csv_text(values: Iterable) -> str:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ExitCode
-from ._common import DEVICES, HelpFormatter, comma_list, csv_text, default_of, positive_int
+from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_int
 
 SPLITS = ("auto", "train", "val", "test", "all")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int8-trt", "int8-cpu")
@@ -154,8 +154,7 @@ def register(sub) -> None:
     e.add_argument("--common-size", type=positive_int, help="down-sample every image to NxN first (size-leak check)")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the ROC-AUC interval "
                                                                "(sensitivity/specificity use exact intervals)")
-    e.add_argument("--backend", choices=all_backends(), help="artifacts: backend (default: the format's first)")
-    e.add_argument("--device", default="auto", choices=DEVICES, help="artifacts: where to run")
+    add_engine_args(e, all_backends())  # exported artifacts only: a .keras model runs on Keras
     e.set_defaults(func=cmd_evaluate)
 
     x = sub.add_parser("export", help="Keras model -> gated FP32/FP16/INT8 ONNX artifacts with manifests",

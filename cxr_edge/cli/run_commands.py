@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ExitCode
-from ._common import DEVICES, HelpFormatter, comma_list, csv_text, default_of, positive_float, positive_int
+from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_float, positive_int
 
 BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
 BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu")
@@ -154,8 +154,7 @@ def register(sub) -> None:
                     help="also fit a probability temperature on DATA (reliability plot; applied by every consumer)")
     ca.add_argument("--out", help="report directory (default: beside the artifact)")
     ca.add_argument("--dry-run", action="store_true", help="report only; leave the manifest as it is")
-    ca.add_argument("--backend", choices=all_backends(), help="backend (default: the artifact format's first)")
-    ca.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
+    add_engine_args(ca, all_backends())
     ca.set_defaults(func=cmd_calibrate)
 
     pr = sub.add_parser("predict", help="screen images with an artifact (ONNX, TensorRT engine or .keras)",
@@ -167,8 +166,7 @@ def register(sub) -> None:
     pr.add_argument("--explain", action="store_true", help="Grad-CAM heatmaps (PNG overlay + raw .npy in --out)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image")
     pr.add_argument("--out", help="directory for predictions.json and heatmaps")
-    pr.add_argument("--backend", choices=all_backends(), help="backend (default: the artifact format's first)")
-    pr.add_argument("--device", default="auto", choices=DEVICES, help="where to run")
+    add_engine_args(pr, all_backends(), preprocess_default="auto", failed_gate="run")
     pr.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
     pr.add_argument("--precision", choices=OPENVINO_PRECISIONS, help="OpenVINO only: fp32 (forced f32) or bf16")
     pr.add_argument("--batch-size", type=positive_int, default=8, help="images per engine call")
@@ -179,10 +177,6 @@ def register(sub) -> None:
                     help="absolute heatmap scale: the raw Grad-CAM value drawn as full red, the same for every image, so "
                          "maps can be compared (default: each map's own maximum, which makes a weak map look as hot as "
                          "a strong one; overlays then say so and flag weak maps)")
-    pr.add_argument("--preprocess", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="where images are resized: auto (the GPU only for a CUDA engine, after a self-test), cpu, gpu")
-    pr.add_argument("--allow-failed-gate", action="store_true",
-                    help="run an artifact whose export accuracy gate failed (investigation only; refused otherwise)")
     pr.add_argument("--trusted-key", action="append", metavar="PUB",
                     help="only run artifacts signed by this Ed25519 public key (repeatable)")
     pr.set_defaults(func=cmd_predict)

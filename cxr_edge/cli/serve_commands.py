@@ -6,8 +6,8 @@ import argparse
 import logging
 
 from ._common import (
-    DEVICES,
     HelpFormatter,
+    add_engine_args,
     comma_list,
     csv_text,
     default_of,
@@ -17,7 +17,6 @@ from ._common import (
 )
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-PREPROCESS = ("auto", "cpu", "gpu")
 TRITON_KINDS = ("auto", "KIND_CPU", "KIND_GPU")
 
 
@@ -91,8 +90,8 @@ def register(sub) -> None:
     sv.add_argument("--timeout", type=positive_float, default=default_of(S, "timeout_s"),
                     help="per-request timeout and graceful-shutdown drain (s)")
     sv.add_argument("--max-body-mb", type=positive_float, default=default_of(S, "max_body_mb"), help="request body limit")
-    sv.add_argument("--device", default=default_of(S, "device"), choices=DEVICES, help="where to run")
-    sv.add_argument("--backend", choices=all_backends(), help="backend (default: the artifact format's first)")
+    add_engine_args(sv, all_backends(), device_default=default_of(S, "device"),
+                    preprocess_default=default_of(S, "preprocess"), failed_gate="serve")
     sv.add_argument("--cors", type=comma_list(), help="comma-separated allowed origins (default: none)")
     sv.add_argument("--threads", type=positive_int,
                     help="engine threads (default: all usable cores for models over 1 GMAC/image, half of them "
@@ -118,10 +117,6 @@ def register(sub) -> None:
                     help="request bodies held at once by all clients together (503 above)")
     sv.add_argument("--min-body-rate-kbs", type=positive_float, default=default_of(S, "min_body_rate_kbs"),
                     help="slowest accepted upload after its first 2 s (kB/s; 408 below)")
-    sv.add_argument("--preprocess", choices=PREPROCESS, default=default_of(S, "preprocess"),
-                    help="where images are resized: auto (the GPU only for a CUDA engine, after a self-test), cpu, gpu")
-    sv.add_argument("--allow-failed-gate", action="store_true",
-                    help="serve an artifact whose export accuracy gate failed (investigation only; refused otherwise)")
     sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")
     sv.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
