@@ -80,7 +80,8 @@ def cmd_export(a) -> int:
     from ..export.pipeline import ExportConfig, export_model
 
     cfg = ExportConfig(precisions=",".join(a.precision), int8_targets=",".join(a.int8_target), calib_data=a.calib,
-                       calib_method=a.calib_method, calib_size=a.calib_size, force=a.force, opset=a.opset)
+                       calib_method=a.calib_method, calib_size=a.calib_size, force=a.force, opset=a.opset,
+                       fold_preprocessing=not a.no_fold)
     s = export_model(a.model, a.out, cfg)
     print((s.out_dir / "export_report.md").read_text())
     if not s.ok:
@@ -173,6 +174,9 @@ def register(sub) -> None:
                    help="calibration images")
     x.add_argument("--opset", type=int, default=default_of(ExportConfig, "opset"), help="ONNX opset (>= 17)")
     x.add_argument("--force", action="store_true", help="keep artifacts that fail their gate, marked failed")
+    x.add_argument("--no-fold", action="store_true",
+                   help="keep the exported preprocessing as it is instead of folding it into the first convolution "
+                        "where that is exact (for comparing the two)")
     x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build", help="TensorRT engine from an exported ONNX artifact (GPU + TensorRT)",

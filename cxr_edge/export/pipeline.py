@@ -20,6 +20,7 @@ from ..runtime.ort_session import cpu_session, run_batched
 from .artifacts import Int8Target, Precision, Variant, parse_precisions
 from .gate_data import GateData, load_gate_data
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
+from .graph_fold import FoldResult, fold_input_preprocessing
 from .head_export import UnsupportedHead, extract_head, save_head
 from .onnx_export import DEFAULT_OPSET, FEATURES_OUTPUT, PROBS_OUTPUT, convert_in_subprocess, io_contract
 from .quantize import (
@@ -54,6 +55,7 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     seed: int = 0
     mixed_precision: bool = True  # last INT8 remedy: keep the noisiest layers in float
+    fold_preprocessing: bool = True  # fold cast/replication/normalisation into the first conv where exact
 
     def __post_init__(self):
         for name in ("precisions", "int8_targets"):
@@ -206,6 +208,14 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     fp32_path = out / Variant(Precision.FP32).filename()
     layer = doc.get("last_conv_layer")
     proto = convert_in_subprocess(model_path, fp32_path, config.opset)
+    folded = FoldResult(False, "not asked (--no-fold)")
+    if config.fold_preprocessing:
+        folded = fold_input_preprocessing(proto)
+        if folded.folded:
+            onnx = __import__("onnx")
+            onnx.checker.check_model(proto, full_check=True)
+            onnx.save(proto, str(fp32_path))
+        log.info("preprocessing fold: %s", folded.reason)
     inputs, outputs = io_contract(proto)
     parity_x = data.parity_x
     ref = model.predict(parity_x, batch_size=32, verbose=0)
@@ -221,6 +231,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
                      PROBS_OUTPUT: f"softmax probabilities over {classes}",
                      FEATURES_OUTPUT: f"activations of {layer!r} (Grad-CAM feature map)"},
         "gradcam": gradcam,
+        "graph_rewrites": {"input_preprocessing": folded.to_dict()},
         "source_model": {"file": model_path.name, "path": str(model_path.resolve()), "sha256": doc["sha256"]},
         # the training data's root, fingerprint and split: bench finds the test split without the .keras model
         "data": doc.get("data") or {},
@@ -305,7 +316,10 @@ def _export_int8(ctx: ExportContext, v: Variant) -> ExportedArtifact:
         shutil.copy(best.path, path)
     qinfo = best.info
     if v.int8_target is Int8Target.CPU:
+        from .qdq_rewrites import openvino_runtime_precisions
+
         qinfo["ort_cpu_int8_kernels"] = ort_cpu_kernels(path)
+        qinfo["openvino_cpu_precisions"] = openvino_runtime_precisions(path)
     records = [a.record() for a in attempts]
     calibration = {k: ctx.data.info[k] for k in ("data", "synthetic", "fingerprint", "calibration_split",
                                                  "n_calibration")} | {"method": qinfo["method"]}
@@ -337,6 +351,7 @@ def write_export_report(s: ExportSummary) -> Path:
                      "int8_compute_nodes": (a.quantization or {}).get("int8_compute_nodes"),
                      "float_compute_nodes": (a.quantization or {}).get("float_compute_nodes"),
                      "ort_cpu_int8_kernels": (a.quantization or {}).get("ort_cpu_int8_kernels"),
+                     "openvino_cpu_precisions": (a.quantization or {}).get("openvino_cpu_precisions"),
                      "tensorrt_lint": (a.quantization or {}).get("tensorrt_lint")})
     (s.out_dir / "export_report.json").write_text(json.dumps({"data": s.data, "artifacts": rows}, indent=2, default=str) + "\n")
     lines = ["# Export report", "", f"Calibration / gate data: {s.data.get('data')} "
@@ -348,6 +363,14 @@ def write_export_report(s: ExportSummary) -> Path:
         key = ", ".join(f"{k} {v:.4g}" for k, v in (g.metrics.items() if g else []) if isinstance(v, float))
         verdict = "passed" if g and g.passed else ("FAILED" + (" (kept, --force)" if a.kept else " (not kept)"))
         q = f"{r['int8_compute_nodes']} int8 / {r['float_compute_nodes']} float" if r["int8_compute_nodes"] is not None else ""
+        if r["ort_cpu_int8_kernels"]:
+            conv = sum(v for k, v in r["ort_cpu_int8_kernels"].items() if k in ("QLinearConv", "ConvInteger"))
+            mm = sum(v for k, v in r["ort_cpu_int8_kernels"].items() if "MatMul" in k or k == "QGemm")
+            q += f"; ONNX Runtime CPU runs {conv} conv + {mm} matmul in INT8"
+        if ov := r["openvino_cpu_precisions"]:
+            q += "; OpenVINO CPU runs " + ", ".join(f"{n} {p}" for p, n in ov["per_precision"].items())
+            if ov["not_int8"]:
+                q += f" (not INT8: {', '.join(ov['not_int8'][:4])}{' ...' if len(ov['not_int8']) > 4 else ''})"
         if r["tensorrt_lint"] is not None:
             q += "; TensorRT QDQ rules: " + (f"{len(r['tensorrt_lint'])} violation(s)" if r["tensorrt_lint"] else "clean")
         lines.append(f"| {r['artifact'] or a.variant} | {r['size_mb'] or '-'} | {verdict} | {key} | {q} |")

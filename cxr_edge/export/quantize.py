@@ -154,7 +154,15 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, c
             )
         for line in chatter.getvalue().splitlines():
             log.debug("onnxruntime.quantization: %s", line)
-    info = {**config.to_dict(), "nodes_kept_float": exclude, **count_int8_nodes(out_path)}
+    rewrites = {}
+    if not trt:  # TensorRT fuses strided INT8 convolutions itself and its QDQ rules want DQ right before them
+        from .qdq_rewrites import subsample_before_dequantize
+
+        qdq = onnx.load(str(out_path))
+        if n := subsample_before_dequantize(qdq):
+            onnx.save(qdq, str(out_path))
+        rewrites["strided_1x1_subsampled_before_dequantize"] = n
+    info = {**config.to_dict(), "nodes_kept_float": exclude, **rewrites, **count_int8_nodes(out_path)}
     if config.target is Int8Target.TRT:
         from .trt_lint import lint_qdq
 

@@ -1,0 +1,174 @@
+"""The exact graph rewrites behind fully-INT8 CPU graphs: preprocessing folded into the first conv, and
+strided 1x1 convolutions reading a subsampled quantised tensor. Each is checked by running the graph
+before and after on the same inputs, and by what it must (and must not) change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from cxr_edge.export.graph_fold import fold_input_preprocessing  # noqa: E402
+from cxr_edge.export.qdq_rewrites import subsample_before_dequantize  # noqa: E402
+from cxr_edge.preprocess import PreprocessSpec  # noqa: E402
+
+SIZE = 12
+
+
+def exported_like(mode: str, pads: int, channels_in: int = 1, seed: int = 0):
+    """The head of a tf2onnx export: Cast -> Concat(g, g, g) -> Mul -> Add -> Transpose -> Conv -> Relu."""
+    spec = PreprocessSpec(height=SIZE, width=SIZE, mode=mode, input_channels=channels_in, model_channels=3)
+    scale, offset = spec.scale_offset()
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.3, (5, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(0, 0.1, (5,)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (b, "b"), (scale, "scale"), (offset, "offset"))]
+    nodes = [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT, name="cast")]
+    if channels_in == 1:
+        nodes.append(helper.make_node("Concat", ["f", "f", "f"], ["rgb"], axis=3, name="concat"))
+    nodes += [
+        helper.make_node("Mul", ["rgb" if channels_in == 1 else "f", "scale"], ["m"], name="mul"),
+        helper.make_node("Add", ["m", "offset"], ["n"], name="add"),
+        helper.make_node("Transpose", ["n"], ["nchw"], perm=[0, 3, 1, 2], name="tr"),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["c"], pads=[pads] * 4, strides=[2, 2], name="conv1"),
+        helper.make_node("Relu", ["c"], ["probs"], name="relu"),
+    ]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", SIZE, SIZE, channels_in])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 5, "h", "w"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def run(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": x})[0]
+
+
+def images(channels=1):
+    return np.random.default_rng(3).integers(0, 256, (4, SIZE, SIZE, channels), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("mode,pads,expect", [
+    ("rescale", 1, "scale folded"),  # no offset: replication + scale into the weights
+    ("tf", 1, "offset kept as one Add"),  # same offset on every channel, padded conv: one Add on 1 channel
+    ("tf", 0, "offset folded into its bias"),  # unpadded: the offset is a bias
+    ("caffe", 0, "offset folded into its bias"),  # per-channel means, but no border: still exact
+])
+def test_fold_into_first_conv_is_exact(mode, pads, expect):
+    model = exported_like(mode, pads)
+    x = images()
+    before = run(model, x)
+    result = fold_input_preprocessing(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert result.folded and expect in result.reason, result
+    ops = [n.op_type for n in model.graph.node]
+    assert "Concat" not in ops and "Mul" not in ops
+    w = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("w"))
+    assert w.shape[1] == 1  # the first convolution now reads one channel: a third of its MACs
+    np.testing.assert_allclose(run(model, x), before, rtol=1e-5, atol=1e-4 * np.abs(before).max())
+
+
+def test_caffe_with_padding_is_not_folded_into_the_conv_but_replicates_by_broadcast():
+    """Per-channel means and a zero-padded conv: folding would change the border, so only the Concat goes."""
+    model = exported_like("caffe", 1)
+    x = images()
+    before = run(model, x)
+    result = fold_input_preprocessing(model)
+    assert result.folded and "not folded into the convolution" in result.reason
+    ops = [n.op_type for n in model.graph.node]
+    assert "Concat" not in ops and "Mul" not in ops and ops.count("Add") == 1
+    w = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "w")
+    assert w.shape[1] == 3  # the convolution is untouched
+    np.testing.assert_array_equal(run(model, x), before)  # broadcasting is the same arithmetic, bit for bit
+
+
+def test_rgb_input_with_per_channel_offset_and_padding_is_left_alone():
+    model = exported_like("caffe", 1, channels_in=3)
+    before = model.SerializeToString()
+    result = fold_input_preprocessing(model)
+    assert not result.folded and "differs per channel" in result.reason
+    assert model.SerializeToString() == before
+
+
+def test_unrecognised_graph_is_left_alone():
+    model = exported_like("tf", 1)
+    model.graph.node[0].op_type = "Identity"  # not the exporter's Cast
+    before = model.SerializeToString()
+    assert not fold_input_preprocessing(model).folded
+    assert model.SerializeToString() == before
+
+
+def strided_qdq_model(shared: bool = True, pads: int = 0, seed: int = 0, kernel_attr: bool = True):
+    """x -> Q -> DQ -> {1x1 stride-2 convs} -> Add: the shape of ResNet50's conv{3,4,5}_block1 inputs."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dq")]
+    outs = []
+    for k in range(2 if shared else 1):
+        w = rng.normal(0, 0.2, (6, 4, 1, 1)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{k}"))
+        nodes.append(helper.make_node("Conv", ["dq", f"w{k}"], [f"c{k}"], strides=[2, 2], pads=[pads] * 4,
+                                      **({"kernel_shape": [1, 1]} if kernel_attr else {}), name=f"conv{k}"))
+        outs.append(f"c{k}")
+    nodes.append(helper.make_node("Add" if shared else "Identity", outs, ["y"], name="join"))
+    graph = helper.make_graph(nodes, "strided", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, "h", "w"])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def run_x(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("shared,kernel_attr", [(True, True), (False, True), (True, False)])
+def test_subsampling_the_quantised_tensor_is_the_same_arithmetic(shared, kernel_attr):
+    model = strided_qdq_model(shared, kernel_attr=kernel_attr)  # kernel_shape is optional in ONNX
+    x = np.random.default_rng(1).uniform(0, 4, (2, 4, 9, 9)).astype(np.float32)  # odd size: ceil(9 / 2) = 5
+    before = run_x(model, x)
+    assert subsample_before_dequantize(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.index("Slice") < ops.index("DequantizeLinear")  # the uint8 tensor is subsampled
+    assert all(list(a.ints) == [1, 1] for n in model.graph.node if n.op_type == "Conv"
+               for a in n.attribute if a.name == "strides")
+    after = run_x(model, x)
+    assert after.shape == before.shape == (2, 6, 5, 5)
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6)
+
+
+def test_padded_or_mixed_consumers_are_not_rewritten():
+    model = strided_qdq_model(pads=1)
+    assert subsample_before_dequantize(model) == 0
+    assert "Slice" not in [n.op_type for n in model.graph.node]
+
+
+def test_openvino_runs_the_rewritten_strided_convolutions_in_int8():
+    """The reason for the rewrite, checked on the runtime that needed it (skipped where it is absent)."""
+    pytest.importorskip("openvino")
+    from cxr_edge.export.qdq_rewrites import openvino_runtime_precisions
+
+    model = strided_qdq_model()
+    # weights through Q/DQ as the quantiser writes them, so the convolutions qualify for INT8 at all
+    for n in [n for n in model.graph.node if n.op_type == "Conv"]:
+        w = n.input[1]
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(0.01, np.float32), f"{w}_s"),
+                                        numpy_helper.from_array(np.array(0, np.int8), f"{w}_z")])
+        model.graph.node.extend([helper.make_node("QuantizeLinear", [w, f"{w}_s", f"{w}_z"], [f"{w}_q"]),
+                                 helper.make_node("DequantizeLinear", [f"{w}_q", f"{w}_s", f"{w}_z"], [f"{w}_dq"])])
+        n.input[1] = f"{w}_dq"
+    model = helper.make_model(model.graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        subsample_before_dequantize(model)
+        p = Path(tmp) / "m.onnx"
+        onnx.save(model, str(p))
+        prec = openvino_runtime_precisions(p)
+    assert prec["not_int8"] == [], prec
