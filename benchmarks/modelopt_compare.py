@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxr_edge.export.gate_data import load_gate_data
+from cxr_edge.data.gate_data import load_gate_data
 from cxr_edge.export.gates import int8_gate
 from cxr_edge.export.quantize import count_int8_nodes
 from cxr_edge.export.trt_lint import lint_qdq

@@ -24,6 +24,7 @@ _EXTRAS: dict[str, tuple[str, str]] = {
     "onnx": (None, "inspecting ONNX graphs"),
     "cryptography": ("sign", "signed artifacts (keygen, sign, --trusted-key)"),
     "openvino": ("openvino", "the OpenVINO backend"),
+    "nncf": ("export", "NNCF quantisation for the CPU target (also in the train and peers extras)"),
     "fastapi": ("serve", "the screening service"),
     "uvicorn": ("serve", "the screening service"),
     "prometheus_client": ("serve", "service metrics"),

@@ -108,8 +108,8 @@ def test_int8_trt_is_symmetric_and_int8_cpu_unsigned(exported):
 
 @pytest.mark.train
 def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch):
+    from cxr_edge.data.gate_data import load_gate_data
     from cxr_edge.export import pipeline
-    from cxr_edge.export.gate_data import load_gate_data
 
     r, _, data = exported
 

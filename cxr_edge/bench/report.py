@@ -24,16 +24,20 @@ def render_markdown(res: dict, command: str | None = None) -> str:
               "Latency is per batch; throughput = batch / median latency; ratios are to Keras `model.predict` at the same "
               "batch, measured in the same run (this VM drifts 2-3x between runs, so compare within one table only).", "",
               "| backend | provider | precision | batch | status | p50 ms | p90 ms | p99 ms | img/s | x Keras predict "
-              "| GMAC/s | e2e img/s | e2e/engine | load s | peak RSS MB | size MB |",
+              "| GMAC/s | e2e img/s | e2e/engine | load s | RSS added MB | size MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        peer = " (peer)" if r.get("peer") else ""
+        rss = r.get("rss_added_mb", r.get("peak_rss_mb"))
         lines.append(
-            f"| {r['label']} | {r.get('provider', '-')} | {r.get('precision', '-')} | {r.get('batch', '-')} | {r['status']} | "
+            f"| {r['label']}{peer} | {r.get('provider', '-')} | {r.get('precision', '-')} | {r.get('batch', '-')} | "
+            f"{r['status']} | "
             f"{_f(r.get('p50_ms'))} | {_f(r.get('p90_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('throughput_ips'))} | "
             f"{_f(r.get('speedup_vs_keras_predict'), '{:.2f}')} | {_f(r.get('gmacs_per_s'))} | "
             f"{_f(r.get('e2e_throughput_ips'))} | "
-            f"{_f(r.get('e2e_vs_engine'), '{:.2f}')} | {_f(r.get('load_s'), '{:.2f}')} | {_f(r.get('peak_rss_mb'), '{:.0f}')} | "
+            f"{_f(r.get('e2e_vs_engine'), '{:.2f}')} | {_f(r.get('load_s'), '{:.2f}')} | {_f(rss, '{:.0f}')} | "
             f"{_f(r.get('size_mb'), '{:.1f}')} |")
+    lines += _peer_section(res)
     lines += ["", "## Summary (MLPerf-style)", "",
               "| target | single-stream p90 ms (batch 1) | offline img/s | at batch | status |",
               "|---|---|---|---|---|"]
@@ -78,6 +82,28 @@ def render_markdown(res: dict, command: str | None = None) -> str:
             lines.append(f"| {r['path']} | {r['implementation']} | {_f(r.get('images_per_s'))} | "
                          f"{_f(r.get('ms_per_image'), '{:.2f}')} | {_f(r.get('ms_per_megapixel'), '{:.2f}')} | {r['status']} |")
     return "\n".join(lines) + "\n"
+
+
+def _peer_section(res: dict) -> list[str]:
+    cmp = res.get("peers")
+    if not cmp:
+        return []
+    out = ["", "## cxr-edge vs the peers (same run, interleaved rounds)", ""]
+    if cmp.get("note"):
+        return out + [cmp["note"]]
+    out += [f"{cmp['rounds']} rounds; in each round every row ran once at every batch (order rotated), and the ratio "
+            "is taken inside the round: our best validated row / the best peer row at that batch. Median [min-max] "
+            "over rounds; the per-row img/s above are medians of the rounds' own.", "",
+            "| batch | ours / best peer (throughput) | our best | best peer |", "|---|---|---|---|"]
+    for b, c in cmp["throughput"].items():
+        out.append(f"| {b} | **{c['median']:.2f}x** [{c['min']:.2f}-{c['max']:.2f}] | {c['ours_best']} | {c['peer_best']} |")
+    if lat := cmp.get("latency_p90"):
+        out += ["", f"Batch-1 p90 latency, best peer / ours (> 1: ours is faster): **{lat['median']:.2f}x** "
+                    f"[{lat['min']:.2f}-{lat['max']:.2f}] ({lat['ours_best']} vs {lat['peer_best']})."]
+    hows = {r["label"]: r["how"] for r in res.get("rows", []) if r.get("peer") and r.get("how")}
+    if hows:
+        out += ["", "Peers:"] + [f"- {k}: {v}" for k, v in hows.items()]
+    return out
 
 
 def plot_results(res: dict, out: Path) -> list[Path]:

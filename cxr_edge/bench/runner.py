@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..preprocess import PreprocessSpec
 from ..runtime.backends.registry import open_backend
 from ..runtime.batching import BatchPacker
 from .machine import machine_info
-from .timing import measure, peak_rss_mb, reset_peak_rss, summarise
+from .timing import measure, reset_peak_rss, summarise
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class BenchConfig:
     max_accuracy_images: int = 400
     cuda_graph: bool = False  # TensorRT rows: replay CUDA graphs
     preprocessing: bool = True  # rows for the host half of preprocessing, CPU and GPU paths
+    rounds: int = 1  # interleaved timing rounds (every row once per round); --peers defaults to 5
+    peers: tuple[str, ...] = ()  # peers timed in the same rounds (bench/peers.py)
+    peer_calib_size: int = 200  # calibration images for the peers: the export's default count and sample
 
 
 @dataclass
@@ -73,8 +77,11 @@ def discover_targets(artifact_dir: Path, cfg: BenchConfig) -> tuple[list[Target]
         if "openvino" in cfg.backends:
             ov_precs = [p for p in (["fp32", "bf16"] if tag == "fp32" else [tag]) if p in cfg.precisions]
             for p in ov_precs:
-                targets.append(Target(f"openvino {p}", "openvino", p, onnx,
-                                      {"precision": p if p in ("fp32", "bf16") else None, "threads": threads}))
+                opts = {"precision": p if p in ("fp32", "bf16") else None, "threads": threads}
+                targets.append(Target(f"openvino {p}", "openvino", p, onnx, opts))
+                if p.startswith("int8") and threads > 1:  # one stream per core: batches split over streams
+                    targets.append(Target(f"openvino {p} {threads} streams", "openvino", p, onnx,
+                                          {**opts, "streams": threads}))
         if "tensorrt" in cfg.backends and tag in ("fp32", "int8-trt"):
             plans = sorted(artifact_dir.glob("model.*.plan"))
             if not plans:
@@ -146,6 +153,36 @@ def _accuracy(probs, y, classes, threshold, ref) -> dict:
     return out
 
 
+@dataclass
+class Contender:
+    """Something bench times: one of our targets, a peer, or the Keras baseline, loaded once for all rounds."""
+
+    label: str
+    kind: str  # "ours", "peer" or "baseline"
+    base: dict
+    status: str
+    infer: Callable[[np.ndarray], np.ndarray]
+    close: Callable[[], None]
+    engine: object | None = None  # our Backend (end-to-end rows need it)
+    times: dict[int, list[np.ndarray]] = field(default_factory=dict)  # batch -> seconds per call, one array per round
+
+
+def _validate(probs, y_acc, classes, threshold, ref_probs, precision: str, split: str) -> tuple[dict, str]:
+    acc = _accuracy(probs, y_acc, classes, threshold, ref_probs)
+    kind = "int8" if precision.startswith("int8") else precision
+    verdict = agreement_verdict(int((probs.argmax(1) == ref_probs.argmax(1)).sum()), len(ref_probs),
+                                GATE_AGREEMENT.get(kind, 0.99), split)
+    acc["agreement_verdict"] = verdict["text"]
+    validated = accepted(verdict) and (kind != "fp32" or acc["max_abs_dprob_vs_fp32"] <= 1e-4)
+    status = ("validated" if verdict["status"] == PASSED else "validated within resolution") if validated \
+        else "ran, failed validation"
+    return acc, status
+
+
+def _infer_all(infer, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([infer(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
 def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
     artifact_dir = Path(artifact_dir)
     targets, skipped, source = discover_targets(artifact_dir, cfg)
@@ -156,75 +193,88 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     classes = fp32_doc.classes
     threshold = fp32_doc.threshold
     x_acc, y_acc, paths, data_info = labelled_images(artifact_dir, spec, classes, cfg.data, source, cfg.max_accuracy_images)
+    split = data_info.get("split") or "synthetic"
     macs = macs_per_image(artifact_dir / "model.fp32.onnx")
     rows, accuracy = list(skipped), {}
     from ..runtime.ort_session import cpu_session, run_batched
 
     ref_probs = run_batched(cpu_session(artifact_dir / "model.fp32.onnx"), x_acc, ["probs"])["probs"]
-    total = len(targets) * len(cfg.batches)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="bench", unit="row")
+    contenders: list[Contender] = []
+    # ---- load everything once, validate it on the labelled images
     for t in targets:
         base = {"label": t.label, "backend": t.backend, "precision": t.precision, "artifact": t.artifact.name,
                 "size_mb": round(t.artifact.stat().st_size / 1e6, 2)}
         try:
-            reset_peak_rss()
+            rss0 = reset_peak_rss()
             t0 = time.perf_counter()
             # a gate-failed artifact is measured and reported as such, never deployed by bench
             eng = open_backend(t.artifact, backend=t.backend, verify=True, allow_failed_gate=True, **t.options).load()
-            load_s = time.perf_counter() - t0
+            base["load_s"] = round(time.perf_counter() - t0, 3)
         except Exception as exc:  # a row that cannot run is reported, not fatal
-            rows += [{**base, "batch": b, "status": f"could not run: {exc}"} for b in cfg.batches]
-            if bar:
-                bar.update(len(cfg.batches))
+            rows += [{**base, "batch": b, "status": f"could not run: {_reason(exc)}"} for b in cfg.batches]
             continue
-        info = eng.info
-        base.update({"provider": info.provider, "precision": info.precision, "load_s": round(load_s, 3),
-                     "threads": t.options.get("threads")})
-        done = set()
         try:
             probs = eng.infer_all(x_acc, 32)
-            acc = _accuracy(probs, y_acc, classes, threshold, ref_probs)
-            kind = "int8" if t.precision.startswith("int8") else t.precision
-            verdict = agreement_verdict(int((probs.argmax(1) == ref_probs.argmax(1)).sum()), len(ref_probs),
-                                        GATE_AGREEMENT.get(kind, 0.99), data_info.get("split") or "synthetic")
-            acc["agreement_verdict"] = verdict["text"]
-            validated = accepted(verdict) and (kind != "fp32" or acc["max_abs_dprob_vs_fp32"] <= 1e-4)
-            status = ("validated" if verdict["status"] == PASSED else "validated within resolution") if validated \
-                else "ran, failed validation"
-            accuracy[t.label] = {**acc, "status": status, "provider": info.provider}
+        except Exception as exc:  # an engine that loads but fails on real input (a graph it cannot compile)
+            log.warning("%s failed while running: %s", t.label, _reason(exc))
+            rows += [{**base, "batch": b, "status": f"failed while running: {_reason(exc)}"} for b in cfg.batches]
+            eng.close()
+            continue
+        base.update({"provider": eng.info.provider, "precision": eng.info.precision, "threads": t.options.get("threads"),
+                     "rss_added_mb": _rss_added(rss0)})
+        acc, status = _validate(probs, y_acc, classes, threshold, ref_probs, t.precision, split)
+        accuracy[t.label] = {**acc, "status": status, "provider": eng.info.provider}
+        contenders.append(Contender(t.label, "baseline" if t.backend == "keras" else "ours", base, status,
+                                    lambda b, e=eng: e.infer(b, ["probs"])["probs"], eng.close, eng))
+    if cfg.peers:
+        contenders += _load_peers(artifact_dir, fp32_doc, spec, source, cfg, rows, accuracy,
+                                  lambda probs, prec: _validate(probs, y_acc, classes, threshold, ref_probs, prec, split),
+                                  x_acc)
+    # ---- interleaved timing rounds: every contender at every batch once per round, order rotated per round
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(contenders) * len(cfg.batches) * cfg.rounds, desc="bench", unit="row")
+    failed: dict[str, str] = {}
+    for r in range(cfg.rounds):
+        k = r % max(1, len(contenders))
+        for c in contenders[k:] + contenders[:k]:
             for b in cfg.batches:
-                pool = [np.take(x_acc, range(k * b, (k + 1) * b), axis=0, mode="wrap") for k in range(4)]
-                times = measure(lambda batch, e=eng: e.infer(batch, ["probs"]), pool, cfg.budget_s)
-                row = {**base, "batch": b, "status": status, **summarise(times, b), "peak_rss_mb": peak_rss_mb()}
-                if note := eng.fit_note(b):  # engines with a fixed profile: say what the timing includes
-                    row["note"] = note
-                if macs:
-                    row["gmacs_per_s"] = row["throughput_ips"] * macs / 1e9
-                if cfg.e2e and paths and b == max(cfg.batches):
-                    row.update(_end_to_end(eng, paths, spec, b, cfg.budget_s))
-                    row["e2e_vs_engine"] = row["e2e_throughput_ips"] / row["throughput_ips"]
-                    row.update(_end_to_end_gpu(eng, paths, spec, b, cfg.budget_s, row["throughput_ips"]))
-                rows.append(row)
-                done.add(b)
+                if c.label not in failed:
+                    pool = [np.take(x_acc, range(j * b, (j + 1) * b), axis=0, mode="wrap") for j in range(4)]
+                    try:
+                        c.times.setdefault(b, []).append(measure(c.infer, pool, cfg.budget_s / cfg.rounds))
+                    except Exception as exc:  # an engine that fails mid-run is a row, not a crash
+                        failed[c.label] = _reason(exc)
+                        log.warning("%s failed while running: %s", c.label, failed[c.label])
                 if bar:
                     bar.update(1)
-        except Exception as exc:  # an engine that fails mid-run (e.g. a graph a backend cannot compile) is a row, not a crash
-            reason = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
-            log.warning("%s failed while running: %s", t.label, reason)
-            for b in cfg.batches:
-                if b not in done:
-                    rows.append({**base, "batch": b, "status": f"failed while running: {reason}"})
-                    if bar:
-                        bar.update(1)
-        eng.close()
-        del eng
-        gc.collect()
     if bar:
         bar.close()
+    for c in contenders:
+        for b in cfg.batches:
+            rounds = c.times.get(b, [])
+            if not rounds or c.label in failed:
+                rows.append({**c.base, "batch": b, "status": f"failed while running: {failed.get(c.label, '?')}"})
+                continue
+            row = {**c.base, "batch": b, "status": c.status, **_over_rounds(rounds, b)}
+            if c.kind == "peer":
+                row["peer"] = True
+            if c.engine is not None and (note := c.engine.fit_note(b)):  # fixed-profile engines: what timing includes
+                row["note"] = note
+            if macs:
+                row["gmacs_per_s"] = row["throughput_ips"] * macs / 1e9
+            if c.kind == "ours" and cfg.e2e and paths and b == max(cfg.batches):
+                row.update(_end_to_end(c.engine, paths, spec, b, cfg.budget_s))
+                row["e2e_vs_engine"] = row["e2e_throughput_ips"] / row["throughput_ips"]
+                row.update(_end_to_end_gpu(c.engine, paths, spec, b, cfg.budget_s, row["throughput_ips"]))
+            rows.append(row)
+    comparison = compare_rounds(contenders, cfg.batches) if cfg.peers else None
+    for c in contenders:
+        c.close()
+    contenders.clear()
+    gc.collect()
     _add_ratios(rows)
     from .peak import measured_int8_gemm_peak
 
@@ -241,7 +291,106 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     return {"measured_int8_peak": peak, "preprocessing": prep, "machine": machine_info(),
             "config": {k: v for k, v in cfg.__dict__.items()}, "artifact_dir": str(artifact_dir),
             "recipe": fp32_doc.get("recipe"), "classes": classes, "input": spec.to_dict(), "macs_per_image": macs,
-            "accuracy_data": data_info, "rows": rows, "accuracy": accuracy, "summary": _summary(rows, macs)}
+            "accuracy_data": data_info, "rows": rows, "accuracy": accuracy, "summary": _summary(rows, macs),
+            "peers": comparison, "graph_rewrites": fp32_doc.get("graph_rewrites")}
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:200] if text else type(exc).__name__
+
+
+def _rss_added(rss0_kb: int | None) -> float | None:
+    from .timing import current_rss_kb
+
+    now = current_rss_kb()
+    return None if rss0_kb is None or now is None else round((now - rss0_kb) / 1024, 1)
+
+
+def _over_rounds(rounds: list[np.ndarray], batch: int) -> dict:
+    """Latency percentiles over every call of every round; throughput as the median of the rounds' own,
+    with their min and max, so one noisy round on a shared VM shows as a spread, not as the result."""
+    row = summarise(np.concatenate(rounds), batch)
+    per_round = [batch / float(np.median(t)) for t in rounds]
+    row.update({"rounds": len(rounds), "throughput_ips": float(np.median(per_round)),
+                "throughput_min_ips": float(min(per_round)), "throughput_max_ips": float(max(per_round))})
+    return row
+
+
+def _load_peers(artifact_dir, fp32_doc, spec, source, cfg, rows, accuracy, validate, x_acc) -> list[Contender]:
+    from ..data.gate_data import load_gate_data
+    from .peers import build_peers
+
+    # the calibration images cxr-edge's own export used: same split, same sample, same count
+    calib = load_gate_data(fp32_doc, spec, cfg.data if cfg.data else None, cfg.peer_calib_size, seed=0).calib_x
+    threads = cfg.threads or len(os.sched_getaffinity(0))
+    engines, skipped = build_peers(artifact_dir, artifact_dir / "model.fp32.onnx", source, calib, threads, cfg.peers)
+    rows += [{**s, "batch": b} for s in skipped for b in cfg.batches]
+    out = []
+    for p in engines:
+        base = {"label": p.label, "backend": p.backend, "precision": p.precision, "provider": p.provider,
+                "artifact": f"peers/{p.artifact.name}", "size_mb": p.size_mb,
+                "load_s": round(p.load_s, 3), "threads": threads, "how": p.how}
+        try:
+            acc, status = validate(_infer_all(p.infer, x_acc), "int8")
+        except Exception as exc:  # a peer that cannot answer is a row, not a failed benchmark
+            rows += [{**base, "batch": b, "peer": True, "status": f"could not run: {_reason(exc)}"} for b in cfg.batches]
+            continue
+        accuracy[p.label] = {**acc, "status": status, "provider": p.provider, "peer": True}
+        out.append(Contender(p.label, "peer", base, status, p.infer, p.close))
+    return out
+
+
+def compare_rounds(contenders: list[Contender], batches) -> dict:
+    """Ours vs the best peer, round by round: offline throughput at each batch, and batch-1 p90 latency.
+
+    Within a round every contender ran minutes apart at most, so the ratio survives a VM that drifts 2-3x
+    between runs; the median over rounds and the min-max are reported, with who won each round.
+    """
+    ours = [c for c in contenders if c.kind == "ours" and c.status.startswith("validated")]
+    peers = [c for c in contenders if c.kind == "peer"]
+    out: dict = {"ours": [c.label for c in ours], "peers": [c.label for c in peers], "throughput": {}, "latency_p90": None}
+    if not ours or not peers:
+        out["note"] = "nothing to compare: " + ("no validated cxr-edge row" if not ours else "no peer could run")
+        return out
+
+    def per_round(c: Contender, b: int, stat) -> list[float]:
+        return [stat(t, b) for t in c.times.get(b, [])]
+
+    n_rounds = min(len(c.times.get(b, [])) for c in ours + peers for b in batches)
+    tput = lambda t, b: b / float(np.median(t))
+    p90 = lambda t, b: 1e3 * float(np.percentile(t, 90))
+    for b in batches:
+        ratios, winners = [], []
+        for r in range(n_rounds):
+            mine = max(ours, key=lambda c: per_round(c, b, tput)[r])
+            theirs = max(peers, key=lambda c: per_round(c, b, tput)[r])
+            ratios.append(per_round(mine, b, tput)[r] / per_round(theirs, b, tput)[r])
+            winners.append((mine.label, theirs.label))
+        out["throughput"][str(b)] = _spread(ratios) | {"ours_best": _mode(w[0] for w in winners),
+                                                        "peer_best": _mode(w[1] for w in winners)}
+    if 1 in batches:
+        ratios, winners = [], []
+        for r in range(n_rounds):
+            mine = min(ours, key=lambda c: per_round(c, 1, p90)[r])
+            theirs = min(peers, key=lambda c: per_round(c, 1, p90)[r])
+            ratios.append(per_round(theirs, 1, p90)[r] / per_round(mine, 1, p90)[r])  # > 1: ours is faster
+            winners.append((mine.label, theirs.label))
+        out["latency_p90"] = _spread(ratios) | {"ours_best": _mode(w[0] for w in winners),
+                                                "peer_best": _mode(w[1] for w in winners)}
+    out["rounds"] = n_rounds
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
+            "per_round": [round(v, 4) for v in values]}
+
+
+def _mode(labels) -> str:
+    from collections import Counter
+
+    return Counter(labels).most_common(1)[0][0]
 
 
 def _end_to_end_gpu(eng, paths, spec, batch, budget_s, engine_ips) -> dict:

@@ -75,10 +75,11 @@ non_negative_int = _bounded(int, lambda v: v >= 0, ">= 0", "non-negative integer
 positive_float = _bounded(float, lambda v: v > 0, "> 0", "positive number")
 
 PREPROCESS = ("auto", "cpu", "gpu")
+TUNING = ("cached", "auto", "off")  # runtime.tuning.TUNING_MODES, without importing the runtime for --help
 
 
 def add_engine_args(p, backends, *, device_default: str = "auto", preprocess_default: str | None = None,
-                    failed_gate: str | None = None) -> None:
+                    failed_gate: str | None = None, tuning_default: str | None = None) -> None:
     """The options every command that runs an artifact shares, said once: backend, device, and optionally
     the preprocessing path and the failed-gate override (``failed_gate``: what the command does with it)."""
     p.add_argument("--backend", choices=backends, help="backend (default: the artifact format's first)")
@@ -86,6 +87,10 @@ def add_engine_args(p, backends, *, device_default: str = "auto", preprocess_def
     if preprocess_default is not None:
         p.add_argument("--preprocess", choices=PREPROCESS, default=preprocess_default,
                        help="where images are resized: auto (the GPU only for a CUDA engine, after a self-test), cpu, gpu")
+    if tuning_default is not None:
+        p.add_argument("--tuning", choices=TUNING, default=tuning_default,
+                       help="with no --backend: use this machine's measured fastest configuration (cxr-edge tune): "
+                            "cached (if tuned here), auto (measure now if not: seconds, once), off")
     if failed_gate is not None:
         p.add_argument("--allow-failed-gate", action="store_true",
                        help=f"{failed_gate} an artifact whose export accuracy gate failed "

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import ExitCode
+from ..errors import ConfigError, ExitCode
 from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_float, positive_int
 
 BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
@@ -55,7 +55,7 @@ def cmd_predict(a) -> int:
     device = "cuda" if a.require_gpu else a.device
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
                   threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
-                  allow_failed_gate=a.allow_failed_gate, preprocess=a.preprocess,
+                  allow_failed_gate=a.allow_failed_gate, preprocess=a.preprocess, tuning=a.tuning,
                   **({"cuda_graph": True} if a.cuda_graph else {})) as s:
         results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info, threshold = s.engine.info, s.threshold
@@ -122,13 +122,65 @@ def cmd_bench(a) -> None:
     from ..bench.report import write_results
     from ..bench.runner import BenchConfig, run_bench
 
+    peers = a.peers or ()
     cfg = BenchConfig(batches=a.batch, backends=a.backends, precisions=a.precisions, budget_s=a.budget, data=a.data,
-                      threads=a.threads, e2e=not a.no_e2e, cuda_graph=a.cuda_graph)
+                      threads=a.threads, e2e=not a.no_e2e, cuda_graph=a.cuda_graph, peers=peers,
+                      rounds=a.rounds or (5 if peers else 1))
     out = bench_out_dir(a.artifact_dir, a.out, a.force)  # decided before the run: no overwrite discovered at the end
     res = run_bench(a.artifact_dir, cfg)
     md = write_results(res, out, " ".join(["cxr-edge", *sys.argv[1:]]))
     print(md.read_text())
     print(f"Results: {md.parent}")
+
+
+def tune_targets(paths: list[str]) -> list[Path]:
+    """Artifacts named, and the gate-passing ONNX/TensorRT artifacts inside folders named."""
+    from ..manifest import read_manifest
+
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted([*p.glob("model.*.onnx"), *p.glob("model.*.plan")]):
+                if ".failed." not in f.name and not read_manifest(f, verify=False).gate_failed:
+                    out.append(f)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ConfigError(f"{p} is neither an artifact nor a folder of artifacts.")
+    if not out:
+        raise ConfigError(f"No artifacts to tune in {', '.join(paths)} (expected model.*.onnx from cxr-edge export).")
+    return out
+
+
+def cmd_tune(a) -> None:
+    from ..runtime.tuning import machine_fingerprint, tune
+
+    fp = machine_fingerprint()
+    print(f"# this machine: {fp['cpu']}, {fp['usable_cores']} usable cores, {', '.join(fp['flags'])}; "
+          f"onnxruntime {fp['onnxruntime']}, openvino {fp['openvino']} (fingerprint {fp['id']})")
+    best: dict[str, tuple] = {}
+    for art in tune_targets(a.artifacts):
+        rec = tune(art, batch=a.batch, budget_s=a.budget, rounds=a.rounds)
+        print(f"\n## {art}  (cached: {rec['cache_file']})")
+        print(f"| backend | options | batch-1 p90 ms | batch-{a.batch} img/s | status |\n|---|---|---|---|---|")
+        for c in rec["candidates"]:
+            opts = ", ".join(f"{k}={v}" for k, v in sorted(c["options"].items()))
+            p90, ips = c.get("single_p90_ms"), c.get("batched_ips")
+            print(f"| {c['backend']} | {opts} | {'-' if p90 is None else f'{p90:.1f}'} | "
+                  f"{'-' if ips is None else f'{ips:.1f}'} | {c['status']} |")
+            if p90 is not None and (best.get("single") is None or p90 < best["single"][0]):
+                best["single"] = (p90, art, c)
+            if ips is not None and (best.get("batched") is None or ips > best["batched"][0]):
+                best["batched"] = (ips, art, c)
+        for use, w in rec["winners"].items():
+            print(f"- {use}: {w['backend']} {w['options']} ({w['measured']})")
+    if len(a.artifacts) > 1 or Path(a.artifacts[0]).is_dir():
+        print("\n## Fastest here, across the artifacts (each passed its export gate)")
+        for use, (v, art, c) in best.items():
+            what = f"p90 {v:.1f} ms at batch 1" if use == "single" else f"{v:.1f} img/s at batch {a.batch}"
+            print(f"- {use}: {art.name} on {c['backend']} {c['options']}: {what}")
+    print("\nScreener, predict and serve now use these winners for these artifacts when no --backend is given "
+          "(--tuning off ignores them).")
 
 
 def cmd_doctor(a) -> None:
@@ -139,6 +191,7 @@ def cmd_doctor(a) -> None:
 
 
 def register(sub) -> None:
+    from ..bench.peers import PEERS
     from ..bench.runner import BenchConfig
     from ..runtime.backends.registry import all_backends
 
@@ -166,7 +219,7 @@ def register(sub) -> None:
     pr.add_argument("--explain", action="store_true", help="Grad-CAM heatmaps (PNG overlay + raw .npy in --out)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image")
     pr.add_argument("--out", help="directory for predictions.json and heatmaps")
-    add_engine_args(pr, all_backends(), preprocess_default="auto", failed_gate="run")
+    add_engine_args(pr, all_backends(), preprocess_default="auto", failed_gate="run", tuning_default="cached")
     pr.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
     pr.add_argument("--precision", choices=OPENVINO_PRECISIONS, help="OpenVINO only: fp32 (forced f32) or bf16")
     pr.add_argument("--batch-size", type=positive_int, default=8, help="images per engine call")
@@ -195,12 +248,29 @@ def register(sub) -> None:
     bn.add_argument("--budget", type=positive_float, default=default_of(BenchConfig, "budget_s"),
                     help="seconds of timing per row")
     bn.add_argument("--threads", type=positive_int, help="threads per engine (default: all usable cores)")
+    bn.add_argument("--peers", nargs="?", const=PEERS, type=comma_list(PEERS),
+                    help=f"also time what a user would pick instead ({', '.join(PEERS)}; default all), built from the "
+                         "same model and calibration images, in the same interleaved rounds, with per-round ratios")
+    bn.add_argument("--rounds", type=positive_int,
+                    help="interleaved timing rounds, the budget split over them (default: 5 with --peers, else 1)")
     bn.add_argument("--no-e2e", action="store_true", help="skip the end-to-end (decode+infer) measurement")
     bn.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     bn.add_argument("--out", help="results directory (default: a new ARTIFACT_DIR/bench/DATE-TIME folder per run)")
     bn.add_argument("--force", action="store_true", help="replace the results already in --out")
     bn.set_defaults(func=cmd_bench)
+
+    tu = sub.add_parser("tune", help="measure which backend / streams / threads run an artifact fastest on this machine",
+                        formatter_class=HelpFormatter,
+                        description="Times every backend x threads x OpenVINO streams candidate for single-image latency "
+                                    "and batched throughput (interleaved rounds, synthetic inputs of the artifact's shape), "
+                                    "checks each answers like the first, and caches the winners under this machine's "
+                                    "fingerprint and the artifact's sha256 for Screener, predict and serve.")
+    tu.add_argument("artifacts", nargs="+", help="artifacts, or export folders (every gate-passing model.*.onnx/.plan)")
+    tu.add_argument("--batch", type=positive_int, default=16, help="batch size for the batched (service) use")
+    tu.add_argument("--budget", type=positive_float, default=2.0, help="seconds of timing per candidate")
+    tu.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds")
+    tu.set_defaults(func=cmd_tune)
 
     dr = sub.add_parser("doctor", help="what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime providers) and fixes",
                         formatter_class=HelpFormatter)

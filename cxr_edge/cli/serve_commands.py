@@ -45,7 +45,7 @@ def cmd_serve(a) -> None:
                       cuda_graph=a.cuda_graph, decode_workers=a.decode_workers, decode_timeout_s=a.decode_timeout,
                       decode_memory_mb=a.decode_memory_mb, max_inflight_body_mb=a.max_inflight_body_mb,
                       min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate,
-                      preprocess=a.preprocess)
+                      preprocess=a.preprocess, tuning=a.tuning)
     run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
                graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
 
@@ -91,7 +91,8 @@ def register(sub) -> None:
                     help="per-request timeout and graceful-shutdown drain (s)")
     sv.add_argument("--max-body-mb", type=positive_float, default=default_of(S, "max_body_mb"), help="request body limit")
     add_engine_args(sv, all_backends(), device_default=default_of(S, "device"),
-                    preprocess_default=default_of(S, "preprocess"), failed_gate="serve")
+                    preprocess_default=default_of(S, "preprocess"), failed_gate="serve",
+                    tuning_default=default_of(S, "tuning"))
     sv.add_argument("--cors", type=comma_list(), help="comma-separated allowed origins (default: none)")
     sv.add_argument("--threads", type=positive_int,
                     help="engine threads (default: all usable cores for models over 1 GMAC/image, half of them "

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..data.gate_data import load_gate_data
 from ..errors import ManifestError
 from ..preprocess import PreprocessSpec
 from ..runtime.ort_session import cpu_session, run_batched
-from .gate_data import load_gate_data
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 
 

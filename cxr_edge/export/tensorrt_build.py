@@ -260,8 +260,8 @@ def _configure_dla(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBu
     bc.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     info: dict[str, Any] = {"dla_core": config.dla_core}
     if config.precision is Precision.INT8 and flavor.has_implicit_int8:
+        from ..data.gate_data import load_gate_data
         from ..preprocess import PreprocessSpec
-        from .gate_data import load_gate_data
 
         spec = PreprocessSpec.from_dict(doc["preprocess"])
         data = load_gate_data({**doc, "data": {}}, spec, calib_data, calib_size=256)

@@ -30,12 +30,20 @@ class Screener:
 
     def __init__(self, artifact, *, backend: str | None = None, device: str = "auto", batch_size: int = 8,
                  workers: int | None = None, threshold: float | None = None, verify: bool = True,
-                 isolation: DecodeIsolation | None = DecodeIsolation(), preprocess: str = "auto", **options):
+                 isolation: DecodeIsolation | None = DecodeIsolation(), preprocess: str = "auto",
+                 tuning: str = "cached", **options):
         if batch_size < 1:  # checked before anything is loaded, so a bad value leaks no engine
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         if preprocess not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"preprocess must be auto, cpu or gpu, got {preprocess!r}.")
         options.setdefault("max_batch", batch_size)  # profile of engines compiled at load (ORT's TensorRT EP)
+        from .tuning import apply_tuning
+
+        # this machine's measured winner, where the caller named no backend (batch 1: the kiosk's latency)
+        backend, options, self.tuned = apply_tuning(artifact, backend, device, options,
+                                                    "single" if batch_size == 1 else "batched", tuning)
+        if self.tuned:
+            log.info("tuned for this machine: %s", self.tuned)
         self.engine = open_backend(artifact, backend=backend, verify=verify, device=device, **options).load()
         self.manifest = self.engine.manifest
         self.classes = self.engine.classes

@@ -61,6 +61,7 @@ class ScreeningService:
         self.metrics = ServiceMetrics()
         self.stopping = False
         self.preprocess = "cpu"
+        self.tuned: str | None = None
         # threads: saving uploads, overlays, and decoding itself when isolation is off (decode_workers=0)
         self.decode_pool = ThreadPoolExecutor(max_workers=max(2, config.decode_workers), thread_name_prefix="decode")
         self.decoder: IsolatedDecoder | None = None
@@ -81,7 +82,16 @@ class ScreeningService:
             opts["cuda_graph"] = True
         if c.engine_spin is not None:
             opts["spin"] = c.engine_spin
-        engine = open_backend(self.artifact, backend=c.backend, device=c.device, allow_failed_gate=c.allow_failed_gate,
+        from ..runtime.tuning import apply_tuning
+
+        # a service batches: the configuration that measured fastest for batched throughput on this machine
+        # (tuned once, at the first start, when the operator named no backend)
+        backend, opts, self.tuned = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: apply_tuning(self.artifact, c.backend, c.device, opts, "batched", c.tuning))
+        if self.tuned:
+            log.info("tuned for this machine: %s", self.tuned)
+        self.metrics.tuned.labels(choice=self.tuned or "not tuned (default backend)").set(1)
+        engine = open_backend(self.artifact, backend=backend, device=c.device, allow_failed_gate=c.allow_failed_gate,
                               trusted_keys=list(c.trusted_keys) or None, **opts).load()
         try:
             if self.engine_wrapper is not None:
@@ -329,7 +339,7 @@ class ScreeningService:
                 "classes": self.engine.classes, "artifact": m.get("file"), "recipe": m.recipe,
                 "version": f"v{m.get('manifest_version', 1)}" + (f" ({created})" if created else ""),
                 "sha256": (m.sha256 or "")[:12] or None, "operating_point": self.operating_point,
-                "preprocess": self.preprocess}
+                "preprocess": self.preprocess, "tuned": self.tuned}
 
     # ---- the ASGI app
     def build_app(self):

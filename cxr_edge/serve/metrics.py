@@ -28,6 +28,8 @@ class ServiceMetrics:
 
         self.preprocess_on_gpu = prom.Gauge("cxr_preprocess_on_gpu",
                                             "1 when images are resized on the GPU, 0 on the CPU", registry=r)
+        self.tuned = prom.Gauge("cxr_engine_tuning", "1 for the engine configuration in use and where it came from "
+                                "(cxr-edge tune's measured winner on this machine, or the default)", ["choice"], registry=r)
 
     def render(self) -> bytes:
         return require("prometheus_client").generate_latest(self.registry)

@@ -65,6 +65,7 @@ class ModelInfo(BaseModel):
     sha256: str | None = Field(None, description="first 12 hex digits of the artifact's sha256")
     operating_point: str | None = None
     preprocess: str | None = Field(None, description="where images are resized: cpu or gpu")
+    tuned: str | None = Field(None, description="the per-machine tuning in use (cxr-edge tune), if any")
 
 
 class ScreenResponse(BaseModel):

@@ -36,9 +36,20 @@ class OpenVINOBackend(Backend):
             config = {"INFERENCE_PRECISION_HINT": _HINTS[want]}
         if self.options.get("threads"):
             config["INFERENCE_NUM_THREADS"] = int(self.options["threads"])
+        streams = int(self.options.get("streams") or 1)
+        if streams < 1:
+            raise ConfigError(f"OpenVINO streams must be >= 1, got {streams}.")
+        if self.options.get("threads"):
+            streams = min(streams, int(self.options["threads"]))  # a stream needs at least one thread
+        if streams > 1:  # the plugin splits the cores into streams; a batch is split over one request per stream
+            config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
         model = core.read_model(str(self.artifact))
         self.compiled = core.compile_model(model, device, config)
         self.request = self.compiled.create_infer_request()
+        self.queue, self.results = None, {}
+        if streams > 1:
+            self.queue = ov.AsyncInferQueue(self.compiled, streams)
+            self.queue.set_callback(self._collect)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         actual_hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         precision = want if artifact_prec != "int8" else "int8"
@@ -47,11 +58,22 @@ class OpenVINOBackend(Backend):
         self.out_ports = {o.get_any_name(): o for o in self.compiled.outputs}
         return BackendInfo("openvino", f"OpenVINO {device}", precision, device.lower(),
                            {"inference_precision_hint": actual_hint, "artifact_precision": artifact_prec,
-                            "openvino": ov.__version__})
+                            "openvino": ov.__version__, "streams": streams})
+
+    def _collect(self, request, i: int) -> None:
+        self.results[i] = {name: request.get_tensor(port).data.copy() for name, port in self.out_ports.items()}
 
     def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-        res = self.request.infer({0: batch})
-        return {n: np.asarray(res[self.out_ports[n]]).copy() for n in outputs}
+        if self.queue is None or len(batch) == 1:
+            res = self.request.infer({0: batch})
+            return {n: np.asarray(res[self.out_ports[n]]).copy() for n in outputs}
+        # several streams: one request per stream, each on a contiguous slice, results put back in order
+        chunks = [c for c in np.array_split(batch, min(len(batch), len(self.queue))) if len(c)]
+        self.results = {}
+        for i, chunk in enumerate(chunks):
+            self.queue.start_async({0: chunk}, i)
+        self.queue.wait_all()
+        return {n: np.concatenate([self.results[i][n] for i in range(len(chunks))]) for n in outputs}
 
     def _close(self) -> None:
-        self.request = self.compiled = None
+        self.request = self.compiled = self.queue = None

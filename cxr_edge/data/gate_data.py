@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import scan_dataset, split_dataset
-from ..data.loading import load_images
 from ..preprocess import PreprocessSpec
 from ..synthetic import SYNTHETIC_CLASSES, synthetic_parity_images, write_synthetic_dataset
+from . import scan_dataset, split_dataset
+from .loading import load_images
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,244 @@
+"""Per-machine tuning: which backend and settings run *this* artifact fastest on *this* CPU.
+
+The fastest backend differs by machine (on an Intel AMX box OpenVINO INT8 ran ~2x ONNX Runtime INT8; on
+a 2-core AMD EPYC Zen 4 they were within 3%), and so do the OpenVINO stream count and the thread count
+that win. ``cxr-edge tune`` measures the candidates once, for single-image latency (kiosk) and for
+batched throughput (service, folders), and caches the winners under the machine's fingerprint and the
+artifact's sha256: a different CPU, a runtime upgrade or a re-exported artifact is a new key, never a
+stale answer. Screener, predict, serve and bench read the cache when no backend is named; a backend or
+setting given explicitly always wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+USES = ("single", "batched")
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def _cpu() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                flags = [f for f in _FLAGS if f in have]
+                break
+    except OSError:
+        pass
+    return model, flags
+
+
+def _version(module: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:
+        return None
+
+
+def machine_fingerprint() -> dict[str, Any]:
+    """What decides which configuration wins: the CPU, its usable cores, and the runtimes' versions."""
+    model, flags = _cpu()
+    facts = {"cpu": model, "flags": flags, "usable_cores": len(os.sched_getaffinity(0)),
+             "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"), "openvino": _version("openvino")}
+    facts["id"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    return facts
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CXR_EDGE_CACHE") or Path.home() / ".cache" / "cxr-edge") / "tuning"
+
+
+def tuning_file(artifact: str | Path, fingerprint: dict | None = None) -> Path:
+    sha = read_manifest(artifact, verify=False)["sha256"]
+    fp = fingerprint or machine_fingerprint()
+    return cache_dir() / f"{fp['id']}-{sha[:16]}.json"
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str
+    options: dict
+    measured: str  # e.g. "p90 6.1 ms at batch 1" / "412 img/s at batch 16"
+    source: str  # the cache file it came from
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.backend}" + (f" ({opts})" if opts else "") + f": {self.measured}, tuned ({Path(self.source).name})"
+
+
+def tuned_choice(artifact: str | Path, use: str) -> Choice | None:
+    """The cached winner for ``use`` on this machine, or None when this artifact was not tuned here."""
+    if use not in USES:
+        raise ConfigError(f"tuning use must be one of {', '.join(USES)}, got {use!r}.")
+    try:
+        path = tuning_file(artifact)
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError, KeyError):
+        return None
+    win = (doc.get("winners") or {}).get(use)
+    if not win:
+        return None
+    return Choice(win["backend"], dict(win.get("options") or {}), win.get("measured", ""), str(path))
+
+
+def candidates(fmt: str, cores: int) -> list[tuple[str, dict]]:
+    """Backend x threads x OpenVINO streams worth measuring for an artifact format on ``cores`` cores."""
+    from .backends.registry import backends_for
+
+    threads = sorted({cores, max(1, cores // 2)}, reverse=True)
+    out: list[tuple[str, dict]] = []
+    for backend in backends_for(fmt):
+        if backend == "onnxruntime":
+            out += [("onnxruntime", {"threads": t}) for t in threads]
+        elif backend == "openvino":
+            out += [("openvino", {"threads": t}) for t in threads]
+            if cores > 1:
+                out += [("openvino", {"threads": cores, "streams": s}) for s in sorted({2, cores}) if s <= cores]
+        elif backend == "tensorrt":
+            out.append(("tensorrt", {}))
+    return out
+
+
+def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: int = 3,
+         progress: bool = True) -> dict:
+    """Measure every candidate on synthetic inputs of the artifact's shape; returns (and caches) the record.
+
+    ``budget_s``: seconds of timing per candidate, split over the rounds and the two uses.
+
+    Candidates run in interleaved rounds (each once per round, order rotated) so a noisy neighbour on a
+    shared VM hits them alike. A candidate must also answer like ONNX Runtime's reference on the same
+    inputs (top class equal, probabilities within the artifact's borderline band), else it is not eligible.
+    """
+    from ..decision import borderline_band
+    from ..preprocess import PreprocessSpec
+    from ..synthetic import synthetic_parity_images
+    from .backends.registry import artifact_format, open_backend
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact)
+    fmt = artifact_format(artifact, manifest)
+    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    x = synthetic_parity_images(spec, max(batch, 8))
+    pool = [np.roll(x, k, axis=0)[:batch] for k in range(2)]
+    cores = len(os.sched_getaffinity(0))
+    band = borderline_band(manifest)
+    loaded, rows = [], []
+    reference = None
+    for backend, opts in candidates(fmt, cores):
+        row: dict[str, Any] = {"backend": backend, "options": opts}
+        try:
+            eng = open_backend(artifact, backend=backend, **opts).load()
+            probs = eng.infer(x, ["probs"], calibrated=False)["probs"]
+        except Exception as exc:  # a candidate that cannot run here is a row, not a failed tuning
+            why = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+            rows.append({**row, "status": f"could not run: {why}"})
+            continue
+        if reference is None:
+            reference = probs
+        dp = float(np.abs(probs - reference).max())
+        same = bool((probs.argmax(1) == reference.argmax(1)).all()) and dp <= band
+        row.update({"status": "measured" if same else f"not eligible: answers differ from the first backend (max |dp| {dp:.3g})",
+                    "max_abs_dprob_vs_first": dp})
+        rows.append(row)
+        if same:
+            loaded.append((row, eng, {1: [], batch: []}))
+        else:
+            eng.close()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loaded) * rounds * 2, desc="tune", unit="run")
+    from .timing import measure
+
+    for r in range(rounds):
+        k = r % max(1, len(loaded))
+        for _row, eng, times in loaded[k:] + loaded[:k]:
+            for b in (1, batch):
+                sample = [p[:b] for p in pool]
+                times[b].append(measure(lambda v, e=eng: e.infer(v, ["probs"], calibrated=False), sample,
+                                        budget_s / rounds / 2, warmup=1, min_iters=3))
+                if bar:
+                    bar.update(1)
+    if bar:
+        bar.close()
+    for row, eng, times in loaded:
+        row["single_p90_ms"] = float(np.median([1e3 * np.percentile(t, 90) for t in times[1]]))
+        row["batched_ips"] = float(np.median([batch / np.median(t) for t in times[batch]]))
+        eng.close()
+    ok = [r for r in rows if "single_p90_ms" in r]
+    if not ok:
+        raise ConfigError(f"No backend could run {artifact.name} on this machine: "
+                          + "; ".join(f"{r['backend']}: {r['status']}" for r in rows))
+    single = min(ok, key=lambda r: r["single_p90_ms"])
+    batched = max(ok, key=lambda r: r["batched_ips"])
+    record = {
+        "artifact": artifact.name, "sha256": manifest["sha256"], "machine": machine_fingerprint(),
+        "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "batch": batch, "rounds": rounds, "budget_s": budget_s,
+        "candidates": rows,
+        "winners": {
+            "single": {"backend": single["backend"], "options": single["options"],
+                       "measured": f"p90 {single['single_p90_ms']:.1f} ms at batch 1"},
+            "batched": {"backend": batched["backend"], "options": batched["options"],
+                        "measured": f"{batched['batched_ips']:.1f} img/s at batch {batch}"},
+        },
+    }
+    path = tuning_file(artifact, record["machine"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)  # never a half-written cache file
+    record["cache_file"] = str(path)
+    return record
+
+
+TUNING_MODES = ("cached", "auto", "off")
+
+
+def apply_tuning(artifact, backend: str | None, device: str, options: dict, use: str,
+                 mode: str = "cached") -> tuple[str | None, dict, str | None]:
+    """The backend and options to open ``artifact`` with, after this machine's tuning, and a note saying so.
+
+    Tuning applies only where the caller left the choice open (no backend named, device auto or cpu);
+    an option the caller gave explicitly (threads, streams) overrides the tuned one. ``mode``: ``cached``
+    uses a tuning already done here, ``auto`` measures now when there is none (seconds, once per machine and
+    artifact), ``off`` ignores tuning.
+    """
+    if mode not in TUNING_MODES:
+        raise ConfigError(f"tuning must be one of {', '.join(TUNING_MODES)}, got {mode!r}.")
+    if mode == "off" or backend not in (None, "auto") or device not in ("auto", "cpu") \
+            or str(artifact).startswith("triton://"):
+        return (None if backend == "auto" else backend), options, None
+    choice = tuned_choice(artifact, use)
+    if choice is None and mode == "auto":
+        log.info("no tuning for %s on this machine: measuring the candidates once (cxr-edge tune)", Path(artifact).name)
+        try:
+            tune(artifact, progress=False)
+        except ConfigError as exc:
+            log.warning("tuning %s failed (%s); using the default backend", Path(artifact).name, exc)
+        choice = tuned_choice(artifact, use)
+    if choice is None:
+        return None, options, None
+    merged = {**choice.options, **{k: v for k, v in options.items() if v is not None}}
+    return choice.backend, merged, f"{use}: {choice.describe()}"
