@@ -10,6 +10,10 @@ theirs" is a ratio taken round by round on one machine, not two numbers from two
   representative dataset; XNNPACK at run time);
 - ``onnxruntime-defaults``: ``onnxruntime.quantization.quantize_static`` with every default.
 
+The ONNX-based peers quantise the FP32 graph cut down to its ``probs`` output (a user's own classifier has
+no Grad-CAM feature output), and cxr-edge's OpenVINO rows compile for ``probs`` only as well, as screening
+does; the LiteRT peer converts the Keras classifier, which has only ``probs``.
+
 Each peer is built once and cached under ``ARTIFACT_DIR/peers/`` keyed by the FP32 artifact's sha256 (the
 LiteRT conversion of ResNet152V2 takes minutes). A peer whose toolkit is not installed is a "could not
 run" row naming what to install, never an error.
@@ -66,7 +70,9 @@ def build_peers(artifact_dir: Path, fp32: Path, source: Path | None, calib_x: np
     """Peers that could be built and loaded, and rows for those that could not (with the reason)."""
     cache = artifact_dir / "peers"
     cache.mkdir(exist_ok=True)
-    key = sha256_file(fp32)[:16]
+    key = f"{sha256_file(fp32)[:16]}-probs-only"
+    # what a user exporting the classifier would quantise: probabilities only, no Grad-CAM feature output
+    fp32 = _cached(cache, "fp32_probs_only.onnx", key, lambda out: _probs_only(fp32, out))
     engines: list[PeerEngine] = []
     skipped: list[dict] = []
     makers: dict[str, Callable[[], list[PeerEngine]]] = {
@@ -83,6 +89,31 @@ def build_peers(artifact_dir: Path, fp32: Path, source: Path | None, calib_x: np
             log.warning("peer %s could not be built: %s", name, exc)
             skipped.append(_missing(name, name, f"{type(exc).__name__}: {str(exc).strip()[:200]}"))
     return engines, skipped
+
+
+def _probs_only(fp32: Path, out: Path) -> None:
+    """The FP32 graph with only its ``probs`` output and the nodes that feed it."""
+    import onnx
+
+    model = onnx.load(str(fp32))
+    g = model.graph
+    keep = [o for o in g.output if o.name == "probs"]
+    del g.output[:]
+    g.output.extend(keep)
+    needed = {"probs"}
+    live = []
+    for node in reversed(list(g.node)):
+        if needed & set(node.output):
+            live.append(node)
+            needed |= set(node.input)
+    del g.node[:]
+    g.node.extend(reversed(live))
+    used = {i for n in g.node for i in n.input}
+    inits = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(out))
 
 
 class _CannotRun(Exception):

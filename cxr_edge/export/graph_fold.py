@@ -163,6 +163,7 @@ def fold_input_preprocessing(model) -> FoldResult:
         head = add.output[0]
         removed.remove(add)
     tr.input[0] = head
+    one_channel = _one_channel_reshape(G, tr) if w64.shape[1] == 1 else False
     conv.input[1] = new_w
     if len(conv.input) > 2:
         conv.input[2] = new_b
@@ -177,7 +178,27 @@ def fold_input_preprocessing(model) -> FoldResult:
     if np.any(o != 0):
         what.append("offset kept as one Add on the single input channel (the convolution is padded)" if keep_shift
                     is not None else "offset folded into its bias")
+    if one_channel:
+        what.append("the one-channel NHWC->NCHW transpose is a reshape")
     return FoldResult(True, "; ".join(what))
+
+
+def _one_channel_reshape(G: _Graph, tr) -> bool:
+    """With one channel, NHWC and NCHW are the same bytes: the Transpose becomes a Reshape.
+
+    Runtimes treat a Transpose as data movement (OpenVINO ran this one with a reference kernel and kept
+    the quantised input away from the first convolution); a Reshape costs nothing. Needs a static H, W.
+    """
+    helper = require("onnx.helper")
+    dims = G.g.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[1:]) or dims[3].dim_value != 1:
+        return False
+    shape = G.set_initializer(tr.name + "_nchw_shape", np.asarray([-1, 1, dims[1].dim_value, dims[2].dim_value], np.int64))
+    reshape = helper.make_node("Reshape", [tr.input[0], shape], list(tr.output), name=tr.name)
+    idx = list(G.g.node).index(tr)
+    G.g.node.remove(tr)
+    G.g.node.insert(idx, reshape)
+    return True
 
 
 def _replicate_by_broadcast(G: _Graph, cast, concat, mul, add, s, o, why: str) -> FoldResult:
