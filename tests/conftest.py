@@ -23,6 +23,19 @@ sys.meta_path.insert(0, Block())
 HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Tuning records and engine caches go to a session folder, never into the user's ~/.cache: a test
+    must not read a tuning some earlier run left on this machine, nor leave one behind."""
+    old = os.environ.get("CXR_EDGE_CACHE")
+    os.environ["CXR_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cxr_edge_cache"))
+    yield
+    if old is None:
+        os.environ.pop("CXR_EDGE_CACHE", None)
+    else:
+        os.environ["CXR_EDGE_CACHE"] = old
+
+
 def _has_cuda() -> bool:
     """A CUDA device: /dev/nvidia0 on x86 servers, /dev/nvhost-* and /etc/nv_tegra_release on Jetson
     (which has no /dev/nvidia0), or whatever the CUDA runtime says where cuda-python is installed."""

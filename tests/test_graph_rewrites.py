@@ -173,3 +173,53 @@ def test_openvino_runs_the_rewritten_strided_convolutions_in_int8():
         onnx.save(model, str(p))
         prec = openvino_runtime_precisions(p)
     assert prec["not_int8"] == [], prec
+
+
+def input_qdq_model(zero_point_dtype=np.uint8, add_offset: bool = False):
+    """uint8 NHWC image -> Cast -> [Add] -> Reshape(NCHW) -> Q -> DQ -> Conv: the head of a quantised export."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.3, (3, 1, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([-1, 1, SIZE, SIZE], np.int64), "shape"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, zero_point_dtype), "z"),
+             numpy_helper.from_array(np.array(-100.0, np.float32), "off")]
+    nodes = [helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT, name="cast")]
+    src = "f"
+    if add_offset:
+        nodes.append(helper.make_node("Add", ["f", "off"], ["fo"], name="add"))
+        src = "fo"
+    nodes += [helper.make_node("Reshape", [src, "shape"], ["nchw"], name="to_nchw"),
+              helper.make_node("QuantizeLinear", ["nchw", "s", "z"], ["q"], name="q"),
+              helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"], name="dq"),
+              helper.make_node("Conv", ["dq", "w"], ["y"], pads=[1, 1, 1, 1], name="conv")]
+    graph = helper.make_graph(nodes, "in", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", SIZE, SIZE, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, SIZE, SIZE])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_uint8_pixels_feed_the_first_dequantize_directly_and_exactly():
+    from cxr_edge.export.qdq_rewrites import quantised_input
+
+    model = input_qdq_model()
+    x = images()
+    before = run_x_image(model, x)
+    assert quantised_input(model)
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert "Cast" not in ops and "QuantizeLinear" not in ops and ops[:2] == ["Reshape", "DequantizeLinear"]
+    np.testing.assert_array_equal(run_x_image(model, x), before)
+
+
+@pytest.mark.parametrize("kwargs", [{"zero_point_dtype": np.int8}, {"add_offset": True}])
+def test_uint8_input_rewrite_needs_uint8_activations_and_nothing_but_data_movement(kwargs):
+    from cxr_edge.export.qdq_rewrites import quantised_input
+
+    model = input_qdq_model(**kwargs)  # S8 activations (the TensorRT target) / an offset before the quantiser
+    before = model.SerializeToString()
+    assert not quantised_input(model)
+    assert model.SerializeToString() == before
+
+
+def run_x_image(model, x):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": x})[0]

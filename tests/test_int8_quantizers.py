@@ -66,11 +66,13 @@ def test_the_closer_of_two_passing_attempts_wins():
     from cxr_edge.export.gates import GateResult
     from cxr_edge.export.pipeline import Int8Attempt
 
-    def attempt(n, dprob, agree=1.0, passed=True):
+    def attempt(n, dprob, agree=1.0, passed=True, int8=4):
         g = GateResult("int8", passed, 100, {"top_class_agreement": agree, "max_abs_dprob": dprob}, {}, [])
-        return Int8Attempt(n, QuantConfig(Int8Target.CPU), None, g, {})
+        return Int8Attempt(n, QuantConfig(Int8Target.CPU), None, g, {"int8_compute_nodes": int8})
 
     a, b = attempt(1, 0.05), attempt(2, 0.004)
     assert max([a, b], key=lambda t: t.score) is b
     assert max([attempt(1, 0.5), attempt(2, 0.001, agree=0.98)], key=lambda t: t.score).number == 1
     assert max([attempt(1, 0.001, passed=False), attempt(2, 0.3)], key=lambda t: t.score).number == 2
+    # closer to FP32 by leaving two layers in float does not win over a fully INT8 graph that passes
+    assert max([attempt(1, 0.014, int8=4), attempt(2, 0.013, int8=2)], key=lambda t: t.score).number == 1

@@ -189,3 +189,24 @@ def test_cli_tune_prints_the_winners(tiny_export, tuning_cache, capsys):
     out = capsys.readouterr().out
     assert "Fastest here, across the artifacts" in out and "model.int8-cpu.onnx" in out
     assert main(["tune", str(tiny_export.out_dir / "nothing")]) == 5  # config: names what is wrong
+
+
+def test_the_service_runs_its_tuned_configuration_and_says_so(tiny_export, tuning_cache):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from cxr_edge.runtime.tuning import tune
+    from cxr_edge.serve.app import ServeConfig, create_app
+
+    art = tiny_export.out_dir / "model.int8-cpu.onnx"
+    with TestClient(create_app(art, ServeConfig(decode_workers=0))) as c:  # not tuned yet: the default backend
+        assert c.get("/v1/model").json()["tuned"] is None
+        assert 'cxr_engine_tuning{choice="not tuned (default backend)"} 1.0' in c.get("/metrics").text
+    win = tune(art, batch=4, budget_s=0.05, rounds=1, progress=False)["winners"]["batched"]
+    with TestClient(create_app(art, ServeConfig(decode_workers=0))) as c:
+        info = c.get("/v1/model").json()
+        assert info["tuned"].startswith("batched: " + win["backend"]) and info["backend"] == win["backend"]
+        assert 'cxr_engine_tuning{choice="batched: ' + win["backend"] in c.get("/metrics").text
+    with TestClient(create_app(art, ServeConfig(decode_workers=0, backend="onnxruntime"))) as c:
+        assert c.get("/v1/model").json()["tuned"] is None  # a named backend wins over the tuning

@@ -45,13 +45,20 @@ def render_markdown(res: dict, command: str | None = None) -> str:
         lines.append(f"| {k} | {_f(v['single_stream_p90_ms'])} | {_f(v['offline_throughput_ips'])} | "
                      f"{v['offline_batch']} | {v['status']} |")
     measured = res.get("measured_int8_peak") or {}
-    if measured.get("status") == "ran":
-        lines += ["", f"Measured INT8 GEMM peak: {measured['gmacs']:.0f} GMAC/s ({measured['what']}); INT8 rows give their "
-                      "fraction of it:"]
+    floats = res.get("measured_float_peaks") or {}
+    if measured.get("status") == "ran" or floats.get("status") == "ran":
+        ceilings = []
+        if measured.get("status") == "ran":
+            ceilings.append(f"INT8 {measured['gmacs']:.0f} GMAC/s ({measured['what']})")
+        if floats.get("status") == "ran":
+            ceilings += [f"{k.upper()} {floats[k]:.0f} GMAC/s" for k in ("fp32", "bf16") if floats.get(k)]
+            ceilings[-1] += f" ({floats['what']})"
+        lines += ["", "Measured GEMM ceilings on this machine, in this run: " + "; ".join(ceilings) + ". Each row's "
+                  "fraction of the ceiling for its precision:"]
         for r in res.get("rows", []):
-            if r.get("fraction_of_measured_int8_peak") is not None:
+            if r.get("fraction_of_measured_peak") is not None:
                 lines.append(f"- {r.get('label', r.get('backend'))} batch {r['batch']}: {r['gmacs_per_s']:.0f} GMAC/s = "
-                             f"{r['fraction_of_measured_int8_peak']:.2f} of the measured peak")
+                             f"{r['fraction_of_measured_peak']:.2f} of the measured {r['precision']} peak")
     peak = m.get("int8_peak", {})
     if peak:
         lines += ["", "Nominal INT8 estimate (cores x nominal GHz x MACs/cycle/core; not measured, often off): " + ", ".join(

@@ -276,19 +276,23 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     contenders.clear()
     gc.collect()
     _add_ratios(rows)
-    from .peak import measured_int8_gemm_peak
+    from .peak import measured_float_gemm_peaks, measured_int8_gemm_peak
 
     peak = measured_int8_gemm_peak(budget_s=min(cfg.budget_s, 1.0), threads=cfg.threads)
-    if peak.get("status") == "ran":
-        for r in rows:
-            if r.get("gmacs_per_s") and str(r.get("precision", "")).startswith("int8"):
-                r["fraction_of_measured_int8_peak"] = r["gmacs_per_s"] / peak["gmacs"]
+    float_peaks = measured_float_gemm_peaks(budget_s=min(cfg.budget_s, 1.0), threads=cfg.threads)
+    for r in rows:
+        prec = str(r.get("precision", ""))
+        ceiling = peak.get("gmacs") if prec.startswith("int8") else float_peaks.get(prec)
+        if r.get("gmacs_per_s") and ceiling:
+            r["fraction_of_measured_peak"] = r["gmacs_per_s"] / ceiling
+            if prec.startswith("int8"):
+                r["fraction_of_measured_int8_peak"] = r["fraction_of_measured_peak"]
     prep = []
     if cfg.preprocessing:
         from .preprocess_bench import measure_preprocessing
 
         prep = measure_preprocessing(paths, spec, budget_s=min(cfg.budget_s, 2.0))
-    return {"measured_int8_peak": peak, "preprocessing": prep, "machine": machine_info(),
+    return {"measured_int8_peak": peak, "measured_float_peaks": float_peaks, "preprocessing": prep, "machine": machine_info(),
             "config": {k: v for k, v in cfg.__dict__.items()}, "artifact_dir": str(artifact_dir),
             "recipe": fp32_doc.get("recipe"), "classes": classes, "input": spec.to_dict(), "macs_per_image": macs,
             "accuracy_data": data_info, "rows": rows, "accuracy": accuracy, "summary": _summary(rows, macs),

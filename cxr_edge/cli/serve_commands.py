@@ -92,7 +92,7 @@ def register(sub) -> None:
     sv.add_argument("--max-body-mb", type=positive_float, default=default_of(S, "max_body_mb"), help="request body limit")
     add_engine_args(sv, all_backends(), device_default=default_of(S, "device"),
                     preprocess_default=default_of(S, "preprocess"), failed_gate="serve",
-                    tuning_default=default_of(S, "tuning"))
+                    tuning_default="auto")  # a long-running service: tuning once at first start pays off
     sv.add_argument("--cors", type=comma_list(), help="comma-separated allowed origins (default: none)")
     sv.add_argument("--threads", type=positive_int,
                     help="engine threads (default: all usable cores for models over 1 GMAC/image, half of them "

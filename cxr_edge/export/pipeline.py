@@ -154,10 +154,13 @@ class Int8Attempt:
         return self.config.note or ("first conv + classifier in float" if self.config.exclude_nodes else "")
 
     @property
-    def score(self) -> tuple[bool, float, float]:
-        """Passing beats failing; among equals, higher top-class agreement with FP32, then closer probabilities."""
+    def score(self) -> tuple[bool, int, float, float]:
+        """Passing beats failing; among passing, more compute nodes in INT8 (NNCF leaves some in float on
+        some graphs: closer to FP32 by leaving work undone is not the better artifact), then higher top-class
+        agreement with FP32, then closer probabilities."""
         m = self.gate.metrics
-        return self.gate.passed, m["top_class_agreement"], -float(m.get("max_abs_dprob", 0.0))
+        int8 = int(self.info.get("int8_compute_nodes") or 0) if self.gate.passed else 0
+        return self.gate.passed, int8, m["top_class_agreement"], -float(m.get("max_abs_dprob", 0.0))
 
     def record(self) -> dict:
         return {"attempt": self.number, "quantizer": self.config.quantizer, "method": self.config.method,

@@ -177,12 +177,15 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, c
 def _cpu_rewrites(path: str | Path) -> dict:
     """The exact rewrites that keep every convolution INT8 on CPU runtimes (see qdq_rewrites)."""
     onnx = require("onnx")
-    from .qdq_rewrites import subsample_before_dequantize
+    from .qdq_rewrites import quantised_input, subsample_before_dequantize
 
     qdq = onnx.load(str(path))
-    if n := subsample_before_dequantize(qdq):
+    n = subsample_before_dequantize(qdq)
+    direct = quantised_input(qdq)
+    if n or direct:
+        onnx.checker.check_model(qdq)
         onnx.save(qdq, str(path))
-    return {"strided_1x1_subsampled_before_dequantize": n}
+    return {"strided_1x1_subsampled_before_dequantize": n, "uint8_input_straight_to_first_dequantize": direct}
 
 
 def _quantize_nncf(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, config: QuantConfig) -> dict:

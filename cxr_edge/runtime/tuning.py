@@ -66,7 +66,9 @@ def machine_fingerprint() -> dict[str, Any]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CXR_EDGE_CACHE") or Path.home() / ".cache" / "cxr-edge") / "tuning"
+    """Beside ONNX Runtime's engine caches (XDG_CACHE_HOME/cxr-edge), unless CXR_EDGE_CACHE says otherwise."""
+    base = os.environ.get("CXR_EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr-edge"
+    return Path(base) / "tuning"
 
 
 def tuning_file(artifact: str | Path, fingerprint: dict | None = None) -> Path:

@@ -30,4 +30,5 @@ class ServeConfig:
     allow_failed_gate: bool = False  # serve an artifact whose export gate failed (investigation only)
     preprocess: str = "auto"  # auto | cpu | gpu: where images are resized (auto: the GPU only for CUDA engines)
     cuda_graph: bool = False  # TensorRT engines: replay each batch size's kernels as one CUDA graph
-    tuning: str = "auto"  # auto | cached | off: this machine's measured backend/streams/threads (no --backend given)
+    tuning: str = "cached"  # cached | auto | off: this machine's measured backend/streams/threads (no backend given);
+    # the serve command defaults to auto (tunes once at its first start)
