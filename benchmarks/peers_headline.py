@@ -38,6 +38,11 @@ def summarise(res: dict, batch: int = 16) -> list[str]:
         out.append(f"| batch {batch}: ours / best peer, per-round median [min-max] | **{t['median']:.2f}x** "
                    f"[{t['min']:.2f}-{t['max']:.2f}] ({ours_b['label']} {ours_b['throughput_ips']:.1f} vs "
                    f"{peers_b['label']} {peers_b['throughput_ips']:.1f} img/s) |")
+    v = (cmp.get("vs_validated_peers") or {}).get("throughput", {}).get(str(batch))
+    if v:
+        failed = sorted(set(cmp["peers"]) - set(cmp.get("validated_peers", [])))
+        out.append(f"| batch {batch}: ours / best peer that passed validation (not: {', '.join(failed)}) | "
+                   f"**{v['median']:.2f}x** [{v['min']:.2f}-{v['max']:.2f}] vs {v['peer_best']} |")
     if ours_b and keras_b:
         out.append(f"| batch {batch}: ours vs Keras predict | {ours_b['throughput_ips'] / keras_b['throughput_ips']:.1f}x |")
     if ours_b and ours_b.get("fraction_of_measured_peak") is not None:

@@ -210,3 +210,16 @@ def test_the_service_runs_its_tuned_configuration_and_says_so(tiny_export, tunin
         assert 'cxr_engine_tuning{choice="batched: ' + win["backend"] in c.get("/metrics").text
     with TestClient(create_app(art, ServeConfig(decode_workers=0, backend="onnxruntime"))) as c:
         assert c.get("/v1/model").json()["tuned"] is None  # a named backend wins over the tuning
+
+
+def test_peers_that_fail_validation_are_also_left_out_in_a_second_comparison():
+    from cxr_edge.bench.runner import compare_rounds
+
+    ours = _contender("ours", "ours", [0.10, 0.10])
+    fast_wrong = _contender("fast but wrong", "peer", [0.05, 0.05])
+    fast_wrong.status = "ran, failed validation"
+    slow_right = _contender("slow but right", "peer", [0.20, 0.20])
+    cmp = compare_rounds([ours, fast_wrong, slow_right], (1, 4))
+    assert cmp["throughput"]["4"]["median"] == pytest.approx(0.5)  # against any peer
+    assert cmp["validated_peers"] == ["slow but right"]
+    assert cmp["vs_validated_peers"]["throughput"]["4"]["median"] == pytest.approx(2.0)

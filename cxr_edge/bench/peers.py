@@ -265,7 +265,13 @@ def _ort_defaults(fp32: Path, cache: Path, key: str, calib_x: np.ndarray, thread
             return None if x is None else {"image": x}
 
     def build(out: Path) -> None:
-        quantize_static(str(fp32), str(out), Reader())
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # quantize_static warns through the root logger that defaults skip pre-processing
+        try:
+            quantize_static(str(fp32), str(out), Reader())
+        finally:
+            root.setLevel(level)
 
     t0 = time.perf_counter()
     path = _cached(cache, "onnxruntime_defaults.onnx", key, build)

@@ -107,6 +107,13 @@ def _peer_section(res: dict) -> list[str]:
     if lat := cmp.get("latency_p90"):
         out += ["", f"Batch-1 p90 latency, best peer / ours (> 1: ours is faster): **{lat['median']:.2f}x** "
                     f"[{lat['min']:.2f}-{lat['max']:.2f}] ({lat['ours_best']} vs {lat['peer_best']})."]
+    if v := cmp.get("vs_validated_peers"):
+        failed = sorted(set(cmp["peers"]) - set(cmp.get("validated_peers", [])))
+        out += ["", f"Against the peers that passed validation here (not: {', '.join(failed)}): "
+                + "; ".join(f"batch {b} **{c['median']:.2f}x** [{c['min']:.2f}-{c['max']:.2f}] vs {c['peer_best']}"
+                            for b, c in v["throughput"].items())
+                + (f"; batch-1 p90 {v['latency_p90']['median']:.2f}x vs {v['latency_p90']['peer_best']}"
+                   if v.get("latency_p90") else "") + "."]
     hows = {r["label"]: r["how"] for r in res.get("rows", []) if r.get("peer") and r.get("how")}
     if hows:
         out += ["", "Peers:"] + [f"- {k}: {v}" for k, v in hows.items()]

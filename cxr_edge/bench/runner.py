@@ -349,21 +349,31 @@ def compare_rounds(contenders: list[Contender], batches) -> dict:
     """Ours vs the best peer, round by round: offline throughput at each batch, and batch-1 p90 latency.
 
     Within a round every contender ran minutes apart at most, so the ratio survives a VM that drifts 2-3x
-    between runs; the median over rounds and the min-max are reported, with who won each round.
+    between runs; the median over rounds and the min-max are reported, with who won each round. The same
+    against only the peers whose outputs passed validation here (a peer that fails it would not be deployed).
     """
     ours = [c for c in contenders if c.kind == "ours" and c.status.startswith("validated")]
     peers = [c for c in contenders if c.kind == "peer"]
-    out: dict = {"ours": [c.label for c in ours], "peers": [c.label for c in peers], "throughput": {}, "latency_p90": None}
+    out: dict = {"ours": [c.label for c in ours], "peers": [c.label for c in peers]}
     if not ours or not peers:
         out["note"] = "nothing to compare: " + ("no validated cxr-edge row" if not ours else "no peer could run")
         return out
+    out.update(_ratios(ours, peers, batches))
+    valid = [c for c in peers if c.status.startswith("validated")]
+    out["validated_peers"] = [c.label for c in valid]
+    if valid and len(valid) < len(peers):
+        out["vs_validated_peers"] = _ratios(ours, valid, batches)
+    return out
 
+
+def _ratios(ours: list[Contender], peers: list[Contender], batches) -> dict:
     def per_round(c: Contender, b: int, stat) -> list[float]:
         return [stat(t, b) for t in c.times.get(b, [])]
 
     n_rounds = min(len(c.times.get(b, [])) for c in ours + peers for b in batches)
     tput = lambda t, b: b / float(np.median(t))
     p90 = lambda t, b: 1e3 * float(np.percentile(t, 90))
+    out: dict = {"throughput": {}, "latency_p90": None, "rounds": n_rounds}
     for b in batches:
         ratios, winners = [], []
         for r in range(n_rounds):
@@ -382,7 +392,6 @@ def compare_rounds(contenders: list[Contender], batches) -> dict:
             winners.append((mine.label, theirs.label))
         out["latency_p90"] = _spread(ratios) | {"ours_best": _mode(w[0] for w in winners),
                                                 "peer_best": _mode(w[1] for w in winners)}
-    out["rounds"] = n_rounds
     return out
 
 
