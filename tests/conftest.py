@@ -23,17 +23,11 @@ sys.meta_path.insert(0, Block())
 HAS_PYDICOM = importlib.util.find_spec("pydicom") is not None
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory):
-    """Tuning records and engine caches go to a session folder, never into the user's ~/.cache: a test
-    must not read a tuning some earlier run left on this machine, nor leave one behind."""
-    old = os.environ.get("CXR_EDGE_CACHE")
-    os.environ["CXR_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cxr_edge_cache"))
-    yield
-    if old is None:
-        os.environ.pop("CXR_EDGE_CACHE", None)
-    else:
-        os.environ["CXR_EDGE_CACHE"] = old
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tuning records go to a folder of each test's own, never into the user's ~/.cache: no test reads a
+    tuning another test (or an earlier run on this machine) left, so "no backend named" means the default."""
+    monkeypatch.setenv("CXR_EDGE_CACHE", str(tmp_path_factory.mktemp("cxr_edge_cache")))
 
 
 def _has_cuda() -> bool:

@@ -53,7 +53,12 @@ def test_onnx_contract_fused_preprocessing_and_checker(exported):
         outs = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
         assert outs == {"probs": onnx.TensorProto.FLOAT, "features": onnx.TensorProto.FLOAT}
         consumers = [n.op_type for n in m.graph.node if "image" in n.input]
-        assert consumers == ["Cast"]  # raw bytes in: cast and normalisation happen inside the graph
+        if a.variant == "int8-cpu":  # the uint8 pixels are the first convolution's quantised input (exact)
+            assert consumers == ["Reshape"]
+            reshaped = next(n for n in m.graph.node if n.op_type == "Reshape").output[0]
+            assert [n.op_type for n in m.graph.node if reshaped in n.input] == ["DequantizeLinear"]
+        else:
+            assert consumers == ["Cast"]  # raw bytes in: cast and normalisation happen inside the graph
 
 
 @pytest.mark.train
@@ -122,8 +127,9 @@ def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch
     s = pipeline.export_model(r.model_path, tmp_path / "a", pipeline.ExportConfig(precisions="int8", int8_targets="cpu"))
     bad = s.artifacts[-1]
     assert not s.ok and not bad.kept and bad.path is None
-    assert len(bad.attempts) == 6 and not any(a["passed"] for a in bad.attempts)  # every remedy was tried
-    assert [a["remedy"].startswith("mixed precision") for a in bad.attempts] == [False] * 4 + [True] * 2
+    rival = 1 if pipeline.nncf_rival(pipeline.Int8Target.CPU) else 0  # NNCF measured beside the first attempt
+    assert len(bad.attempts) == 6 + rival and not any(a["passed"] for a in bad.attempts)  # every remedy was tried
+    assert [a["remedy"].startswith("mixed precision") for a in bad.attempts] == [False] * (4 + rival) + [True] * 2
     assert not (tmp_path / "a" / "model.int8-cpu.onnx").exists()
     forced = pipeline.export_model(r.model_path, tmp_path / "b",
                                    pipeline.ExportConfig(precisions="int8", int8_targets="cpu", force=True))
@@ -253,7 +259,7 @@ def test_the_float_remedy_keeps_first_conv_and_classifier_in_float(exported, tmp
 
     _, s, _ = exported
     fp32 = next(a.path for a in s.artifacts if a.variant == "fp32")
-    remedy = _int8_attempts(Int8Target.CPU, "minmax", fp32)[1]
+    remedy = next(c for c in _int8_attempts(Int8Target.CPU, "minmax", fp32) if c.exclude_nodes)
     assert len(remedy.exclude_nodes) == 2 and any("MatMulAddFusion" in n for n in remedy.exclude_nodes)
     rng = np.random.default_rng(0)
     info = quantize(fp32, tmp_path / "q.onnx", rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8), remedy)

@@ -36,7 +36,7 @@ def test_kiosk_starts_restarts_the_browser_and_stops_cleanly(tiny_export, tmp_pa
         port = s.getsockname()[1]
     status = tmp_path / "status.json"
     proc = subprocess.Popen([sys.executable, "-m", "cxr_edge.cli", "kiosk", str(art), "--mode", "headless",
-                             "--port", str(port), "--status-file", str(status), "--serve-args", "--decode-workers 1"],
+                             "--port", str(port), "--status-file", str(status), "--serve-args", "--decode-workers 1 --tuning off"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120

@@ -222,7 +222,7 @@ def test_load_generator_every_request_answered_once_with_its_own_answer(artifact
     with Screener(art, device="cpu") as s:
         expected = [np.array(list(r.probabilities.values())) for r in s.predict(files)]
     payloads = [f.read_bytes() for f in files]
-    with lt.LocalServer(art, max_batch=8, max_delay_ms=10) as srv:
+    with lt.LocalServer(art, max_batch=8, max_delay_ms=10, extra=["--tuning", "off"]) as srv:
         r = asyncio.run(lt.run_level(srv.url, payloads, expected, concurrency=16, n_requests=64, time_limit=60))
         import httpx
 
