@@ -23,7 +23,7 @@ from ..preprocess import PreprocessSpec
 from ..runtime.backends.registry import open_backend
 from ..runtime.batching import BatchPacker
 from .machine import machine_info
-from .timing import measure, reset_peak_rss, summarise
+from .timing import current_rss_kb, measure, summarise
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         base = {"label": t.label, "backend": t.backend, "precision": t.precision, "artifact": t.artifact.name,
                 "size_mb": round(t.artifact.stat().st_size / 1e6, 2)}
         try:
-            rss0 = reset_peak_rss()
+            rss0 = current_rss_kb()
             t0 = time.perf_counter()
             # a gate-failed artifact is measured and reported as such, never deployed by bench
             eng = open_backend(t.artifact, backend=t.backend, verify=True, allow_failed_gate=True, **t.options).load()
@@ -305,8 +305,6 @@ def _reason(exc: BaseException) -> str:
 
 
 def _rss_added(rss0_kb: int | None) -> float | None:
-    from .timing import current_rss_kb
-
     now = current_rss_kb()
     return None if rss0_kb is None or now is None else round((now - rss0_kb) / 1024, 1)
 

@@ -129,17 +129,22 @@ def pre_process_for_quantization(fp32_path: str | Path, out_path: str | Path) ->
     return Path(out_path)
 
 
+def _prepared(fp32_path: str | Path, tmp: Path, config: QuantConfig):
+    """What either quantiser starts from: the pre-processed graph, its input name and the nodes kept float."""
+    onnx = require("onnx")
+    pre = pre_process_for_quantization(fp32_path, tmp / "pre.onnx")
+    model = onnx.load(str(pre))
+    exclude = sorted(set(float_boundary_nodes(model)) | set(config.exclude_nodes))
+    return pre, model, model.graph.input[0].name, exclude
+
+
 def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, config: QuantConfig) -> dict:
     """Write a QDQ model; returns what was done (for the manifest)."""
     if config.quantizer == "nncf":
         return _quantize_nncf(fp32_path, out_path, calib_x, config)
-    onnx = require("onnx")
     q = require("onnxruntime.quantization")
     with tempfile.TemporaryDirectory() as tmp:
-        pre = pre_process_for_quantization(fp32_path, Path(tmp) / "pre.onnx")
-        model = onnx.load(str(pre))
-        input_name = model.graph.input[0].name
-        exclude = sorted(set(float_boundary_nodes(model)) | set(config.exclude_nodes))
+        pre, _, input_name, exclude = _prepared(fp32_path, Path(tmp), config)
         act = q.QuantType.QInt8 if config.target is Int8Target.TRT else q.QuantType.QUInt8
         method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                   "percentile": q.CalibrationMethod.Percentile}[config.method]
@@ -198,10 +203,7 @@ def _quantize_nncf(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndar
     onnx = require("onnx")
     nncf = require("nncf")
     with tempfile.TemporaryDirectory() as tmp:
-        pre = pre_process_for_quantization(fp32_path, Path(tmp) / "pre.onnx")
-        model = onnx.load(str(pre))
-        input_name = model.graph.input[0].name
-        exclude = sorted(set(float_boundary_nodes(model)) | set(config.exclude_nodes))
+        _, model, input_name, exclude = _prepared(fp32_path, Path(tmp), config)
         dataset = nncf.Dataset([calib_x[i : i + 1] for i in range(len(calib_x))], lambda x: {input_name: x})
         chatter = io.StringIO()
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):

@@ -61,8 +61,8 @@ class OpenVINOBackend(Backend):
         """The model compiled for exactly these outputs (compiled on first use, then kept).
 
         Screening asks for ``probs`` only; Grad-CAM also for ``features``. A model compiled for both
-        transposes and converts the feature map on every call: 20% of the small CNN's time at batch 16,
-        for nobody. With only ``probs`` as a result, the plugin drops that work.
+        transposes and converts the feature map on every call: the small CNN's INT8 artifact at batch 16 ran
+        935 img/s compiled for both and 1475 compiled for ``probs`` (alternating 2 s runs in one process).
         """
         if names not in self._variants:
             ov = require("openvino")
