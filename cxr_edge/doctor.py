@@ -207,12 +207,13 @@ def _matrix(r: Report) -> list[dict]:
         return p.detail + (f" -> {p.fix}" if p.fix else "")
 
     rows = []
-    for prec in ("fp32", "fp16", "int8-trt", "int8-cpu"):
+    for prec in ("fp32", "fp16", "int8-trt", "int8-cpu", "int8-ov"):
         rows.append({"backend": "onnxruntime CPU", "precision": prec,
                      "status": "will run" if ok("ORT CPU") else why("ORT CPU")})
         rows.append({"backend": "onnxruntime CUDA", "precision": prec,
                      "status": "will run" if ok("ORT CUDA") else why("ORT CUDA")})
-        trt_ep = ("not for this artifact: U8S8 INT8 is CPU-only (use int8-trt)" if prec == "int8-cpu"
+        trt_ep = (f"not for this artifact: {prec} has U8 activations, CPU-only (use int8-trt)"
+                  if prec in ("int8-cpu", "int8-ov")
                   else "will run" if ok("ORT Tensorrt") else why("ORT Tensorrt"))
         rows.append({"backend": "onnxruntime TensorRT EP", "precision": prec, "status": trt_ep})
         rows.append({"backend": "OpenVINO", "precision": prec, "status": "will run" if ok("OpenVINO") else why("OpenVINO")})

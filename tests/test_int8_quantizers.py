@@ -1,5 +1,6 @@
-"""The CPU INT8 artifact is quantised by ONNX Runtime and by NNCF, and the one closer to FP32 on the gate
-images is kept; both come out as QDQ ONNX with every convolution INT8 and the CPU rewrites applied."""
+"""The OpenVINO INT8 artifact is quantised by ONNX Runtime (min-max and percentile) and by NNCF, and the one
+closest to FP32 on the gate images is kept; all come out as QDQ ONNX with every convolution INT8 and the
+CPU rewrites applied. Its activations are S8 where the graph allows negatives and U8 elsewhere."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def test_nncf_quantiser_writes_a_qdq_graph_close_to_fp32(tmp_path):
     rng = np.random.default_rng(0)
     calib = rng.integers(0, 256, (48, 32, 32, 1), dtype=np.uint8)
     out = tmp_path / "nncf.onnx"
-    info = quantize(fp32, out, calib, QuantConfig(Int8Target.CPU, quantizer="nncf"))
+    info = quantize(fp32, out, calib, QuantConfig(Int8Target.OV, quantizer="nncf"))
     assert info["quantizer"] == "nncf" and info["int8_compute_nodes"] >= 1
     assert "strided_1x1_subsampled_before_dequantize" in info  # the CPU rewrites run for either quantiser
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
@@ -43,23 +44,31 @@ def test_nncf_quantiser_writes_a_qdq_graph_close_to_fp32(tmp_path):
     assert np.abs(_probs(out, x) - _probs(fp32, x)).max() < 0.1
 
 
-def test_nncf_is_refused_for_the_tensorrt_target():
-    with pytest.raises(ConfigError, match="CPU target only"):
-        QuantConfig(Int8Target.TRT, quantizer="nncf")
+def test_nncf_is_refused_outside_the_openvino_target():
+    for target in (Int8Target.TRT, Int8Target.CPU):
+        with pytest.raises(ConfigError, match="ov target only"):
+            QuantConfig(target, quantizer="nncf")
     with pytest.raises(ConfigError, match="Unknown quantizer"):
-        QuantConfig(Int8Target.CPU, quantizer="tflite")
+        QuantConfig(Int8Target.OV, quantizer="tflite")
 
 
-def test_the_cpu_ladder_measures_both_quantisers_before_keeping_one(tmp_path, monkeypatch):
-    """The first ONNX Runtime attempt passing does not end the ladder while NNCF has not been measured."""
+def test_the_openvino_ladder_measures_its_rivals_before_keeping_one(tmp_path):
+    """The first attempt passing does not end the ladder while percentile calibration and NNCF are unmeasured."""
+    import importlib.util
+
     from cxr_edge.export import pipeline
 
-    monkeypatch.setattr(pipeline, "nncf_rival", lambda target: target is Int8Target.CPU)
     fp32 = _fp32(tmp_path)
-    cpu = pipeline._int8_attempts(Int8Target.CPU, "minmax", fp32)
-    assert [c.quantizer for c in cpu[:2]] == ["onnxruntime", "nncf"]
-    trt = pipeline._int8_attempts(Int8Target.TRT, "minmax", fp32)
-    assert all(c.quantizer == "onnxruntime" for c in trt)
+    ov = pipeline.opening_attempts(Int8Target.OV, "minmax")
+    want = [("onnxruntime", "minmax"), ("onnxruntime", "percentile")]
+    want += [("nncf", "minmax")] if importlib.util.find_spec("nncf") else []
+    assert [(c.quantizer, c.method) for c in ov] == want
+    ort_methods = [c.method for c in pipeline.opening_attempts(Int8Target.OV, "percentile") if c.quantizer == "onnxruntime"]
+    assert ort_methods == ["percentile"]  # asked for percentile: no second percentile attempt
+    for target in (Int8Target.TRT, Int8Target.CPU):
+        ladder = pipeline._int8_attempts(target, "minmax", fp32)
+        assert all(c.quantizer == "onnxruntime" for c in ladder)
+        assert len(pipeline.opening_attempts(target, "minmax")) == 1
 
 
 def test_the_closer_of_two_passing_attempts_wins():

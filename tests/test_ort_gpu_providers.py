@@ -102,7 +102,7 @@ def test_asking_for_the_tensorrt_ep_with_a_cpu_int8_artifact_says_why(monkeypatc
 
     mod, _ = fake_ort_gpu(True)
     monkeypatch.setattr(ort_backend, "require", lambda name: mod)
-    with pytest.raises(ConfigError, match="U8S8.*int8-trt"):
+    with pytest.raises(ConfigError, match=r"unsigned \(U8\) activations.*int8-trt"):
         open_backend(artifacts / "model.int8-cpu.onnx", providers=["tensorrt", "cpu"]).load()
 
 

@@ -119,7 +119,21 @@ def test_batches_are_the_same_whatever_the_batch_size(tiny_export):
     assert all(np.allclose(list(x.probabilities.values()), list(y.probabilities.values()), atol=1e-6) for x, y in zip(pa, pb))
 
 
-@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-cpu"])
+def test_each_int8_flavour_opens_on_the_runtime_it_was_made_for(tiny_export):
+    """int8-ov opens on OpenVINO when no backend is named (ONNX Runtime leaves its mixed S8/U8 element-wise
+    ops unfused); the other artifacts on ONNX Runtime; a named backend always wins."""
+    import importlib.util
+
+    from cxr_edge.runtime.backends.registry import open_backend
+
+    arts = {a.variant: a.path for a in tiny_export.artifacts}
+    have_ov = importlib.util.find_spec("openvino") is not None
+    assert type(open_backend(arts["int8-ov"])).__name__ == ("OpenVINOBackend" if have_ov else "OnnxRuntimeBackend")
+    assert type(open_backend(arts["int8-cpu"])).__name__ == "OnnxRuntimeBackend"
+    assert type(open_backend(arts["int8-ov"], backend="onnxruntime")).__name__ == "OnnxRuntimeBackend"
+
+
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "int8-cpu", "int8-ov"])
 def test_predict_cli_with_explanations(tiny_export, tmp_path, variant):
     s, data = tiny_export, tiny_export.data
     art = next(a.path for a in s.artifacts if a.variant == variant)

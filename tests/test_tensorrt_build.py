@@ -42,8 +42,9 @@ def test_source_artifact_rules():
     check_source_artifact(DOC, BuildConfig("fp16"), TRT10)
     with pytest.raises(ConfigError, match="int8-trt QDQ artifact"):
         check_source_artifact(DOC, BuildConfig("int8"))
-    with pytest.raises(ConfigError, match="U8S8"):
-        check_source_artifact({**DOC, "precision": "int8", "int8_target": "cpu"}, BuildConfig("int8"))
+    for flavour in ("cpu", "ov"):
+        with pytest.raises(ConfigError, match=rf"int8-{flavour} artifact has unsigned \(U8\) activations"):
+            check_source_artifact({**DOC, "precision": "int8", "int8_target": flavour}, BuildConfig("int8"))
     with pytest.raises(ConfigError, match="cannot build a fp16 engine"):
         check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("fp16"))
     with pytest.raises(ConfigError, match="failed its accuracy gate"):
@@ -90,7 +91,7 @@ def test_ort_tensorrt_ep_options(tmp_path):
     off = tensorrt_ep_options({**DOC, "precision": "fp16"}, (1, 8, 32), None)
     assert off["trt_engine_cache_enable"] == "False" and "trt_engine_cache_path" not in off
     assert off["trt_fp16_enable"] == "True"
-    with pytest.raises(ConfigError, match="U8S8"):
+    with pytest.raises(ConfigError, match=r"unsigned \(U8\) activations"):
         tensorrt_ep_options({**DOC, "precision": "int8", "int8_target": "cpu"}, (1, 8, 32), tmp_path)
     with pytest.raises(ConfigError, match="MIN <= OPT"):
         tensorrt_ep_options(DOC, (4, 2, 1), tmp_path)

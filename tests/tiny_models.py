@@ -154,7 +154,7 @@ class TinyExport:
 
 
 def write_artifact_set(out_dir: Path, data: Path | None = None, size: int = 32, seed: int = 0,
-                       variants=("fp32", "fp16", "int8-trt", "int8-cpu")) -> TinyExport:
+                       variants=("fp32", "fp16", "int8-trt", "int8-cpu", "int8-ov")) -> TinyExport:
     """An export directory as ``cxr-edge export`` leaves it, for a tiny Grad-CAM-capable model.
 
     ``data``: a labelled folder (e.g. a synthetic dataset) recorded as the training data, so bench finds

@@ -34,7 +34,7 @@ GATE_AGREEMENT = {"fp32": 1.0, "fp16": 0.995, "bf16": 0.995, "int8": 0.99}
 class BenchConfig:
     batches: tuple[int, ...] = (1, 8, 32)
     backends: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt", "keras")
-    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu")
+    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu", "int8-ov")
     budget_s: float = 3.0
     e2e: bool = True
     accuracy: bool = True

@@ -11,8 +11,8 @@ from ..errors import ExitCode
 from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_int
 
 SPLITS = ("auto", "train", "val", "test", "all")
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int8-trt", "int8-cpu")
-INT8_TARGETS = ("trt", "cpu")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int8-trt", "int8-cpu", "int8-ov")
+INT8_TARGETS = ("trt", "cpu", "ov")
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -165,7 +165,8 @@ def register(sub) -> None:
     x.add_argument("--precision", type=comma_list(EXPORT_PRECISIONS), default=default_of(ExportConfig, "precisions"),
                    help=f"comma list of {', '.join(EXPORT_PRECISIONS)}")
     x.add_argument("--int8-target", type=comma_list(INT8_TARGETS), default=default_of(ExportConfig, "int8_targets"),
-                   help="INT8 flavours for 'int8': trt (S8S8), cpu (U8S8)")
+                   help="INT8 flavours for 'int8': trt (S8S8, TensorRT), cpu (U8S8, ONNX Runtime), "
+                   "ov (signed tensors S8, the rest U8: OpenVINO)")
     x.add_argument("--calib", help="labelled data dir: calibration from its train split, gates on its val split "
                    "(default: the model's training data, else synthetic)")
     x.add_argument("--calib-method", default=default_of(ExportConfig, "calib_method"), choices=CALIBRATION_METHODS,

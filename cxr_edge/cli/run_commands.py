@@ -10,7 +10,7 @@ from ..errors import ConfigError, ExitCode
 from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_float, positive_int
 
 BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
-BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu")
+BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu", "int8-ov")
 OPENVINO_PRECISIONS = ("fp32", "bf16")
 
 

@@ -23,10 +23,18 @@ class Int8Target(str, enum.Enum):
 
     TRT: symmetric signed activations and weights (S8S8, zero point 0): all TensorRT accepts.
     CPU: unsigned activations, signed weights (U8S8): what x86 VNNI kernels in ONNX Runtime run fast.
+    OV: activations that can be negative as symmetric S8, the others as U8; signed weights. What OpenVINO's
+    CPU plugin fuses into its INT8 kernels (a U8 activation with a non-zero zero point, as CPU gives
+    ResNetV2's residual sums, is left as a float FakeQuantize); ONNX Runtime runs it, but slower than CPU.
     """
 
     TRT = "trt"
     CPU = "cpu"
+    OV = "ov"
+
+    @property
+    def for_cpu_runtimes(self) -> bool:
+        return self is not Int8Target.TRT
 
 
 @dataclass(frozen=True)
@@ -42,7 +50,7 @@ class Variant:
         return f"{stem}.{self.tag}.onnx"
 
 
-def parse_precisions(text: str, int8_targets: str = "trt,cpu") -> list[Variant]:
+def parse_precisions(text: str, int8_targets: str = "trt,cpu,ov") -> list[Variant]:
     """``"fp32,fp16,int8"`` -> variants; ``int8`` expands to one variant per INT8 target."""
     out: list[Variant] = []
     for raw in (p.strip().lower() for p in text.split(",") if p.strip()):
@@ -54,14 +62,14 @@ def parse_precisions(text: str, int8_targets: str = "trt,cpu") -> list[Variant]:
             prec = Precision(raw)
         except ValueError:
             raise ConfigError(
-                f"Unknown precision {raw!r}; choose from fp32, fp16, int8 (or int8-trt / int8-cpu)."
+                f"Unknown precision {raw!r}; choose from fp32, fp16, int8 (or int8-trt / int8-cpu / int8-ov)."
             ) from None
         if prec is Precision.INT8:
             for t in (t.strip().lower() for t in targets.split(",") if t.strip()):
                 try:
                     out.append(Variant(prec, Int8Target(t)))
                 except ValueError:
-                    raise ConfigError(f"Unknown INT8 target {t!r}; choose trt or cpu.") from None
+                    raise ConfigError(f"Unknown INT8 target {t!r}; choose trt, cpu or ov.") from None
         else:
             out.append(Variant(prec))
     if not out:

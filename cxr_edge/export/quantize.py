@@ -1,4 +1,4 @@
-"""Static INT8 QDQ quantisation with ONNX Runtime, in the flavour each target needs."""
+"""Static INT8 QDQ quantisation with ONNX Runtime (or NNCF), in the flavour each target needs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,7 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = ()
     calib_batch: int = 16
     note: str = ""  # which remedy this attempt is (reports)
-    quantizer: str = "onnxruntime"  # or "nncf": NNCF's post-training quantisation (fast bias correction), CPU target
+    quantizer: str = "onnxruntime"  # or "nncf": NNCF's post-training quantisation (fast bias correction), OV target
 
     def __post_init__(self):
         object.__setattr__(self, "target", Int8Target(self.target))
@@ -43,14 +44,15 @@ class QuantConfig:
             raise ConfigError(f"Unknown calibration method {self.method!r}; choose {', '.join(CALIBRATION_METHODS)}.")
         if self.quantizer not in QUANTIZERS:
             raise ConfigError(f"Unknown quantizer {self.quantizer!r}; choose {', '.join(QUANTIZERS)}.")
-        if self.quantizer == "nncf" and self.target is not Int8Target.CPU:
-            raise ConfigError("NNCF quantises for the CPU target only here (TensorRT needs the S8S8 QDQ rules "
-                              "cxr-edge's own quantiser follows).")
+        if self.quantizer == "nncf" and self.target is not Int8Target.OV:
+            raise ConfigError("NNCF quantises for the ov target only here: its graphs mix S8 and U8 activations as "
+                              "OpenVINO wants, which TensorRT (S8S8 only) refuses and ONNX Runtime runs slowly.")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["target"] = self.target.value
-        d["activations"] = "int8 symmetric (S8S8)" if self.target is Int8Target.TRT else "uint8 asymmetric (U8S8)"
+        d["activations"] = {Int8Target.TRT: "int8 symmetric (S8S8)", Int8Target.CPU: "uint8 asymmetric (U8S8)",
+                            Int8Target.OV: "int8 symmetric where the graph allows negatives, else uint8"}[self.target]
         if self.quantizer == "nncf":
             d["activations"] = "NNCF's CPU preset (per-tensor, its own ranges), fast bias correction"
         d["weights"] = "int8 symmetric, " + ("per-channel" if self.per_channel else "per-tensor")
@@ -144,16 +146,20 @@ def quantize(fp32_path: str | Path, out_path: str | Path, calib_x: np.ndarray, c
         return _quantize_nncf(fp32_path, out_path, calib_x, config)
     q = require("onnxruntime.quantization")
     with tempfile.TemporaryDirectory() as tmp:
-        pre, _, input_name, exclude = _prepared(fp32_path, Path(tmp), config)
+        pre, model, input_name, exclude = _prepared(fp32_path, Path(tmp), config)
         act = q.QuantType.QInt8 if config.target is Int8Target.TRT else q.QuantType.QUInt8
         method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
                   "percentile": q.CalibrationMethod.Percentile}[config.method]
         trt = config.target is Int8Target.TRT
-        extra = {"ActivationSymmetric": trt, "WeightSymmetric": True,
+        extra: dict[str, Any] = {"ActivationSymmetric": trt, "WeightSymmetric": True,
                  "CalibMovingAverage": False, "CalibStridedMinMax": 1,  # bounded memory (see the reader)
                  # TensorRT refuses DequantizeLinear on int32 biases and folds float biases into its INT8
                  # convolutions itself (NVIDIA's ModelOpt exports the same way)
                  "QuantizeBias": not trt}
+        if config.target is Int8Target.OV:
+            from .activation_signs import signed_activation_overrides
+
+            extra["TensorQuantOverrides"] = signed_activation_overrides(model)
         if trt:
             # a Q/DQ pair on a Gemm/MatMul output that feeds float ops (the classifier's logits before Softmax)
             # rounds the logits to 256 levels and leaves TensorRT a standalone DQ; the next quantised op

@@ -112,8 +112,8 @@ def check_source_artifact(onnx_doc: Mapping, config: BuildConfig, flavor: Tensor
     src = _source_kind(onnx_doc)
     want = config.precision
     dla = config.dla_core is not None
-    if src == "int8-cpu":
-        raise ConfigError("The int8-cpu artifact has unsigned (U8S8) activations, which TensorRT does not take; "
+    if src in ("int8-cpu", "int8-ov"):
+        raise ConfigError(f"The {src} artifact has unsigned (U8) activations, which TensorRT does not take; "
                           "use model.int8-trt.onnx.")
     if onnx_doc.gate_failed:
         raise ConfigError("The source artifact failed its accuracy gate at export; refusing to build an engine from it.")

@@ -42,7 +42,8 @@ class ProviderFallbackError(ConfigError):
 def tensorrt_compatible(doc: Mapping[str, Any]) -> tuple[bool, str]:
     """Whether TensorRT (native or through the EP) can take this ONNX artifact, and why not."""
     if doc.get("precision") == "int8" and doc.get("int8_target") != "trt":
-        return False, ("its INT8 graph has unsigned (U8S8) activations, which TensorRT does not take; "
+        return False, (f"its INT8 graph ({doc.get('int8_target')} flavour) has unsigned (U8) activations, which "
+                       "TensorRT does not take; "
                        "use model.int8-trt.onnx for TensorRT")
     return True, ""
 
