@@ -113,6 +113,36 @@ def test_openvino_nncf_peer_runs_both_hints(tiny_export):
 
 # ---- OpenVINO streams ----------------------------------------------------------------------------------
 
+def test_openvino_streams_run_no_python_on_openvino_threads_and_die_with_their_owner(tiny_export):
+    """Python callbacks on OpenVINO's threads let the garbage collector run there, and an OpenVINO object it
+    frees can join that thread from itself: the process aborted ("Resource deadlock avoided") in this suite.
+    The stream requests are driven from the caller's thread, and go when their owner does (no cycle)."""
+    pytest.importorskip("openvino")
+    import gc
+    import inspect
+    import weakref
+
+    from cxr_edge.bench import peers
+    from cxr_edge.runtime.backends import openvino as ov_backend
+    from cxr_edge.runtime.backends.registry import open_backend
+
+    for module in (ov_backend, peers):
+        src = inspect.getsource(module)
+        assert "AsyncInferQueue(" not in src and "set_callback(" not in src, module.__name__
+    eng = open_backend(tiny_export.out_dir / "model.int8-ov.onnx", backend="openvino", threads=2, streams=2).load()
+    eng.infer(varied_images(4), ["probs"])
+    (compiled,) = eng._variants.values()
+    assert len(compiled.stream_requests) == 2
+    ref = weakref.ref(compiled)
+    del compiled
+    gc.disable()
+    try:
+        eng.close()
+        assert ref() is None  # freed by reference counting, in this thread
+    finally:
+        gc.enable()
+
+
 def test_openvino_streams_split_a_batch_and_keep_its_order(tiny_export):
     pytest.importorskip("openvino")
     from cxr_edge.runtime.backends.registry import open_backend

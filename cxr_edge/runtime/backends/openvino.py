@@ -70,7 +70,7 @@ class OpenVINOBackend(Backend):
             if names != frozenset(self.outputs):
                 keep = [r for r in model.get_results() if names & set(r.input(0).get_source_output().get_names())]
                 model = ov.Model(keep, model.get_parameters(), f"{model.get_friendly_name()}_{'_'.join(sorted(names))}")
-            self._variants[names] = _Compiled(ov, self._core.compile_model(model, self._device, self._config),
+            self._variants[names] = _Compiled(self._core.compile_model(model, self._device, self._config),
                                               self._streams)
         return self._variants[names]
 
@@ -83,28 +83,29 @@ class OpenVINOBackend(Backend):
 
 
 class _Compiled:
-    """One compiled model with its synchronous request and, with several streams, an async queue."""
+    """One compiled model with its synchronous request and, with several streams, one request per stream.
 
-    def __init__(self, ov, compiled, streams: int):
+    The requests are started and waited on from the caller's thread, with no Python callback: Python code
+    on OpenVINO's own threads can trigger the garbage collector there, and a collected OpenVINO object
+    (an async queue in a reference cycle) then joins that thread from itself and aborts the process
+    ("Resource deadlock avoided"; it did, in this project's test suite).
+    """
+
+    def __init__(self, compiled, streams: int):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.ports = {o.get_any_name(): o for o in compiled.outputs}
-        self.queue, self.results = None, {}
-        if streams > 1:
-            self.queue = ov.AsyncInferQueue(compiled, streams)
-            self.queue.set_callback(self._collect)
-
-    def _collect(self, request, i: int) -> None:
-        self.results[i] = {name: request.get_tensor(port).data.copy() for name, port in self.ports.items()}
+        self.stream_requests = [compiled.create_infer_request() for _ in range(streams)] if streams > 1 else []
 
     def infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
-        if self.queue is None or len(batch) == 1:
+        if not self.stream_requests or len(batch) == 1:
             res = self.request.infer({0: batch})
             return {n: np.asarray(res[self.ports[n]]).copy() for n in outputs}
         # several streams: one request per stream, each on a contiguous slice, results put back in order
-        chunks = [c for c in np.array_split(batch, min(len(batch), len(self.queue))) if len(c)]
-        self.results = {}
-        for i, chunk in enumerate(chunks):
-            self.queue.start_async({0: chunk}, i)
-        self.queue.wait_all()
-        return {n: np.concatenate([self.results[i][n] for i in range(len(chunks))]) for n in outputs}
+        chunks = [c for c in np.array_split(batch, min(len(batch), len(self.stream_requests))) if len(c)]
+        running = list(zip(self.stream_requests, chunks))
+        for request, chunk in running:
+            request.start_async({0: chunk})
+        for request, _ in running:
+            request.wait()
+        return {n: np.concatenate([r.get_tensor(self.ports[n]).data.copy() for r, _ in running]) for n in outputs}
