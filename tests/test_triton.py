@@ -43,7 +43,10 @@ def test_export_triton_repository(tiny_export, tmp_path):
 
     s = tiny_export
     dirs = export_triton([a.path for a in s.artifacts], tmp_path / "repo", TritonConfig(max_batch_size=16, preferred_batch_sizes=(4, 8, 32 // 2)))
-    assert sorted(d.name for d in dirs) == ["cxr_tiny_fp16", "cxr_tiny_fp32", "cxr_tiny_int8_cpu", "cxr_tiny_int8_trt"]
+    assert sorted(d.name for d in dirs) == ["cxr_tiny_fp16", "cxr_tiny_fp32", "cxr_tiny_int8_cpu", "cxr_tiny_int8_ov",
+                                            "cxr_tiny_int8_trt"]
+    ov = validate_config(next(d for d in dirs if d.name == "cxr_tiny_int8_ov").joinpath("config.pbtxt").read_text())
+    assert (ov.backend, ov.platform, ov.default_model_filename) == ("openvino", "", "model.onnx")
     cfg = validate_config((dirs[0] / "config.pbtxt").read_text())
     assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 16
     assert [(t.name, list(t.dims)) for t in cfg.input] == [("image", [32, 32, 1])]

@@ -1,6 +1,7 @@
 """Triton Inference Server model repository export, validated with Triton's own model-config protobuf.
 
-Each artifact becomes ``REPO/<name>/config.pbtxt`` + ``REPO/<name>/1/model.onnx`` (``onnxruntime_onnx``)
+Each artifact becomes ``REPO/<name>/config.pbtxt`` + ``REPO/<name>/1/model.onnx`` (``onnxruntime_onnx``; the
+``int8-ov`` flavour on the ``openvino`` backend)
 or ``model.plan`` (``tensorrt_plan``). The artifact's manifest travels inside the config as a
 ``parameters`` entry, so a ``triton://`` client knows the classes, threshold and preprocessing of a
 remote model without any local file.
@@ -48,6 +49,11 @@ def _tensor(t: dict) -> str:
 
 def render_config(doc: Mapping[str, Any], name: str, fmt: str, cfg: TritonConfig) -> str:
     platform = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[fmt]
+    # the int8-ov flavour is made for OpenVINO (ONNX Runtime leaves much of it unfused); Triton's OpenVINO
+    # backend reads ONNX files when named as its default model file
+    runtime = [f'platform: "{platform}"']
+    if fmt == "onnx" and doc.get("int8_target") == "ov":
+        runtime = ['backend: "openvino"', 'default_model_filename: "model.onnx"']
     max_batch = cfg.max_batch_size
     if fmt == "tensorrt":
         max_batch = min(max_batch, doc.get("profile", {}).get("max", [max_batch])[0])
@@ -58,7 +64,7 @@ def render_config(doc: Mapping[str, Any], name: str, fmt: str, cfg: TritonConfig
     escaped = manifest.replace("\\", "\\\\").replace('"', '\\"')
     return "\n".join([
         f'name: "{name}"',
-        f'platform: "{platform}"',
+        *runtime,
         f"max_batch_size: {max_batch}",
         "input [",
         ",\n".join(_tensor(t) for t in doc["inputs"]),
