@@ -72,7 +72,7 @@ def nonnegative_tensors(model) -> set[str]:
     return nonneg
 
 
-def signed_activation_overrides(model, quantised_ops: set[str] | None = None) -> dict[str, list[dict]]:
+def signed_activation_overrides(model) -> dict[str, list[dict]]:
     """ORT ``TensorQuantOverrides`` that quantise every possibly-negative activation as symmetric S8.
 
     Non-negative activations keep the U8 default (zero point 0 after a ReLU). Only tensors produced by
@@ -84,8 +84,6 @@ def signed_activation_overrides(model, quantised_ops: set[str] | None = None) ->
     s8 = [{"quant_type": QuantType.QInt8, "symmetric": True}]
     out = {}
     for n in model.graph.node:
-        if quantised_ops is not None and n.op_type not in quantised_ops:
-            continue
         for o in n.output:
             if o and o not in nonneg:
                 out[o] = s8
