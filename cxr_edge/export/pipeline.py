@@ -112,7 +112,9 @@ def opening_attempts(target: Int8Target, method: str) -> list[QuantConfig]:
 
     For the ov target, percentile calibration and NNCF run beside the configured method: its symmetric S8
     tensors (ResNetV2's residual sums) waste half their range on a few outliers under min-max. On
-    ResNet152V2's gate images, max |dp| was 0.193 with min-max, 0.084 with percentile and 0.163 with NNCF.
+    ResNet152V2's gate images max |dp| was 0.193 with min-max (failing: 98.0% agreement), 0.080 with
+    percentile and 0.163 with NNCF (``cxr-edge export runs/bench/resnet152v2_tl/model.keras --precision
+    fp32,int8-cpu,int8-ov``, its export_report/manifest).
     """
     out = [QuantConfig(target, method)]
     if target is Int8Target.OV:

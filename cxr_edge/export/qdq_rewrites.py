@@ -104,7 +104,8 @@ def quantised_input(model) -> bool:
     the float pixel value the FP32 graph sees). OpenVINO otherwise converted, reordered in bf16 and
     re-quantised the whole input every call and ran the first convolution in bf16; with the rewrite the small
     CNN's best batch-16 row went from 1285 to 1540 img/s (0.86x -> 1.00x the best peer, two runs of the same
-    ``bench --peers``). Only for uint8 activations (the CPU target); returns whether it applied.
+    ``bench --peers``). Only where the input's quantiser is uint8 (the cpu and ov targets: pixels are never negative); returns
+    whether it applied.
     """
     numpy_helper = require("onnx.numpy_helper")
     g = model.graph
