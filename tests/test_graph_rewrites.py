@@ -223,3 +223,47 @@ def test_uint8_input_rewrite_needs_uint8_activations_and_nothing_but_data_moveme
 def run_x_image(model, x):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return sess.run(None, {"image": x})[0]
+
+
+def _strided_block_classifier(size: int = 16, c: int = 4, seed: int = 0):
+    """uint8 image -> conv -> relu -> two 1x1 stride-2 convs (ResNet50's block1 shortcut + first conv) -> Add
+    -> relu -> pool -> classifier: the cpu target's subsample rewrite applies to the relu's quantised output."""
+    rng = np.random.default_rng(seed)
+    arrays = {"s": np.array(1 / 255, np.float32), "w": rng.normal(0, 0.5, (c, 1, 3, 3)).astype(np.float32),
+              "wa": rng.normal(0, 0.4, (c, c, 1, 1)).astype(np.float32),
+              "wb": rng.normal(0, 0.4, (c, c, 1, 1)).astype(np.float32),
+              "k": rng.normal(0, 1.0, (c, 3)).astype(np.float32), "kb": np.zeros(3, np.float32)}
+    n = helper.make_node
+    nodes = [n("Cast", ["image"], ["f"], to=TensorProto.FLOAT, name="cast"), n("Mul", ["f", "s"], ["fs"], name="rescale"),
+             n("Transpose", ["fs"], ["x"], perm=[0, 3, 1, 2], name="to_nchw"),
+             n("Conv", ["x", "w"], ["c1"], pads=[1, 1, 1, 1], name="conv1"), n("Relu", ["c1"], ["r1"], name="relu1"),
+             n("Conv", ["r1", "wa"], ["ca"], strides=[2, 2], kernel_shape=[1, 1], name="conv_a"),
+             n("Conv", ["r1", "wb"], ["cb"], strides=[2, 2], kernel_shape=[1, 1], name="conv_b"),
+             n("Add", ["ca", "cb"], ["sum"], name="add"), n("Relu", ["sum"], ["r2"], name="relu2"),
+             n("GlobalAveragePool", ["r2"], ["gap"], name="gap"), n("Flatten", ["gap"], ["flat"], name="flatten"),
+             n("Gemm", ["flat", "k", "kb"], ["logits"], name="classifier"),
+             n("Softmax", ["logits"], ["probs"], axis=1, name="softmax")]
+    graph = helper.make_graph(nodes, "strided_block", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", size, size, 1])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_layer_sensitivity_survives_the_subsampled_tensors_of_the_cpu_rewrite(tmp_path):
+    """The mixed-precision rung compares the INT8 graph with FP32 tensor by tensor; after the cpu target's
+    subsample rewrite a quantised tensor is a quarter of its FP32 namesake, and ORT's comparison raised on
+    ResNet50, ending the export with a traceback instead of a gate verdict."""
+    pytest.importorskip("sympy")
+    pytest.importorskip("onnxruntime.quantization")
+    from cxr_edge.export.quantize import QuantConfig, quantize
+    from cxr_edge.export.sensitivity import node_sensitivity
+
+    fp32 = tmp_path / "m.onnx"
+    onnx.save(_strided_block_classifier(), str(fp32))
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (16, 16, 16, 1), dtype=np.uint8)
+    info = quantize(fp32, tmp_path / "q.onnx", x, QuantConfig("cpu"))
+    assert info["strided_1x1_subsampled_before_dequantize"] == 1  # the rewrite this is about did happen
+    sens = node_sensitivity(fp32, tmp_path / "q.onnx", x)
+    assert sens and all(np.isfinite(v) for v in sens.values())
+    assert "conv1" in sens  # judged on conv_a's input, which has one shape in both models
