@@ -60,7 +60,9 @@ def _sqnr_vs_float(dbg, matching: dict) -> dict[str, float]:
     Only tensors of one shape in both models are compared: the CPU rewrites subsample a quantised tensor
     before its DequantizeLinear (``qdq_rewrites.subsample_before_dequantize``), so on ResNet50 a stride-2
     block input is a quarter of its FP32 namesake. ORT's ``compute_activation_error`` compares them anyway
-    and raised, which took the whole export down at the mixed-precision rung.
+    and raised, which took the whole export down at the mixed-precision rung. A compute node fed by such a
+    tensor drops out of the curve, so its loss is charged to the node before it; :func:`worst_nodes` widens
+    a choice to the whole residual block, which keeps the strided convolutions with their neighbours.
     """
     out = {}
     for name, match in matching.items():
