@@ -8,8 +8,21 @@ from .extras import require
 
 
 def macs_per_image(path) -> int:
+    return sum(macs_per_node(path).values())
+
+
+def macs_per_node(path_or_model) -> dict[str, int]:
+    """MACs of each conv/gemm/matmul node for one image, keyed by node name.
+
+    Per node, so that a QDQ graph can say which share of the work it really runs in INT8: a node count
+    weighs a 64x3 classifier like a 3x3x512 convolution.
+    """
     onnx = require("onnx")
-    model = onnx.load(str(path), load_external_data=False)
+    if isinstance(path_or_model, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(path_or_model)
+    else:
+        model = onnx.load(str(path_or_model), load_external_data=False)
     # fix the batch to 1 so shape inference gives concrete sizes
     for vi in model.graph.input:
         d = vi.type.tensor_type.shape.dim
@@ -22,19 +35,20 @@ def macs_per_image(path) -> int:
         shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
-    total = 0
+    out: dict[str, int] = {}
     size = lambda dims: int(np.prod([d or 1 for d in dims]))
-    for n in model.graph.node:
+    for k, n in enumerate(model.graph.node):
+        name = n.name or f"#{k}"
         if n.op_type == "Conv" and len(n.input) > 1 and n.output[0] in shapes and n.input[1] in shapes:
             w = shapes[n.input[1]]  # (M, C/group, kh, kw)
-            out = shapes[n.output[0]]
-            if len(w) == 4 and len(out) == 4:
-                total += size(out) * int(np.prod(w[1:]))
+            o = shapes[n.output[0]]
+            if len(w) == 4 and len(o) == 4:
+                out[name] = size(o) * int(np.prod(w[1:]))
         elif n.op_type in ("Gemm", "MatMul") and n.input[1] in shapes and n.output[0] in shapes:
-            w, out = shapes[n.input[1]], shapes[n.output[0]]
-            if len(w) == 2 and out:
-                total += size(out) * int(w[0] if n.op_type == "MatMul" or not _transposed_b(n) else w[1])
-    return total
+            w, o = shapes[n.input[1]], shapes[n.output[0]]
+            if len(w) == 2 and o:
+                out[name] = size(o) * int(w[0] if n.op_type == "MatMul" or not _transposed_b(n) else w[1])
+    return out
 
 
 def _transposed_b(node) -> bool:

@@ -262,7 +262,7 @@ def test_the_float_remedy_keeps_first_conv_and_classifier_in_float(exported, tmp
 
     _, s, _ = exported
     fp32 = next(a.path for a in s.artifacts if a.variant == "fp32")
-    remedy = next(c for c in _int8_attempts(Int8Target.CPU, "minmax", fp32) if c.exclude_nodes)
+    remedy = next(c for c in _int8_attempts(Int8Target.CPU, "minmax", fp32)[1] if c.exclude_nodes)
     assert len(remedy.exclude_nodes) == 2 and any("MatMulAddFusion" in n for n in remedy.exclude_nodes)
     rng = np.random.default_rng(0)
     info = quantize(fp32, tmp_path / "q.onnx", rng.integers(0, 256, (8, 32, 32, 1), dtype=np.uint8), remedy)

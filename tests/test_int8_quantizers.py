@@ -66,8 +66,8 @@ def test_the_openvino_ladder_measures_its_rivals_before_keeping_one(tmp_path):
     ort_methods = [c.method for c in pipeline.opening_attempts(Int8Target.OV, "percentile") if c.quantizer == "onnxruntime"]
     assert ort_methods == ["percentile"]  # asked for percentile: no second percentile attempt
     for target in (Int8Target.TRT, Int8Target.CPU):
-        ladder = pipeline._int8_attempts(target, "minmax", fp32)
-        assert all(c.quantizer == "onnxruntime" for c in ladder)
+        opening, remedies = pipeline._int8_attempts(target, "minmax", fp32)
+        assert all(c.quantizer == "onnxruntime" for c in opening + remedies)
         assert len(pipeline.opening_attempts(target, "minmax")) == 1
 
 
@@ -77,7 +77,7 @@ def test_the_closer_of_two_passing_attempts_wins():
 
     def attempt(n, dprob, agree=1.0, passed=True, int8=4):
         g = GateResult("int8", passed, 100, {"top_class_agreement": agree, "max_abs_dprob": dprob}, {}, [])
-        return Int8Attempt(n, QuantConfig(Int8Target.CPU), None, g, {"int8_compute_nodes": int8})
+        return Int8Attempt(n, QuantConfig(Int8Target.CPU), None, g, {"int8_compute_nodes": int8, "int8_mac_share": int8 / 4})
 
     a, b = attempt(1, 0.05), attempt(2, 0.004)
     assert max([a, b], key=lambda t: t.score) is b
@@ -85,3 +85,89 @@ def test_the_closer_of_two_passing_attempts_wins():
     assert max([attempt(1, 0.001, passed=False), attempt(2, 0.3)], key=lambda t: t.score).number == 2
     # closer to FP32 by leaving two layers in float does not win over a fully INT8 graph that passes
     assert max([attempt(1, 0.014, int8=4), attempt(2, 0.013, int8=2)], key=lambda t: t.score).number == 1
+
+
+def test_the_openvino_ladder_also_measures_percentile_with_the_classifier_head_in_float(tmp_path):
+    """ResNet152V2's worst layer by SQNR was its head's first Dense: the ov target measures keeping the
+    head (everything after the global pool) float; the cpu and trt targets do not."""
+    from cxr_edge.export import pipeline
+    from cxr_edge.export.quantize import classifier_head, pre_process_for_quantization
+
+    fp32 = _fp32(tmp_path)
+    head = classifier_head(onnx.load(str(pre_process_for_quantization(fp32, tmp_path / "pre.onnx"))))
+    assert head and "gap" not in head and "conv" not in head and any("classifier" in n for n in head)
+    opening, _ = pipeline._int8_attempts(Int8Target.OV, "minmax", fp32)
+    floated = [c for c in opening if c.exclude_nodes]
+    assert len(floated) == 1 and floated[0].method == "percentile" and floated[0].exclude_nodes == tuple(head)
+    for target in (Int8Target.CPU, Int8Target.TRT):
+        assert not any(c.exclude_nodes for c in pipeline._int8_attempts(target, "minmax", fp32)[0])
+    rng = np.random.default_rng(0)
+    info = quantize(fp32, tmp_path / "q.onnx", rng.integers(0, 256, (16, 32, 32, 1), dtype=np.uint8), floated[0])
+    assert info["int8_compute_nodes"] == 1 and info["float_compute_nodes"] == 1  # conv INT8, classifier float
+    assert 0.9 < info["int8_mac_share"] < 1.0  # the 8x2 classifier is a sliver of the conv's work
+
+
+def test_no_classifier_head_without_a_global_pool_or_compute_after_it():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cxr_edge.export.quantize import classifier_head
+
+    def graph(pool, *, dense=True, opset=17):
+        inits = [numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w"),
+                 numpy_helper.from_array(np.ones((4, 2), np.float32), "fw"),
+                 numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv")]
+        if pool == "reducemean":
+            attrs = {"axes": [2, 3]} if opset < 18 else {}
+            nodes.append(helper.make_node("ReduceMean", ["c"] + (["axes"] if opset >= 18 else []), ["p"],
+                                          keepdims=0, name="pool", **attrs))
+        else:
+            nodes.append(helper.make_node("Flatten", ["c"], ["p"], name="pool"))
+        nodes.append(helper.make_node("MatMul" if dense else "Relu", ["p", "fw"] if dense else ["p"], ["y"], name="head"))
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+    assert classifier_head(graph("reducemean")) == ["head"]
+    assert classifier_head(graph("reducemean", opset=18)) == ["head"]  # axes as an input from opset 18
+    assert classifier_head(graph("flatten")) == []  # a Flatten head is much of a small CNN's work
+    assert classifier_head(graph("reducemean", dense=False)) == []
+
+
+def test_a_sliver_of_float_work_does_not_count_against_a_closer_attempt():
+    """The INT8 share of MACs, in 0.1% steps, orders passing attempts before their closeness to FP32."""
+    from cxr_edge.export.gates import GateResult
+    from cxr_edge.export.pipeline import Int8Attempt
+
+    def attempt(n, dprob, share):
+        g = GateResult("int8", True, 100, {"top_class_agreement": 1.0, "max_abs_dprob": dprob}, {}, [])
+        return Int8Attempt(n, QuantConfig(Int8Target.OV), None, g, {"int8_mac_share": share})
+
+    # ResNet152V2's head: 0.011% of the MACs float, and closer to FP32 -> it wins
+    assert max([attempt(1, 0.08, 1.0), attempt(2, 0.05, 0.99989)], key=lambda t: t.score).number == 2
+    # ResNet50's first conv is ~2.9% of its MACs: closer by leaving that undone does not win
+    assert max([attempt(1, 0.08, 1.0), attempt(2, 0.01, 0.971)], key=lambda t: t.score).number == 1
+
+
+def test_a_passing_opening_attempt_is_kept_when_the_last_one_fails():
+    """Remedies run only while nothing has passed: a failing rival measured last does not reopen the ladder."""
+    from types import SimpleNamespace
+
+    from cxr_edge.export.gates import GateResult
+    from cxr_edge.export.pipeline import Int8Attempt, climb_ladder
+
+    def run(passes):
+        def attempt(number, qc):
+            g = GateResult("int8", passes[number - 1], 100, {"top_class_agreement": 1.0, "max_abs_dprob": 0.1}, {}, [])
+            return Int8Attempt(number, qc, None, g, {"int8_mac_share": 1.0})
+        opening = [QuantConfig(Int8Target.OV), QuantConfig(Int8Target.OV, "percentile")]
+        remedies = [QuantConfig(Int8Target.OV, exclude_nodes=("a",)), QuantConfig(Int8Target.OV, "entropy")]
+        cfg = SimpleNamespace(mixed_precision=False)
+        return climb_ladder(opening, remedies, cfg, None, None, attempt)
+
+    attempts, best = run([True, False, True, True])
+    assert len(attempts) == 2 and best.number == 1
+    attempts, best = run([False, False, False, True])  # nothing passed: remedies until one does
+    assert len(attempts) == 4 and best.number == 4
+    attempts, best = run([False, False, True, True])
+    assert len(attempts) == 3 and best.number == 3
