@@ -12,7 +12,8 @@ def macs_per_image(path) -> int:
 
 
 def macs_per_node(path_or_model) -> dict[str, int]:
-    """MACs of each conv/gemm/matmul node for one image, keyed by node name.
+    """MACs of each conv/gemm/matmul node for one image, keyed by the node's first output (unique in a
+    graph, where node names may be empty or repeated).
 
     Per node, so that a QDQ graph can say which share of the work it really runs in INT8: a node count
     weighs a 64x3 classifier like a 3x3x512 convolution.
@@ -37,8 +38,8 @@ def macs_per_node(path_or_model) -> dict[str, int]:
         shapes[init.name] = list(init.dims)
     out: dict[str, int] = {}
     size = lambda dims: int(np.prod([d or 1 for d in dims]))
-    for k, n in enumerate(model.graph.node):
-        name = n.name or f"#{k}"
+    for n in model.graph.node:
+        name = n.output[0]
         if n.op_type == "Conv" and len(n.input) > 1 and n.output[0] in shapes and n.input[1] in shapes:
             w = shapes[n.input[1]]  # (M, C/group, kh, kw)
             o = shapes[n.output[0]]

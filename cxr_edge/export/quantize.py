@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..extras import require
+from ..graph_macs import macs_per_node
 from .artifacts import Int8Target
 
 log = logging.getLogger(__name__)
@@ -260,12 +261,10 @@ def count_int8_nodes(path: str | Path) -> dict:
     from_dq = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     compute = _compute_nodes(model)
     int8 = [n for n in compute if len(n.input) >= 2 and n.input[0] in from_dq and n.input[1] in from_dq]
-    from ..graph_macs import macs_per_node
-
     macs = macs_per_node(model)
     total = sum(macs.values())
     return {"int8_compute_nodes": len(int8), "float_compute_nodes": len(compute) - len(int8),
-            "int8_mac_share": round(sum(macs.get(n.name, 0) for n in int8) / total, 6) if total else None,
+            "int8_mac_share": round(sum(macs.get(n.output[0], 0) for n in int8) / total, 6) if total else None,
             "qdq_pairs": sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear")}
 
 
