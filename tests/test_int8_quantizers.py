@@ -171,3 +171,20 @@ def test_a_passing_opening_attempt_is_kept_when_the_last_one_fails():
     assert len(attempts) == 4 and best.number == 4
     attempts, best = run([False, False, True, True])
     assert len(attempts) == 3 and best.number == 3
+
+
+def test_per_node_macs_count_every_node_even_unnamed_or_repeated_names():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cxr_edge.graph_macs import macs_per_image, macs_per_node
+
+    inits = [numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w1"),
+             numpy_helper.from_array(np.ones((4, 4, 1, 1), np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),  # unnamed
+             helper.make_node("Conv", ["a", "w2"], ["b"], name="c"),
+             helper.make_node("Conv", ["b", "w2"], ["y"], name="c")]  # same name again
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert macs_per_node(m) == {"a": 4 * 64 * 9, "b": 4 * 64 * 4, "y": 4 * 64 * 4}
+    assert macs_per_image(m) == 4 * 64 * 17
