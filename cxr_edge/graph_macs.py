@@ -40,13 +40,13 @@ def macs_per_node(path_or_model) -> dict[str, int]:
     size = lambda dims: int(np.prod([d or 1 for d in dims]))
     for n in model.graph.node:
         name = n.output[0]
-        if n.op_type == "Conv" and len(n.input) > 1 and n.output[0] in shapes and n.input[1] in shapes:
+        if n.op_type == "Conv" and len(n.input) > 1 and name in shapes and n.input[1] in shapes:
             w = shapes[n.input[1]]  # (M, C/group, kh, kw)
-            o = shapes[n.output[0]]
+            o = shapes[name]
             if len(w) == 4 and len(o) == 4:
                 out[name] = size(o) * int(np.prod(w[1:]))
-        elif n.op_type in ("Gemm", "MatMul") and n.input[1] in shapes and n.output[0] in shapes:
-            w, o = shapes[n.input[1]], shapes[n.output[0]]
+        elif n.op_type in ("Gemm", "MatMul") and n.input[1] in shapes and name in shapes:
+            w, o = shapes[n.input[1]], shapes[name]
             if len(w) == 2 and o:
                 out[name] = size(o) * int(w[0] if n.op_type == "MatMul" or not _transposed_b(n) else w[1])
     return out

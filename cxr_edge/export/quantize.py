@@ -121,8 +121,7 @@ def classifier_head(model) -> list[str]:
     the fidelity that mixed precision would, for almost none of the speed. Empty when the model has no
     global pooling (a Flatten head is a large share of a small CNN's work) or no compute after it.
     """
-    numpy_helper = require("onnx.numpy_helper")
-    consts = {i.name: numpy_helper.to_array(i).tolist() for i in model.graph.initializer if len(i.dims) == 1}
+    consts = {i.name: i for i in model.graph.initializer}
     nodes = list(model.graph.node)
     pools = [k for k, n in enumerate(nodes) if n.op_type in ("GlobalAveragePool", "GlobalMaxPool")
              or (n.op_type == "ReduceMean" and _reduces_spatial(n, consts))]
@@ -136,8 +135,8 @@ def _reduces_spatial(node, consts: dict) -> bool:
     """A ReduceMean over H and W of NHWC or NCHW (Keras' GlobalAveragePooling2D as some converters write it);
     its axes are an attribute before opset 18 and an input from 18 on."""
     axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
-    if axes is None and len(node.input) > 1:
-        axes = consts.get(node.input[1])
+    if axes is None and len(node.input) > 1 and node.input[1] in consts:  # only this one tensor is decoded
+        axes = require("onnx.numpy_helper").to_array(consts[node.input[1]]).reshape(-1).tolist()
     return axes is not None and sorted(axes) in ([1, 2], [2, 3], [-3, -2], [-2, -1])
 
 
