@@ -224,11 +224,25 @@ def _matrix(r: Report) -> list[dict]:
     return rows
 
 
+def probe_cpu_isa() -> Probe:
+    """The ISA CPU runtimes run INT8 with: without VNNI/AMX, u8 x s8 products saturate in int16, so INT8 answers
+    here can differ from those the export gate measured (the load-time self-check then refuses the artifact)."""
+    from .cpu_isa import isa_facts
+
+    f = isa_facts()
+    if f["exact_int8_dot_products"]:
+        return Probe("CPU ISA", True, f"{f['cpu']}: {f['isa']} (INT8 dot products accumulate exactly in int32)")
+    return Probe("CPU ISA", True, f"{f['cpu']}: {f['isa']}, no VNNI/AMX: INT8 kernels on this CPU saturate in int16 "
+                 "and may drift from FP32 beyond an artifact's band (the load-time self-check says so; int8-cpu and "
+                 "int8-ov are gated on CPU kernels, int8-trt is made for TensorRT, fp32 may be as fast here)")
+
+
 def run_doctor() -> Report:
     r = Report()
     r.probes.append(Probe("machine", True, f"{platform.machine()} {platform.system()} {platform.release()}, "
                           f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
                           + (" (Jetson)" if is_jetson() else "")))
+    r.probes.append(probe_cpu_isa())
     for fn in (probe_packages, probe_cuda, probe_cudnn, probe_tensorrt, probe_cupy, probe_openvino):
         r.probes.append(fn())
     r.probes += probe_ort_providers()

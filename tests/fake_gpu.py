@@ -405,7 +405,12 @@ def make_fake_tensorrt(major: int, cudart: FakeCudart, fast_fp16: bool = True, f
             import onnxruntime as ort
 
             self._meta = meta
-            self._session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            # TensorRT computes a QDQ graph with exact int32 accumulation, not with this CPU's INT8 kernels
+            # (which saturate on x86 without VNNI): the stand-in keeps every Q/DQ a float op, as the int8-trt
+            # export gate does (runtime/ort_session.py, numerics="tensorrt")
+            so = ort.SessionOptions()
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
+            self._session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
             self._inputs_ = [i.name for i in self._session.get_inputs()]
             self._outputs = [o.name for o in self._session.get_outputs()]
             self.num_io_tensors = len(self._inputs_) + len(self._outputs)

@@ -229,7 +229,9 @@ def test_load_generator_every_request_answered_once_with_its_own_answer(artifact
         hist = lt.batch_histogram(httpx.get(srv.url + "/metrics").text)
     assert r["statuses"] == {200: 64} and r["answered"] == 64 and r["answered_twice"] == 0 and r["wrong_answers"] == 0
     assert hist["1.0"] < hist["+Inf"]  # some engine batches held more than one request
-    with lt.LocalServer(art, max_batch=8, max_delay_ms=50, max_queue=2) as srv:
+    # tuning off: which backend the tuner picks depends on the machine, and another backend's INT8 answers
+    # differ from ONNX Runtime's by more than the 1e-4 this mix-up check compares with
+    with lt.LocalServer(art, max_batch=8, max_delay_ms=50, max_queue=2, extra=["--tuning", "off"]) as srv:
         r = asyncio.run(lt.run_level(srv.url, payloads, expected, concurrency=32, n_requests=64, time_limit=60))
     assert set(r["statuses"]) <= {200, 503} and r["statuses"].get(503, 0) > 0  # deliberate refusals, nothing else
     assert r["answered_twice"] == 0 and r["wrong_answers"] == 0

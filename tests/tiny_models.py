@@ -200,7 +200,8 @@ def write_artifact_set(out_dir: Path, data: Path | None = None, size: int = 32, 
     fp32 = out_dir / "model.fp32.onnx"
     onnx.save(model, str(fp32))
     gate = {"name": "fp32", "passed": True, "metrics": {"max_abs_dprob": 0.0}, "failures": []}
-    write_manifest(fp32, fields("fp32", parent=None, gate=gate))
+    write_manifest(fp32, fields("fp32", parent=None, gate=gate,
+                                self_check=self_check_record(fp32, fp32, fields("fp32", gate=gate), "fp32")))
     arts = [TinyArtifact("fp32", fp32, gate)]
     parent = {"file": fp32.name, "sha256": sha256_file(fp32)}
     for v in variants:
@@ -210,11 +211,33 @@ def write_artifact_set(out_dir: Path, data: Path | None = None, size: int = 32, 
         gate = {"name": v, "passed": True, "metrics": {}, "failures": []}
         if v == "fp16":
             convert_fp16(fp32, path)
-            write_manifest(path, fields("fp16", parent=parent, gate=gate))
+            write_manifest(path, fields("fp16", parent=parent, gate=gate,
+                                        self_check=self_check_record(fp32, path, fields("fp16", gate=gate), v)))
         else:
             target = v.split("-")[1]
             info = quantize(fp32, path, calib, QuantConfig(target))
+            doc = fields("int8", int8_target=target, gate=gate)
             write_manifest(path, fields("int8", parent=parent, int8_target=target, quantization=info, gate=gate,
-                                        calibration={"method": "minmax", "n_images": len(calib)}))
+                                        calibration={"method": "minmax", "n_images": len(calib)},
+                                        self_check=self_check_record(fp32, path, doc, v)))
         arts.append(TinyArtifact(v, path, gate))
     return TinyExport(out_dir, arts, data)
+
+
+def self_check_record(fp32: Path, path: Path, doc: dict, variant: str) -> dict:
+    """The manifest's load-time self-check block, made as ``cxr-edge export`` makes it: FP32 answers on the
+    reference images, and the artifact's own, computed with the arithmetic its export gate uses."""
+    from cxr_edge.decision import borderline_band
+    from cxr_edge.export.artifacts import parse_precisions
+    from cxr_edge.export.gate_numerics import numerics_for
+    from cxr_edge.preprocess import PreprocessSpec
+    from cxr_edge.runtime.ort_session import cpu_session, run_batched
+    from cxr_edge.self_check import make_record, reference_batch
+
+    spec = PreprocessSpec.from_dict(doc["preprocess"])
+    x = reference_batch(spec.input_shape)
+    ref = run_batched(cpu_session(fp32), x, ["probs"])["probs"]
+    numerics = numerics_for(parse_precisions(variant)[-1])  # fp32 always comes first
+    got = numerics.probs(path, x, doc)
+    return make_record(spec.input_shape, ref, got, borderline_band(doc), "FP32 ONNX on onnxruntime (CPU)",
+                       numerics.where())

@@ -91,6 +91,10 @@ def add_engine_args(p, backends, *, device_default: str = "auto", preprocess_def
         p.add_argument("--tuning", choices=TUNING, default=tuning_default,
                        help="with no --backend: use this machine's measured fastest configuration (cxr-edge tune): "
                             "cached (if tuned here), auto (measure now if not: seconds, once), off")
+    p.add_argument("--self-check", choices=SELF_CHECK, default="refuse",
+                   help="at load, the engine answers the artifact's reference images and is compared with its FP32 "
+                        "answers: refuse (default) an engine that drifts beyond the artifact's tolerance on this "
+                        "backend/CPU, warn (run it, every result marked), off")
     if failed_gate is not None:
         p.add_argument("--allow-failed-gate", action="store_true",
                        help=f"{failed_gate} an artifact whose export accuracy gate failed "
@@ -103,3 +107,4 @@ def csv_text(values: Iterable) -> str:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+SELF_CHECK = ("refuse", "warn", "off")

@@ -59,7 +59,8 @@ def cmd_evaluate(a) -> None:
     else:
         from ..runtime.evaluate import evaluate_artifact
 
-        report, m = evaluate_artifact(model, a.data, out, backend=a.backend, device=a.device, **kw)
+        report, m = evaluate_artifact(model, a.data, out, backend=a.backend, device=a.device, self_check=a.self_check,
+                                      **kw)
     cov = m.get("covid") or {}
 
     def pct(v):

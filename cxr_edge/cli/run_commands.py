@@ -38,6 +38,10 @@ def printable(text: object) -> str:
 def predict_header(info, threshold: float | None, operating_point: str | None, band: float) -> str:
     """What decides the labels below, said once: the threshold, how it was chosen, the borderline band."""
     where = f"# {info.backend} / {info.provider} / {info.precision}"
+    if info.self_check is not None:
+        where += f"\n# {info.self_check.text()}"
+        if info.self_check.failed:
+            where += "\n# SELF-CHECK FAILED: results below are marked UNCHECKED (run with --self-check warn)"
     if threshold is None:
         return f"{where}; no COVID threshold: each label is the most probable class"
     op = f" ({operating_point})" if operating_point else ""
@@ -56,6 +60,7 @@ def cmd_predict(a) -> int:
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
                   threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
                   allow_failed_gate=a.allow_failed_gate, preprocess=a.preprocess, tuning=a.tuning,
+                  self_check=a.self_check,
                   **({"cuda_graph": True} if a.cuda_graph else {})) as s:
         results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info, threshold = s.engine.info, s.threshold
@@ -78,6 +83,8 @@ def cmd_predict(a) -> int:
                 why = f"  [p(COVID) {d.covid_probability:.2f} {'>=' if d.margin >= 0 else '<'} {d.threshold:.2f}" + \
                       (" BORDERLINE]" if d.borderline else "]")
             extra = f"  heatmap {printable(r.explanation.files.get('overlay', ''))}" if r.explanation else ""
+            if r.self_check and r.self_check["status"] == "failed":
+                extra += "  UNCHECKED (engine failed its self-check)"
             print(f"{r.label:16s} {probs}{why}  ({r.timings_ms['infer']:.1f} ms)  {printable(r.source)}{extra}")
     failed = sum(not r.ok for r in results)
     if failed == len(results):
@@ -89,7 +96,8 @@ def cmd_calibrate(a) -> None:
     from ..runtime.calibrate import calibrate_artifact
 
     s = calibrate_artifact(a.artifact, a.data, target_sensitivity=a.target_sensitivity, temperature=a.temperature,
-                           out_dir=a.out, dry_run=a.dry_run, backend=a.backend, device=a.device)
+                           out_dir=a.out, dry_run=a.dry_run, backend=a.backend, device=a.device,
+                           self_check=a.self_check)
     print(Path(s["report"]).read_text())
     if a.dry_run:
         print("Dry run: the manifest was not changed.")
@@ -156,7 +164,7 @@ def cmd_tune(a) -> None:
     from ..runtime.tuning import machine_fingerprint, tune
 
     fp = machine_fingerprint()
-    print(f"# this machine: {fp['cpu']}, {fp['usable_cores']} usable cores, {', '.join(fp['flags'])}; "
+    print(f"# this machine: {fp['cpu']} ({fp['isa']}), {fp['usable_cores']} usable cores, {', '.join(fp['flags'])}; "
           f"onnxruntime {fp['onnxruntime']}, openvino {fp['openvino']} (fingerprint {fp['id']})")
     best: dict[str, tuple] = {}
     for art in tune_targets(a.artifacts):
@@ -179,8 +187,27 @@ def cmd_tune(a) -> None:
         for use, (v, art, c) in best.items():
             what = f"p90 {v:.1f} ms at batch 1" if use == "single" else f"{v:.1f} img/s at batch {a.batch}"
             print(f"- {use}: {art.name} on {c['backend']} {c['options']}: {what}")
+        print(int8_advice(best, tune_targets(a.artifacts), fp["isa"]))
     print("\nScreener, predict and serve now use these winners for these artifacts when no --backend is given "
           "(--tuning off ignores them).")
+
+
+def int8_advice(best: dict, artifacts, isa: str) -> str:
+    """Say plainly when no INT8 artifact wins on this machine: the float one is then faster *and* closer to FP32."""
+    from ..manifest import read_manifest
+
+    int8 = [p for p in artifacts if read_manifest(p, verify=False).get("precision") == "int8"]
+    if not int8 or not best:
+        return ""
+    losing = {use: art for use, (_v, art, _c) in best.items()
+              if read_manifest(art, verify=False).get("precision") != "int8"}
+    if not losing:
+        return "\nINT8 pays on this machine: an INT8 artifact is the fastest for every use."
+    uses = " and ".join(sorted(losing))
+    names = ", ".join(sorted({a.name for a in losing.values()}))
+    return (f"\nINT8 does not pay on this machine ({isa}) for {uses}: {names} is faster than every INT8 artifact "
+            "measured, and closer to FP32. Point predict/serve at it (each passed its export gate; its self-check "
+            "runs at load like any other's).")
 
 
 def cmd_doctor(a) -> None:

@@ -44,7 +44,7 @@ def cmd_serve(a) -> None:
                       body_timeout_s=a.body_timeout, save_dir=a.save_dir, engine_spin=a.engine_spin,
                       cuda_graph=a.cuda_graph, decode_workers=a.decode_workers, decode_timeout_s=a.decode_timeout,
                       decode_memory_mb=a.decode_memory_mb, max_inflight_body_mb=a.max_inflight_body_mb,
-                      min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate,
+                      min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate, self_check=a.self_check,
                       preprocess=a.preprocess, tuning=a.tuning)
     run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
                graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)

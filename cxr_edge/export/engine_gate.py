@@ -48,7 +48,7 @@ def gate_engine(plan: Path, engine_doc: Mapping[str, Any], onnx_path: Path, onnx
     precision = engine_doc["precision"]
     x = data.val_x if precision == "int8" else data.parity_x
     ref = run_batched(cpu_session(ref_path), x, ["probs"])["probs"]
-    with TensorRTBackend(plan, engine_doc) as eng:
+    with TensorRTBackend(plan, engine_doc, self_check="off") as eng:  # the gate is the stronger check here
         lo, hi = eng.batch_range()
         step = max(lo, min(hi, 32))
         probs = np.concatenate([eng.infer(x[i : i + step], ["probs"])["probs"] for i in range(0, len(x), step)])
@@ -62,3 +62,22 @@ def gate_engine(plan: Path, engine_doc: Mapping[str, Any], onnx_path: Path, onnx
     gate.name = f"engine-{precision}"
     gate.metrics["gate_data"] = data.info["data"]
     return gate
+
+
+def engine_self_check_record(plan: Path, engine_doc: Mapping[str, Any], onnx_doc: Mapping[str, Any]) -> dict | None:
+    """The engine's load-time self-check reference: the FP32 answers its source ONNX recorded, and what this
+    engine answered on this GPU when it was built (None when the source artifact carries no reference)."""
+    from ..decision import borderline_band
+    from ..runtime.backends.tensorrt import TensorRTBackend
+    from ..self_check import make_record, reference_batch
+
+    rec = onnx_doc.get("self_check")
+    if not rec:
+        return None
+    spec = PreprocessSpec.from_dict(onnx_doc["preprocess"])
+    x = reference_batch(spec.input_shape, int(rec["n"]))
+    with TensorRTBackend(plan, engine_doc, self_check="off") as eng:
+        got = eng.infer(x, ["probs"], calibrated=False)["probs"]
+        where = eng.where()
+    band = max(borderline_band(engine_doc), borderline_band(onnx_doc))
+    return make_record(spec.input_shape, np.asarray(rec["reference_probs"]), got, band, rec["reference"], where)

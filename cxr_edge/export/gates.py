@@ -26,6 +26,7 @@ class GateResult:
     metrics: dict
     limits: dict
     failures: list[str]
+    numerics: dict | None = None  # how the artifact's answers were computed (export/gate_numerics.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,7 +34,8 @@ class GateResult:
     def summary(self) -> str:
         m = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items())
         verdict = "PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)
-        return f"{self.name} gate on {self.n_images} images: {m} -> {verdict}"
+        where = f" ({self.numerics['where']})" if self.numerics else ""
+        return f"{self.name} gate on {self.n_images} images{where}: {m} -> {verdict}"
 
 
 def _agreement(ref: np.ndarray, probs: np.ndarray) -> float:

@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from ..data.gate_data import GateData, load_gate_data
+from ..decision import borderline_band
 from ..errors import ConfigError, CxrEdgeError, ExitCode
 from ..manifest import read_manifest, sha256_file, write_manifest
 from ..preprocess import PreprocessSpec
 from ..runtime.head import forward, load_head
 from ..runtime.ort_session import cpu_session, run_batched
+from ..self_check import make_record, reference_batch
 from .artifacts import Int8Target, Precision, Variant, parse_precisions
+from .gate_numerics import GateNumerics, numerics_for
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 from .graph_fold import FoldResult, fold_input_preprocessing
 from .head_export import UnsupportedHead, extract_head, save_head
@@ -145,11 +148,12 @@ HEAD_FLOAT_NOTE = ("percentile calibration with the classifier head (after the g
                    "beside the first attempt; the one closest to FP32 is kept")
 
 
-def _mixed_precision_attempts(fp32_path: Path, qdq_path: Path, qc: QuantConfig, calib_x: np.ndarray) -> list[QuantConfig]:
+def _mixed_precision_attempts(fp32_path: Path, qdq_path: Path, qc: QuantConfig, calib_x: np.ndarray,
+                              numerics: str = "kernels") -> list[QuantConfig]:
     from .sensitivity import node_sensitivity, worst_nodes
 
     onnx = __import__("onnx")
-    sens = node_sensitivity(fp32_path, qdq_path, calib_x)
+    sens = node_sensitivity(fp32_path, qdq_path, calib_x, numerics=numerics)
     if not sens:
         return []
     with tempfile.TemporaryDirectory() as tmp:  # node names as quantize() sees them (after its pre-processing)
@@ -200,7 +204,8 @@ class Int8Attempt:
 
 
 def remedy_ladder(opening: list[QuantConfig], remedies: list[QuantConfig], config: ExportConfig, fp32_path: Path,
-                  calib_x: np.ndarray, best: Callable[[], Int8Attempt | None]) -> Iterator[QuantConfig]:
+                  calib_x: np.ndarray, best: Callable[[], Int8Attempt | None],
+                  numerics: str = "kernels") -> Iterator[QuantConfig]:
     """Quantisation configs to try, cheapest remedy first; the caller stops at the first that passes.
 
     The last rung (mixed precision) is derived from the best attempt so far, which ``best`` returns
@@ -209,12 +214,12 @@ def remedy_ladder(opening: list[QuantConfig], remedies: list[QuantConfig], confi
     yield from opening
     yield from remedies
     if config.mixed_precision and (b := best()) is not None:
-        yield from _mixed_precision_attempts(fp32_path, b.path, b.config, calib_x)
+        yield from _mixed_precision_attempts(fp32_path, b.path, b.config, calib_x, numerics)
 
 
 def climb_ladder(opening: list[QuantConfig], remedies: list[QuantConfig], config: ExportConfig, fp32_path: Path,
-                 calib_x: np.ndarray, attempt: Callable[[int, QuantConfig], Int8Attempt]
-                 ) -> tuple[list[Int8Attempt], Int8Attempt]:
+                 calib_x: np.ndarray, attempt: Callable[[int, QuantConfig], Int8Attempt],
+                 numerics: str = "kernels") -> tuple[list[Int8Attempt], Int8Attempt]:
     """Every opening attempt, then remedies only while none has passed; returns all attempts and the best.
 
     An opening attempt that passed is kept even when the last opening attempt fails: remedies exist for
@@ -223,7 +228,7 @@ def climb_ladder(opening: list[QuantConfig], remedies: list[QuantConfig], config
     attempts: list[Int8Attempt] = []
     best: Int8Attempt | None = None
     # late binding is the point: the mixed-precision rung reads the best attempt when it gets there
-    ladder = remedy_ladder(opening, remedies, config, fp32_path, calib_x, lambda: best)
+    ladder = remedy_ladder(opening, remedies, config, fp32_path, calib_x, lambda: best, numerics)
     for number, qc in enumerate(ladder, 1):
         a = attempt(number, qc)
         attempts.append(a)
@@ -248,14 +253,22 @@ class ExportContext:
     classes: list[str]
     threshold: float | None
     ref_parity: np.ndarray  # FP32 probabilities on data.parity_x (validation images first)
+    ref_self_check: np.ndarray  # FP32 probabilities on the self-check reference images
 
     @property
     def ref_val(self) -> np.ndarray:
         return self.ref_parity[: len(self.data.val_x)]
 
+    def probs(self, path: Path, x: np.ndarray, numerics: GateNumerics, **fields) -> np.ndarray:
+        """The artifact's probabilities computed as its target runtime computes them."""
+        return numerics.probs(path, x, {**self.base_fields, **fields})
 
-def _probs(path: Path, x: np.ndarray) -> np.ndarray:
-    return run_batched(cpu_session(path), x, [PROBS_OUTPUT])[PROBS_OUTPUT]
+
+def _self_check_record(spec: PreprocessSpec, ref: np.ndarray, got: np.ndarray, gate: GateResult,
+                       measured_on: str) -> dict:
+    """The manifest's reference answers for the load-time self-check (cxr_edge.self_check)."""
+    return make_record(spec.input_shape, ref, got, borderline_band({"gate": gate.to_dict()}),
+                       "FP32 ONNX on onnxruntime (CPU)", measured_on)
 
 
 def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig()) -> ExportSummary:
@@ -294,6 +307,9 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     ref = model.predict(parity_x, batch_size=32, verbose=0)
     fp32_out = run_batched(cpu_session(fp32_path), parity_x)
     gate32 = fp32_parity(ref, fp32_out[PROBS_OUTPUT])
+    num32 = numerics_for(Variant(Precision.FP32))
+    gate32.numerics = num32.to_dict()
+    ref_self = run_batched(cpu_session(fp32_path), reference_batch(spec.input_shape), [PROBS_OUTPUT])[PROBS_OUTPUT]
     log.info("%s", gate32.summary())
     gradcam = _export_head(model, layer, out, fp32_out)
     base_fields = {
@@ -311,13 +327,14 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     }
     fp32_sha = sha256_file(fp32_path)
     artifacts = [ExportedArtifact("fp32", fp32_path, gate32, fp32_path.stat().st_size, gate32.passed)]
-    write_manifest(fp32_path, {**base_fields, "precision": "fp32", "parent": None, "gate": gate32.to_dict()})
+    write_manifest(fp32_path, {**base_fields, "precision": "fp32", "parent": None, "gate": gate32.to_dict(),
+                               "self_check": _self_check_record(spec, ref_self, ref_self, gate32, num32.where())})
     if not gate32.passed:
         fp32_path.rename(fp32_path.with_suffix(".failed.onnx"))
         raise ExportGateError(f"FP32 ONNX does not match Keras: {gate32.summary()}. This is an export bug; "
                               "please report it with the model's manifest.")
     ctx = ExportContext(out, config, fp32_path, base_fields, {"file": fp32_path.name, "sha256": fp32_sha}, data,
-                        classes, threshold, fp32_out[PROBS_OUTPUT])
+                        classes, threshold, fp32_out[PROBS_OUTPUT], ref_self)
     for v in variants:
         if v.precision is Precision.FP16:
             artifacts.append(_export_fp16(ctx, v))
@@ -352,16 +369,21 @@ def _export_fp16(ctx: ExportContext, v: Variant) -> ExportedArtifact:
 
     path = ctx.out / v.filename()
     convert_fp16(ctx.fp32_path, path)
-    gate = fp16_gate(ctx.ref_parity, _probs(path, ctx.data.parity_x))
+    numerics = numerics_for(v)
+    gate = fp16_gate(ctx.ref_parity, ctx.probs(path, ctx.data.parity_x, numerics, precision="fp16"))
+    gate.numerics = numerics.to_dict()
     log.info("%s", gate.summary())
-    return _finish(ctx, path, v, gate, extra={"conversion": "onnxruntime.transformers.float16, "
+    return _finish(ctx, path, v, gate, numerics, extra={"conversion": "onnxruntime.transformers.float16, "
                                               "keep_io_types=True (uint8 input, float32 outputs)"})
 
 
 def _try_int8(ctx: ExportContext, v: Variant, qc: QuantConfig, number: int, tmp: Path) -> Int8Attempt:
     cand = tmp / f"attempt{number}.onnx"
     info = quantize(ctx.fp32_path, cand, ctx.data.calib_x, qc)
-    gate = int8_gate(ctx.ref_val, _probs(cand, ctx.data.val_x), ctx.data.val_y, ctx.classes, ctx.threshold)
+    numerics = numerics_for(v)
+    probs = ctx.probs(cand, ctx.data.val_x, numerics, precision="int8", int8_target=qc.target.value)
+    gate = int8_gate(ctx.ref_val, probs, ctx.data.val_y, ctx.classes, ctx.threshold)
+    gate.numerics = numerics.to_dict()
     if info.get("tensorrt_lint"):  # a graph TensorRT would refuse fails like an inaccurate one
         gate.passed = False
         gate.failures.append(f"{len(info['tensorrt_lint'])} TensorRT QDQ rule violation(s), first: "
@@ -379,7 +401,8 @@ def _export_int8(ctx: ExportContext, v: Variant) -> ExportedArtifact:
     with tempfile.TemporaryDirectory() as tmp:
         opening, remedies = _int8_attempts(target, ctx.config.calib_method, ctx.fp32_path)
         attempts, best = climb_ladder(opening, remedies, ctx.config, ctx.fp32_path, ctx.data.calib_x,
-                                      lambda number, qc: _try_int8(ctx, v, qc, number, Path(tmp)))
+                                      lambda number, qc: _try_int8(ctx, v, qc, number, Path(tmp)),
+                                      numerics_for(v).mode)
         shutil.copy(best.path, path)
     qinfo = best.info
     if target.for_cpu_runtimes:
@@ -392,17 +415,22 @@ def _export_int8(ctx: ExportContext, v: Variant) -> ExportedArtifact:
                                                  "n_calibration")} | {"method": qinfo["method"]}
     extra = {"int8_target": target.value, "quantization": qinfo, "gate_attempts": records,
              "calibration": calibration}
-    art = _finish(ctx, path, v, best.gate, extra)
+    art = _finish(ctx, path, v, best.gate, numerics_for(v), extra)
     art.attempts, art.quantization = records, qinfo
     return art
 
 
-def _finish(ctx: ExportContext, path: Path, v: Variant, gate: GateResult, extra: dict) -> ExportedArtifact:
+def _finish(ctx: ExportContext, path: Path, v: Variant, gate: GateResult, numerics: GateNumerics,
+            extra: dict) -> ExportedArtifact:
     if not gate.passed and not ctx.config.force:
         path.unlink(missing_ok=True)
         log.error("%s failed its gate and was not kept (use --force to keep it, marked failed)", v.tag)
         return ExportedArtifact(v.tag, None, gate, None, False)
     fields = {**ctx.base_fields, "precision": v.precision.value, "parent": ctx.parent, "gate": gate.to_dict(), **extra}
+    spec = PreprocessSpec.from_dict(ctx.base_fields["preprocess"])
+    got = ctx.probs(path, reference_batch(spec.input_shape), numerics, precision=v.precision.value,
+                    int8_target=extra.get("int8_target"))
+    fields["self_check"] = _self_check_record(spec, ctx.ref_self_check, got, gate, numerics.where())
     if not gate.passed:
         fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
     write_manifest(path, fields)

@@ -25,11 +25,14 @@ from ..extras import require
 from .quantize import COMPUTE_OPS, ArrayCalibrationReader, pre_process_for_quantization
 
 
-def node_sensitivity(fp32_path: str | Path, qdq_path: str | Path, x: np.ndarray, max_images: int = 4) -> dict[str, float]:
+def node_sensitivity(fp32_path: str | Path, qdq_path: str | Path, x: np.ndarray, max_images: int = 4,
+                     numerics: str = "kernels") -> dict[str, float]:
     """Compute node name -> SQNR change (dB) from its input to the next compute node's; lower is worse.
 
     ``fp32_path`` is the exported FP32 artifact ``qdq_path`` was quantised from; it is put through the
     same pre-processing as :func:`.quantize.quantize` first, so node and tensor names line up.
+    ``numerics="tensorrt"`` runs the QDQ graph as TensorRT computes it (the int8-trt gate's arithmetic),
+    so the layers charged are those that lose signal on the target, not on this CPU's INT8 kernels.
     """
     onnx = require("onnx")
     dbg = require("onnxruntime.quantization.qdq_loss_debug")
@@ -42,7 +45,12 @@ def node_sensitivity(fp32_path: str | Path, qdq_path: str | Path, x: np.ndarray,
         dbg.modify_model_output_intermediate_tensors(str(pre), str(aug_f))
         dbg.modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q))
         float_acts = dbg.collect_activations(str(aug_f), ArrayCalibrationReader(x, input_name, batch=1))
-        qdq_acts = dbg.collect_activations(str(aug_q), ArrayCalibrationReader(x, input_name, batch=1))
+        so = None
+        if numerics == "tensorrt":
+            so = require("onnxruntime").SessionOptions()
+            so.add_session_config_entry("session.disable_quant_qdq", "1")
+        qdq_acts = dbg.collect_activations(str(aug_q), ArrayCalibrationReader(x, input_name, batch=1),
+                                           session_options=so)
     errors = _sqnr_vs_float(dbg, dbg.create_activation_matching(qdq_acts, float_acts))
     curve = []  # (node, SQNR of its input in the INT8 model vs FP32), in graph order
     for node in model.graph.node:

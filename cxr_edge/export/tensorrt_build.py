@@ -371,6 +371,9 @@ def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: Mapp
                 fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
         else:
             fields["gate"] = {"name": "not run (--no-gate)", "passed": None}
+        from .engine_gate import engine_self_check_record
+
+        fields["self_check"] = engine_self_check_record(tmp, {**fields, "sha256": sha256_file(tmp)}, doc)
         tmp_manifest = write_manifest(tmp, {**fields, "file": out.name})
         os.replace(tmp, out)
         try:

@@ -97,7 +97,8 @@ def _reliability_plot(probs_before, probs_after, y, path: Path, title: str) -> N
 
 def calibrate_artifact(artifact: str | Path, data_dir: str | Path, *, target_sensitivity: float = 0.95,
                        temperature: bool = False, out_dir: str | Path | None = None, dry_run: bool = False,
-                       backend: str | None = None, device: str = "auto", progress: bool = True) -> dict:
+                       backend: str | None = None, device: str = "auto", progress: bool = True,
+                       self_check: str = "refuse") -> dict:
     """Choose the site's operating point and write the artifact's next manifest version; returns the summary."""
     artifact = Path(artifact)
     if str(artifact).startswith("triton:/"):
@@ -114,7 +115,7 @@ def calibrate_artifact(artifact: str | Path, data_dir: str | Path, *, target_sen
     if COVID not in labels or len(labels) < 2:
         raise DatasetError(f"{data_dir} must hold labelled {COVID} images and at least one other class "
                            f"({classes}); found {sorted(labels) or 'none'}.")
-    with Screener(artifact, backend=backend, device=device, isolation=None, batch_size=32) as s:
+    with Screener(artifact, backend=backend, device=device, isolation=None, batch_size=32, self_check=self_check) as s:
         data = load_items(ds.items, classes, s.engine.spec, progress=progress)
         # the engine's own output, before any temperature an earlier calibration set
         probs = s.engine.infer_all(data.x, 32, calibrated=False).astype(np.float64)

@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 def evaluate_artifact(artifact: str | Path, data_dir: str | Path, out_dir: str | Path, *, split: str = "auto",
                       threshold: float | None = None, common_size: int | None = None, n_boot: int = 1000,
                       progress: bool = True, backend: str | None = None, device: str = "auto",
-                      batch_size: int = 32) -> tuple[Path, dict]:
+                      batch_size: int = 32, self_check: str = "refuse") -> tuple[Path, dict]:
     """Screen the chosen split with ``artifact`` and write report.md/json and plots (see evaluate_model)."""
     # a failed-gate artifact may be evaluated: that is how one finds out how it fails
     with Screener(artifact, backend=backend, device=device, batch_size=batch_size, isolation=None,
-                  allow_failed_gate=True) as s:
+                  allow_failed_gate=True, self_check=self_check) as s:
         doc, classes = s.manifest, s.classes
         data = load_split(doc, data_dir, s.engine.spec, split, common_size=common_size, progress=progress)
         probs = s.engine.infer_all(data.x, batch_size)
@@ -32,6 +32,7 @@ def evaluate_artifact(artifact: str | Path, data_dir: str | Path, out_dir: str |
     result = evaluate_predictions(data.y, probs, classes, t, sources=data.sources, sizes=data.loaded.original_sizes,
                                   n_boot=n_boot)
     context = {"model": str(artifact), "engine": f"{info.backend} / {info.provider} / {info.precision}",
+               "self_check": info.self_check.text() if info.self_check else None,
                "recipe": doc.recipe, "data": str(data_dir), "split": data.split, "n_images": len(data.items),
                "skipped": len(data.loaded.errors), "common_size": common_size,
                "operating_point": "threshold given on the command line" if threshold is not None

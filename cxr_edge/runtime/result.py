@@ -57,6 +57,9 @@ class ScreeningResult:
     explanation: Explanation | None = None
     decision: Decision | None = None  # why this label: threshold, margin, borderline, operating point
     preprocess: str | None = None  # which path decoded and resized the image: "cpu" or "gpu"
+    # the engine's load-time self-check (cxr_edge.self_check): status, where it ran, max |dp| vs FP32; a result
+    # from an engine that failed it (run with --self-check warn) says so in every answer
+    self_check: dict[str, Any] | None = None
 
     @classmethod
     def unusable(cls, index: int, source: str, reason: str) -> ScreeningResult:
@@ -69,9 +72,11 @@ class ScreeningResult:
                            operating_point: str | None = None, band: float = MIN_BORDERLINE_BAND) -> ScreeningResult:
         """Label by the one decision rule (:func:`cxr_edge.decision.decide`) and record what decided it."""
         d = Decision.of(probs, classes, threshold, operating_point, band)
+        sc = getattr(info, "self_check", None)
         return cls(index, source, True, label=d.label, probabilities={c: float(p) for c, p in zip(classes, probs)},
                    threshold=threshold, backend=getattr(info, "backend", None), provider=getattr(info, "provider", None),
-                   precision=getattr(info, "precision", None), timings_ms=dict(timings_ms or {}), decision=d)
+                   precision=getattr(info, "precision", None), timings_ms=dict(timings_ms or {}), decision=d,
+                   self_check=self_check_summary(sc))
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "source": self.source, "ok": self.ok, "status": self.status, "error": self.error,
@@ -80,4 +85,12 @@ class ScreeningResult:
                 "timings_ms": dict(self.timings_ms),
                 "explanation": self.explanation.to_dict() if self.explanation is not None else None,
                 "decision": self.decision.to_dict() if self.decision is not None else None,
-                "preprocess": self.preprocess}
+                "preprocess": self.preprocess, "self_check": self.self_check}
+
+
+def self_check_summary(outcome) -> dict[str, Any] | None:
+    """The part of a load-time self-check every result carries (the full record is in ``/v1/model``)."""
+    if outcome is None:
+        return None
+    return {"status": outcome.status, "where": outcome.where, "max_abs_dprob": outcome.max_abs_dprob,
+            "tolerance": outcome.tolerance}

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,21 +31,6 @@ USES = ("single", "batched")
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
 
 
-def _cpu() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = [f for f in _FLAGS if f in have]
-                break
-    except OSError:
-        pass
-    return model, flags
-
-
 def _version(module: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -58,8 +42,11 @@ def _version(module: str) -> str | None:
 
 def machine_fingerprint() -> dict[str, Any]:
     """What decides which configuration wins: the CPU, its usable cores, and the runtimes' versions."""
-    model, flags = _cpu()
-    facts = {"cpu": model, "flags": flags, "usable_cores": len(os.sched_getaffinity(0)),
+    from ..cpu_isa import cpu_flags, cpu_model, isa_name
+
+    have = cpu_flags()
+    facts = {"cpu": cpu_model(), "flags": [f for f in _FLAGS if f in have], "isa": isa_name(have),
+             "usable_cores": len(os.sched_getaffinity(0)),
              "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"), "openvino": _version("openvino")}
     facts["id"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     return facts
@@ -129,8 +116,10 @@ def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: i
     ``budget_s``: seconds of timing per candidate, split over the rounds and the two uses.
 
     Candidates run in interleaved rounds (each once per round, order rotated) so a noisy neighbour on a
-    shared VM hits them alike. A candidate must also answer like ONNX Runtime's reference on the same
-    inputs (top class equal, probabilities within the artifact's borderline band), else it is not eligible.
+    shared VM hits them alike. A candidate is eligible only if its load-time self-check passed: its answers
+    on the artifact's reference images within the artifact's tolerance of the FP32 model's
+    (:mod:`cxr_edge.self_check`), never merely close to another backend that may be wrong the same way.
+    An artifact made before self-checks existed falls back to agreeing with the first backend loaded.
     """
     from ..decision import borderline_band
     from ..preprocess import PreprocessSpec
@@ -150,18 +139,25 @@ def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: i
     for backend, opts in candidates(fmt, cores):
         row: dict[str, Any] = {"backend": backend, "options": opts}
         try:
-            eng = open_backend(artifact, backend=backend, **opts).load()
+            eng = open_backend(artifact, backend=backend, self_check="warn", **opts).load()
             probs = eng.infer(x, ["probs"], calibrated=False)["probs"]
         except Exception as exc:  # a candidate that cannot run here is a row, not a failed tuning
             why = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
             rows.append({**row, "status": f"could not run: {why}"})
             continue
-        if reference is None:
-            reference = probs
-        dp = float(np.abs(probs - reference).max())
-        same = bool((probs.argmax(1) == reference.argmax(1)).all()) and dp <= band
-        row.update({"status": "measured" if same else f"not eligible: answers differ from the first backend (max |dp| {dp:.3g})",
-                    "max_abs_dprob_vs_first": dp})
+        check = eng.info.self_check
+        if check is not None and check.status in ("passed", "failed"):
+            same = check.status == "passed"
+            row.update({"status": "measured" if same else f"not eligible: {check.text()}",
+                        "self_check": check.to_dict()})
+        else:
+            if reference is None:
+                reference = probs
+            dp = float(np.abs(probs - reference).max())
+            same = bool((probs.argmax(1) == reference.argmax(1)).all()) and dp <= band
+            row.update({"status": "measured" if same else
+                        f"not eligible: answers differ from the first backend (max |dp| {dp:.3g})",
+                        "max_abs_dprob_vs_first": dp})
         rows.append(row)
         if same:
             loaded.append((row, eng, {1: [], batch: []}))

@@ -92,7 +92,7 @@ class ScreeningService:
             log.info("tuned for this machine: %s", self.tuned)
         self.metrics.tuned.labels(choice=self.tuned or "not tuned (default backend)").set(1)
         engine = open_backend(self.artifact, backend=backend, device=c.device, allow_failed_gate=c.allow_failed_gate,
-                              trusted_keys=list(c.trusted_keys) or None, **opts).load()
+                              trusted_keys=list(c.trusted_keys) or None, self_check=c.self_check, **opts).load()
         try:
             if self.engine_wrapper is not None:
                 engine = self.engine_wrapper(engine)
@@ -339,7 +339,8 @@ class ScreeningService:
                 "classes": self.engine.classes, "artifact": m.get("file"), "recipe": m.recipe,
                 "version": f"v{m.get('manifest_version', 1)}" + (f" ({created})" if created else ""),
                 "sha256": (m.sha256 or "")[:12] or None, "operating_point": self.operating_point,
-                "preprocess": self.preprocess, "tuned": self.tuned}
+                "preprocess": self.preprocess, "tuned": self.tuned,
+                "self_check": info.self_check.to_dict() if info.self_check else None}
 
     # ---- the ASGI app
     def build_app(self):

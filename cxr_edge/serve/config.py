@@ -28,6 +28,7 @@ class ServeConfig:
     body_timeout_s: float = 30.0  # a body still arriving after this is answered 408 (slow uploads)
     save_dir: str | None = None  # operator opt-in: keep received images here (never elsewhere, never by default)
     allow_failed_gate: bool = False  # serve an artifact whose export gate failed (investigation only)
+    self_check: str = "refuse"  # refuse | warn | off: an engine that answers its reference images unlike FP32 here
     preprocess: str = "auto"  # auto | cpu | gpu: where images are resized (auto: the GPU only for CUDA engines)
     cuda_graph: bool = False  # TensorRT engines: replay each batch size's kernels as one CUDA graph
     tuning: str = "cached"  # cached | auto | off: this machine's measured backend/streams/threads (no backend given);

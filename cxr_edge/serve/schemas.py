@@ -52,6 +52,9 @@ class ScreeningResultModel(BaseModel):
     explanation: ExplanationModel | None = None
     decision: DecisionModel | None = None
     preprocess: str | None = Field(None, description="which path decoded and resized the image: cpu or gpu")
+    self_check: dict | None = Field(None, description="the engine's load-time self-check against its FP32 answers: "
+                                    "status (passed, failed: served with --self-check warn, not available, off), "
+                                    "where (backend/ISA or GPU), max_abs_dprob, tolerance")
 
 
 class ModelInfo(BaseModel):
@@ -66,6 +69,8 @@ class ModelInfo(BaseModel):
     operating_point: str | None = None
     preprocess: str | None = Field(None, description="where images are resized: cpu or gpu")
     tuned: str | None = Field(None, description="the per-machine tuning in use (cxr-edge tune), if any")
+    self_check: dict | None = Field(None, description="load-time self-check: status, where, measured |dp|, tolerance, "
+                                    "and a sentence such as 'self-check passed on onnxruntime/AVX2: ...'")
 
 
 class ScreenResponse(BaseModel):

@@ -8,15 +8,19 @@ them, so every backend rejects a wrong batch with the same message; subclasses i
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ...errors import ConfigError
+from ...errors import ConfigError, EngineError
 from ...manifest import Manifest
 from ...preprocess import PreprocessSpec
+from ...self_check import DEFAULT_POLICY, POLICIES, SelfCheckOutcome
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,12 @@ class BackendInfo:
     precision: str  # what the artifact computes in (fp32 / fp16 / int8 / bf16)
     device: str  # "cpu" | "cuda" | ...
     details: dict = field(default_factory=dict)
+    self_check: SelfCheckOutcome | None = None  # the load-time check against the FP32 reference answers
+
+
+class SelfCheckError(EngineError):
+    """The artifact answers its reference images differently here than its FP32 model beyond its tolerance:
+    this backend or machine computes something other than what was gated."""
 
 
 class Backend(abc.ABC):
@@ -36,6 +46,9 @@ class Backend(abc.ABC):
     def __init__(self, artifact: str | Path, manifest: Mapping, **options):
         self.artifact = Path(artifact)
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+        self.self_check_policy = options.pop("self_check", None) or DEFAULT_POLICY
+        if self.self_check_policy not in POLICIES:
+            raise ConfigError(f"self_check must be one of {', '.join(POLICIES)}, got {self.self_check_policy!r}.")
         self.options = options
         self.spec = PreprocessSpec.from_dict(self.manifest.preprocess)
         self.classes = self.manifest.classes
@@ -46,10 +59,54 @@ class Backend(abc.ABC):
 
     # ---- public template -------------------------------------------------
     def load(self) -> Backend:
+        """Open the engine, then answer the manifest's reference images (:mod:`cxr_edge.self_check`); a drift
+        beyond the artifact's tolerance closes the engine and raises :class:`SelfCheckError` under the
+        ``refuse`` policy, and is recorded in ``info.self_check`` (so in every result) under ``warn``."""
         if not self._loaded:
             self.info = self._load()
             self._loaded = True
+            try:
+                self.info.self_check = self._self_check()
+            except BaseException:
+                self.close()
+                raise
         return self
+
+    def where(self) -> str:
+        """``<backend>/<ISA>`` on a CPU, ``<backend>/<GPU>`` on a device: what the self-check ran on."""
+        from ...cpu_isa import isa_name
+
+        info = self.info
+        if info is None:
+            return self.name
+        if info.device == "cpu":
+            return f"{info.backend}/{isa_name()}"
+        return f"{info.backend}/{info.details.get('gpu_name') or info.device}"
+
+    def _self_check(self) -> SelfCheckOutcome:
+        from ... import self_check
+
+        where = self.where()
+        if self.self_check_policy == "off":
+            return SelfCheckOutcome("off", where, reason="disabled by the caller")
+        x, why = self_check.check_inputs(self.manifest, self.spec.input_shape)
+        if x is None:
+            log.warning("%s: no load-time self-check: %s", self.artifact.name, why)
+            return SelfCheckOutcome("not available", where, reason=why)
+        probs = self.infer(x, ["probs"], calibrated=False)["probs"]
+        outcome = self_check.compare(self.manifest, probs, where)
+        if outcome.failed:
+            msg = (f"{self.artifact.name} ({self.manifest.get('precision')}) answers differently on {where} than "
+                   f"its FP32 model: {outcome.text()}. This backend or CPU computes something other than what the "
+                   "export gate measured (e.g. INT8 kernels without VNNI saturate). Use another backend or the "
+                   "fp32/fp16 artifact, re-export on a machine like this one, or pass --self-check warn to run it "
+                   "anyway with every result marked.")
+            if self.self_check_policy == "refuse":
+                raise SelfCheckError(msg)
+            log.warning("%s", msg)
+        else:
+            log.info("%s: %s", self.artifact.name, outcome.text())
+        return outcome
 
     def infer(self, batch: np.ndarray, outputs: list[str] | None = None, calibrated: bool = True) -> dict[str, np.ndarray]:
         """Run one packed uint8 batch of any size; returns output name -> array.

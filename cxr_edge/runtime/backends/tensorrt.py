@@ -65,7 +65,8 @@ class TensorRTBackend(Backend):
             raise
         self.use_graph = bool(self.options.get("cuda_graph", False))
         return BackendInfo("tensorrt", f"TensorRT {flavor.version} on {dev.gpu_name}", self.manifest.get("precision", "fp32"),
-                           "cuda", {"compute_capability": dev.compute_capability, "cuda_graph": self.use_graph,
+                           "cuda", {"gpu_name": dev.gpu_name, "compute_capability": dev.compute_capability,
+                                    "cuda_graph": self.use_graph,
                                     "tensorrt_typing": flavor.to_dict()["typing"],
                                     "profile": list(self.batch_range())})
 

@@ -1,0 +1,108 @@
+"""Load-time self-check: does this artifact, on this backend and this machine, still answer like its FP32 model?
+
+Export gates are measured once, on the exporting machine's kernels (or, for TensorRT, on emulated TensorRT
+numerics). The deployment machine may round differently: x86 CPUs without VNNI saturate u8 x s8 products
+in int16, a GPU picks other tactics, a runtime upgrade changes a kernel. So every artifact's manifest
+carries the FP32 model's probabilities on a few deterministic reference images
+(:mod:`cxr_edge.reference_inputs`) and what the artifact itself answered on them when it was made; each
+backend answers them again when it loads, and the artifact is refused (or, by choice, run with every
+result marked) when it drifts further from FP32 than its tolerance: the larger of its borderline band
+(which its export gate set) and what it measured at export on the same images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .decision import borderline_band
+from .reference_inputs import GENERATOR, inputs_sha256, reference_inputs
+
+POLICIES = ("refuse", "warn", "off")
+DEFAULT_POLICY = "refuse"
+N_IMAGES = 8
+
+
+def reference_batch(input_shape: tuple[int, int, int], n: int = N_IMAGES) -> np.ndarray:
+    h, w, c = input_shape
+    return reference_inputs(h, w, c, n)
+
+
+def make_record(input_shape: tuple[int, int, int], reference_probs: np.ndarray, artifact_probs: np.ndarray,
+                band: float, reference: str, measured_on: str) -> dict[str, Any]:
+    """The manifest's ``self_check`` block: FP32 answers on the reference images, and the artifact's own."""
+    x = reference_batch(input_shape, len(reference_probs))
+    at_export = float(np.abs(np.asarray(artifact_probs, np.float64) - reference_probs).max())
+    return {"generator": GENERATOR, "n": int(len(x)), "inputs_sha256": inputs_sha256(x),
+            "reference": reference, "reference_probs": np.round(np.asarray(reference_probs, np.float64), 7).tolist(),
+            "at_export": {"max_abs_dprob": at_export, "measured_on": measured_on},
+            "tolerance": max(float(band), at_export)}
+
+
+@dataclass(frozen=True)
+class SelfCheckOutcome:
+    """What a backend's load-time self-check found; reported by results, ``/v1/model`` and ``doctor``."""
+
+    status: str  # "passed" | "failed" | "not available" | "off"
+    where: str  # "<backend>/<ISA or GPU>"
+    max_abs_dprob: float | None = None
+    tolerance: float | None = None
+    n_images: int = 0
+    top_class_agreement: float | None = None
+    at_export: Mapping[str, Any] | None = None
+    reason: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def text(self) -> str:
+        if self.status in ("passed", "failed"):
+            export = ""
+            if self.at_export:
+                export = (f"; {self.at_export.get('max_abs_dprob', 0):.3g} at export on "
+                          f"{self.at_export.get('measured_on')}")
+            rel = "<=" if self.status == "passed" else ">"
+            return (f"self-check {self.status} on {self.where}: max |p - p_FP32| {self.max_abs_dprob:.3g} {rel} "
+                    f"tolerance {self.tolerance:.3g} on {self.n_images} reference images{export}")
+        return f"self-check {self.status} on {self.where}" + (f": {self.reason}" if self.reason else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "where": self.where, "max_abs_dprob": self.max_abs_dprob,
+                "tolerance": self.tolerance, "n_images": self.n_images,
+                "top_class_agreement": self.top_class_agreement,
+                "at_export": dict(self.at_export) if self.at_export else None, "reason": self.reason,
+                "text": self.text()}
+
+
+def check_inputs(manifest: Mapping[str, Any], input_shape: tuple[int, int, int]) -> tuple[np.ndarray | None, str | None]:
+    """The reference images of a manifest's record, or None and why the check cannot run."""
+    rec = manifest.get("self_check")
+    if not rec:
+        return None, ("the manifest has no self-check reference (made before cxr-edge recorded one); "
+                      "re-export or rebuild the artifact to get one")
+    if rec.get("generator") != GENERATOR:
+        return None, f"reference generator {rec.get('generator')!r} is not this release's {GENERATOR!r}"
+    x = reference_batch(input_shape, int(rec.get("n") or N_IMAGES))
+    if inputs_sha256(x) != rec.get("inputs_sha256"):
+        # never compare against answers to other inputs: the generator is integer-only, so this is a bug
+        return None, "the reference images generated here differ from those the manifest was made with"
+    return x, None
+
+
+def compare(manifest: Mapping[str, Any], probs: np.ndarray, where: str) -> SelfCheckOutcome:
+    """Judge a backend's probabilities on the reference images against the manifest's FP32 answers."""
+    rec = manifest["self_check"]
+    ref = np.asarray(rec["reference_probs"], np.float64)
+    probs = np.asarray(probs, np.float64)
+    if probs.shape != ref.shape:
+        return SelfCheckOutcome("failed", where, None, None, len(ref),
+                                reason=f"answered shape {probs.shape}, the reference has {ref.shape}")
+    d = float(np.abs(probs - ref).max())
+    tol = max(float(rec.get("tolerance") or 0.0), borderline_band(manifest))
+    agree = float((probs.argmax(1) == ref.argmax(1)).mean())
+    status = "passed" if np.isfinite(d) and d <= tol else "failed"
+    return SelfCheckOutcome(status, where, d, tol, len(ref), agree, rec.get("at_export"))
