@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from cxr_edge.bench.machine import int8_peak, machine_info
@@ -79,8 +80,8 @@ def test_an_engine_failing_mid_run_becomes_rows_not_a_crash(tiny_export, monkeyp
     s = tiny_export
     real = OnnxRuntimeBackend._infer
 
-    def fail_int8(self, batch, outputs):
-        if "int8-cpu" in self.artifact.name:
+    def fail_int8(self, batch, outputs):  # after its load-time self-check: the engine loads, then fails on real input
+        if "int8-cpu" in self.artifact.name and self.info.self_check is not None:
             raise RuntimeError("Exception from node.cpp:823:\n[CPU] Convolution node is not initialized")
         return real(self, batch, outputs)
 
@@ -98,3 +99,145 @@ def test_the_int8_ceiling_is_measured_not_assumed():
 
     p = measured_int8_gemm_peak(budget_s=0.05, n=256)
     assert p["status"] == "ran" and p["gmacs"] > 0 and "MatMulInteger" in p["what"]
+
+
+# ---- issue 25: the machine's ISA, the load-time self-check, and whether INT8 pays here
+
+
+def test_machine_info_names_the_isa_and_follows_forced_flags(monkeypatch):
+    from cxr_edge.bench.report import render_markdown
+    from cxr_edge.cpu_isa import FLAGS_ENV
+
+    monkeypatch.setenv(FLAGS_ENV, "avx avx2 fma")
+    m = machine_info()
+    assert m["isa"] == "AVX2" and m["isa_facts"]["forced"] and not m["isa_facts"]["exact_int8_dot_products"]
+    assert m["cpu_flags"] == ["avx2", "fma"] and "avx512_vnni_gmacs" not in m["int8_peak"]  # bench reports the cap
+    assert "ISA AVX2 (forced by CXR_EDGE_CPU_FLAGS)" in render_markdown(_res([], m)).splitlines()[2]
+    monkeypatch.setenv(FLAGS_ENV, "avx2 avx512f avx512_vnni")
+    m = machine_info()
+    assert m["isa"] == "AVX-512 VNNI" and m["isa_facts"]["exact_int8_dot_products"] and "avx512_vnni" in m["cpu_flags"]
+
+
+def _row(label, batch, ips, precision=None, provider="CPUExecutionProvider", **extra):
+    backend = label.split()[0]
+    precision = precision or label.split()[1].split("-")[0]
+    artifact = f"model.{label.split()[1]}.onnx" if backend in ("onnxruntime", "openvino") else "model.keras"
+    if backend == "openvino" and precision in ("fp32", "bf16"):
+        artifact = "model.fp32.onnx"  # OpenVINO's bf16 row runs the fp32 artifact with a bf16 hint
+    row = {"label": label, "backend": backend, "provider": provider, "precision": precision, "batch": batch,
+           "artifact": artifact, "status": "validated", **extra}
+    if ips is not None:
+        row.update({"throughput_ips": ips, "p50_ms": 1e3 * batch / ips, "p90_ms": 1e3 * batch / ips})
+    return row
+
+
+def _res(rows, machine):
+    from cxr_edge.bench.int8_payoff import int8_does_not_pay, int8_pays
+    from cxr_edge.bench.runner import _summary
+
+    return {"recipe": "tiny", "input": {"height": 32, "width": 32}, "macs_per_image": 1e9, "machine": machine,
+            "rows": rows, "summary": _summary(rows, 0), "int8_does_not_pay": int8_does_not_pay(rows, machine),
+            "int8_pays": int8_pays(rows, machine)}
+
+
+AVX2 = {"cpu_model": "AMD EPYC", "cpu_mhz": 2400.0, "cpu_flags": ["avx2", "fma"], "usable_cores": 2, "gpu": None,
+        "versions": {}, "isa": "AVX2", "isa_facts": {"isa": "AVX2", "exact_int8_dot_products": False, "forced": False}}
+VNNI = {**AVX2, "isa": "AVX-512 VNNI", "isa_facts": {"isa": "AVX-512 VNNI", "exact_int8_dot_products": True}}
+
+
+def _mixed_rows():
+    return [
+        _row("onnxruntime fp32", 1, 100.0), _row("onnxruntime fp32", 8, 200.0),
+        _row("onnxruntime int8-cpu", 1, 150.0), _row("onnxruntime int8-cpu", 8, 186.0),
+        _row("onnxruntime fp16", 8, 100.0),
+        _row("onnxruntime int8-cpu", 32, 400.0),  # no FP32 row at batch 32
+        _row("onnxruntime int8-trt", 8, 500.0, provider="CUDAExecutionProvider"),  # no FP32 row on CUDA
+        _row("openvino fp32", 8, 300.0, provider="OpenVINO CPU"), _row("openvino bf16", 8, 330.0, provider="OpenVINO CPU"),
+        _row("openvino int8-ov", 8, 600.0, provider="OpenVINO CPU"),
+        _row("openvino int8-ov 2 streams", 8, 240.0, precision="int8", provider="OpenVINO CPU"),
+        _row("keras predict", 8, 50.0, precision="fp32", provider="keras-tensorflow"),
+        _row("LiteRT int8", 8, 150.0, precision="int8", provider="CPUExecutionProvider", peer=True),
+        _row("onnxruntime int8-ov", 8, None, status="could not run: no"),
+    ]
+
+
+def test_x_fp32_same_backend_is_per_backend_provider_and_batch():
+    from cxr_edge.bench.int8_payoff import add_fp32_ratios
+
+    rows = _mixed_rows()
+    add_fp32_ratios(rows)
+    got = {(r["label"], r["batch"]): r["x_fp32_same_backend"] for r in rows}
+    assert got[("onnxruntime fp32", 1)] == 1.0 and got[("onnxruntime fp32", 8)] == 1.0
+    assert got[("onnxruntime int8-cpu", 1)] == pytest.approx(1.5) and got[("onnxruntime int8-cpu", 8)] == pytest.approx(0.93)
+    assert got[("onnxruntime fp16", 8)] == pytest.approx(0.5)
+    assert got[("openvino bf16", 8)] == pytest.approx(1.1) and got[("openvino int8-ov", 8)] == pytest.approx(2.0)
+    assert got[("openvino int8-ov 2 streams", 8)] == pytest.approx(0.8)
+    for none in [("onnxruntime int8-cpu", 32), ("onnxruntime int8-trt", 8), ("keras predict", 8), ("LiteRT int8", 8),
+                 ("onnxruntime int8-ov", 8)]:
+        assert got[none] is None, none
+
+
+def test_int8_that_does_not_pay_is_said_plainly_and_only_then():
+    from cxr_edge.bench.int8_payoff import add_fp32_ratios
+    from cxr_edge.bench.report import render_markdown
+
+    rows = _mixed_rows()
+    add_fp32_ratios(rows)
+    res = _res(rows, AVX2)
+    slower = res["int8_does_not_pay"]
+    assert [(s["label"], s["batch"]) for s in slower] == [("onnxruntime int8-cpu", 8), ("openvino int8-ov 2 streams", 8)]
+    assert slower[0]["text"] == ("INT8 does not pay on this machine (AVX2, no VNNI): onnxruntime int8-cpu at batch 8 runs "
+                                 "0.93x its FP32 artifact on the same backend; the FP32 artifact is the faster choice here "
+                                 "(and the more accurate).")
+    assert res["int8_pays"] is None  # fp16 at 0.5x, the peer and the rows without an FP32 row are not INT8 verdicts
+    md = render_markdown(res)
+    assert "## Does INT8 pay on this machine?" in md and slower[0]["text"] in md and slower[1]["text"] in md
+    assert "| x FP32 same backend |" in md and "| 0.93 |" in md
+
+    fast = [r for r in rows if (r["label"], r["batch"]) not in {("onnxruntime int8-cpu", 8), ("openvino int8-ov 2 streams", 8)}]
+    fast.append(_row("onnxruntime int8-cpu", 8, 200.0))  # exactly FP32's speed: not "does not pay"
+    add_fp32_ratios(fast)
+    res = _res(fast, VNNI)
+    assert res["int8_does_not_pay"] == [] and "does not pay" not in render_markdown(res)
+    assert res["int8_pays"] == ("INT8 pays on this machine (AVX-512 VNNI): every INT8 row runs 1.00x to 2.00x its FP32 "
+                                "artifact on the same backend and batch.")
+    assert res["int8_pays"] in render_markdown(res)
+    res = _res([r for r in fast if not r["label"].startswith(("onnxruntime int8", "openvino int8"))], VNNI)
+    assert res["int8_does_not_pay"] == [] and res["int8_pays"] is None  # no INT8 rows: nothing to say
+
+
+def test_a_failed_self_check_is_measured_and_marked(tiny_export, tmp_path, monkeypatch):
+    """bench opens engines with self_check="warn": an INT8 engine drifting from FP32 on this machine is still timed,
+    and every row of it says so; the JSON names the (forced) ISA it ran on."""
+    from cxr_edge.bench.report import write_results
+    from cxr_edge.bench.runner import BenchConfig, run_bench
+    from cxr_edge.cpu_isa import FLAGS_ENV
+    from cxr_edge.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    monkeypatch.setenv(FLAGS_ENV, "avx avx2 fma")
+    real = OnnxRuntimeBackend._infer
+
+    def drift_int8(self, batch, outputs):  # kernels that round differently: probabilities pulled to the other class
+        out = real(self, batch, outputs)
+        if "int8-cpu" in self.artifact.name and "probs" in out:
+            out["probs"] = (0.8 * out["probs"] + 0.2 * out["probs"][:, ::-1]).astype(np.float32)
+        return out
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "_infer", drift_int8)
+    cfg = BenchConfig(batches=(1, 2), budget_s=0.02, max_accuracy_images=16, backends=("onnxruntime",),
+                      precisions=("fp32", "int8-cpu"), e2e=False, preprocessing=False)
+    res = json.loads(write_results(run_bench(tiny_export.out_dir, cfg, progress=False), tmp_path).with_suffix(".json")
+                     .read_text())
+    assert res["machine"]["isa"] == "AVX2" and res["machine"]["isa_facts"]["forced"]
+    rows = {(r["label"], r["batch"]): r for r in res["rows"]}
+    for b in (1, 2):
+        fp32, int8 = rows[("onnxruntime fp32", b)], rows[("onnxruntime int8-cpu", b)]
+        assert fp32["self_check"]["status"] == "passed" and fp32["self_check"]["where"] == "onnxruntime/AVX2"
+        assert int8["self_check"]["status"] == "failed" and int8["self_check"]["max_abs_dprob"] > int8["self_check"]["tolerance"]
+        assert "p50_ms" in int8  # measured anyway
+        assert fp32["x_fp32_same_backend"] == 1.0 and int8["x_fp32_same_backend"] > 0
+    assert all(s["x_fp32_same_backend"] < 1.0 and "INT8 does not pay" in s["text"] for s in res["int8_does_not_pay"])
+    md = (tmp_path / "results.md").read_text()
+    marked = [line for line in md.splitlines() if "self-check FAILED on onnxruntime/AVX2: max |dp| " in line]
+    assert marked and all("int8-cpu" in line for line in marked)
+    assert "ISA AVX2" in md and "| x FP32 same backend |" in md

@@ -8,18 +8,22 @@ import platform
 import re
 from pathlib import Path
 
+from ..cpu_isa import cpu_flags, isa_facts
+
 
 def _cpuinfo() -> dict:
+    """Model, clock and flags; the flags as cpu_isa reads them, so ``CXR_EDGE_CPU_FLAGS`` caps what bench reports too."""
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"model name\s*:\s*(.+)", text)
     mhz = re.search(r"cpu MHz\s*:\s*([\d.]+)", text)
-    flags = set((re.search(r"flags\s*:\s*(.+)", text) or ["", ""])[1].split())
+    flags = set(cpu_flags())
     return {"model": model.group(1).strip() if model else platform.processor(),
             "mhz": float(mhz.group(1)) if mhz else None, "flags": flags}
 
 
 def machine_info() -> dict:
-    cpu = _cpuinfo()
+    """What the numbers were measured on: CPU, the ISA its INT8 kernels run with, cores, GPU, library versions."""
+    cpu, isa = _cpuinfo(), isa_facts()
     wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
               "amx_int8", "amx_bf16"]
     versions = {}
@@ -33,7 +37,7 @@ def machine_info() -> dict:
         "cpu_model": cpu["model"], "cpu_mhz": cpu["mhz"], "cpu_flags": [f for f in wanted if f in cpu["flags"]],
         "logical_cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
         "gpu": _gpu(), "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
-        "int8_peak": int8_peak(cpu),
+        "int8_peak": int8_peak(cpu), "isa": isa["isa"], "isa_facts": isa,
     }
 
 

@@ -18,32 +18,35 @@ def render_markdown(res: dict, command: str | None = None) -> str:
              f"{res['macs_per_image'] / 1e9:.2f} GMAC/image)", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
-    lines += [f"Machine: {m['cpu_model']}, {m['usable_cores']} usable cores @ {m['cpu_mhz']} MHz, flags "
+    lines += [f"Machine: {m['cpu_model']}, {_isa(m)}, {m['usable_cores']} usable cores @ {m['cpu_mhz']} MHz, flags "
               f"{', '.join(m['cpu_flags'])}; GPU: {m['gpu'] or 'none'}; onnxruntime {m['versions'].get('onnxruntime', '-')}, "
               f"openvino {m['versions'].get('openvino', '-')}, tensorflow {m['versions'].get('tensorflow', '-')}.", "",
               "Latency is per batch; throughput = batch / median latency; ratios are to Keras `model.predict` at the same "
-              "batch, measured in the same run (this VM drifts 2-3x between runs, so compare within one table only).", "",
+              "batch, and to the FP32 artifact on the same backend, provider and batch (x FP32 same backend), both measured "
+              "in the same run (this VM drifts 2-3x between runs, so compare within one table only).", "",
               "| backend | provider | precision | batch | status | p50 ms | p90 ms | p99 ms | img/s | x Keras predict "
-              "| GMAC/s | e2e img/s | e2e/engine | load s | RSS added MB | size MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| x FP32 same backend | GMAC/s | e2e img/s | e2e/engine | load s | RSS added MB | size MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         peer = " (peer)" if r.get("peer") else ""
         rss = r.get("rss_added_mb", r.get("peak_rss_mb"))
         lines.append(
             f"| {r['label']}{peer} | {r.get('provider', '-')} | {r.get('precision', '-')} | {r.get('batch', '-')} | "
-            f"{r['status']} | "
+            f"{status_cell(r)} | "
             f"{_f(r.get('p50_ms'))} | {_f(r.get('p90_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('throughput_ips'))} | "
-            f"{_f(r.get('speedup_vs_keras_predict'), '{:.2f}')} | {_f(r.get('gmacs_per_s'))} | "
+            f"{_f(r.get('speedup_vs_keras_predict'), '{:.2f}')} | {_f(r.get('x_fp32_same_backend'), '{:.2f}')} | "
+            f"{_f(r.get('gmacs_per_s'))} | "
             f"{_f(r.get('e2e_throughput_ips'))} | "
             f"{_f(r.get('e2e_vs_engine'), '{:.2f}')} | {_f(r.get('load_s'), '{:.2f}')} | {_f(rss, '{:.0f}')} | "
             f"{_f(r.get('size_mb'), '{:.1f}')} |")
+    lines += int8_section(res)
     lines += _peer_section(res)
     lines += ["", "## Summary (MLPerf-style)", "",
               "| target | single-stream p90 ms (batch 1) | offline img/s | at batch | status |",
               "|---|---|---|---|---|"]
     for k, v in res["summary"].items():
         lines.append(f"| {k} | {_f(v['single_stream_p90_ms'])} | {_f(v['offline_throughput_ips'])} | "
-                     f"{v['offline_batch']} | {v['status']} |")
+                     f"{v['offline_batch']} | {status_cell(v)} |")
     measured = res.get("measured_int8_peak") or {}
     floats = res.get("measured_float_peaks") or {}
     if measured.get("status") == "ran" or floats.get("status") == "ran":
@@ -59,10 +62,10 @@ def render_markdown(res: dict, command: str | None = None) -> str:
             if r.get("fraction_of_measured_peak") is not None:
                 lines.append(f"- {r.get('label', r.get('backend'))} batch {r['batch']}: {r['gmacs_per_s']:.0f} GMAC/s = "
                              f"{r['fraction_of_measured_peak']:.2f} of the measured {r['precision']} peak")
-    peak = m.get("int8_peak", {})
-    if peak:
+    nominal = {k: v for k, v in m.get("int8_peak", {}).items() if k.endswith("_gmacs")}
+    if nominal:  # none on a CPU without VNNI/AMX
         lines += ["", "Nominal INT8 estimate (cores x nominal GHz x MACs/cycle/core; not measured, often off): " + ", ".join(
-            f"{k.replace('_gmacs', '')} {v:.0f} GMAC/s" for k, v in peak.items() if k.endswith("_gmacs")) + "."]
+            f"{k.replace('_gmacs', '')} {v:.0f} GMAC/s" for k, v in nominal.items()) + "."]
     acc = res.get("accuracy", {})
     if acc:
         d = res.get("accuracy_data", {})
@@ -89,6 +92,35 @@ def render_markdown(res: dict, command: str | None = None) -> str:
             lines.append(f"| {r['path']} | {r['implementation']} | {_f(r.get('images_per_s'))} | "
                          f"{_f(r.get('ms_per_image'), '{:.2f}')} | {_f(r.get('ms_per_megapixel'), '{:.2f}')} | {r['status']} |")
     return "\n".join(lines) + "\n"
+
+
+def _isa(m: dict) -> str:
+    """The header's ISA clause, saying when ``CXR_EDGE_CPU_FLAGS`` forced it (results from older runs have none)."""
+    facts = m.get("isa_facts") or {}
+    forced = " (forced by CXR_EDGE_CPU_FLAGS)" if facts.get("forced") else ""
+    return f"ISA {m.get('isa', '-')}{forced}"
+
+
+def status_cell(r: dict) -> str:
+    """A row's status, with a failed load-time self-check made visible: such an engine is refused by default when deployed."""
+    sc = r.get("self_check") or {}
+    if sc.get("status") != "failed":
+        return r["status"]
+    if sc.get("max_abs_dprob") is not None and sc.get("tolerance") is not None:
+        detail = f"max |dp| {sc['max_abs_dprob']:.3g} > {sc['tolerance']:.3g}"
+    else:
+        detail = sc.get("reason") or "see results.json"
+    return f"{r['status']} (self-check FAILED on {sc.get('where', '?')}: {detail})"
+
+
+def int8_section(res: dict) -> list[str]:
+    """Plain words on whether INT8 pays on this machine: each INT8 row slower than its FP32 artifact, or the range."""
+    slower = res.get("int8_does_not_pay") or []
+    if slower:
+        return ["", "## Does INT8 pay on this machine?", ""] + [f"- {s['text']}" for s in slower]
+    if res.get("int8_pays"):
+        return ["", res["int8_pays"]]
+    return []
 
 
 def _peer_section(res: dict) -> list[str]:

@@ -22,6 +22,8 @@ from ..manifest import read_manifest
 from ..preprocess import PreprocessSpec
 from ..runtime.backends.registry import open_backend
 from ..runtime.batching import BatchPacker
+from ..runtime.result import self_check_summary
+from .int8_payoff import add_fp32_ratios, int8_does_not_pay, int8_pays, self_check_failed
 from .machine import machine_info
 from .timing import current_rss_kb, measure, summarise
 
@@ -207,8 +209,10 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         try:
             rss0 = current_rss_kb()
             t0 = time.perf_counter()
-            # a gate-failed artifact is measured and reported as such, never deployed by bench
-            eng = open_backend(t.artifact, backend=t.backend, verify=True, allow_failed_gate=True, **t.options).load()
+            # a gate-failed artifact, or one failing its load-time self-check here, is measured and reported as
+            # such, never deployed by bench
+            eng = open_backend(t.artifact, backend=t.backend, verify=True, allow_failed_gate=True, self_check="warn",
+                               **t.options).load()
             base["load_s"] = round(time.perf_counter() - t0, 3)
         except Exception as exc:  # a row that cannot run is reported, not fatal
             rows += [{**base, "batch": b, "status": f"could not run: {_reason(exc)}"} for b in cfg.batches]
@@ -221,7 +225,7 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
             eng.close()
             continue
         base.update({"provider": eng.info.provider, "precision": eng.info.precision, "threads": t.options.get("threads"),
-                     "rss_added_mb": _rss_added(rss0)})
+                     "rss_added_mb": _rss_added(rss0), "self_check": self_check_summary(eng.info.self_check)})
         acc, status = _validate(probs, y_acc, classes, threshold, ref_probs, t.precision, split)
         accuracy[t.label] = {**acc, "status": status, "provider": eng.info.provider}
         contenders.append(Contender(t.label, "baseline" if t.backend == "keras" else "ours", base, status,
@@ -276,6 +280,8 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     contenders.clear()
     gc.collect()
     _add_ratios(rows)
+    add_fp32_ratios(rows)
+    machine = machine_info()
     from .peak import measured_float_gemm_peaks, measured_int8_gemm_peak
 
     peak = measured_int8_gemm_peak(budget_s=min(cfg.budget_s, 1.0), threads=cfg.threads)
@@ -292,11 +298,12 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         from .preprocess_bench import measure_preprocessing
 
         prep = measure_preprocessing(paths, spec, budget_s=min(cfg.budget_s, 2.0))
-    return {"measured_int8_peak": peak, "measured_float_peaks": float_peaks, "preprocessing": prep, "machine": machine_info(),
+    return {"measured_int8_peak": peak, "measured_float_peaks": float_peaks, "preprocessing": prep, "machine": machine,
             "config": {k: v for k, v in cfg.__dict__.items()}, "artifact_dir": str(artifact_dir),
             "recipe": fp32_doc.get("recipe"), "classes": classes, "input": spec.to_dict(), "macs_per_image": macs,
             "accuracy_data": data_info, "rows": rows, "accuracy": accuracy, "summary": _summary(rows, macs),
-            "peers": comparison, "graph_rewrites": fp32_doc.get("graph_rewrites")}
+            "peers": comparison, "graph_rewrites": fp32_doc.get("graph_rewrites"),
+            "int8_does_not_pay": int8_does_not_pay(rows, machine), "int8_pays": int8_pays(rows, machine)}
 
 
 def _reason(exc: BaseException) -> str:
@@ -350,11 +357,13 @@ def compare_rounds(contenders: list[Contender], batches) -> dict:
     between runs; the median over rounds and the min-max are reported, with who won each round. The same
     against only the peers whose outputs passed validation here (a peer that fails it would not be deployed).
     """
-    ours = [c for c in contenders if c.kind == "ours" and c.status.startswith("validated")]
+    # an engine failing its self-check here would be refused at deployment, so it is not "our best" either
+    ours = [c for c in contenders if c.kind == "ours" and c.status.startswith("validated") and not self_check_failed(c.base)]
     peers = [c for c in contenders if c.kind == "peer"]
     out: dict = {"ours": [c.label for c in ours], "peers": [c.label for c in peers]}
     if not ours or not peers:
-        out["note"] = "nothing to compare: " + ("no validated cxr-edge row" if not ours else "no peer could run")
+        mine = "no validated cxr-edge row passing its self-check"
+        out["note"] = "nothing to compare: " + (mine if not ours else "no peer could run")
         return out
     out.update(_ratios(ours, peers, batches))
     valid = [c for c in peers if c.status.startswith("validated")]
@@ -456,5 +465,6 @@ def _summary(rows: list[dict], macs: int) -> dict:
         best = max(mine, key=lambda r: r["throughput_ips"])
         out[label] = {"single_stream_p90_ms": single["p90_ms"] if single else None,
                       "offline_throughput_ips": best["throughput_ips"], "offline_batch": best["batch"],
-                      "status": best["status"]}
+                      "status": best["status"], "self_check": best.get("self_check")}
     return out
+

@@ -93,4 +93,4 @@ def self_check_summary(outcome) -> dict[str, Any] | None:
     if outcome is None:
         return None
     return {"status": outcome.status, "where": outcome.where, "max_abs_dprob": outcome.max_abs_dprob,
-            "tolerance": outcome.tolerance}
+            "tolerance": outcome.tolerance, "reason": outcome.reason}

@@ -227,6 +227,7 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
         },
         "operating_point": operating,
         "metrics": {"val_accuracy_argmax": val_acc, "n_val": int(len(y_va))},
+        "self_check": _self_check_record(best, spec),
     }
     mpath = write_manifest(model_path, manifest)
     log.info("saved %s (val accuracy %.3f)", model_path, val_acc)
@@ -241,3 +242,13 @@ def load_model_and_manifest(model_path: str | Path):
     doc = read_manifest(model_path)
     return load_keras_model(model_path), doc
 
+
+
+def _self_check_record(model, spec) -> dict:
+    """The Keras model is its own FP32 reference: its answers on the self-check images, so a machine whose
+    TensorFlow kernels answer differently is noticed when the model is loaded there (cxr_edge.self_check)."""
+    from ..cpu_isa import isa_name
+    from ..self_check import make_record, reference_batch
+
+    probs = model.predict(reference_batch(spec.input_shape), verbose=0)
+    return make_record(spec.input_shape, probs, probs, 0.0, "the Keras model (TensorFlow, CPU)", f"keras/{isa_name()}")

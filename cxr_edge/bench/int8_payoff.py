@@ -1,0 +1,83 @@
+"""What INT8 buys on this machine: each row against its FP32 artifact on the same backend, said plainly when it loses.
+
+On a CPU without VNNI (AVX2), INT8 kernels gain little or nothing over FP32 (int8-cpu ran 0.5-0.6x its FP32 artifact
+on the tests' tiny models on an AVX2 EPYC), so a table of img/s alone would let a reader deploy the slower and less
+accurate artifact; these ratios are taken inside one run, free of the VM's drift between runs.
+"""
+
+from __future__ import annotations
+
+
+def self_check_failed(row: dict) -> bool:
+    """Whether a row's (or contender base's) engine failed its self-check on this machine."""
+    return (row.get("self_check") or {}).get("status") == "failed"
+
+
+def _same_backend(row: dict) -> tuple:
+    """Rows comparable as "the same backend": backend, the provider actually used, and batch."""
+    return row.get("backend"), row.get("provider"), row.get("batch")
+
+
+def _is_fp32_artifact_row(row: dict) -> bool:
+    """A timed row of our FP32 artifact run in FP32 (not OpenVINO's bf16 hint on it, not Keras, not a peer)."""
+    return (not row.get("peer") and row.get("precision") == "fp32" and "throughput_ips" in row
+            and str(row.get("artifact", "")).startswith("model.fp32."))
+
+
+def add_fp32_ratios(rows: list[dict]) -> None:
+    """Each row's throughput over its FP32 artifact's on the same backend, provider and batch, timed in the same run
+    (None without one): what a lower precision buys on this machine, free of the VM's drift between runs."""
+    fp32: dict[tuple, float] = {}
+    for r in rows:
+        if _is_fp32_artifact_row(r):
+            fp32.setdefault(_same_backend(r), r["throughput_ips"])
+    for r in rows:
+        ref = fp32.get(_same_backend(r)) if "throughput_ips" in r else None
+        r["x_fp32_same_backend"] = r["throughput_ips"] / ref if ref else None
+
+
+def _ours_int8(row: dict) -> bool:
+    """One of our INT8 artifacts with a same-backend FP32 ratio (peers are compared elsewhere)."""
+    return (not row.get("peer") and str(row.get("precision", "")).startswith("int8")
+            and row.get("x_fp32_same_backend") is not None)
+
+
+def _on_what(row: dict, machine: dict) -> str:
+    """Where a row's INT8 kernels ran, in words: the CPU's ISA (saying when it lacks exact INT8 dot products), or the device."""
+    provider = str(row.get("provider") or "")
+    if provider and "CPU" not in provider:
+        return provider
+    facts = machine.get("isa_facts") or {"isa": machine.get("isa", "?"), "exact_int8_dot_products": True}
+    if facts.get("exact_int8_dot_products"):
+        return facts["isa"]
+    return f"{facts['isa']}, no {'INT8 dot-product instructions' if facts['isa'].startswith('ARM') else 'VNNI'}"
+
+
+def _x(ratio: float) -> str:
+    """A ratio to print: two decimals, three where two would round a ratio below 1 up to 1.00."""
+    return f"{ratio:.3f}x" if 0.995 <= ratio < 1 else f"{ratio:.2f}x"
+
+
+def int8_does_not_pay(rows: list[dict], machine: dict) -> list[dict]:
+    """Our INT8 rows slower than their FP32 artifact on the same backend and batch, each said plainly: quantising then
+    costs speed as well as accuracy here (typically a CPU without VNNI, whose INT8 kernels gain little over FP32)."""
+    out = []
+    for r in rows:
+        if not _ours_int8(r) or r["x_fp32_same_backend"] >= 1.0:
+            continue
+        on = _on_what(r, machine)
+        text = (f"INT8 does not pay on this machine ({on}): {r['label']} at batch {r['batch']} runs "
+                f"{_x(r['x_fp32_same_backend'])} its FP32 artifact on the same backend; the FP32 artifact is the faster "
+                "choice here (and the more accurate).")
+        out.append({"label": r["label"], "backend": r.get("backend"), "provider": r.get("provider"), "batch": r["batch"],
+                    "x_fp32_same_backend": r["x_fp32_same_backend"], "on": on, "text": text})
+    return out
+
+
+def int8_pays(rows: list[dict], machine: dict) -> str | None:
+    """One line when every INT8 row beats its FP32 artifact on the same backend, with the range of ratios; else None."""
+    xs = [r["x_fp32_same_backend"] for r in rows if _ours_int8(r)]
+    if not xs or min(xs) < 1.0:
+        return None
+    return (f"INT8 pays on this machine ({machine.get('isa', '?')}): every INT8 row runs {_x(min(xs))} to {_x(max(xs))} "
+            "its FP32 artifact on the same backend and batch.")
