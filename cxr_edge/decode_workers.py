@@ -129,9 +129,24 @@ def error_from(kind: str, name: str, reason: str):
     return cls(name, reason)
 
 
+#: the routing check reads at most this much of an upload (it runs on the service's event loop)
+ROUTING_PREFIX = 64 * 1024
+#: bytes an inline image may carry beyond its pixels (headers, small text, Huffman tables)
+INLINE_SLACK = 64 * 1024
+#: PNG chunks whose payload a decoder inflates besides the image (libpng keeps every text chunk): never inline
+_PNG_COMPRESSED_ANCILLARY = {b"zTXt", b"iTXt", b"iCCP"}
+
+
 def header_bounded(data: bytes, max_bytes: int) -> bool:
-    """Whether ``data`` is an image whose decoding the header bounds and which is small enough to decode
-    inline (see :class:`DecodeIsolation`). Reads only headers; any doubt answers False (a worker)."""
+    """Whether ``data`` is an image whose decoding the header *proves* cheap enough to decode inline, without the
+    worker's memory ceiling and deadline (see :class:`DecodeIsolation`); any doubt answers False (a worker).
+
+    Cheap means: decoded pixels within ``max_bytes``, and a file no larger than those pixels plus
+    :data:`INLINE_SLACK` (a real PNG or baseline JPEG is smaller than its pixels; a 7.6 MB PNG of 256x256 pixels
+    carried 990 zTXt chunks that libpng inflated to +7.5 GB), and for PNG no compressed ancillary chunk at all.
+    Only a bounded prefix (JPEG) or the chunk headers (PNG, at most 4,096) are read, so the check itself is cheap
+    on the event loop whatever the upload holds.
+    """
     import struct
 
     from .decode import _sniff_format
@@ -144,17 +159,34 @@ def header_bounded(data: bytes, max_bytes: int) -> bool:
         if fmt == "png":
             w, h, depth, ctype = struct.unpack(">IIBB", data[16:26])
             ch = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(ctype, 4)
-            return w * h * ch * (2 if depth > 8 else 1) <= max_bytes
+            pixels = w * h * ch * (2 if depth > 8 else 1)
+            return (pixels <= max_bytes and len(data) <= pixels + h + INLINE_SLACK
+                    and _png_chunks_cheap(data, struct))
         if fmt == "jpeg":
-            hdr = jpeg_header(data, "inline-check")
-            return (hdr.jpeg_process in (0xC0, 0xC1) and hdr.scans <= hdr.channels and hdr.bits == 8
-                    and hdr.decoded_bytes <= max_bytes)
+            hdr = jpeg_header(data[:ROUTING_PREFIX], "inline-check", first_scan_only=True)
+            return (hdr.jpeg_process in (0xC0, 0xC1) and hdr.bits == 8 and hdr.decoded_bytes <= max_bytes
+                    and len(data) <= hdr.decoded_bytes + INLINE_SLACK)
         if fmt == "bmp":
             w, h = struct.unpack("<ii", data[18:26])
             (compression,) = struct.unpack("<I", data[30:34])
             return compression == 0 and abs(w) * abs(h) * 4 <= max_bytes
     except Exception:  # a header we cannot read: the worker will say what is wrong with it
         return False
+    return False
+
+
+def _png_chunks_cheap(data: bytes, struct, max_chunks: int = 4096) -> bool:
+    """No compressed ancillary chunk, and at most ``max_chunks`` chunks before IEND (else: a worker decides)."""
+    i, n = 8, len(data)
+    for _ in range(max_chunks):
+        if i + 8 > n:
+            return False
+        length, kind = struct.unpack_from(">I4s", data, i)
+        if kind in _PNG_COMPRESSED_ANCILLARY:
+            return False
+        if kind == b"IEND":
+            return True
+        i += 12 + length
     return False
 
 

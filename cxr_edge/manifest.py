@@ -239,8 +239,8 @@ def write_manifest(artifact: str | Path, fields: dict) -> Path:
     return path
 
 
-def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
-    """Read and check the sidecar of ``artifact``; with ``verify`` the file's sha256 must match."""
+def read_manifest_bytes(artifact: str | Path) -> bytes:
+    """The sidecar's bytes, read once (bounded): what a signature is checked on is what gets parsed."""
     artifact = Path(artifact)
     path = manifest_path(artifact)
     if not path.is_file():
@@ -249,12 +249,42 @@ def read_manifest(artifact: str | Path, verify: bool = True) -> Manifest:
             "by cxr-edge train/export, which write one."
         )
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"Manifest {path} is over {MAX_MANIFEST_BYTES:,} bytes; not a manifest cxr-edge wrote.")
-        doc = json.loads(path.read_text())
-    except ManifestError:
-        raise
-    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: thousands of nested brackets
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ManifestError(f"Manifest {path} cannot be read: {exc}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"Manifest {path} is over {MAX_MANIFEST_BYTES:,} bytes; not a manifest cxr-edge wrote.")
+    return data
+
+
+def read_verified_bytes(artifact: str | Path, manifest: Mapping[str, Any]) -> bytes:
+    """The artifact's bytes, read once and hashed: the runtime is given these, never the path again, so a file
+    swapped after the check cannot be what runs (a swap between hashing the path and ONNX Runtime reopening it
+    once served an unsigned model)."""
+    artifact = Path(artifact)
+    data = artifact.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != manifest["sha256"]:
+        raise ManifestError(
+            f"{artifact} does not match its manifest: sha256 is {actual[:16]}..., manifest says "
+            f"{manifest['sha256'][:16]}.... The file was modified or replaced; re-export it or restore the original."
+        )
+    return data
+
+
+def read_manifest(artifact: str | Path, verify: bool = True, data: bytes | None = None) -> Manifest:
+    """Read and check the sidecar of ``artifact``; with ``verify`` the file's sha256 must match.
+
+    ``data``: the sidecar's bytes already read (and signature-checked) by the caller, parsed instead of the file.
+    """
+    artifact = Path(artifact)
+    path = manifest_path(artifact)
+    if data is None:
+        data = read_manifest_bytes(artifact)
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as exc:  # RecursionError: thousands of nested brackets
         raise ManifestError(f"Manifest {path} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"Manifest {path} is a JSON {type(doc).__name__}, not an object.")

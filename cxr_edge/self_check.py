@@ -4,10 +4,18 @@ Export gates are measured once, on the exporting machine's kernels (or, for Tens
 numerics). The deployment machine may round differently: x86 CPUs without VNNI saturate u8 x s8 products
 in int16, a GPU picks other tactics, a runtime upgrade changes a kernel. So every artifact's manifest
 carries the FP32 model's probabilities on a few deterministic reference images
-(:mod:`cxr_edge.reference_inputs`) and what the artifact itself answered on them when it was made; each
+(:mod:`cxr_edge.reference_inputs`) and how far the artifact itself was from them where it was gated; each
 backend answers them again when it loads, and the artifact is refused (or, by choice, run with every
-result marked) when it drifts further from FP32 than its tolerance: the larger of its borderline band
-(which its export gate set) and what it measured at export on the same images.
+result marked) when it is further from FP32 than its tolerance.
+
+The tolerance is ``min(band, max(0.01, 3 x at_export))``: up to three times the artifact's own distance
+from FP32 where it was gated (at least 0.01, float noise and fusion order), and never more than its
+borderline band, the disagreement its export gate accepted on real images. The band alone was too loose:
+the demo's int8-trt artifact, gated 0.0013 from FP32 on these images with TensorRT numerics, answered
+0.013 on ONNX Runtime's saturating AVX2 kernels, within the 0.05 band, while on the test images those
+kernels flipped 5 of 44 top classes. Phantoms move less than radiographs, so a 10x drift on them is the
+signal. Where the reference images were already further than the band at export, the tolerance is what
+was measured there plus 0.01, so an artifact never fails on the machine that gated it.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from .decision import borderline_band
 from .reference_inputs import GENERATOR, inputs_sha256, reference_inputs
 
 POLICIES = ("refuse", "warn", "off")
+DRIFT_FLOOR = 0.01  # float noise, fusion order and FP16 accumulation stay far below this
+DRIFT_FACTOR = 3.0  # how much further from FP32 than where it was gated an engine may answer
 DEFAULT_POLICY = "refuse"
 N_IMAGES = 8
 
@@ -39,7 +49,13 @@ def make_record(input_shape: tuple[int, int, int], reference_probs: np.ndarray, 
     return {"generator": GENERATOR, "n": int(len(x)), "inputs_sha256": inputs_sha256(x),
             "reference": reference, "reference_probs": np.round(np.asarray(reference_probs, np.float64), 7).tolist(),
             "at_export": {"max_abs_dprob": at_export, "measured_on": measured_on},
-            "tolerance": max(float(band), at_export)}
+            "band": float(band), "tolerance": tolerance_for(at_export, band)}
+
+
+def tolerance_for(at_export: float, band: float) -> float:
+    """How far from FP32 an engine may answer the reference images (module docstring: why these numbers)."""
+    tol = min(float(band), max(DRIFT_FLOOR, DRIFT_FACTOR * float(at_export)))
+    return tol if tol > at_export else float(at_export) + DRIFT_FLOOR
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,9 @@ def compare(manifest: Mapping[str, Any], probs: np.ndarray, where: str) -> SelfC
         return SelfCheckOutcome("failed", where, None, None, len(ref),
                                 reason=f"answered shape {probs.shape}, the reference has {ref.shape}")
     d = float(np.abs(probs - ref).max())
-    tol = max(float(rec.get("tolerance") or 0.0), borderline_band(manifest))
+    # the record's tolerance, re-derived: a hand-edited number in it cannot widen what the rule allows
+    at_export = float((rec.get("at_export") or {}).get("max_abs_dprob") or 0.0)
+    tol = tolerance_for(at_export, min(float(rec.get("band") or borderline_band(manifest)), borderline_band(manifest)))
     agree = float((probs.argmax(1) == ref.argmax(1)).mean())
     status = "passed" if np.isfinite(d) and d <= tol else "failed"
     return SelfCheckOutcome(status, where, d, tol, len(ref), agree, rec.get("at_export"))

@@ -115,10 +115,11 @@ def sign_artifact(artifact: str | Path, private_key: str | Path) -> Path:
     return out
 
 
-def verify_artifact_signature(artifact: str | Path, trusted: list[TrustedKey]) -> TrustedKey:
+def verify_artifact_signature(artifact: str | Path, trusted: list[TrustedKey], message: bytes | None = None) -> TrustedKey:
     """The trusted key that signed ``artifact``'s manifest, or :class:`SignatureError` saying why not.
 
-    The caller still verifies the artifact's sha256 against the (now authenticated) manifest.
+    ``message``: the manifest bytes the caller read and will parse (read here when not given), so the bytes
+    checked are the bytes used. The caller still verifies the artifact's sha256 against the manifest.
     """
     if not trusted:
         raise SignatureError("No trusted keys were given; pass --trusted-key PATH.pub.")
@@ -138,7 +139,8 @@ def verify_artifact_signature(artifact: str | Path, trusted: list[TrustedKey]) -
             raise ValueError(f"algorithm {doc.get('algorithm')!r}, expected {ALGORITHM!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SignatureError(f"Signature file {sig_file} is malformed: {exc}") from exc
-    message = manifest_path(artifact).read_bytes()
+    if message is None:
+        message = manifest_path(artifact).read_bytes()
     candidates = [k for k in trusted if k.key_id == doc.get("key_id")] or trusted
     for k in candidates:
         try:

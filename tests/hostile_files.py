@@ -157,3 +157,20 @@ def dicom_deflated(rows: int = 512, cols: int = 512) -> bytes:
 
 def dicom_many_elements(n: int = 200_000) -> bytes:
     return _dicom(private_elements=n)
+
+
+def png_with_text_chunks(w: int = 256, h: int = 256, n: int = 4, inflated: int = 1 << 20, kind: bytes = b"zTXt") -> bytes:
+    """A valid gray PNG followed by ``n`` compressed text chunks, each inflating to ``inflated`` bytes (issue 26.1:
+    990 of 7.5 MiB each took the server to +7.5 GB; libpng keeps every text chunk)."""
+    rows = b"".join(b"\x00" + bytes(range(256))[:w] * (w // 256 or 1) for _ in range(h))[: h * (w + 1)]
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    text = b"Comment\x00\x00" + zlib.compress(bytes(inflated), 9)
+    extra = b"".join(_chunk(kind, text) for _ in range(n))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", zlib.compress(rows, 6))
+            + _chunk(b"IEND", b""))
+
+
+def jpeg_restart_run(jpeg_bytes: bytes, n: int) -> bytes:
+    """``n`` parameterless restart markers between SOI and the first segment (libjpeg skips them; issue 26.2:
+    30 M of them froze the service's event loop for 20 s when walked one Python step each)."""
+    return jpeg_bytes[:2] + b"\xff\xd0" * n + jpeg_bytes[2:]

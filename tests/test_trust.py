@@ -178,3 +178,55 @@ def test_keras_models_with_lambda_code_are_refused(tmp_path):
     model.save(tmp_path / "lambda.keras")
     with pytest.raises(ValueError, match="(?i)safe_mode|lambda"):
         load_keras_model(tmp_path / "lambda.keras")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_the_bytes_verified_are_the_bytes_that_run(tmp_path, keys, monkeypatch, backend):
+    """Issue 26.5: a file swapped between the hash check and the runtime opening it must not be what runs (it was:
+    ONNX Runtime re-opened the path and served an unsigned model with its classes swapped in 3 of 20 loads)."""
+    import tiny_models as tiny
+
+    from cxr_edge.runtime.backends import registry
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    art = tiny.write_artifact(tmp_path / "a", "fp32")
+    sign_artifact(art, keys[0])
+    x = tiny.images(6)
+    with open_backend(art, backend=backend, trusted_keys=[keys[1]], self_check="off") as eng:
+        honest = eng.infer(x)["probs"]
+    swapped = tmp_path / "b" / "model.fp32.onnx"
+    swapped.parent.mkdir()
+    onnx.save(tiny.tiny_model(seed=7), str(swapped))
+    real = registry.read_verified_bytes
+
+    def verify_then_swap(path, manifest):  # the attacker wins the race on every load
+        data = real(path, manifest)
+        shutil.copy(swapped, path)
+        return data
+
+    monkeypatch.setattr(registry, "read_verified_bytes", verify_then_swap)
+    with open_backend(art, backend=backend, trusted_keys=[keys[1]], self_check="off") as eng:
+        got = eng.infer(x)["probs"]
+    np.testing.assert_array_equal(got, honest)
+    monkeypatch.undo()
+    with pytest.raises(ManifestError, match="does not match its manifest"):  # the next load sees the swap
+        open_backend(art, backend=backend, trusted_keys=[keys[1]])
+
+
+def test_a_signed_artifact_renamed_to_another_role_is_refused(tmp_path, keys):
+    """Issue 26.5: a signed fp16 artifact renamed to int8-cpu was served; the signature covers the name it was
+    made under, so a renamed file is refused."""
+    import tiny_models as tiny
+
+    src = tiny.write_artifact(tmp_path, "fp16")
+    sign_artifact(src, keys[0])
+    dst = tmp_path / "renamed" / "model.int8-cpu.onnx"
+    dst.parent.mkdir()
+    shutil.copy(src, dst)
+    shutil.copy(manifest_path(src), manifest_path(dst))
+    shutil.copy(signature_path(src), signature_path(dst))
+    with pytest.raises(SignatureError, match=r"model.int8-cpu.onnx is signed as 'model.fp16.onnx' \(fp16\).*renamed"):
+        open_backend(dst, trusted_keys=[keys[1]])
+    with open_backend(src, trusted_keys=[keys[1]], self_check="off") as eng:  # under its own name it loads
+        assert eng.trust["signed_by"]

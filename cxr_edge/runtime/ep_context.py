@@ -58,15 +58,19 @@ def all_nodes(model):
                     yield from _nodes(g)
 
 
-def load_structure(path: str | Path):
-    """The model's graph without external data, or a ManifestError when it is not a parseable ONNX file."""
+def load_structure(path: str | Path | bytes, name: str | None = None):
+    """The model's graph without external data (from a path, or from the verified bytes the runtime will get),
+    or a ManifestError when it is not a parseable ONNX file."""
     from ..errors import ManifestError
 
     onnx = require("onnx")
+    name = name or (Path(path).name if not isinstance(path, bytes) else "model")
     try:
+        if isinstance(path, bytes):
+            return onnx.load_model_from_string(path)
         return onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ManifestError(f"{Path(path).name} is not a readable ONNX model ({type(exc).__name__}: {exc}).") from exc
+        raise ManifestError(f"{name} is not a readable ONNX model ({type(exc).__name__}: {exc}).") from exc
 
 
 def find_ep_context_nodes(path_or_model) -> list[EpContextNode]:

@@ -157,17 +157,21 @@ SUPPORTED_OPS = tuple(OPS)
 
 
 def load_head(ops_json: list[dict], npz_path: str | Path, sha256: str | None = None) -> list[HeadOp]:
-    """The head's ops with their arrays; with ``sha256`` the file must match it (as the manifest says)."""
-    if sha256 is not None:
-        from ..manifest import sha256_file
+    """The head's ops with their arrays; with ``sha256`` the file must match it (as the manifest says).
 
-        actual = sha256_file(npz_path)
+    The file is read once and the bytes hashed are the bytes parsed (never the path again after the check)."""
+    import hashlib
+    import io
+
+    data = Path(npz_path).read_bytes()
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
         if actual != sha256:
             raise ManifestError(
                 f"{Path(npz_path).name} does not match the sha256 in its artifact's manifest "
                 f"({actual[:16]}... vs {sha256[:16]}...): the Grad-CAM head was modified or replaced; re-export."
             )
-    with np.load(npz_path, allow_pickle=False) as z:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     out = []
     for i, op in enumerate(ops_json):

@@ -55,6 +55,8 @@ class Backend(abc.ABC):
         self.outputs = self.manifest.output_names
         self.info: BackendInfo | None = None
         self.trust: dict = {"signed_by": None}  # set by open_backend's load policy
+        # the artifact's bytes as hashed by open_backend's load policy: engines load these, not the path again
+        self.model_bytes: bytes | None = None
         self._loaded = False
 
     # ---- public template -------------------------------------------------

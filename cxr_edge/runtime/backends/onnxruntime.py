@@ -52,7 +52,8 @@ class OnnxRuntimeBackend(Backend):
             # ORT's intra-op threads busy-wait between calls by default; in a service whose decode
             # threads share the same few cores, that spinning takes CPU the decoders need
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.artifact), so, providers=names, provider_options=provider_options)
+        model = self.model_bytes if self.model_bytes is not None else str(self.artifact)
+        self.session = ort.InferenceSession(model, so, providers=names, provider_options=provider_options)
         actual = self.session.get_providers()
         used = actual[0] if actual else "unknown"
         if device == "cuda" and used not in GPU_PROVIDERS:

@@ -44,7 +44,7 @@ class OpenVINOBackend(Backend):
         if streams > 1:  # the plugin splits the cores into streams; a batch is split over one request per stream
             config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
         self._core, self._device, self._config, self._streams = core, device, config, streams
-        self._model = core.read_model(str(self.artifact))
+        self._model = core.read_model(self.model_bytes if self.model_bytes is not None else str(self.artifact))
         self._variants: dict[frozenset, _Compiled] = {}
         # screening asks for probs only; the full set (Grad-CAM's features too) is compiled when first asked for
         first = self._variant(frozenset(["probs"] if "probs" in self.outputs else self.outputs))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, ManifestError
-from ...manifest import read_manifest
+from ...manifest import read_manifest, read_manifest_bytes, read_verified_bytes
 
 _REGISTRY: dict[str, dict[str, str]] = {}  # format -> {backend name: "module:Class"}, in preference order
 
@@ -72,16 +72,34 @@ def preferred_backend(fmt: str, manifest: Mapping[str, Any]) -> str | None:
     return None
 
 
-def check_signature(artifact: Path, trusted_keys) -> dict:
-    """With trusted keys, the manifest must carry a signature from one of them; returns the signer."""
+def check_signature(artifact: Path, trusted_keys, message: bytes | None = None) -> dict:
+    """With trusted keys, the manifest (``message``: its bytes as read once) must carry a signature from one of
+    them; returns the signer."""
     from ...signing import load_trusted_keys, verify_artifact_signature
 
     keys = [k for k in trusted_keys or () if not isinstance(k, (str, Path))]
     keys += load_trusted_keys([k for k in trusted_keys or () if isinstance(k, (str, Path))])
-    return {"signed_by": verify_artifact_signature(artifact, keys).key_id if keys else None}
+    return {"signed_by": verify_artifact_signature(artifact, keys, message).key_id if keys else None}
 
 
-def check_contents(artifact: Path, fmt: str, manifest: Mapping[str, Any], signer: str | None) -> dict:
+def check_role(artifact: Path, manifest: Mapping[str, Any], signer: str | None) -> None:
+    """A signed manifest names the file it describes; the file must carry that name, so a signed fp16 artifact
+    renamed to ``model.int8-cpu.onnx`` (a role it was not signed for) is refused rather than served."""
+    named = manifest.get("file")
+    if signer is None or named is None or named == artifact.name:
+        return
+    from ...signing import SignatureError
+
+    raise SignatureError(
+        f"{artifact.name} is signed as {named!r} ({manifest.get('precision')}"
+        + (f", {manifest.get('int8_target')}" if manifest.get("int8_target") else "")
+        + "): a signature covers the artifact's name and role, and this file was renamed. Restore its name, or "
+        "re-sign it under the new one (cxr-edge sign) where it was built."
+    )
+
+
+def check_contents(artifact: Path, fmt: str, manifest: Mapping[str, Any], signer: str | None,
+                   model_bytes: bytes | None = None) -> dict:
     """The load policy for what is inside a (hash-verified) ONNX file.
 
     An ONNX model with EP-context nodes (a native engine inside the .onnx, also inside model-local
@@ -94,7 +112,7 @@ def check_contents(artifact: Path, fmt: str, manifest: Mapping[str, Any], signer
     from ..ep_context import find_ep_context_nodes, load_structure
     from ..external_data import check_external_data
 
-    model = load_structure(artifact)
+    model = load_structure(artifact if model_bytes is None else model_bytes, artifact.name)
     found = find_ep_context_nodes(model)
     external = [n for n in found if n.embed_mode == 0]
     if external:
@@ -140,10 +158,15 @@ def open_backend(artifact: str | Path, backend: str | None = None, verify: bool 
     if trusted_keys and not verify:
         raise ConfigError("verify=False cannot be combined with trusted keys: the signature covers the sha256.")
     artifact_format(artifact)  # a file we cannot run is named as such before its manifest is looked for
-    fmt = artifact_format(artifact, read_manifest(artifact, verify=False))
-    trust = check_signature(artifact, trusted_keys)  # before hashing: a forged manifest stops here
-    manifest = read_manifest(artifact, verify=verify)  # hash before parse: a half-copied file stops here
-    trust.update(check_contents(artifact, fmt, manifest, trust["signed_by"]))
+    # each file is read once: the manifest bytes the signature is checked on are the bytes parsed, and the
+    # artifact bytes hashed are the bytes the runtime is given (a file swapped in between is never what runs)
+    manifest_bytes = read_manifest_bytes(artifact)
+    fmt = artifact_format(artifact, read_manifest(artifact, verify=False, data=manifest_bytes))
+    trust = check_signature(artifact, trusted_keys, manifest_bytes)  # before hashing: a forged manifest stops here
+    manifest = read_manifest(artifact, verify=False, data=manifest_bytes)
+    check_role(artifact, manifest, trust["signed_by"])
+    model_bytes = read_verified_bytes(artifact, manifest) if verify else None  # hash before parse
+    trust.update(check_contents(artifact, fmt, manifest, trust["signed_by"], model_bytes))
     if manifest.gate_failed and not allow_failed_gate:
         raise ManifestError(
             f"{artifact.name} failed its accuracy gate at export ({manifest.get('gate_status') or 'gate passed: false'}) "
@@ -153,4 +176,6 @@ def open_backend(artifact: str | Path, backend: str | None = None, verify: bool 
     # trusted: signed-only deployments, where backends must not load natively compiled caches either
     engine = backend_class(fmt, backend)(artifact, manifest, **{"trusted": bool(trusted_keys), **options})
     engine.trust = trust
+    # external weights are opened by path by the runtime (their hashes were pinned by check_contents)
+    engine.model_bytes = model_bytes if not trust.get("external_data") else None
     return engine

@@ -74,7 +74,8 @@ class TensorRTBackend(Backend):
         import tensorrt as trt
 
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = self.runtime.deserialize_cuda_engine(self.artifact.read_bytes())
+        blob = self.model_bytes if self.model_bytes is not None else self.artifact.read_bytes()
+        engine = self.runtime.deserialize_cuda_engine(blob)
         if engine is None:
             raise EngineError(f"TensorRT could not deserialise {self.artifact}; rebuild it with cxr-edge build.")
         self.engine = engine
