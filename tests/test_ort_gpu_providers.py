@@ -28,7 +28,8 @@ def fake_ort_gpu(gpu_works: bool):
             if TRT in providers:
                 import onnx
 
-                m = onnx.load(path)
+                # onnxruntime-gpu takes a path or the model's bytes (path_or_bytes); the runtime gives verified bytes
+                m = onnx.load_model_from_string(path) if isinstance(path, bytes) else onnx.load(path)
                 if any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and
                        next((t.data_type for t in m.graph.initializer if t.name == n.input[2]), None) == 2
                        for n in m.graph.node):  # uint8 zero point
