@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -147,8 +148,6 @@ def header_bounded(data: bytes, max_bytes: int) -> bool:
     Only a bounded prefix (JPEG) or the chunk headers (PNG, at most 4,096) are read, so the check itself is cheap
     on the event loop whatever the upload holds.
     """
-    import struct
-
     from .decode import _sniff_format
     from .image_headers import jpeg_header
 
@@ -161,7 +160,7 @@ def header_bounded(data: bytes, max_bytes: int) -> bool:
             ch = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}.get(ctype, 4)
             pixels = w * h * ch * (2 if depth > 8 else 1)
             return (pixels <= max_bytes and len(data) <= pixels + h + INLINE_SLACK
-                    and _png_chunks_cheap(data, struct))
+                    and _png_chunks_cheap(data))
         if fmt == "jpeg":
             hdr = jpeg_header(data[:ROUTING_PREFIX], "inline-check", first_scan_only=True)
             return (hdr.jpeg_process in (0xC0, 0xC1) and hdr.bits == 8 and hdr.decoded_bytes <= max_bytes
@@ -175,7 +174,7 @@ def header_bounded(data: bytes, max_bytes: int) -> bool:
     return False
 
 
-def _png_chunks_cheap(data: bytes, struct, max_chunks: int = 4096) -> bool:
+def _png_chunks_cheap(data: bytes, max_chunks: int = 4096) -> bool:
     """No compressed ancillary chunk, and at most ``max_chunks`` chunks before IEND (else: a worker decides)."""
     i, n = 8, len(data)
     for _ in range(max_chunks):

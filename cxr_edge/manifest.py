@@ -262,15 +262,17 @@ def read_verified_bytes(artifact: str | Path, manifest: Mapping[str, Any]) -> by
     """The artifact's bytes, read once and hashed: the runtime is given these, never the path again, so a file
     swapped after the check cannot be what runs (a swap between hashing the path and ONNX Runtime reopening it
     once served an unsigned model)."""
-    artifact = Path(artifact)
-    data = artifact.read_bytes()
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != manifest["sha256"]:
+    data = Path(artifact).read_bytes()
+    _check_sha256(artifact, hashlib.sha256(data).hexdigest(), manifest["sha256"])
+    return data
+
+
+def _check_sha256(artifact: str | Path, actual: str, expected: str) -> None:
+    if actual != expected:
         raise ManifestError(
             f"{artifact} does not match its manifest: sha256 is {actual[:16]}..., manifest says "
-            f"{manifest['sha256'][:16]}.... The file was modified or replaced; re-export it or restore the original."
+            f"{expected[:16]}.... The file was modified or replaced; re-export it or restore the original."
         )
-    return data
 
 
 def read_manifest(artifact: str | Path, verify: bool = True, data: bytes | None = None) -> Manifest:
@@ -297,10 +299,5 @@ def read_manifest(artifact: str | Path, verify: bool = True, data: bytes | None 
             raise ManifestError(f"Manifest {path} lacks the required field {key!r}.")
     _check_types(doc, path)
     if verify:
-        actual = sha256_file(artifact)
-        if actual != doc["sha256"]:
-            raise ManifestError(
-                f"{artifact} does not match its manifest: sha256 is {actual[:16]}..., manifest says "
-                f"{doc['sha256'][:16]}.... The file was modified or replaced; re-export it or restore the original."
-            )
+        _check_sha256(artifact, sha256_file(artifact), doc["sha256"])
     return Manifest(doc)

@@ -260,3 +260,21 @@ def test_screener_refuses_a_zero_batch_before_loading_anything(monkeypatch, arti
     with pytest.raises(ConfigError, match="batch_size must be >= 1"):
         Screener(artifacts / "model.fp32.onnx", batch_size=0)
     assert not opened
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_engine_records_its_own_self_check_answers_from_one_load(monkeypatch, tmp_path, gate):
+    """Issue 25: an engine's manifest carries the FP32 answers of its source and its own, measured on the GPU it was
+    built on, from the same load that ran the gate; loading it there passes the check."""
+    trt, cudart = fake_gpu.install(monkeypatch, 10)
+    src = tiny.write_artifact_set(tmp_path, variants=("fp32",)).artifacts[0].path
+    loads = []
+    real = trt.Runtime.deserialize_cuda_engine
+    monkeypatch.setattr(trt.Runtime, "deserialize_cuda_engine", lambda self, b: loads.append(1) or real(self, b))
+    plan = build_engine(src, BuildConfig("fp32", 1, 4, 8, gate=gate))
+    assert len(loads) == 1  # the gate and the self-check record share one deserialised engine
+    rec = read_manifest(plan)["self_check"]
+    assert rec["at_export"]["measured_on"] == "tensorrt/NVIDIA Fake GPU"
+    assert rec["reference_probs"] == read_manifest(src)["self_check"]["reference_probs"]
+    with open_backend(plan) as eng:
+        assert eng.info.self_check.status == "passed" and eng.info.self_check.where == "tensorrt/NVIDIA Fake GPU"

@@ -36,9 +36,8 @@ def reference_fp32(onnx_path: Path, doc: Mapping[str, Any]) -> Path:
 
 
 def gate_engine(plan: Path, engine_doc: Mapping[str, Any], onnx_path: Path, onnx_doc: Mapping[str, Any],
-                data_dir: str | None) -> GateResult:
-    from ..runtime.backends.tensorrt import TensorRTBackend
-
+                data_dir: str | None) -> tuple[GateResult, dict | None]:
+    """The engine's gate and its self-check record (:func:`engine_self_check_record`), from one load of it."""
     spec = PreprocessSpec.from_dict(onnx_doc["preprocess"])
     if data_dir is None:
         calib = (onnx_doc.get("calibration") or {}).get("data")
@@ -48,10 +47,8 @@ def gate_engine(plan: Path, engine_doc: Mapping[str, Any], onnx_path: Path, onnx
     precision = engine_doc["precision"]
     x = data.val_x if precision == "int8" else data.parity_x
     ref = run_batched(cpu_session(ref_path), x, ["probs"])["probs"]
-    with TensorRTBackend(plan, engine_doc, self_check="off") as eng:  # the gate is the stronger check here
-        lo, hi = eng.batch_range()
-        step = max(lo, min(hi, 32))
-        probs = np.concatenate([eng.infer(x[i : i + step], ["probs"])["probs"] for i in range(0, len(x), step)])
+    sc_x = _self_check_images(onnx_doc)
+    (probs, sc_probs), where = engine_answers(plan, engine_doc, [x, sc_x])
     if precision == "fp32":
         gate = fp32_parity(ref, probs)
     elif precision == "fp16":
@@ -61,23 +58,44 @@ def gate_engine(plan: Path, engine_doc: Mapping[str, Any], onnx_path: Path, onnx
                          (onnx_doc.get("operating_point") or {}).get("threshold"))
     gate.name = f"engine-{precision}"
     gate.metrics["gate_data"] = data.info["data"]
-    return gate
+    # the band the engine's own gate measured counts too (the engine manifest will carry that gate)
+    return gate, _self_check_record({**engine_doc, "gate": gate.to_dict()}, onnx_doc, sc_probs, where)
 
+
+def engine_answers(plan: Path, engine_doc: Mapping[str, Any], batches: list) -> tuple[list, str]:
+    """One load of the engine answers every batch given (None stays None); and where it ran."""
+    from ..runtime.backends.tensorrt import TensorRTBackend
+
+    with TensorRTBackend(plan, engine_doc, self_check="off") as eng:  # the gate is the stronger check here
+        return [None if x is None else eng.infer_all(x, 32, calibrated=False) for x in batches], eng.where()
 
 def engine_self_check_record(plan: Path, engine_doc: Mapping[str, Any], onnx_doc: Mapping[str, Any]) -> dict | None:
-    """The engine's load-time self-check reference: the FP32 answers its source ONNX recorded, and what this
-    engine answered on this GPU when it was built (None when the source artifact carries no reference)."""
-    from ..decision import borderline_band
-    from ..runtime.backends.tensorrt import TensorRTBackend
-    from ..self_check import make_record, reference_batch
+    """The engine's load-time self-check reference without a gate (``--no-gate``): the FP32 answers its source ONNX
+    recorded, and what this engine answered on this GPU when it was built (None when the source has none)."""
+    sc_x = _self_check_images(onnx_doc)
+    if sc_x is None:
+        return None
+    (got,), where = engine_answers(plan, engine_doc, [sc_x])
+    return _self_check_record(engine_doc, onnx_doc, got, where)
+
+
+def _self_check_images(onnx_doc: Mapping[str, Any]) -> np.ndarray | None:
+    from ..self_check import reference_batch
 
     rec = onnx_doc.get("self_check")
     if not rec:
         return None
-    spec = PreprocessSpec.from_dict(onnx_doc["preprocess"])
-    x = reference_batch(spec.input_shape, int(rec["n"]))
-    with TensorRTBackend(plan, engine_doc, self_check="off") as eng:
-        got = eng.infer(x, ["probs"], calibrated=False)["probs"]
-        where = eng.where()
+    return reference_batch(PreprocessSpec.from_dict(onnx_doc["preprocess"]).input_shape, int(rec["n"]))
+
+
+def _self_check_record(engine_doc: Mapping[str, Any], onnx_doc: Mapping[str, Any], got: np.ndarray | None,
+                       where: str) -> dict | None:
+    from ..decision import borderline_band
+    from ..self_check import make_record
+
+    rec = onnx_doc.get("self_check")
+    if not rec or got is None:
+        return None
+    shape = PreprocessSpec.from_dict(onnx_doc["preprocess"]).input_shape
     band = max(borderline_band(engine_doc), borderline_band(onnx_doc))
-    return make_record(spec.input_shape, np.asarray(rec["reference_probs"]), got, band, rec["reference"], where)
+    return make_record(shape, np.asarray(rec["reference_probs"]), got, band, rec["reference"], where)

@@ -1,9 +1,10 @@
 """Which arithmetic an export gate measures an artifact with: the arithmetic of the runtime it is made for.
 
 A gate that runs an artifact on the exporting machine's kernels judges that machine, not the target:
-the S8S8 graph made for TensorRT gave max |dp| 0.112 against FP32 on an AVX2-only CPU's fused integer
-kernels (which saturate) and 0.025 with exact arithmetic, so an AVX2 exporter pushed the TensorRT
-artifact down the remedy ladder to 13% of its MACs in INT8. So:
+the small CNN's int8-trt graph was max |dp| 0.060 from FP32 (86.5% top-class agreement) on an AVX2-only
+EPYC's fused integer kernels, which saturate, and 0.003 (99.5%) with exact arithmetic, on 200 real images
+(``python benchmarks/gate_numerics.py``, benchmarks/results/gate_numerics); issue 25 saw an AVX2 exporter
+push the TensorRT artifact down the remedy ladder to 13% of its MACs in INT8. So:
 
 - ``int8-trt`` is measured with TensorRT numerics emulated (fake quantisation in float: the same rounded
   INT8 values, summed without saturation, as TensorRT's int32 accumulation does): the same verdict on

@@ -177,6 +177,7 @@ class Int8Attempt:
     path: Path
     gate: GateResult
     info: dict
+    self_check_probs: np.ndarray | None = None  # its answers on the self-check images, from the gate's own run
 
     @property
     def remedy(self) -> str:
@@ -253,15 +254,18 @@ class ExportContext:
     classes: list[str]
     threshold: float | None
     ref_parity: np.ndarray  # FP32 probabilities on data.parity_x (validation images first)
-    ref_self_check: np.ndarray  # FP32 probabilities on the self-check reference images
+    self_check_x: np.ndarray  # the self-check reference images (cxr_edge.reference_inputs)
+    ref_self_check: np.ndarray  # FP32 probabilities on them
 
     @property
     def ref_val(self) -> np.ndarray:
         return self.ref_parity[: len(self.data.val_x)]
 
-    def probs(self, path: Path, x: np.ndarray, numerics: GateNumerics, **fields) -> np.ndarray:
-        """The artifact's probabilities computed as its target runtime computes them."""
-        return numerics.probs(path, x, {**self.base_fields, **fields})
+    def probs(self, path: Path, x: np.ndarray, numerics: GateNumerics, **fields) -> tuple[np.ndarray, np.ndarray]:
+        """The artifact's probabilities on ``x`` and on the self-check images, computed as its target runtime
+        computes them, in one run of one session (the manifest's self-check record needs no second load)."""
+        both = numerics.probs(path, np.concatenate([x, self.self_check_x]), {**self.base_fields, **fields})
+        return both[: len(x)], both[len(x):]
 
 
 def _self_check_record(spec: PreprocessSpec, ref: np.ndarray, got: np.ndarray, gate: GateResult,
@@ -305,11 +309,14 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     inputs, outputs = io_contract(proto)
     parity_x = data.parity_x
     ref = model.predict(parity_x, batch_size=32, verbose=0)
-    fp32_out = run_batched(cpu_session(fp32_path), parity_x)
+    fp32_session = cpu_session(fp32_path)
+    fp32_out = run_batched(fp32_session, parity_x)
     gate32 = fp32_parity(ref, fp32_out[PROBS_OUTPUT])
     num32 = numerics_for(Variant(Precision.FP32))
     gate32.numerics = num32.to_dict()
-    ref_self = run_batched(cpu_session(fp32_path), reference_batch(spec.input_shape), [PROBS_OUTPUT])[PROBS_OUTPUT]
+    self_check_x = reference_batch(spec.input_shape)
+    ref_self = run_batched(fp32_session, self_check_x, [PROBS_OUTPUT])[PROBS_OUTPUT]
+    del fp32_session
     log.info("%s", gate32.summary())
     gradcam = _export_head(model, layer, out, fp32_out)
     base_fields = {
@@ -334,7 +341,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
         raise ExportGateError(f"FP32 ONNX does not match Keras: {gate32.summary()}. This is an export bug; "
                               "please report it with the model's manifest.")
     ctx = ExportContext(out, config, fp32_path, base_fields, {"file": fp32_path.name, "sha256": fp32_sha}, data,
-                        classes, threshold, fp32_out[PROBS_OUTPUT], ref_self)
+                        classes, threshold, fp32_out[PROBS_OUTPUT], self_check_x, ref_self)
     for v in variants:
         if v.precision is Precision.FP16:
             artifacts.append(_export_fp16(ctx, v))
@@ -370,25 +377,26 @@ def _export_fp16(ctx: ExportContext, v: Variant) -> ExportedArtifact:
     path = ctx.out / v.filename()
     convert_fp16(ctx.fp32_path, path)
     numerics = numerics_for(v)
-    gate = fp16_gate(ctx.ref_parity, ctx.probs(path, ctx.data.parity_x, numerics, precision="fp16"))
+    probs, self_check_probs = ctx.probs(path, ctx.data.parity_x, numerics, precision="fp16")
+    gate = fp16_gate(ctx.ref_parity, probs)
     gate.numerics = numerics.to_dict()
     log.info("%s", gate.summary())
-    return _finish(ctx, path, v, gate, numerics, extra={"conversion": "onnxruntime.transformers.float16, "
+    return _finish(ctx, path, v, gate, numerics, self_check_probs, extra={"conversion": "onnxruntime.transformers.float16, "
                                               "keep_io_types=True (uint8 input, float32 outputs)"})
 
 
-def _try_int8(ctx: ExportContext, v: Variant, qc: QuantConfig, number: int, tmp: Path) -> Int8Attempt:
+def _try_int8(ctx: ExportContext, v: Variant, qc: QuantConfig, number: int, tmp: Path,
+              numerics: GateNumerics) -> Int8Attempt:
     cand = tmp / f"attempt{number}.onnx"
     info = quantize(ctx.fp32_path, cand, ctx.data.calib_x, qc)
-    numerics = numerics_for(v)
-    probs = ctx.probs(cand, ctx.data.val_x, numerics, precision="int8", int8_target=qc.target.value)
+    probs, self_check_probs = ctx.probs(cand, ctx.data.val_x, numerics, precision="int8", int8_target=qc.target.value)
     gate = int8_gate(ctx.ref_val, probs, ctx.data.val_y, ctx.classes, ctx.threshold)
     gate.numerics = numerics.to_dict()
     if info.get("tensorrt_lint"):  # a graph TensorRT would refuse fails like an inaccurate one
         gate.passed = False
         gate.failures.append(f"{len(info['tensorrt_lint'])} TensorRT QDQ rule violation(s), first: "
                              f"{info['tensorrt_lint'][0]}")
-    attempt = Int8Attempt(number, qc, cand, gate, info)
+    attempt = Int8Attempt(number, qc, cand, gate, info, self_check_probs)
     how = attempt.remedy
     log.info("%s attempt %d (%s%s): %s", v.tag, number, qc.method, f", {how}" if how else "", gate.summary())
     return attempt
@@ -398,11 +406,12 @@ def _export_int8(ctx: ExportContext, v: Variant) -> ExportedArtifact:
     path = ctx.out / v.filename()
     target = v.int8_target
     assert target is not None  # an INT8 variant always names its flavour
+    numerics = numerics_for(v)
     with tempfile.TemporaryDirectory() as tmp:
         opening, remedies = _int8_attempts(target, ctx.config.calib_method, ctx.fp32_path)
         attempts, best = climb_ladder(opening, remedies, ctx.config, ctx.fp32_path, ctx.data.calib_x,
-                                      lambda number, qc: _try_int8(ctx, v, qc, number, Path(tmp)),
-                                      numerics_for(v).mode)
+                                      lambda number, qc: _try_int8(ctx, v, qc, number, Path(tmp), numerics),
+                                      numerics.mode)
         shutil.copy(best.path, path)
     qinfo = best.info
     if target.for_cpu_runtimes:
@@ -415,22 +424,20 @@ def _export_int8(ctx: ExportContext, v: Variant) -> ExportedArtifact:
                                                  "n_calibration")} | {"method": qinfo["method"]}
     extra = {"int8_target": target.value, "quantization": qinfo, "gate_attempts": records,
              "calibration": calibration}
-    art = _finish(ctx, path, v, best.gate, numerics_for(v), extra)
+    art = _finish(ctx, path, v, best.gate, numerics, best.self_check_probs, extra)
     art.attempts, art.quantization = records, qinfo
     return art
 
 
 def _finish(ctx: ExportContext, path: Path, v: Variant, gate: GateResult, numerics: GateNumerics,
-            extra: dict) -> ExportedArtifact:
+            self_check_probs: np.ndarray, extra: dict) -> ExportedArtifact:
     if not gate.passed and not ctx.config.force:
         path.unlink(missing_ok=True)
         log.error("%s failed its gate and was not kept (use --force to keep it, marked failed)", v.tag)
         return ExportedArtifact(v.tag, None, gate, None, False)
     fields = {**ctx.base_fields, "precision": v.precision.value, "parent": ctx.parent, "gate": gate.to_dict(), **extra}
     spec = PreprocessSpec.from_dict(ctx.base_fields["preprocess"])
-    got = ctx.probs(path, reference_batch(spec.input_shape), numerics, precision=v.precision.value,
-                    int8_target=extra.get("int8_target"))
-    fields["self_check"] = _self_check_record(spec, ctx.ref_self_check, got, gate, numerics.where())
+    fields["self_check"] = _self_check_record(spec, ctx.ref_self_check, self_check_probs, gate, numerics.where())
     if not gate.passed:
         fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
     write_manifest(path, fields)

@@ -357,11 +357,12 @@ def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: Mapp
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_bytes(blob)
     try:
+        from .engine_gate import engine_self_check_record, gate_engine
+
+        engine_doc = {**fields, "sha256": sha256_file(tmp)}
         gate = None
         if config.gate:
-            from .engine_gate import gate_engine
-
-            gate = gate_engine(tmp, {**fields, "sha256": sha256_file(tmp)}, onnx_path, doc, config.gate_data)
+            gate, fields["self_check"] = gate_engine(tmp, engine_doc, onnx_path, doc, config.gate_data)
             log.info("engine %s", gate.summary())
             fields["gate"] = gate.to_dict()
             if not gate.passed:
@@ -371,9 +372,7 @@ def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: Mapp
                 fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
         else:
             fields["gate"] = {"name": "not run (--no-gate)", "passed": None}
-        from .engine_gate import engine_self_check_record
-
-        fields["self_check"] = engine_self_check_record(tmp, {**fields, "sha256": sha256_file(tmp)}, doc)
+            fields["self_check"] = engine_self_check_record(tmp, engine_doc, doc)
         tmp_manifest = write_manifest(tmp, {**fields, "file": out.name})
         os.replace(tmp, out)
         try:

@@ -67,6 +67,7 @@ class Backend(abc.ABC):
         if not self._loaded:
             self.info = self._load()
             self._loaded = True
+            self.model_bytes = None  # the engine holds the model now; a ResNet152V2 FP32 file is 230 MB of RSS
             try:
                 self.info.self_check = self._self_check()
             except BaseException:

@@ -161,9 +161,9 @@ def open_backend(artifact: str | Path, backend: str | None = None, verify: bool 
     # each file is read once: the manifest bytes the signature is checked on are the bytes parsed, and the
     # artifact bytes hashed are the bytes the runtime is given (a file swapped in between is never what runs)
     manifest_bytes = read_manifest_bytes(artifact)
-    fmt = artifact_format(artifact, read_manifest(artifact, verify=False, data=manifest_bytes))
+    manifest = read_manifest(artifact, verify=False, data=manifest_bytes)  # parsed once, bounded
+    fmt = artifact_format(artifact, manifest)
     trust = check_signature(artifact, trusted_keys, manifest_bytes)  # before hashing: a forged manifest stops here
-    manifest = read_manifest(artifact, verify=False, data=manifest_bytes)
     check_role(artifact, manifest, trust["signed_by"])
     model_bytes = read_verified_bytes(artifact, manifest) if verify else None  # hash before parse
     trust.update(check_contents(artifact, fmt, manifest, trust["signed_by"], model_bytes))
