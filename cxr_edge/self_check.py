@@ -14,8 +14,9 @@ borderline band, the disagreement its export gate accepted on real images. The b
 the demo's int8-trt artifact, gated 0.0013 from FP32 on these images with TensorRT numerics, answered
 0.013 on ONNX Runtime's saturating AVX2 kernels, within the 0.05 band, while on the test images those
 kernels flipped 5 of 44 top classes (``cxr-edge demo``, benchmarks/results/issue25_avx2_demo). Phantoms move
-less than radiographs, so a 10x drift on them is the signal. Where the reference images were already further than the band at export, the tolerance is what
-was measured there plus 0.01, so an artifact never fails on the machine that gated it.
+less than radiographs, so a 10x drift on them is the signal. Where the reference images were already
+further than the band at export, the tolerance is what was measured there plus 0.01, so an artifact never
+fails on the machine that gated it.
 """
 
 from __future__ import annotations
