@@ -189,6 +189,72 @@ def _png_chunks_cheap(data: bytes, max_chunks: int = 4096) -> bool:
     return False
 
 
+@dataclass(eq=False)
+class _Job:
+    args: tuple
+    outer: Future
+    shown: str
+    client: str
+    request: str
+
+
+class FairQueue:
+    """Waiting jobs by client, then by request; :meth:`take` gives the next job of the client with the fewest
+    jobs running (ties: the one served longest ago), and within it of the request with the fewest running.
+    Not thread-safe: the caller holds its lock."""
+
+    def __init__(self):
+        from collections import OrderedDict, deque
+
+        self._deque = deque
+        self.waiting: OrderedDict = OrderedDict()  # client -> OrderedDict(request -> deque of jobs)
+        self.running: dict = {}  # client -> count, (client, request) -> count
+
+    def __len__(self) -> int:
+        return sum(len(q) for reqs in self.waiting.values() for q in reqs.values())
+
+    def put(self, job) -> None:
+        reqs = self.waiting.setdefault(job.client, {})
+        reqs.setdefault(job.request, self._deque()).append(job)
+
+    def take(self):
+        if not self.waiting:
+            return None
+        client = min(self.waiting, key=lambda c: self.running.get(c, 0))  # first among equals: served longest ago
+        reqs = self.waiting.pop(client)
+        request = min(reqs, key=lambda r: self.running.get((client, r), 0))
+        queue = reqs.pop(request)
+        job = queue.popleft()
+        if queue:
+            reqs[request] = queue  # back of this client's line of requests
+        if reqs:
+            self.waiting[client] = reqs  # back of the line of clients
+        self.running[client] = self.running.get(client, 0) + 1
+        self.running[(client, request)] = self.running.get((client, request), 0) + 1
+        return job
+
+    def done(self, job) -> None:
+        for key in (job.client, (job.client, job.request)):
+            n = self.running.get(key, 0) - 1
+            if n > 0:
+                self.running[key] = n
+            else:
+                self.running.pop(key, None)
+
+    def remove(self, job) -> bool:
+        """Drop a job still waiting; False when it already left the queue."""
+        reqs = self.waiting.get(job.client)
+        queue = reqs.get(job.request) if reqs else None
+        if not queue or job not in queue:
+            return False
+        queue.remove(job)
+        if not queue:
+            del reqs[job.request]
+        if not reqs:
+            del self.waiting[job.client]
+        return True
+
+
 class IsolatedDecoder:
     """A pool of decode workers; :meth:`submit` returns a future of a :class:`PackedItem`
     (or of a per-item :class:`~cxr_edge.errors.ImageError` raised from ``result()``)."""
@@ -212,29 +278,79 @@ class IsolatedDecoder:
         self.killed = 0  # workers replaced after a deadline or a crash
         self.inline = 0  # decoded in a caller thread because the header bounds them (counted for reports)
         self._lock = threading.Lock()
+        self._fair = FairQueue()  # images waiting for a worker, by client and request
+        self._in_workers = 0  # images handed to pebble (at most one per worker)
         from concurrent.futures import ThreadPoolExecutor
 
         self._threads = ThreadPoolExecutor(max_workers=max(1, isolation.workers), thread_name_prefix="decode-inline")
 
-    def submit(self, source, name: str | None = None, keep_preview: bool = False, resize: bool = True) -> Future:
-        """Schedule one image; the future's result is a PackedItem, or it raises the item's ImageError."""
+    def submit(self, source, name: str | None = None, keep_preview: bool = False, resize: bool = True,
+               client: str | None = None, request: str | None = None) -> Future:
+        """Schedule one image; the future's result is a PackedItem, or it raises the item's ImageError.
+
+        ``client`` and ``request`` (e.g. the peer address and the request id) share the workers fairly: a free
+        worker takes the next image of the client with the fewest images in workers, and within that client of
+        the request with the fewest, so one client's slow uploads wait behind each other, not in front of
+        everyone (16 slow DICOMs took a normal DICOM from 0.1 s to 27.4 s in a first-come queue).
+        """
         shown = name or str(source)
         if isinstance(source, (str, os.PathLike)):
             source, name = self._read(source, name)
         if isinstance(source, (bytearray, memoryview)):
             source = bytes(source)  # one copy, shared by the header check and whichever path decodes
+        outer: Future = Future()
         if isinstance(source, bytes) and header_bounded(source, self.isolation.inline_max_bytes):
             with self._lock:
                 self.inline += 1
                 self.pending += 1
             inner = self._threads.submit(decode_and_pack, source, name, self.spec, self.limits, keep_preview,
                                          resize)
-        else:
-            inner = self.pool.schedule(decode_and_pack, args=(source, name, self.spec, self.limits, keep_preview, resize),
-                                       timeout=self.isolation.seconds)
+            self._link(inner, outer, shown)
+            return outer
+        job = _Job((source, name, self.spec, self.limits, keep_preview, resize), outer, shown,
+                   client or "", request or "")
+        with self._lock:
+            self.pending += 1
+            self._fair.put(job)
+        # a caller that gives up on an image still waiting for a worker frees its place at once
+        outer.add_done_callback(lambda f: f.cancelled() and self._withdraw(job))
+        self._dispatch()
+        return outer
+
+    def _withdraw(self, job: _Job) -> None:
+        with self._lock:
+            if self._fair.remove(job):
+                self.pending -= 1
+
+    def _dispatch(self) -> None:
+        """Hand waiting images to free workers, fairest first (pebble's own queue is first come, first served,
+        so it is only ever given as many tasks as there are workers)."""
+        while True:
             with self._lock:
-                self.pending += 1
-        return self._wrap(inner, shown)
+                if self._in_workers >= self.isolation.workers:
+                    return
+                job = self._fair.take()
+                if job is None:
+                    return
+                self._in_workers += 1
+            try:
+                inner = self.pool.schedule(decode_and_pack, args=job.args, timeout=self.isolation.seconds)
+            except Exception as exc:  # the pool is closing: this image fails, the others are not stranded
+                with self._lock:
+                    self._in_workers -= 1
+                    self.pending -= 1
+                    self._fair.done(job)
+                if not job.outer.done():
+                    job.outer.set_exception(self._failure(exc, job.shown))
+                continue
+            inner.add_done_callback(lambda _f, job=job: self._released(job))
+            self._link(inner, job.outer, job.shown)
+
+    def _released(self, job: _Job) -> None:
+        with self._lock:
+            self._in_workers -= 1
+            self._fair.done(job)
+        self._dispatch()
 
     def _read(self, path, name):
         """A path's bytes, read here (so the header can route it), only when it is a regular file within
@@ -253,9 +369,7 @@ class IsolatedDecoder:
         except OSError:
             return path, name
 
-    def _wrap(self, inner, shown: str) -> Future:
-        outer: Future = Future()
-
+    def _link(self, inner, outer: Future, shown: str) -> None:
         def done(f) -> None:
             with self._lock:
                 self.pending -= 1
@@ -275,10 +389,9 @@ class IsolatedDecoder:
                 outer.set_exception(error_from(*res[1:]))
 
         inner.add_done_callback(done)
-        # a caller that gives up on an item not yet started frees its place in the queue; a running one
-        # is left to finish (cancelling it would kill and respawn its worker)
+        # a caller that gives up on an item not yet started frees its place; a running one is left to finish
+        # (cancelling it would kill and respawn its worker)
         outer.add_done_callback(lambda f: f.cancelled() and not inner.running() and inner.cancel())
-        return outer
 
     def _failure(self, exc: BaseException, name: str):
         from concurrent.futures import TimeoutError as FutureTimeout

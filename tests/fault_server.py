@@ -32,16 +32,14 @@ class FaultyEngine:
 
 def main(argv):
     from cxr_edge.serve.app import ServeConfig, create_app
-    from cxr_edge.serve.http_guard import run_server
+    from cxr_edge.serve.http_guard import TransportLimits, run_server
 
     artifact, port, control = argv[0], int(argv[1]), Path(argv[2])
     opts = json.loads(argv[3]) if len(argv) > 3 else {}
-    header_timeout = opts.pop("header_timeout_s", 10.0)
-    max_connections = opts.pop("max_connections", 512)
+    transport = {k: opts.pop(k) for k in list(opts) if k in TransportLimits.__dataclass_fields__}
     cfg = ServeConfig(device="cpu", **opts)
     app = create_app(artifact, cfg, engine_wrapper=lambda e: FaultyEngine(e, control))
-    run_server(app, "127.0.0.1", port, header_timeout_s=header_timeout, graceful_timeout_s=cfg.timeout_s,
-               limit_concurrency=max_connections)
+    run_server(app, "127.0.0.1", port, limits=TransportLimits(**transport), graceful_timeout_s=cfg.timeout_s)
 
 
 if __name__ == "__main__":

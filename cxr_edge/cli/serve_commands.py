@@ -32,7 +32,7 @@ def cmd_kiosk(a) -> int:
 
 def cmd_serve(a) -> None:
     from ..serve.app import ServeConfig, create_app, default_engine_threads
-    from ..serve.http_guard import run_server
+    from ..serve.http_guard import TransportLimits, run_server
 
     if a.host not in LOCAL_HOSTS:
         logging.getLogger("cxr_edge.serve").warning(
@@ -46,8 +46,10 @@ def cmd_serve(a) -> None:
                       decode_memory_mb=a.decode_memory_mb, max_inflight_body_mb=a.max_inflight_body_mb,
                       min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate, self_check=a.self_check,
                       preprocess=a.preprocess, tuning=a.tuning)
-    run_server(create_app(a.artifact, cfg), a.host, a.port, header_timeout_s=a.header_timeout,
-               graceful_timeout_s=a.timeout, limit_concurrency=a.max_connections)
+    limits = TransportLimits(header_timeout_s=a.header_timeout, max_connections=a.max_connections,
+                             max_pending_headers=a.max_pending_headers, write_timeout_s=a.write_timeout,
+                             max_unsent_bytes=int(a.max_unsent_mb * 1024 * 1024))
+    run_server(create_app(a.artifact, cfg), a.host, a.port, limits=limits, graceful_timeout_s=a.timeout)
 
 
 def cmd_export_triton(a) -> None:
@@ -71,12 +73,12 @@ def register(sub) -> None:
     from ..export.triton import TritonConfig
     from ..runtime.backends.registry import all_backends
     from ..serve.config import ServeConfig
-    from ..serve.http_guard import run_server
+    from ..serve.http_guard import TransportLimits
     from ..serve.kiosk_launcher import KioskConfig
     from ..serve.triton_server import serve_triton
 
     S = ServeConfig
-    guard = {k: v.default for k, v in inspect.signature(run_server).parameters.items()}
+    TL = TransportLimits
     sv = sub.add_parser("serve", help="HTTP screening service with dynamic batching and a kiosk page",
                         formatter_class=HelpFormatter)
     sv.add_argument("artifact", help="an artifact with its manifest")
@@ -104,9 +106,18 @@ def register(sub) -> None:
                     help="only serve an artifact signed by this Ed25519 public key (repeatable)")
     sv.add_argument("--body-timeout", type=positive_float, default=default_of(S, "body_timeout_s"),
                     help="seconds for a request body to arrive (408)")
-    sv.add_argument("--header-timeout", type=positive_float, default=guard["header_timeout_s"],
+    sv.add_argument("--header-timeout", type=positive_float, default=default_of(TL, "header_timeout_s"),
                     help="seconds for request headers to arrive before the connection is closed")
-    sv.add_argument("--max-connections", type=positive_int, default=512, help="open connections before answering 503")
+    sv.add_argument("--max-connections", type=positive_int, default=default_of(TL, "max_connections"),
+                    help="connections with a request in progress before answering 503 (sockets still sending "
+                         "headers do not count: see --max-pending-headers)")
+    sv.add_argument("--max-pending-headers", type=positive_int, default=default_of(TL, "max_pending_headers"),
+                    help="connections still sending headers (or idle); beyond it the oldest is closed")
+    sv.add_argument("--write-timeout", type=positive_float, default=default_of(TL, "write_timeout_s"),
+                    help="seconds a response may make no progress (a client not reading) before it is dropped")
+    sv.add_argument("--max-unsent-mb", type=positive_float, default=default_of(TL, "max_unsent_bytes") / 2**20,
+                    help="response bytes waiting for slow readers, all connections together; beyond it the "
+                         "longest-stalled connections are dropped")
     sv.add_argument("--decode-workers", type=non_negative_int, default=default_of(S, "decode_workers"),
                     help="decoder processes, each image under --decode-timeout and --decode-memory-mb "
                          "(0: decode in threads of the server, without those limits)")
@@ -117,7 +128,8 @@ def register(sub) -> None:
     sv.add_argument("--max-inflight-body-mb", type=positive_float, default=default_of(S, "max_inflight_body_mb"),
                     help="request bodies held at once by all clients together (503 above)")
     sv.add_argument("--min-body-rate-kbs", type=positive_float, default=default_of(S, "min_body_rate_kbs"),
-                    help="slowest accepted upload after its first 2 s (kB/s; 408 below)")
+                    help="slowest accepted upload, over the time the server waits for it, "
+                         "after its first 2 s of waiting (kB/s; 408 below)")
     sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")
     sv.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")

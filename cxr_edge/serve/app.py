@@ -28,12 +28,16 @@ from ..runtime.backends.registry import open_backend
 from ..runtime.result import Explanation, ScreeningResult
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .config import ServeConfig
-from .http_guard import BodyGuard
+from .http_guard import BodyGuard, transport_snapshot
 from .metrics import ServiceMetrics
 
 __all__ = ["ScreeningService", "ServeConfig", "create_app", "default_engine_threads"]
 
 log = logging.getLogger("cxr_edge.serve")
+
+#: base64 bytes of one image's explanation (overlay + preview + map); a noisy preview is halved until it fits,
+#: so an explain answer is at most images x this (16 x 1.5 MiB) plus its JSON
+EXPLAIN_MAX_BYTES = 1536 * 1024
 
 
 class _Refused(Exception):
@@ -174,15 +178,17 @@ class ScreeningService:
         body = await request.body()
         return [("body", body)] if body else []
 
-    async def _decode(self, data: bytes, name: str, rid: str, k: int, explain: bool) -> PackedItem:
-        """Decode + pack one upload: in a worker process under the per-image deadline and memory ceiling,
-        or in a thread when isolation is off. Raises the item's ImageError."""
+    async def _decode(self, data: bytes, name: str, rid: str, k: int, explain: bool, client: str = "") -> PackedItem:
+        """Decode + pack one upload: in a worker process under the per-image deadline and memory ceiling (the
+        workers shared fairly between clients, then requests), or in a thread when isolation is off. Raises the
+        item's ImageError."""
         loop = asyncio.get_running_loop()
         if self.save_dir is not None:
             await loop.run_in_executor(self.decode_pool, _save_upload, self.save_dir, data, rid, k)
         resize = self.preprocess != "gpu"  # the GPU path resizes on the device, below
         if self.decoder is not None:
-            item = await asyncio.wrap_future(self.decoder.submit(data, name, keep_preview=explain, resize=resize))
+            item = await asyncio.wrap_future(self.decoder.submit(data, name, keep_preview=explain, resize=resize,
+                                                                 client=client, request=rid))
         else:
             res = await loop.run_in_executor(self.decode_pool, decode_and_pack, data, name, self.engine.spec,
                                              self.limits, explain, resize)
@@ -209,7 +215,9 @@ class ScreeningService:
 
     def _explanation(self, preview: np.ndarray, features: np.ndarray, label: int) -> Explanation:
         """Grad-CAM, its overlay, the preview and the map alone, all at the capped preview size (never the
-        full-resolution image): the kiosk blends preview and map with its own opacity control."""
+        full-resolution image): the kiosk blends preview and map with its own opacity control. The images
+        together stay within :data:`EXPLAIN_MAX_BYTES` (base64): a noisy preview is sent smaller rather than
+        letting an answer grow to 5x its upload (16 noise images of 1024 px made an 85 MB answer)."""
         import cv2
 
         from ..runtime.gradcam import gradcam
@@ -224,19 +232,28 @@ class ScreeningService:
             ok, buf = cv2.imencode(ext, img, list(params))
             return base64.b64encode(buf.tobytes()).decode()
 
+        heat = b64(".png", heatmap(cam, small))
+        while True:
+            over = b64(".png", overlay(preview, cam))
+            shown = b64(".jpg", preview, cv2.IMWRITE_JPEG_QUALITY, 90)
+            side = max(preview.shape[:2])
+            if len(heat) + len(over) + len(shown) <= EXPLAIN_MAX_BYTES or side <= 128:
+                break
+            preview = cv2.resize(preview, (max(1, preview.shape[1] // 2), max(1, preview.shape[0] // 2)),
+                                 interpolation=cv2.INTER_AREA)
         return Explanation(self.engine.classes[label], "engine-native", float(cam.max()), time.perf_counter() - t,
-                           cam=cam, overlay_png_base64=b64(".png", overlay(preview, cam)),
-                           preview_jpeg_base64=b64(".jpg", preview, cv2.IMWRITE_JPEG_QUALITY, 90),
-                           heatmap_png_base64=b64(".png", heatmap(cam, small)), weak=bool(cam.max() < WEAK_CAM_PEAK))
+                           cam=cam, overlay_png_base64=over, preview_jpeg_base64=shown, heatmap_png_base64=heat,
+                           weak=bool(cam.max() < WEAK_CAM_PEAK))
 
-    async def _one(self, k: int, name: str, data: bytes, rid: str, explain: bool, deadline: float) -> ScreeningResult:
+    async def _one(self, k: int, name: str, data: bytes, rid: str, explain: bool, deadline: float,
+                   client: str = "") -> ScreeningResult:
         """One image: decode, queue, infer, explain, all within the request's deadline (``timeout_s``)."""
         loop = asyncio.get_running_loop()
         engine, batcher = self.engine, self.batcher
         t = time.perf_counter()
         batcher.expect()
         try:
-            item = await asyncio.wait_for(self._decode(data, name, rid, k, explain), _left(deadline))
+            item = await asyncio.wait_for(self._decode(data, name, rid, k, explain, client), _left(deadline))
         except BaseException as exc:
             batcher.arrived()
             if not isinstance(exc, ImageError):
@@ -259,11 +276,12 @@ class ScreeningService:
         self.metrics.images.labels("ok").inc()
         return r
 
-    async def _run_all(self, items, rid: str, explain: bool, deadline: float):
+    async def _run_all(self, items, rid: str, explain: bool, deadline: float, client: str = ""):
         """All images of one request; the first failure (queue full, timeout, engine) cancels the
         siblings, so a refused request stops decoding and inferring at once. Returns the results, or
         the exception that ended the request."""
-        tasks = [asyncio.create_task(self._one(k, n, d, rid, explain, deadline)) for k, (n, d) in enumerate(items)]
+        tasks = [asyncio.create_task(self._one(k, n, d, rid, explain, deadline, client))
+                 for k, (n, d) in enumerate(items)]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:  # the server is going away: take the siblings with us
@@ -313,7 +331,9 @@ class ScreeningService:
         busy = self._capacity_for(len(items))
         if busy:
             return refuse(503, f"busy ({busy}), retry shortly", 1)
-        exc = await self._run_all(items, rid, explain, deadline)
+        # the peer address (uvicorn takes it from X-Forwarded-For only when the peer is a trusted proxy)
+        client = request.client.host if request.client else ""
+        exc = await self._run_all(items, rid, explain, deadline, client)
         if isinstance(exc, BaseException):
             if isinstance(exc, QueueFull):
                 return refuse(503, "queue full, retry shortly", 1)
@@ -410,6 +430,7 @@ class ScreeningService:
             if service.decoder is not None:
                 service.metrics.decode_backlog.set(service.decoder.pending)
                 service.metrics.decode_killed.set(service.decoder.killed)
+            service.metrics.transport(transport_snapshot())
             return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
         @app.get("/", response_class=HTMLResponse)

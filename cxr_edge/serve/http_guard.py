@@ -1,19 +1,30 @@
-"""Transport-level defences for the screening service: body size and time limits, slow-header clients.
+"""Transport-level defences for the screening service: what one connection may hold, and for how long.
 
-uvicorn bounds idle keep-alive connections but puts no deadline on a request's *headers* or *body*:
-a client that trickles one byte every few seconds holds a connection (and, mid-body, a request
-handler) for as long as it likes. The guards here give each phase a deadline:
+uvicorn bounds idle keep-alive connections but puts no deadline on a request's *headers*, *body* or on
+a client that never reads its *response*, and its connection limit counts sockets that have not sent a
+request yet. The guards here give each phase a bound:
 
-* :class:`HeaderDeadlineH11Protocol`: a connection whose request headers are not complete within
-  ``header_timeout_s`` is closed (uvicorn's h11 protocol, subclassed; chosen explicitly so the
-  guard does not depend on which HTTP parser happens to be installed).
 * :class:`BodyGuard`: ASGI middleware answering 413 for bodies over the limit (by Content-Length and
-  while streaming), 408 when a body does not finish arriving within ``body_timeout_s`` or arrives
-  slower than ``min_rate`` after a grace period, and 503 when the bodies held by all requests together
-  would pass ``max_inflight_bytes`` (24 held 64 MB bodies were 1.4 GB).
-* the same h11 protocol answers 400 to a body sent as a flood of tiny chunks: h11 parses each chunk in
-  Python (1-byte chunks delayed everyone else's requests to 7.8 s), and uvicorn merges them before the
-  app sees them, so only the protocol can count them.
+  while streaming), 408 when the server waited longer than ``body_timeout_s`` for a body or it arrived
+  slower than ``min_rate`` *while the server was waiting for it* (time the server itself spent elsewhere
+  is not the client's: at 256 clients a wall-clock rate cut off honest uploads), and 503 when the bodies
+  held by all requests together would pass ``max_inflight_bytes``.
+* :func:`guarded_protocol`: uvicorn's h11 protocol, subclassed (chosen explicitly so the guards do not
+  depend on which HTTP parser happens to be installed), which
+  - closes a connection whose request headers are not complete within ``header_timeout_s``;
+  - keeps at most ``max_pending_headers`` connections waiting for headers and closes the *oldest* when a
+    new one arrives (an honest client sends its headers in milliseconds, a slowloris socket is always the
+    oldest), and counts only connections past their headers against ``max_connections`` (uvicorn counted
+    half-open sockets: 520 of them kept honest clients at 503);
+  - drops a connection whose response makes no progress for ``write_timeout_s``, and the longest-stalled
+    ones while responses waiting for slow readers pass ``max_unsent_bytes`` all together (34 clients that
+    never read their explain answers held 2 GB);
+  - answers 414/431 to request lines and header blocks over their limits (h11 bounds only *incomplete*
+    events, so a 100 kB URL sent in one segment was accepted) and 400 to a body sent as a flood of tiny
+    chunks (uvicorn merges chunks before the app sees them, so only the protocol can count them);
+  - after answering a request whose body it did not read (408, 413, 503), shuts its write side and reads
+    and drops what the client still sends for a moment (a lingering close, as nginx does) before closing,
+    so the client reads the answer instead of a reset.
 """
 
 from __future__ import annotations
@@ -22,16 +33,49 @@ import asyncio
 import json
 import logging
 import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
 
 log = logging.getLogger("cxr_edge.serve")
 
 
-#: seconds before the minimum body rate applies (TCP slow start, a phone on a weak link)
+#: seconds of waiting for a body before the minimum rate applies (TCP slow start, a phone on a weak link)
 RATE_GRACE_S = 2.0
 #: chunks a body may arrive in before their average size is judged
 SMALL_CHUNK_ALLOWANCE = 256
 #: smallest average chunk (bytes) past the allowance; curl and browsers send 16-64 kB
 MIN_AVERAGE_CHUNK = 512
+#: how often stalled responses are looked at (progress, total unsent bytes)
+STALL_CHECK_S = 1.0
+
+
+@dataclass(frozen=True)
+class TransportLimits:
+    """What one connection may hold of the server and for how long (the module docstring says why each)."""
+
+    header_timeout_s: float = 10.0  # request headers complete within this, or the connection is closed
+    max_connections: int = 512  # connections past their headers (requests in progress); 503 above
+    max_pending_headers: int = 256  # connections still sending headers or idle; the oldest is closed beyond
+    write_timeout_s: float = 30.0  # a response making no progress this long is dropped
+    max_unsent_bytes: int = 256 * 1024 * 1024  # response bytes waiting for slow readers, all connections
+    max_target_bytes: int = 8 * 1024  # request line target (path and query): 414 above
+    max_header_count: int = 100  # request header fields: 431 above
+    max_header_bytes: int = 32 * 1024  # request header block: 431 above
+    linger_s: float = 2.0  # lingering close: quiet time after which the connection is closed
+    max_linger_s: float = 10.0  # lingering close: longest time the client's unread body is drained
+
+
+#: what the transport guards did, by event (exported by /metrics)
+STATS: Counter = Counter()
+_BOOKS: weakref.WeakSet[ConnectionBook] = weakref.WeakSet()
+
+
+def transport_snapshot() -> dict:
+    """Connections waiting for headers, response bytes waiting for slow readers, and the guards' event counts."""
+    books = list(_BOOKS)
+    return {"pending_headers": sum(len(b.pending) for b in books),
+            "unsent_response_bytes": sum(b.unsent_bytes() for b in books), "events": dict(STATS)}
 
 
 class BodyGuard:
@@ -56,8 +100,7 @@ class BodyGuard:
         from starlette.exceptions import HTTPException
 
         seen = 0
-        start = time.monotonic()
-        deadline = start + self.timeout_s if self.timeout_s else None
+        waited = 0.0  # seconds the app spent waiting for this body: the client's share of the time
         body_done = False
 
         def cut(status: int, text: str, extra: dict | None = None):
@@ -66,16 +109,19 @@ class BodyGuard:
         # Raised from inside the app's receive(), these surface as the route's own 413/408/503 answer
         # (Starlette turns HTTPException into a response); the connection is closed after it.
         async def guarded():
-            nonlocal seen, body_done
-            if body_done or deadline is None:
+            nonlocal seen, body_done, waited
+            if body_done or not self.timeout_s:
                 msg = await receive()
             else:
+                t = time.monotonic()
                 try:
-                    msg = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                    msg = await asyncio.wait_for(receive(), max(0.0, self.timeout_s - waited))
                 except asyncio.TimeoutError:
-                    log.warning("request body from %s did not arrive within %.0f s; answering 408",
+                    log.warning("request body from %s did not arrive within %.0f s of waiting; answering 408",
                                 _client(scope), self.timeout_s)
                     raise cut(408, f"request body did not arrive within {self.timeout_s:.0f} s") from None
+                finally:
+                    waited += time.monotonic() - t
             if msg["type"] == "http.request" and not body_done:
                 n = len(msg.get("body", b""))
                 seen += n
@@ -85,12 +131,11 @@ class BodyGuard:
                 if self.max_inflight and self.inflight > self.max_inflight:
                     raise cut(503, "the server holds too many uploads right now; retry shortly", {"Retry-After": "1"})
                 body_done = not msg.get("more_body", False)
-                if not body_done:
-                    elapsed = time.monotonic() - start
-                    if self.min_rate and elapsed > RATE_GRACE_S and seen / elapsed < self.min_rate:
-                        log.warning("cutting off %s: body arriving at %.0f B/s", _client(scope), seen / elapsed)
-                        raise cut(408, f"request body arrives at {seen / elapsed:.0f} bytes/s, under the "
-                                       f"{self.min_rate:.0f} bytes/s minimum")
+                if not body_done and self.min_rate and waited > RATE_GRACE_S and seen / waited < self.min_rate:
+                    log.warning("cutting off %s: body arriving at %.0f B/s while the server waited for it",
+                                _client(scope), seen / waited)
+                    raise cut(408, f"request body arrives at {seen / waited:.0f} bytes/s, under the "
+                                   f"{self.min_rate:.0f} bytes/s minimum")
             return msg
 
         try:
@@ -113,21 +158,209 @@ async def plain_response(send, status: int, text: str, close: bool = True, extra
     await send({"type": "http.response.body", "body": body})
 
 
-def header_deadline_protocol(header_timeout_s: float):
-    """uvicorn's h11 protocol with a deadline on receiving each request's headers."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class HeaderDeadlineH11Protocol(H11Protocol):
+
+class ConnectionBook:
+    """The connections of one server: which still wait for headers (oldest first) and which responses stall."""
+
+    def __init__(self, limits: TransportLimits):
+        self.limits = limits
+        self.pending: dict = {}  # protocol -> time it began waiting for headers (insertion order is age)
+        self.stalled: dict = {}  # protocol -> [bytes buffered, time of last progress]
+        self._ticker = None
+        _BOOKS.add(self)
+
+    # ---- header slots
+    def wait_headers(self, proto) -> None:
+        """``proto`` waits for a request's headers; beyond the limit the oldest waiting connection is closed."""
+        self.pending.pop(proto, None)
+        self.pending[proto] = time.monotonic()
+        while len(self.pending) > self.limits.max_pending_headers:
+            oldest = next(iter(self.pending))
+            if oldest is proto:
+                break
+            age = time.monotonic() - self.pending.pop(oldest)
+            STATS["pending_headers_evicted"] += 1
+            if STATS["pending_headers_evicted"] % 100 == 1:  # one line per hundred: a slowloris would flood the log
+                log.warning("%d connections waiting for headers: closed the oldest (%s, %.1f s; %d closed so far)",
+                            self.limits.max_pending_headers, _peer(oldest), age, STATS["pending_headers_evicted"])
+            oldest.close_now()
+
+    def headers_done(self, proto) -> None:
+        self.pending.pop(proto, None)
+
+    def forget(self, proto) -> None:
+        self.pending.pop(proto, None)
+        self.stalled.pop(proto, None)
+
+    # ---- response bytes nobody reads
+    def stall(self, proto) -> None:
+        """``proto``'s transport buffer passed its high-water mark: watch it until it drains."""
+        self.stalled[proto] = [proto.write_buffer_size(), time.monotonic()]
+        self._enforce()
+        if self.stalled and self._ticker is None:
+            self._ticker = asyncio.get_running_loop().call_later(STALL_CHECK_S, self._tick)
+
+    def unstall(self, proto) -> None:
+        self.stalled.pop(proto, None)
+
+    def unsent_bytes(self) -> int:
+        return sum(v[0] for v in self.stalled.values())
+
+    def _tick(self) -> None:
+        self._ticker = None
+        self._enforce()
+        if self.stalled:
+            self._ticker = asyncio.get_running_loop().call_later(STALL_CHECK_S, self._tick)
+
+    def _enforce(self) -> None:
+        now = time.monotonic()
+        for proto, st in list(self.stalled.items()):
+            size = proto.write_buffer_size()
+            if size < st[0]:
+                st[1] = now
+            st[0] = size
+            if now - st[1] > self.limits.write_timeout_s:
+                self._drop(proto, f"its response made no progress for {self.limits.write_timeout_s:.0f} s")
+        while self.stalled and self.unsent_bytes() > self.limits.max_unsent_bytes:
+            proto = min(self.stalled, key=lambda p: self.stalled[p][1])
+            self._drop(proto, f"responses waiting for slow readers passed {self.limits.max_unsent_bytes >> 20} MB "
+                              "together (this one made the least progress)")
+
+    def _drop(self, proto, why: str) -> None:
+        self.stalled.pop(proto, None)
+        STATS["slow_readers_dropped"] += 1
+        log.warning("dropping the connection from %s: %s", _peer(proto), why)
+        proto.abort_now()
+
+
+def _peer(proto) -> str:
+    c = getattr(proto, "client", None)
+    return f"{c[0]}:{c[1]}" if c else "unknown client"
+
+
+class _ActiveConnections:
+    """uvicorn's connection set as its concurrency limit should see it: only connections past their headers."""
+
+    def __init__(self, real: set, book: ConnectionBook):
+        self.real, self.book = real, book
+
+    def add(self, proto) -> None:
+        self.real.add(proto)
+
+    def discard(self, proto) -> None:
+        self.real.discard(proto)
+
+    def __len__(self) -> int:
+        return max(0, len(self.real) - len(self.book.pending))
+
+    def __iter__(self):
+        return iter(self.real)
+
+    def __contains__(self, proto) -> bool:
+        return proto in self.real
+
+
+class _LingeringTransport:
+    """The transport as uvicorn sees it: ``close()`` with a request body still unread becomes a lingering close."""
+
+    __slots__ = ("_t", "_p")
+
+    def __init__(self, transport, proto):
+        self._t, self._p = transport, proto
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+    def is_closing(self) -> bool:
+        return self._t.is_closing() or self._p._lingering
+
+    def close(self) -> None:
+        if self._p._lingering:
+            return  # the linger timers close it
+        if not self._t.is_closing() and self._p._body_unread():
+            self._p._linger()
+        else:
+            self._t.close()
+
+
+def _header_refusal(event, limits: TransportLimits) -> tuple[int, str] | None:
+    if len(event.target) > limits.max_target_bytes:
+        return 414, f"request target over {limits.max_target_bytes} bytes"
+    if len(event.headers) > limits.max_header_count:
+        return 431, f"more than {limits.max_header_count} request header fields"
+    size = sum(len(k) + len(v) + 4 for k, v in event.headers)
+    if size > limits.max_header_bytes:
+        return 431, f"request headers over {limits.max_header_bytes} bytes"
+    return None
+
+
+def guarded_protocol(limits: TransportLimits = TransportLimits()):
+    """uvicorn's h11 protocol with the transport guards of the module docstring; one book per server."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import STATUS_PHRASES, H11Protocol
+
+    book = ConnectionBook(limits)
+
+    class GuardedH11Protocol(H11Protocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.connections = _ActiveConnections(self.connections, book)
+            self._header_deadline = self._linger_idle = self._linger_end = None
+            self._lingering, self._refusal, self._raw = False, None, None
+
+        # ---- asyncio protocol interface
         def connection_made(self, transport):
-            super().connection_made(transport)
-            self._header_deadline = None
+            self._raw = transport
+            super().connection_made(_LingeringTransport(transport, self))
+            book.wait_headers(self)
             self._arm()
             self._count_chunks()
 
-        def _count_chunks(self):
-            """Wrap h11's event source: count body chunks per request; too many small ones end it with 400."""
-            import h11
+        def data_received(self, data):
+            if self._lingering:  # the answer is sent: what the client still sends is dropped unread
+                self._linger_quiet()
+                return
+            if self._waiting_for_headers():
+                self._arm()  # a new request starts: its headers get their own deadline
+            super().data_received(data)
+            if not self._waiting_for_headers():
+                self._disarm()
 
+        def connection_lost(self, exc):
+            self._disarm()
+            for h in (self._linger_idle, self._linger_end):
+                if h is not None:
+                    h.cancel()
+            book.forget(self)
+            super().connection_lost(exc)
+
+        def pause_writing(self):
+            super().pause_writing()
+            book.stall(self)
+
+        def resume_writing(self):
+            super().resume_writing()
+            book.unstall(self)
+
+        def on_response_complete(self):
+            if not self.transport.is_closing():
+                book.wait_headers(self)  # keep-alive: idle until the next request's headers
+            super().on_response_complete()
+
+        # ---- used by the book
+        def write_buffer_size(self) -> int:
+            return self._raw.get_write_buffer_size() if self._raw is not None else 0
+
+        def close_now(self):
+            self._raw.close()
+
+        def abort_now(self):
+            self._raw.abort()
+
+        # ---- request line and header limits, tiny-chunk floods
+        def _count_chunks(self):
+            """Wrap h11's event source: header limits per request; too many small body chunks end it with 400."""
             next_event = self.conn.next_event
             counts = {"chunks": 0, "bytes": 0}
 
@@ -135,24 +368,44 @@ def header_deadline_protocol(header_timeout_s: float):
                 event = next_event()
                 if isinstance(event, h11.Request):
                     counts.update(chunks=0, bytes=0)
+                    book.headers_done(self)
+                    self._refusal = _header_refusal(event, limits)
+                    if self._refusal:
+                        STATS[f"refused_{self._refusal[0]}"] += 1
+                        log.warning("refusing a request from %s: %s", _peer(self), self._refusal[1])
+                        raise h11.RemoteProtocolError(self._refusal[1])
                 elif isinstance(event, h11.Data):
                     counts["chunks"] += 1
                     counts["bytes"] += len(event.data)
                     if counts["chunks"] > SMALL_CHUNK_ALLOWANCE and counts["bytes"] < MIN_AVERAGE_CHUNK * counts["chunks"]:
                         log.warning("cutting off %s: request body in %d chunks of %.0f bytes on average",
-                                    f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client",
-                                    counts["chunks"], counts["bytes"] / counts["chunks"])
+                                    _peer(self), counts["chunks"], counts["bytes"] / counts["chunks"])
                         raise h11.RemoteProtocolError("request body sent in too many tiny chunks")
                 return event
 
             self.conn.next_event = counted
 
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to a protocol error, with our status (414/431) where one of our limits refused."""
+            status, text = self._refusal or (400, msg)
+            self._refusal = None
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+            try:
+                out = self.conn.send(h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]))
+                out += self.conn.send(h11.Data(data=text.encode("ascii", "replace")))
+                out += self.conn.send(h11.EndOfMessage())
+                self.transport.write(out)
+            except h11.LocalProtocolError:  # a response is already under way: only closing is left
+                pass
+            self.transport.close()
+
+        # ---- header deadline
         def _waiting_for_headers(self) -> bool:
             return self.cycle is None or self.cycle.response_complete
 
         def _arm(self):
             if self._header_deadline is None:
-                self._header_deadline = self.loop.call_later(header_timeout_s, self._expire)
+                self._header_deadline = self.loop.call_later(limits.header_timeout_s, self._expire)
 
         def _disarm(self):
             if self._header_deadline is not None:
@@ -162,32 +415,43 @@ def header_deadline_protocol(header_timeout_s: float):
         def _expire(self):
             self._header_deadline = None
             if self._waiting_for_headers() and not self.transport.is_closing():
+                STATS["header_timeouts"] += 1
                 log.warning("closing connection from %s: request headers incomplete after %.0f s",
-                            f"{self.client[0]}:{self.client[1]}" if self.client else "unknown client",
-                            header_timeout_s)
-                self.transport.close()
+                            _peer(self), limits.header_timeout_s)
+                self._raw.close()
 
-        def data_received(self, data):
-            if self._waiting_for_headers():
-                self._arm()  # a new request starts: its headers get their own deadline
-            super().data_received(data)
-            if not self._waiting_for_headers():
-                self._disarm()
+        # ---- lingering close
+        def _body_unread(self) -> bool:
+            return self.cycle is not None and self.conn.their_state is h11.SEND_BODY
 
-        def connection_lost(self, exc):
-            self._disarm()
-            super().connection_lost(exc)
+        def _linger(self):
+            """Answer flushed, write side shut; the unread body is drained for a moment, then the socket closed."""
+            try:
+                self._raw.write_eof()
+            except (OSError, RuntimeError, NotImplementedError):
+                self._raw.close()
+                return
+            self._lingering = True
+            STATS["lingering_closes"] += 1
+            self._raw.resume_reading()
+            self._linger_end = self.loop.call_later(limits.max_linger_s, self._raw.close)
+            self._linger_quiet()
 
-    return HeaderDeadlineH11Protocol
+        def _linger_quiet(self):
+            if self._linger_idle is not None:
+                self._linger_idle.cancel()
+            self._linger_idle = self.loop.call_later(limits.linger_s, self._raw.close)
+
+    return GuardedH11Protocol
 
 
-def run_server(app, host: str, port: int, *, header_timeout_s: float = 10.0, graceful_timeout_s: float = 30.0,
-               limit_concurrency: int | None = None, log_level: str = "info") -> None:
-    """Run ``app`` under uvicorn with the guards above (h11 parser, header deadline, graceful drain)."""
+def run_server(app, host: str, port: int, *, limits: TransportLimits = TransportLimits(),
+               graceful_timeout_s: float = 30.0, log_level: str = "info") -> None:
+    """Run ``app`` under uvicorn with the guards above (h11 parser, transport limits, graceful drain)."""
     from ..extras import require
 
     uvicorn = require("uvicorn")
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            http=header_deadline_protocol(header_timeout_s),
-                            timeout_graceful_shutdown=int(graceful_timeout_s), limit_concurrency=limit_concurrency)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(limits),
+                            timeout_graceful_shutdown=int(graceful_timeout_s), limit_concurrency=limits.max_connections,
+                            h11_max_incomplete_event_size=limits.max_header_bytes + limits.max_target_bytes)
     uvicorn.Server(config).run()

@@ -31,5 +31,21 @@ class ServiceMetrics:
         self.tuned = prom.Gauge("cxr_engine_tuning", "1 for the engine configuration in use and where it came from "
                                 "(cxr-edge tune's measured winner on this machine, or the default)", ["choice"], registry=r)
 
+        self.pending_headers = prom.Gauge("cxr_connections_pending_headers",
+                                          "Connections still sending request headers or idle between requests",
+                                          registry=r)
+        self.unsent_bytes = prom.Gauge("cxr_unsent_response_bytes",
+                                       "Response bytes waiting for clients that read slowly (all connections)",
+                                       registry=r)
+        self.transport_events = prom.Gauge("cxr_transport_guard_events", "Connections the transport guards acted on, "
+                                           "by event, since start", ["event"], registry=r)
+
+    def transport(self, snapshot: dict) -> None:
+        """Copy the transport guards' state (serve.http_guard.transport_snapshot) into the gauges."""
+        self.pending_headers.set(snapshot["pending_headers"])
+        self.unsent_bytes.set(snapshot["unsent_response_bytes"])
+        for event, n in snapshot["events"].items():
+            self.transport_events.labels(event).set(n)
+
     def render(self) -> bytes:
         return require("prometheus_client").generate_latest(self.registry)
