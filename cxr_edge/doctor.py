@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .gpu_platform import GpuPlatform, detect
+
 log = logging.getLogger(__name__)
 
 
@@ -47,43 +49,44 @@ def _version(dist: str) -> str | None:
 
 
 def is_jetson() -> bool:
-    return Path("/etc/nv_tegra_release").exists() or "tegra" in platform.release()
+    return detect(driver_version=lambda: None).jetson
 
 
-def probe_packages() -> Probe:
+def probe_packages(plat: GpuPlatform | None = None) -> Probe:
+    plat = plat or detect()
+    gpu = plat.gpu_extra()
     both = [d for d in ("onnxruntime", "onnxruntime-gpu") if _version(d)]
     if len(both) == 2:
         return Probe("onnxruntime packages", False, "both onnxruntime and onnxruntime-gpu are installed: they "
                      "overwrite each other's files and the CUDA provider can vanish",
-                     "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'cxr-edge[gpu-cu12]' "
-                     "(GPU) or 'cxr-edge[cpu]'")
+                     "pip uninstall -y onnxruntime onnxruntime-gpu, then "
+                     + (f"pip install '{gpu}' (GPU) or 'cxr-edge[cpu]'" if gpu else "pip install 'cxr-edge[cpu]'"))
     if not both:
         return Probe("onnxruntime packages", False, "no ONNX Runtime installed", "pip install 'cxr-edge[cpu]'")
     return Probe("onnxruntime packages", True, f"{both[0]} {_version(both[0])}")
 
 
-def probe_cuda() -> Probe:
+def probe_cuda(plat: GpuPlatform | None = None) -> Probe:
+    plat = plat or detect()
     try:
         from .runtime.tensorrt_api import check_cuda, cuda_device, require_cudart
 
         cudart = require_cudart()
     except Exception as exc:
         return Probe("CUDA", False, "cuda-python (cuda.bindings) is not installed" if isinstance(exc, ImportError)
-                     else str(exc).splitlines()[0][:160],
-                     "pip install 'cxr-edge[gpu-cu12]' (or gpu-cu13; on Jetson 'cxr-edge[jetson]')")
+                     else str(exc).splitlines()[0][:160], plat.install_fix())
     try:
         n = check_cuda(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
         gpu = cuda_device(0) if n else None
     except Exception as exc:
-        return Probe("CUDA", False, str(exc).splitlines()[0], "install the NVIDIA driver matching the CUDA major "
-                     "(CUDA 12: R525+, CUDA 13: R580+) and check nvidia-smi")
+        return Probe("CUDA", False, str(exc).splitlines()[0], plat.driver_fix())
     if gpu is None:
         return Probe("CUDA", False, "the CUDA runtime sees no GPU", "check nvidia-smi and the driver")
     return Probe("CUDA", True, f"{n} GPU(s): {gpu.name} (sm {gpu.compute_capability}); driver CUDA {gpu.driver}, "
                  f"runtime {gpu.runtime}")
 
 
-def probe_cudnn() -> Probe:
+def probe_cudnn(plat: GpuPlatform | None = None) -> Probe:
     for lib in ("libcudnn.so.9", "libcudnn.so.8"):
         try:
             import ctypes
@@ -95,16 +98,21 @@ def probe_cudnn() -> Probe:
     wheel = _version("nvidia-cudnn-cu12") or _version("nvidia-cudnn-cu13")
     if wheel:
         return Probe("cuDNN", True, f"nvidia-cudnn wheel {wheel} (ONNX Runtime preloads it)")
-    return Probe("cuDNN", False, "no cuDNN library found", "pip install 'cxr-edge[gpu-cu12]' brings it as a wheel; "
-                 "on Jetson it comes with JetPack")
+    plat = plat or detect()
+    if plat.jetson:
+        return Probe("cuDNN", False, "no cuDNN library found", "cuDNN comes with JetPack (sudo apt install nvidia-jetpack)")
+    extra = plat.gpu_extra()
+    return Probe("cuDNN", False, "no cuDNN library found",
+                 f"pip install '{extra}' brings it as a wheel" if extra else plat.install_fix())
 
 
-def probe_tensorrt() -> Probe:
+def probe_tensorrt(plat: GpuPlatform | None = None) -> Probe:
     from .runtime.tensorrt_api import require_tensorrt, tensorrt_installed
 
+    plat = plat or detect()
     if not tensorrt_installed():
-        fix = ("TensorRT comes with JetPack 6.1+: make the venv with --system-site-packages" if is_jetson()
-               else "pip install 'cxr-edge[gpu-cu12]' on an x86 GPU server")
+        fix = ("TensorRT comes with JetPack 6.1+: make the venv with --system-site-packages" if plat.jetson
+               else plat.install_fix())
         return Probe("TensorRT", False, "the tensorrt package is not installed", fix)
     try:
         _, flavor = require_tensorrt()
@@ -125,8 +133,10 @@ def _tiny_model(path: Path) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
 
 
-def probe_ort_providers() -> list[Probe]:
-    """Create a session on each listed provider and read back which one really runs."""
+def probe_ort_providers(plat: GpuPlatform | None = None) -> list[Probe]:
+    """Create a session on each listed provider and read back which one really runs (TensorRT's libraries loaded
+    first, as the ONNX Runtime backend does)."""
+    plat = plat or detect()
     try:
         import numpy as np
         import onnxruntime as ort
@@ -134,6 +144,12 @@ def probe_ort_providers() -> list[Probe]:
         return [Probe("ONNX Runtime", False, "onnxruntime not importable", "pip install 'cxr-edge[cpu]'")]
     out = []
     listed = ort.get_available_providers()
+    if "TensorrtExecutionProvider" in listed:
+        from .runtime.ort_providers import preload_tensorrt_libs
+
+        found = preload_tensorrt_libs()
+        out.append(Probe("TensorRT libraries for ORT", found.startswith("loaded") and "not loaded" not in found, found,
+                         "" if found.startswith("loaded") else _ort_fix("TensorrtExecutionProvider", plat)))
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "probe.onnx"
         _tiny_model(model)
@@ -147,40 +163,47 @@ def probe_ort_providers() -> list[Probe]:
                 used = s.get_providers()[0]
             except Exception as exc:
                 out.append(Probe(f"ORT {short}", False, f"listed, but creating a session failed: "
-                                 f"{str(exc).splitlines()[0][:160]}", _ort_fix(prov)))
+                                 f"{str(exc).splitlines()[0][:160]}", _ort_fix(prov, plat)))
                 continue
             if used != prov:
                 out.append(Probe(f"ORT {short}", False, f"listed, but a session asked for it runs on {used}",
-                                 _ort_fix(prov)))
+                                 _ort_fix(prov, plat)))
             else:
                 out.append(Probe(f"ORT {short}", True, f"onnxruntime {ort.__version__}: a session runs on it"))
     pkg = "onnxruntime-gpu" if _version("onnxruntime-gpu") else "onnxruntime"
     for prov in ("TensorrtExecutionProvider", "CUDAExecutionProvider"):
         if prov not in listed:
             out.append(Probe(f"ORT {prov.replace('ExecutionProvider', '')}", False,
-                             f"not part of this {pkg} build", _ort_fix(prov)))
+                             f"not part of this {pkg} build", _ort_fix(prov, plat)))
     return out
 
 
-def _ort_fix(prov: str) -> str:
+def _ort_fix(prov: str, plat: GpuPlatform) -> str:
+    if plat.jetson:
+        stack = "JetPack's TensorRT (venv --system-site-packages) and onnxruntime-gpu from the Jetson AI Lab index"
+    elif plat.gpu_extra():
+        stack = f"pip install '{plat.gpu_extra()}'"
+    else:
+        return plat.install_fix()
     if prov == "TensorrtExecutionProvider":
-        return ("needs libnvinfer.so.10 (TensorRT 10) and a GPU: pip install 'cxr-edge[gpu-cu12]'; TensorRT 11 "
-                "disables this EP (use cxr-edge build for native engines)")
+        return (f"needs libnvinfer.so.10 (TensorRT 10) and a GPU: {stack}; TensorRT 11 disables this EP (use cxr-edge "
+                "build for native engines)")
     if prov == "CUDAExecutionProvider":
-        return "needs a GPU, the CUDA runtime and cuDNN of onnxruntime-gpu's CUDA major: pip install 'cxr-edge[gpu-cu12]'"
+        return f"needs a GPU, the CUDA runtime and cuDNN of onnxruntime-gpu's CUDA major: {stack}"
     return "reinstall onnxruntime"
 
 
-def probe_cupy() -> Probe:
+def probe_cupy(plat: GpuPlatform | None = None) -> Probe:
+    plat = plat or detect()
     try:
         import cupy
 
         n = cupy.cuda.runtime.getDeviceCount()
         return Probe("CuPy", bool(n), f"cupy {cupy.__version__}, {n} device(s)")
     except ImportError:
-        return Probe("CuPy", False, "not installed (optional: GPU preprocessing)", "pip install cupy-cuda12x")
+        return Probe("CuPy", False, "not installed (optional: GPU preprocessing)", f"pip install {plat.cupy_wheel()}")
     except Exception as exc:
-        return Probe("CuPy", False, str(exc).splitlines()[0][:160], "check the CUDA driver")
+        return Probe("CuPy", False, str(exc).splitlines()[0][:160], plat.driver_fix())
 
 
 def probe_openvino() -> Probe:
@@ -237,15 +260,19 @@ def probe_cpu_isa() -> Probe:
                  "int8-ov are gated on CPU kernels, int8-trt is made for TensorRT, fp32 may be as fast here)")
 
 
-def run_doctor() -> Report:
+def run_doctor(plat: GpuPlatform | None = None) -> Report:
+    """Every probe, with install advice for this platform (``plat`` stands in for it in tests)."""
+    plat = plat or detect()
     r = Report()
     r.probes.append(Probe("machine", True, f"{platform.machine()} {platform.system()} {platform.release()}, "
-                          f"Python {platform.python_version()}, {os.cpu_count()} CPUs"
-                          + (" (Jetson)" if is_jetson() else "")))
+                          f"Python {platform.python_version()}, {os.cpu_count()} CPUs"))
+    r.probes.append(Probe("GPU platform", plat.driver_cuda is not None or plat.jetson, plat.describe(),
+                          plat.install_fix()))
     r.probes.append(probe_cpu_isa())
-    for fn in (probe_packages, probe_cuda, probe_cudnn, probe_tensorrt, probe_cupy, probe_openvino):
-        r.probes.append(fn())
-    r.probes += probe_ort_providers()
+    for fn in (probe_packages, probe_cuda, probe_cudnn, probe_tensorrt, probe_cupy):
+        r.probes.append(fn(plat))
+    r.probes.append(probe_openvino())
+    r.probes += probe_ort_providers(plat)
     r.matrix = _matrix(r)
     return r
 

@@ -14,6 +14,8 @@ artifacts (``--trusted-key``): there, engines are rebuilt at every start.
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
 import logging
 import os
 from collections.abc import Mapping
@@ -33,6 +35,44 @@ DEFAULT_PROFILE = (1, 8, 32)
 #: one request for hundreds of ms. HEURISTIC asks cuDNN's heuristics once, at a few percent of speed on
 #: some convolutions; pass cudnn_conv_algo_search="EXHAUSTIVE" for fixed-batch offline runs.
 CUDNN_CONV_ALGO_SEARCH = "HEURISTIC"
+
+
+#: what ONNX Runtime's TensorRT EP opens by soname, in load order; pip's ``tensorrt-cuXX-libs`` puts them in
+#: ``site-packages/tensorrt_libs``, where the dynamic loader never looks, and only ``import tensorrt`` loads them.
+#: Without them the EP is listed, session creation silently skips it and the session runs on CUDA.
+TENSORRT_EP_LIBS = ("libnvinfer.so.10", "libnvinfer_plugin.so.10", "libnvonnxparser.so.10")
+_dlopen = ctypes.CDLL  # the loader (tests put a recording loader here)
+_preloaded: str | None = None
+
+
+def preload_tensorrt_libs() -> str:
+    """Load TensorRT 10's libraries from the pip package (``tensorrt_libs``) with RTLD_GLOBAL, once per process,
+    before a session asks for the TensorRT EP; returns what was found (logged, and shown by ``cxr-edge doctor``).
+    Where no pip package is installed (JetPack, a system TensorRT) the system loader path is left to find them."""
+    global _preloaded
+    if _preloaded is not None:
+        return _preloaded
+    spec = importlib.util.find_spec("tensorrt_libs")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        _preloaded = "no pip TensorRT libraries (tensorrt_libs) installed: the system loader path must provide them"
+        return _preloaded
+    folder = Path(folders[0])
+    loaded, failed = [], []
+    for name in TENSORRT_EP_LIBS:
+        path = folder / name
+        if not path.exists():
+            failed.append(f"{name} missing")
+            continue
+        try:
+            _dlopen(str(path), mode=ctypes.RTLD_GLOBAL)
+            loaded.append(name)
+        except OSError as exc:
+            failed.append(f"{name}: {str(exc).splitlines()[0][:120]}")
+    _preloaded = (f"loaded {', '.join(loaded)} from {folder}" if loaded else f"nothing loaded from {folder}") + (
+        f"; not loaded: {'; '.join(failed)}" if failed else "")
+    (log.info if loaded and not failed else log.warning)("TensorRT EP libraries: %s", _preloaded)
+    return _preloaded
 
 
 class ProviderFallbackError(ConfigError):
@@ -138,8 +178,9 @@ def requested_providers(device: str, providers: list[str] | None, available: lis
     if device == "cuda" and not (set(chosen) & GPU_PROVIDERS):
         raise ProviderFallbackError(
             f"Could not find the requested execution provider. Requested: {names}; available: {available}. "
-            "Install onnxruntime-gpu (pip install 'cxr-edge[gpu-cu12]') on a machine with CUDA, or run with "
-            "--device cpu. 'cxr-edge doctor' shows what this machine can run."
+            "Install onnxruntime-gpu (pip install 'cxr-edge[gpu-cu12]' for a CUDA 12 driver, 'cxr-edge[gpu-cu13]' for "
+            "CUDA 13; on Jetson the Jetson AI Lab wheel) on a machine with CUDA, or run with --device cpu. "
+            "'cxr-edge doctor' shows what this machine can run."
         )
     missing = [n for n in names if n not in available]
     if missing and device == "auto":

@@ -203,7 +203,9 @@ def choose_preprocess(requested: str, engine) -> tuple[str, str]:
     try:
         import cupy as cp
     except ImportError:
-        why = "CuPy is not installed (pip install cupy-cuda12x)"
+        from ..gpu_platform import detect
+
+        why = f"CuPy is not installed (pip install {detect().cupy_wheel()})"
     else:
         from .gpu_preprocess import self_test
 

@@ -18,6 +18,7 @@ from ..ort_providers import (
     PROVIDERS,
     ProviderFallbackError,
     cuda_ep_options,
+    preload_tensorrt_libs,
     private_cache_dir,
     profile_for,
     requested_providers,
@@ -41,6 +42,7 @@ class OnnxRuntimeBackend(Backend):
         device = self.options.get("device", "auto")
         available = ort.get_available_providers()
         names = requested_providers(device, self.options.get("providers"), available, self.manifest)
+        trt_libs = preload_tensorrt_libs() if PROVIDERS["tensorrt"] in names else None
         self._profile = profile_for(self.options.get("max_batch"))
         self._trt_cache: str | None = None
         provider_options = [self._provider_options(n) for n in names]
@@ -68,6 +70,8 @@ class OnnxRuntimeBackend(Backend):
         self._trt_active = used == PROVIDERS["tensorrt"]
         self.input_name = self.session.get_inputs()[0].name
         details = {"requested": names, "session_providers": actual, "onnxruntime": ort.__version__}
+        if trt_libs is not None:
+            details["tensorrt_libraries"] = trt_libs
         if self._trt_active:
             details["tensorrt_profile"] = list(self._profile)
             details["engine_cache"] = self._trt_cache
