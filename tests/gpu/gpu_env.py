@@ -3,6 +3,7 @@ GPU machine, and a second ``conftest.py`` would shadow tests/conftest.py (``from
 pytest's default import mode when the whole suite runs. Without a CUDA device every test skips with the reason.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -35,3 +36,11 @@ def cudart_or_skip():
     except ImportError:
         pytest.skip("cuda-bindings is not installed")
     return cudart
+
+
+def resize_tolerance(shape, out, dtype_name: str) -> tuple[float, int]:
+    """(largest share of pixels allowed to differ, largest step) for one resize case: 3x the worst share that
+    other float32 summation orders moved on a CPU (gpu_kit/resize_tolerance.py), at least 0.1%, and one level."""
+    cases = json.loads((FIXTURES / "resize_tolerance.json").read_text())["cases"]
+    c = cases[f"{'x'.join(map(str, shape))}->{'x'.join(map(str, out))}:{dtype_name}"]
+    return max(0.001, 3 * c["worst_moved_share"]), max(1, c["worst_step"])

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 import pytest
-from gpu_env import FIXTURES, ROOT, cupy_or_skip
+from gpu_env import FIXTURES, ROOT, cupy_or_skip, resize_tolerance
 
 from cxr_edge.runtime.resize import area_resize
 
@@ -21,8 +21,10 @@ def test_cupy_resize_equals_the_numpy_reference(shape, out, dtype):
     ref = area_resize(img, *out)
     got = cp.asnumpy(area_resize(cp.asarray(img), *out, xp=cp))
     d = np.abs(got.astype(np.int64) - ref.astype(np.int64))
-    # float32 matrix products may sum in another order on the device: one level at most, rarely
-    assert d.max() <= 1 and (d == 0).mean() > 0.999, (d.max(), (d == 0).mean())
+    # float32 matrix products may sum in another order on the device: one level at most, on no more pixels than
+    # 3x what other summation orders moved on a CPU (gpu_kit/resize_tolerance.py; uint16 moves more than uint8)
+    share, step = resize_tolerance(shape, out, np.dtype(dtype).name)
+    assert d.max() <= step and (d != 0).mean() <= share, (d.max(), (d != 0).mean(), share)
     if shape[0] % out[0] == 0 and shape[1] % out[1] == 0:
         assert d.max() == 0  # integer factors are exact everywhere
 
