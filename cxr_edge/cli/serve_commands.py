@@ -112,7 +112,7 @@ def register(sub) -> None:
                     help="connections with a request in progress before answering 503 (sockets still sending "
                          "headers do not count: see --max-pending-headers)")
     sv.add_argument("--max-pending-headers", type=positive_int, default=default_of(TL, "max_pending_headers"),
-                    help="connections still sending headers (or idle); beyond it the oldest is closed")
+                    help="connections still sending headers; beyond it the oldest is closed")
     sv.add_argument("--write-timeout", type=positive_float, default=default_of(TL, "write_timeout_s"),
                     help="seconds a response may make no progress (a client not reading) before it is dropped")
     sv.add_argument("--max-unsent-mb", type=positive_float, default=default_of(TL, "max_unsent_bytes") / 2**20,

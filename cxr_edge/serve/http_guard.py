@@ -48,6 +48,8 @@ SMALL_CHUNK_ALLOWANCE = 256
 MIN_AVERAGE_CHUNK = 512
 #: how often stalled responses are looked at (progress, total unsent bytes)
 STALL_CHECK_S = 1.0
+#: after dropping slow readers, when to give the freed memory back to the system
+TRIM_DELAY_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class TransportLimits:
 
     header_timeout_s: float = 10.0  # request headers complete within this, or the connection is closed
     max_connections: int = 512  # connections past their headers (requests in progress); 503 above
-    max_pending_headers: int = 256  # connections still sending headers or idle; the oldest is closed beyond
+    max_pending_headers: int = 256  # connections still sending headers; the oldest is closed beyond
     write_timeout_s: float = 30.0  # a response making no progress this long is dropped
     max_unsent_bytes: int = 256 * 1024 * 1024  # response bytes waiting for slow readers, all connections
     max_target_bytes: int = 8 * 1024  # request line target (path and query): 414 above
@@ -166,8 +168,9 @@ class ConnectionBook:
     def __init__(self, limits: TransportLimits):
         self.limits = limits
         self.pending: dict = {}  # protocol -> time it began waiting for headers (insertion order is age)
+        self.idle: dict = {}  # protocol -> time its last answer completed (keep-alive, nothing sent since)
         self.stalled: dict = {}  # protocol -> [bytes buffered, time of last progress]
-        self._ticker = None
+        self._ticker = self._trim = None
         _BOOKS.add(self)
 
     # ---- header slots
@@ -189,8 +192,27 @@ class ConnectionBook:
     def headers_done(self, proto) -> None:
         self.pending.pop(proto, None)
 
+    def go_idle(self, proto) -> None:
+        """``proto`` answered and keeps the connection open; beyond as many idle connections as requests may be in
+        progress, the one idle longest is closed (uvicorn's keep-alive timeout closes the others). Idle connections
+        are kept apart from those sending headers: evicting them for a slowloris closed an honest client's
+        connection just as it sent its next request."""
+        self.idle.pop(proto, None)
+        self.idle[proto] = time.monotonic()
+        while len(self.idle) > self.limits.max_connections:
+            oldest = next(iter(self.idle))
+            if oldest is proto:
+                break
+            self.idle.pop(oldest)
+            STATS["idle_connections_closed"] += 1
+            oldest.close_now()
+
+    def busy(self, proto) -> None:
+        self.idle.pop(proto, None)
+
     def forget(self, proto) -> None:
         self.pending.pop(proto, None)
+        self.idle.pop(proto, None)
         self.stalled.pop(proto, None)
 
     # ---- response bytes nobody reads
@@ -232,6 +254,20 @@ class ConnectionBook:
         STATS["slow_readers_dropped"] += 1
         log.warning("dropping the connection from %s: %s", _peer(proto), why)
         proto.abort_now()
+        if self._trim is None:  # once the answers it held are freed, hand the pages back (debounced)
+            self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._release_memory)
+
+    def _release_memory(self) -> None:
+        """glibc keeps freed heap pages for reuse: 34 dropped explain answers left +708 MB resident after their
+        sockets closed. ``malloc_trim`` returns them (a no-op where the C library has no such call)."""
+        self._trim = None
+        STATS["memory_trims"] += 1
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _peer(proto) -> str:
@@ -240,7 +276,8 @@ def _peer(proto) -> str:
 
 
 class _ActiveConnections:
-    """uvicorn's connection set as its concurrency limit should see it: only connections past their headers."""
+    """uvicorn's connection set as its concurrency limit should see it: only connections with a request under way
+    (not those still sending headers, nor idle keep-alive ones)."""
 
     def __init__(self, real: set, book: ConnectionBook):
         self.real, self.book = real, book
@@ -252,7 +289,7 @@ class _ActiveConnections:
         self.real.discard(proto)
 
     def __len__(self) -> int:
-        return max(0, len(self.real) - len(self.book.pending))
+        return max(0, len(self.real) - len(self.book.pending) - len(self.book.idle))
 
     def __iter__(self):
         return iter(self.real)
@@ -323,6 +360,9 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
                 return
             if self._waiting_for_headers():
                 self._arm()  # a new request starts: its headers get their own deadline
+                if self not in book.pending:
+                    book.busy(self)
+                    book.wait_headers(self)  # a keep-alive connection starts its next request
             super().data_received(data)
             if not self._waiting_for_headers():
                 self._disarm()
@@ -335,6 +375,11 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
             book.forget(self)
             super().connection_lost(exc)
 
+        def on_response_complete(self):
+            if not self.transport.is_closing():
+                book.go_idle(self)
+            super().on_response_complete()
+
         def pause_writing(self):
             super().pause_writing()
             book.stall(self)
@@ -343,10 +388,6 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
             super().resume_writing()
             book.unstall(self)
 
-        def on_response_complete(self):
-            if not self.transport.is_closing():
-                book.wait_headers(self)  # keep-alive: idle until the next request's headers
-            super().on_response_complete()
 
         # ---- used by the book
         def write_buffer_size(self) -> int:
@@ -369,6 +410,7 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
                 if isinstance(event, h11.Request):
                     counts.update(chunks=0, bytes=0)
                     book.headers_done(self)
+                    book.busy(self)  # a pipelined request arrives without data_received
                     self._refusal = _header_refusal(event, limits)
                     if self._refusal:
                         STATS[f"refused_{self._refusal[0]}"] += 1
@@ -389,6 +431,10 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
             """uvicorn's answer to a protocol error, with our status (414/431) where one of our limits refused."""
             status, text = self._refusal or (400, msg)
             self._refusal = None
+            if status == 400 and self._waiting_for_headers() and \
+                    len(self.conn.trailing_data[0]) > limits.max_header_bytes:  # h11's incomplete-event bound
+                status, text = 431, f"request headers over {limits.max_header_bytes} bytes"
+                STATS["refused_431"] += 1
             headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
             try:
                 out = self.conn.send(h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]))
@@ -397,7 +443,9 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
                 self.transport.write(out)
             except h11.LocalProtocolError:  # a response is already under way: only closing is left
                 pass
-            self.transport.close()
+            if self._lingering or self._raw.is_closing():
+                return
+            self._linger()  # the client may still be sending: it reads this answer instead of a reset
 
         # ---- header deadline
         def _waiting_for_headers(self) -> bool:
