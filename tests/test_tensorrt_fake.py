@@ -1,8 +1,10 @@
 """build_engine and TensorRTBackend end to end on a CPU, through fakes shaped like TensorRT 10 and 11.
 
-The fakes (tests/fake_gpu.py) expose only names the real bindings have (test_tensorrt_api.py) and run
-the engine as ONNX Runtime over their fake device memory, so these tests check call order, return
-value handling, precision flags, the post-build gate, and the numbers that come back.
+The fakes (tests/fake_gpu.py) expose only names the real bindings have, with their real kinds
+(test_tensorrt_api.py), keep the state a GPU keeps (devices per thread, context shapes captured into CUDA
+graphs: test_tensorrt_state.py) and run the engine as ONNX Runtime over their fake device memory, so these
+tests check call order, return value handling, precision flags, the post-build gate, and the numbers that
+come back.
 """
 
 import json

@@ -335,7 +335,7 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
         raise EngineError("TensorRT failed to build the engine; run with -v to see the builder log.")
     build_s = time.perf_counter() - t0
     _save_timing_cache(bc, cache_path)
-    dev = current_device()
+    dev = current_device()  # the calling thread's current GPU: the one the builder built for
     fields = {
         "kind": "tensorrt-plan", "format": "tensorrt", "precision": config.precision.value,
         "classes": doc["classes"], "operating_point": doc.get("operating_point"), "preprocess": doc["preprocess"],

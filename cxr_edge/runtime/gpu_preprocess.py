@@ -6,7 +6,8 @@ decoding, and every size and bomb check, on the CPU (threads or the isolated wor
 uploads each decoded image through pinned staging memory and resizes it on the device with the same rule
 as the CPU path (:func:`.resize.area_resize`, checked against cv2 and, by the GPU kit, CuPy against NumPy)
 straight into a preallocated device batch. Per-item errors are those of the CPU path. ``xp`` is CuPy on a
-GPU; the CPU tests run the same code with NumPy.
+GPU; the CPU tests run the same code with NumPy and with a CuPy-shaped fake built from the recorded API of
+the real CuPy releases (tests/fake_cupy.py, tests/test_cupy_api.py).
 """
 
 from __future__ import annotations
@@ -51,11 +52,16 @@ class GpuBatchPacker(BatchPacker):
     def __init__(self, spec: PreprocessSpec, batch_size: int, workers: int | None = None,
                  limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False, isolation=None, xp=None):
         super().__init__(spec, batch_size, workers, limits, keep_originals, isolation)
+        # ``xp`` is NumPy or CuPy (names used through it exist in both); ``cp`` is CuPy only (tests/test_cupy_api.py
+        # checks every use against the recorded API of each supported CuPy release, calling form included)
         self.xp = xp if xp is not None else require("cupy")
         self.on_device = hasattr(self.xp, "cuda")
         # three device batches (one inferred, one queued, one filled), fixed addresses for the whole run
         self.buffers = [self.xp.empty((batch_size, *spec.input_shape), self.xp.uint8) for _ in range(3)]
-        self.stream = self.xp.cuda.Stream(non_blocking=True) if self.on_device else None
+        self.stream = None
+        if self.on_device:
+            cp = self.xp
+            self.stream = cp.cuda.Stream(non_blocking=True)
         self._pinned = None
 
     def _stage(self, packed: np.ndarray):
@@ -64,11 +70,14 @@ class GpuBatchPacker(BatchPacker):
             return self.xp.asarray(packed)
         cp = self.xp
         nbytes = packed.nbytes
-        if self._pinned is None or self._pinned.size < nbytes:
-            self._pinned = cp.cuda.alloc_pinned_memory(nbytes)
+        # PinnedMemoryPointer.size is a method in CuPy 13 and 14 (size(self) -> size_t): compared uncalled,
+        # it raised TypeError on the second image and the Screener fell back to the CPU path
+        if self._pinned is None or self._pinned.size() < nbytes:
+            self._pinned = cp.cuda.alloc_pinned_memory(nbytes)  # at least nbytes: a pooled block may be larger
         host = np.frombuffer(self._pinned, np.uint8, nbytes).reshape(packed.shape)
         host[...] = packed
-        dev = cp.empty(packed.shape, cp.uint8)
+        with self.stream:  # allocated in the stream's pool arena: freed only behind the resize that reads it
+            dev = cp.empty(packed.shape, cp.uint8)
         dev.set(host, stream=self.stream)
         self.stream.synchronize()  # the pinned buffer is reused by the next image
         return dev

@@ -10,20 +10,24 @@ Two TensorRT API generations are supported and they differ in kind, not detail:
   states: FP16 engines come from ``model.fp16.onnx``, INT8 from the QDQ ``int8-trt`` graph.
 
 TensorRT 8.x (JetPack 6.0 and older) is refused with what to upgrade. The names this module and the
-build/run code use are checked against the real bindings of 10.3, 10.16 and 11.4 by
-``tests/test_tensorrt_api.py`` (fixtures made by ``tests/fixtures/make_tensorrt_api.py``).
+build/run code use, and how they use them (a method called with arguments one real overload takes, a property
+read or assigned as the real one allows), are checked against the real bindings of 10.3, 10.16 and 11.4 and of
+cuda-bindings 12 and 13 by ``tests/test_tensorrt_api.py`` (fixtures made by ``tests/fixtures/make_tensorrt_api.py``).
 
 Imports are lazy: this module itself imports nothing from TensorRT or CUDA until a function needs it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, EngineError, ManifestError, MissingExtraError
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MAJORS = (10, 11)
 TRT_HINT = ("TensorRT engines need the 'tensorrt' Python package, which is not installed. On an x86 GPU server: "
@@ -135,8 +139,9 @@ class DeviceInfo:
     gpu_name: str
     compute_capability: str
     tensorrt_version: str
-    cuda_driver: str | None = None
-    cuda_runtime: str | None = None
+    cuda_driver: str | None = None  # the newest CUDA the driver supports
+    cuda_runtime: str | None = None  # the CUDA runtime library loaded in this process (None: none could be loaded)
+    cuda_bindings: str | None = None  # the CUDA version cuda-python's runtime bindings were built for
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,23 +154,53 @@ class CudaDevice:
     name: str
     compute_capability: str
     driver: str | None
-    runtime: str | None
+    runtime: str | None  # the libcudart loaded here (getLocalRuntimeVersion), not the bindings' build version
+    bindings_runtime: str | None = None  # cuda-python's cudaRuntimeGetVersion(): a constant of its build
 
 
-def cuda_device(device: int = 0) -> CudaDevice:
+def cuda_device(device: int | None = None) -> CudaDevice:
+    """One GPU's name, compute capability and CUDA versions; ``None``: the calling thread's current device."""
     cudart = require_cudart()
+    if device is None:
+        device = current_device_index()
     props = check_cuda(cudart.cudaGetDeviceProperties(device), f"cudaGetDeviceProperties({device})")
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     drv = check_cuda(cudart.cudaDriverGetVersion(), "cudaDriverGetVersion")
-    rt = check_cuda(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
-    return CudaDevice(name.strip("\x00").strip(), f"{props.major}.{props.minor}", _cuda_version(drv), _cuda_version(rt))
+    built = check_cuda(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")
+    return CudaDevice(name.strip("\x00").strip(), f"{props.major}.{props.minor}", _cuda_version(drv),
+                      loaded_runtime_version(cudart), _cuda_version(built))
 
 
-def current_device(device: int = 0) -> DeviceInfo:
-    """The GPU engines would be built for or run on: its name and compute capability decide compatibility."""
+def loaded_runtime_version(cudart: Any) -> str | None:
+    """The version of the CUDA runtime library this process loads, or None when none can be loaded.
+
+    cuda-python's ``cudaRuntimeGetVersion()`` does not ask a library: it returns the CUDA version the bindings
+    were compiled for (NVIDIA/cuda-python#16). ``getLocalRuntimeVersion()`` (cuda-python >= 12.3) loads the
+    ``libcudart`` found on the library path and asks it; it raises when there is none (NVIDIA/cuda-python#89).
+    """
+    try:
+        result = cudart.getLocalRuntimeVersion()
+    except (AttributeError, RuntimeError, OSError) as exc:
+        log.debug("no CUDA runtime library version: %s", exc)
+        return None
+    err, *rest = result
+    return _cuda_version(rest[0]) if int(err) == 0 and rest else None
+
+
+def current_device_index() -> int:
+    """The calling thread's current CUDA device (CUDA keeps one per host thread; a new thread starts on 0)."""
+    return int(check_cuda(require_cudart().cudaGetDevice(), "cudaGetDevice"))
+
+
+def current_device(device: int | None = None) -> DeviceInfo:
+    """The GPU engines would be built for or run on: its name and compute capability decide compatibility.
+
+    ``None`` is the calling thread's current device: the one TensorRT's builder uses, and the one a backend
+    without a ``device_index`` runs on.
+    """
     _, flavor = require_tensorrt()
     gpu = cuda_device(device)
-    return DeviceInfo(gpu.name, gpu.compute_capability, flavor.version, gpu.driver, gpu.runtime)
+    return DeviceInfo(gpu.name, gpu.compute_capability, flavor.version, gpu.driver, gpu.runtime, gpu.bindings_runtime)
 
 
 def _cuda_version(v: Any) -> str | None:

@@ -49,9 +49,13 @@ def make_trt(cp):
         def __init__(self, severity=2):
             self.severity = severity
 
+    class ExecutionContextAllocationStrategy:
+        STATIC, ON_PROFILE_CHANGE, USER_MANAGED = 0, 1, 2
+
     class Engine:
         num_io_tensors = 2
         launches = 0
+        device_memory_size_v2 = 0  # the kernel needs no activation memory
 
         def get_tensor_name(self, i):
             return ("image", "probs")[i]
@@ -65,12 +69,15 @@ def make_trt(cp):
         def get_tensor_dtype(self, name):
             return DataType.UINT8 if name == "image" else DataType.FLOAT
 
-        def create_execution_context(self):
+        def create_execution_context(self, strategy=0):
             return Context(self)
 
     class Context:
         def __init__(self, engine):
             self.engine, self.addr, self.shape = engine, {}, None
+
+        def set_device_memory(self, memory, size):
+            self.memory = (int(memory), int(size))
 
         def set_tensor_address(self, name, ptr):
             self.addr[name] = int(ptr)
@@ -103,6 +110,7 @@ def make_trt(cp):
     trt.__version__ = "10.13.0"
     trt.Builder = object  # marks a real module for tensorrt_installed()
     trt.Logger, trt.Runtime, trt.TensorIOMode, trt.DataType = Logger, Runtime, TensorIOMode, DataType
+    trt.ExecutionContextAllocationStrategy = ExecutionContextAllocationStrategy
     trt.nptype = lambda t: np.dtype(t)
     trt.Engine = Engine
     return trt
