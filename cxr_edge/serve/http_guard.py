@@ -48,6 +48,9 @@ SMALL_CHUNK_ALLOWANCE = 256
 MIN_AVERAGE_CHUNK = 512
 #: how often stalled responses are looked at (progress, total unsent bytes)
 STALL_CHECK_S = 1.0
+#: a connection waiting for headers is never closed for a newcomer before this age: when 256 clients connect at
+#: once, the oldest may simply not have been read yet (one honest client was cut off that way)
+EVICT_GRACE_S = 1.0
 #: after dropping slow readers, when to give the freed memory back to the system
 TRIM_DELAY_S = 1.0
 
@@ -180,9 +183,10 @@ class ConnectionBook:
         self.pending[proto] = time.monotonic()
         while len(self.pending) > self.limits.max_pending_headers:
             oldest = next(iter(self.pending))
-            if oldest is proto:
+            age = time.monotonic() - self.pending[oldest]
+            if oldest is proto or age < EVICT_GRACE_S:  # a burst of new clients: give the loop time to read them
                 break
-            age = time.monotonic() - self.pending.pop(oldest)
+            self.pending.pop(oldest)
             STATS["pending_headers_evicted"] += 1
             if STATS["pending_headers_evicted"] % 100 == 1:  # one line per hundred: a slowloris would flood the log
                 log.warning("%d connections waiting for headers: closed the oldest (%s, %.1f s; %d closed so far)",
