@@ -300,12 +300,12 @@ class IsolatedDecoder:
             source = bytes(source)  # one copy, shared by the header check and whichever path decodes
         outer: Future = Future()
         if isinstance(source, bytes) and header_bounded(source, self.isolation.inline_max_bytes):
+            inner = self._threads.submit(decode_and_pack, source, name, self.spec, self.limits, keep_preview,
+                                         resize)
             with self._lock:
                 self.inline += 1
                 self.pending += 1
-            inner = self._threads.submit(decode_and_pack, source, name, self.spec, self.limits, keep_preview,
-                                         resize)
-            self._link(inner, outer, shown)
+            self._link(inner, outer, shown, cancel_inner=True)
             return outer
         job = _Job((source, name, self.spec, self.limits, keep_preview, resize), outer, shown,
                    client or "", request or "")
@@ -369,29 +369,36 @@ class IsolatedDecoder:
         except OSError:
             return path, name
 
-    def _link(self, inner, outer: Future, shown: str) -> None:
+    def _link(self, inner, outer: Future, shown: str, cancel_inner: bool = False) -> None:
+        from concurrent.futures import InvalidStateError
+
         def done(f) -> None:
             with self._lock:
                 self.pending -= 1
             if outer.done():  # the caller gave up (timeout, sibling failed): nobody to tell
                 return
-            if f.cancelled():
-                outer.cancel()
-                return
-            try:
-                res = f.result()
-            except Exception as exc:
-                outer.set_exception(self._failure(exc, shown))
-                return
-            if res[0] == "ok":
-                outer.set_result(res[1])
-            else:
-                outer.set_exception(error_from(*res[1:]))
+            try:  # the caller may cancel from its own thread meanwhile
+                if f.cancelled():
+                    outer.cancel()
+                    return
+                try:
+                    res = f.result()
+                except Exception as exc:
+                    outer.set_exception(self._failure(exc, shown))
+                    return
+                if res[0] == "ok":
+                    outer.set_result(res[1])
+                else:
+                    outer.set_exception(error_from(*res[1:]))
+            except InvalidStateError:
+                pass
 
         inner.add_done_callback(done)
-        # a caller that gives up on an item not yet started frees its place; a running one is left to finish
-        # (cancelling it would kill and respawn its worker)
-        outer.add_done_callback(lambda f: f.cancelled() and not inner.running() and inner.cancel())
+        if cancel_inner:
+            # a thread-pool image not yet started frees its place; one handed to pebble is left alone: it starts
+            # at once (pebble only ever holds as many as there are workers), and cancelling a task a worker may
+            # already have received makes pebble kill and respawn that worker
+            outer.add_done_callback(lambda f: f.cancelled() and not inner.running() and inner.cancel())
 
     def _failure(self, exc: BaseException, name: str):
         from concurrent.futures import TimeoutError as FutureTimeout

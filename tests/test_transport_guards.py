@@ -276,3 +276,55 @@ def test_decode_workers_are_shared_fairly_between_clients(tiny_export):
         assert done_order.index("b") <= 3, done_order  # first come, first served: b would finish last
     finally:
         dec.close()
+
+
+def test_graceful_shutdown_survives_a_connection_in_protocol_error():
+    """A client that gets an early answer and then sends a malformed chunk leaves h11 in ERROR: the connection is
+    closed at once (no answer left to read), and a SIGTERM-style shutdown still drains and runs the app's
+    shutdown (sending h11's close event on it raised out of uvicorn's shutdown loop)."""
+    import uvicorn
+
+    from cxr_edge.serve.http_guard import TransportLimits, guarded_protocol
+
+    events = []
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                m = await receive()
+                if m["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                else:
+                    events.append("shutdown ran")
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           http=guarded_protocol(TransportLimits()), timeout_graceful_shutdown=5))
+
+    async def main():
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.05)
+
+        def client():
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+            time.sleep(0.3)
+            assert s.recv(1000).startswith(b"HTTP/1.1 404")
+            s.sendall(b"zz-not-hex\r\n")
+            time.sleep(0.3)
+            return s
+
+        s = await asyncio.to_thread(client)
+        server.should_exit = True
+        await task
+        s.close()
+
+    asyncio.run(main())
+    assert events == ["shutdown ran"]

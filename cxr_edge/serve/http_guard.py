@@ -172,6 +172,7 @@ class ConnectionBook:
         self.limits = limits
         self.pending: dict = {}  # protocol -> time it began waiting for headers (insertion order is age)
         self.idle: dict = {}  # protocol -> time its last answer completed (keep-alive, nothing sent since)
+        self.lingering: set = set()  # answered, draining what the client still sends before closing
         self.stalled: dict = {}  # protocol -> [bytes buffered, time of last progress]
         self._ticker = self._trim = None
         _BOOKS.add(self)
@@ -217,6 +218,7 @@ class ConnectionBook:
     def forget(self, proto) -> None:
         self.pending.pop(proto, None)
         self.idle.pop(proto, None)
+        self.lingering.discard(proto)
         self.stalled.pop(proto, None)
 
     # ---- response bytes nobody reads
@@ -281,7 +283,7 @@ def _peer(proto) -> str:
 
 class _ActiveConnections:
     """uvicorn's connection set as its concurrency limit should see it: only connections with a request under way
-    (not those still sending headers, nor idle keep-alive ones)."""
+    (not those still sending headers, idle keep-alive ones, or answered ones draining before their close)."""
 
     def __init__(self, real: set, book: ConnectionBook):
         self.real, self.book = real, book
@@ -293,7 +295,7 @@ class _ActiveConnections:
         self.real.discard(proto)
 
     def __len__(self) -> int:
-        return max(0, len(self.real) - len(self.book.pending) - len(self.book.idle))
+        return max(0, len(self.real) - len(self.book.pending) - len(self.book.idle) - len(self.book.lingering))
 
     def __iter__(self):
         return iter(self.real)
@@ -439,17 +441,34 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
                     len(self.conn.trailing_data[0]) > limits.max_header_bytes:  # h11's incomplete-event bound
                 status, text = 431, f"request headers over {limits.max_header_bytes} bytes"
                 STATS["refused_431"] += 1
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True  # the app stops waiting for a body that will not come
+                self.cycle.message_event.set()
             headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
             try:
                 out = self.conn.send(h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]))
                 out += self.conn.send(h11.Data(data=text.encode("ascii", "replace")))
                 out += self.conn.send(h11.EndOfMessage())
                 self.transport.write(out)
-            except h11.LocalProtocolError:  # a response is already under way: only closing is left
-                pass
+            except h11.LocalProtocolError:  # an answer was already sent: nothing for the client to read, close now
+                self._raw.close()
+                return
             if self._lingering or self._raw.is_closing():
                 return
             self._linger()  # the client may still be sending: it reads this answer instead of a reset
+
+        def shutdown(self) -> None:
+            """uvicorn's graceful shutdown, skipping connections already closing: sending h11's close event on a
+            connection in ERROR state raised out of uvicorn's shutdown loop and cut the drain short."""
+            if self._lingering or self._raw.is_closing() or self.conn.our_state is h11.ERROR:
+                self._raw.close()
+                return
+            super().shutdown()
+
+        def handle_websocket_upgrade(self, event) -> None:
+            self._disarm()  # the upgraded socket is no longer an HTTP connection waiting for headers
+            book.forget(self)
+            super().handle_websocket_upgrade(event)
 
         # ---- header deadline
         def _waiting_for_headers(self) -> bool:
@@ -477,13 +496,20 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
             return self.cycle is not None and self.conn.their_state is h11.SEND_BODY
 
         def _linger(self):
-            """Answer flushed, write side shut; the unread body is drained for a moment, then the socket closed."""
+            """Answer flushed, write side shut; the unread body is drained for a moment, then the socket closed.
+            Beyond ``max_pending_headers`` lingering connections the socket is closed at once instead."""
+            if len(book.lingering) >= limits.max_pending_headers:
+                self._raw.close()
+                return
             try:
                 self._raw.write_eof()
             except (OSError, RuntimeError, NotImplementedError):
                 self._raw.close()
                 return
             self._lingering = True
+            book.headers_done(self)  # draining, not waiting for headers: counted once, as lingering
+            book.busy(self)
+            book.lingering.add(self)
             STATS["lingering_closes"] += 1
             self._raw.resume_reading()
             self._linger_end = self.loop.call_later(limits.max_linger_s, self._raw.close)
