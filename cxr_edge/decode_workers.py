@@ -291,7 +291,7 @@ class IsolatedDecoder:
         ``client`` and ``request`` (e.g. the peer address and the request id) share the workers fairly: a free
         worker takes the next image of the client with the fewest images in workers, and within that client of
         the request with the fewest, so one client's slow uploads wait behind each other, not in front of
-        everyone (16 slow DICOMs took a normal DICOM from 0.1 s to 27.4 s in a first-come queue).
+        everyone (in a first-come queue, a burst of slow DICOMs from one client held every worker; SECURITY.md).
         """
         shown = name or str(source)
         if isinstance(source, (str, os.PathLike)):

@@ -36,7 +36,7 @@ __all__ = ["ScreeningService", "ServeConfig", "create_app", "default_engine_thre
 log = logging.getLogger("cxr_edge.serve")
 
 #: base64 bytes of one image's explanation (overlay + preview + map); a noisy preview is halved until it fits,
-#: so an explain answer is at most images x this (16 x 1.5 MiB) plus its JSON
+#: so an explain answer is at most images x this plus its JSON
 EXPLAIN_MAX_BYTES = 1536 * 1024
 
 
@@ -73,8 +73,8 @@ class ScreeningService:
         self.limits = DecodeLimits(max_bytes=self.max_body)
         #: images being decoded or waiting for a decoder beyond this: requests are refused up front and
         #: /readyz says not ready (a load balancer sends the work elsewhere). As deep as the inference queue: at
-        #: 8 per worker, 256 honest clients of one image each drew 503s (15 of 1,024 requests) although the
-        #: queue behind had room; the request timeout and the fair decode queue bound what waiting costs.
+        #: 8 per worker, a burst of honest one-image clients drew 503s although the queue behind had room; the
+        #: request timeout and the fair decode queue bound what waiting costs.
         self.max_decode_backlog = max(8 * max(1, config.decode_workers), config.max_queue)
         self.save_dir = Path(config.save_dir).resolve() if config.save_dir else None
         self._multipart = _in_memory_multipart_parser(self.max_body)
@@ -219,7 +219,7 @@ class ScreeningService:
         """Grad-CAM, its overlay, the preview and the map alone, all at the capped preview size (never the
         full-resolution image): the kiosk blends preview and map with its own opacity control. The images
         together stay within :data:`EXPLAIN_MAX_BYTES` (base64): a noisy preview is sent smaller rather than
-        letting an answer grow to 5x its upload (16 noise images of 1024 px made an 85 MB answer)."""
+        letting an answer grow to several times its upload (noise images made the largest answers)."""
         import cv2
 
         from ..runtime.gradcam import gradcam

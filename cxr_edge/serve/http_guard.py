@@ -7,7 +7,7 @@ request yet. The guards here give each phase a bound:
 * :class:`BodyGuard`: ASGI middleware answering 413 for bodies over the limit (by Content-Length and
   while streaming), 408 when the server waited longer than ``body_timeout_s`` for a body or it arrived
   slower than ``min_rate`` *while the server was waiting for it* (time the server itself spent elsewhere
-  is not the client's: at 256 clients a wall-clock rate cut off honest uploads), and 503 when the bodies
+  is not the client's: under load a wall-clock rate cut off honest uploads), and 503 when the bodies
   held by all requests together would pass ``max_inflight_bytes``.
 * :func:`guarded_protocol`: uvicorn's h11 protocol, subclassed (chosen explicitly so the guards do not
   depend on which HTTP parser happens to be installed), which
@@ -15,12 +15,12 @@ request yet. The guards here give each phase a bound:
   - keeps at most ``max_pending_headers`` connections waiting for headers and closes the *oldest* when a
     new one arrives (an honest client sends its headers in milliseconds, a slowloris socket is always the
     oldest), and counts only connections past their headers against ``max_connections`` (uvicorn counted
-    half-open sockets: 520 of them kept honest clients at 503);
+    half-open sockets, so a slowloris kept honest clients at 503);
   - drops a connection whose response makes no progress for ``write_timeout_s``, and the longest-stalled
-    ones while responses waiting for slow readers pass ``max_unsent_bytes`` all together (34 clients that
-    never read their explain answers held 2 GB);
+    ones while responses waiting for slow readers pass ``max_unsent_bytes`` all together (clients that
+    never read their explain answers held gigabytes);
   - answers 414/431 to request lines and header blocks over their limits (h11 bounds only *incomplete*
-    events, so a 100 kB URL sent in one segment was accepted) and 400 to a body sent as a flood of tiny
+    events, so a huge URL sent in one segment was accepted) and 400 to a body sent as a flood of tiny
     chunks (uvicorn merges chunks before the app sees them, so only the protocol can count them);
   - after answering a request whose body it did not read (408, 413, 503), shuts its write side and reads
     and drops what the client still sends for a moment (a lingering close, as nginx does) before closing,
@@ -48,7 +48,7 @@ SMALL_CHUNK_ALLOWANCE = 256
 MIN_AVERAGE_CHUNK = 512
 #: how often stalled responses are looked at (progress, total unsent bytes)
 STALL_CHECK_S = 1.0
-#: a connection waiting for headers is never closed for a newcomer before this age: when 256 clients connect at
+#: a connection waiting for headers is never closed for a newcomer before this age: when many clients connect at
 #: once, the oldest may simply not have been read yet (one honest client was cut off that way)
 EVICT_GRACE_S = 1.0
 #: after dropping slow readers, when to give the freed memory back to the system
@@ -264,7 +264,7 @@ class ConnectionBook:
             self._trim = asyncio.get_running_loop().call_later(TRIM_DELAY_S, self._release_memory)
 
     def _release_memory(self) -> None:
-        """glibc keeps freed heap pages for reuse: 34 dropped explain answers left +708 MB resident after their
+        """glibc keeps freed heap pages for reuse, so the answers of dropped readers stayed resident after their
         sockets closed. ``malloc_trim`` returns them (a no-op where the C library has no such call)."""
         self._trim = None
         STATS["memory_trims"] += 1
