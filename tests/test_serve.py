@@ -283,3 +283,35 @@ def test_kiosk_never_inserts_markup_from_the_service():
     page = resources.files("cxr_edge.serve").joinpath("kiosk.html").read_text()
     assert "innerHTML" not in page and "outerHTML" not in page and "insertAdjacentHTML" not in page
     assert "document.write" not in page
+
+
+def test_every_front_end_screens_through_the_one_screening_step(artifact, monkeypatch):
+    """Screener (files) and the HTTP service (predict and explain) make their results in ScreeningStep.results and
+    nowhere else; the same image gets the same decision and the same Grad-CAM from both."""
+    import numpy as np
+
+    from cxr_edge.runtime import Screener
+    from cxr_edge.runtime.screening_step import ScreeningStep
+
+    made = []
+    real = ScreeningStep.results
+
+    def spy(self, indices, *a, **k):
+        out = real(self, indices, *a, **k)
+        made.extend(id(r) for r in out)
+        return out
+
+    monkeypatch.setattr(ScreeningStep, "results", spy)
+    art, data = artifact
+    img = sorted((data / "COVID").iterdir())[0]
+    with Screener(art, device="cpu") as s:
+        local = s.predict([img], explain=True)
+    assert made and id(local[0]) in made
+    made.clear()
+    with _client(art) as c:
+        e = c.post("/v1/explain", files=[("files", (img.name, _png(img), "image/png"))]).json()["results"][0]
+        p = c.post("/v1/predict", files=[("files", (img.name, _png(img), "image/png"))]).json()["results"][0]
+    assert len(made) >= 2  # the service's warm-up goes around the step; each answered image went through it
+    assert e["label"] == p["label"] == local[0].label and e["explanation"]["method"] == "engine-native"
+    assert abs(e["explanation"]["peak"] - local[0].explanation.peak) < 1e-4
+    assert np.isfinite(local[0].explanation.cam).all()

@@ -6,15 +6,13 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
-from ..decision import borderline_band, decide, describe_operating_point
+from ..decision import borderline_band, describe_operating_point
 from ..decode_workers import DecodeIsolation
 from ..errors import ConfigError
 from .backends.registry import open_backend
 from .batching import BatchPacker
-from .overlay import WEAK_CAM_PEAK
-from .result import Explanation, ScreeningResult
+from .result import ScreeningResult
+from .screening_step import ScreeningStep
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +50,10 @@ class Screener:
         self.operating_point = ("threshold given by the caller" if threshold is not None
                                 else describe_operating_point(op))
         self.band = borderline_band(self.manifest)
+        self.step = ScreeningStep(self.engine, threshold, tf_cam=self._tf_cam)
         self.batch_size = batch_size  # the engine fits any size to its profile (Backend.infer)
         self.workers = workers
         self.isolation = isolation  # None: decode in threads of this process (trusted files only)
-        self._cam = None
         try:
             self.preprocess, self.preprocess_note = choose_preprocess(preprocess, self.engine)
         except BaseException:
@@ -63,27 +61,6 @@ class Screener:
             raise
 
     # --------------------------------------------------------------- explanations
-    def _cam_engine(self):
-        if self._cam is None:
-            head = None
-            if "features" in self.engine.outputs:
-                from .head import load_artifact_head
-
-                head = load_artifact_head(self.engine.artifact, self.manifest)
-            if head is not None:
-                self._cam = ("engine-native", head)
-            else:
-                self._cam = ("tensorflow", None)
-        return self._cam
-
-    def _explain(self, x: np.ndarray, features: np.ndarray | None, targets: np.ndarray) -> tuple[np.ndarray, str]:
-        method, head = self._cam_engine()
-        if method == "engine-native":
-            from .gradcam import gradcam
-
-            return gradcam(head, features, targets).cam, method
-        return self._tf_cam(x, targets), method
-
     def _tf_cam(self, x, targets):
         """Fallback: Grad-CAM on the source Keras model (needs the train extra and the .keras file)."""
         from ..keras_layers import load_keras_model
@@ -139,7 +116,7 @@ class Screener:
     def _predict(self, items, positions, results, path, explain, out_dir, cam_scale) -> None:
         packer = self._packer(path, explain)
         info = self.engine.info
-        outputs = ["probs", "features"] if explain and self._cam_engine()[0] == "engine-native" else ["probs"]
+        outputs = self.step.outputs(explain)
         try:
             for pb in packer.iter_batches(items):
                 pb = _renumber(pb, positions)
@@ -150,32 +127,21 @@ class Screener:
                 t0 = time.perf_counter()
                 out = self.engine.infer_device(pb.x, outputs) if path == "gpu" else self.engine.infer(pb.x, outputs)
                 infer_s = time.perf_counter() - t0
-                probs = out["probs"]
-                labels = decide(probs, self.classes, self.threshold)
                 per = len(pb.indices)
-                cams, method, cam_s = None, None, 0.0
-                if explain:
-                    t1 = time.perf_counter()
-                    cams, method = self._explain(_host(pb.x), out.get("features"), labels)
-                    cam_s = time.perf_counter() - t1
-                for k, i in enumerate(pb.indices):
-                    r = ScreeningResult.from_probabilities(
-                        i, pb.names[i], probs[k], self.classes, self.threshold, info,
-                        {"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per, "batch": per},
-                        self.operating_point, self.band)
-                    r.preprocess = path
-                    if cams is not None:
-                        r.explanation = Explanation(self.classes[labels[k]], method, float(cams[k].max()), cam_s / per,
-                                                    cam=cams[k], weak=bool(cams[k].max() < WEAK_CAM_PEAK))
-                        r.timings_ms["explain"] = 1e3 * cam_s / per
-                        if out_dir is not None:
-                            from .overlay import save_explanation
+                timing = {"decode": 1e3 * pb.decode_s / per, "infer": 1e3 * infer_s / per, "batch": per}
+                batch = self.step.results(pb.indices, [pb.names[i] for i in pb.indices], out["probs"],
+                                          [timing] * per, path, explain, out.get("features"),
+                                          _host(pb.x) if explain else None)
+                for r in batch:
+                    i = r.index
+                    if r.explanation is not None and out_dir is not None:
+                        from .overlay import save_explanation
 
-                            stem = f"{i:05d}_{Path(pb.names[i]).stem}"
-                            caption = [r.decision.text() if r.decision else str(r.label),
-                                       f"Grad-CAM of {r.label} ({method}), {info.precision} on {info.backend}"]
-                            r.explanation.files = save_explanation(out_dir, stem, pb.originals[i], cams[k], cam_scale,
-                                                                   caption)
+                        stem = f"{i:05d}_{Path(pb.names[i]).stem}"
+                        caption = [r.decision.text() if r.decision else str(r.label),
+                                   f"Grad-CAM of {r.label} ({r.explanation.method}), {info.precision} on {info.backend}"]
+                        r.explanation.files = save_explanation(out_dir, stem, pb.originals[i], r.explanation.cam,
+                                                               cam_scale, caption)
                     results[i] = r
         finally:
             packer.close()

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..decision import borderline_band, describe_operating_point
 from ..decode import DecodeLimits
 from ..decode_workers import DecodeIsolation, IsolatedDecoder, PackedItem, decode_and_pack, error_from
 from ..errors import ImageError
 from ..extras import require
 from ..runtime.backends.registry import open_backend
 from ..runtime.result import Explanation, ScreeningResult
+from ..runtime.screening_step import ScreeningStep
 from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .config import ServeConfig
 from .http_guard import BodyGuard, transport_snapshot
@@ -108,8 +108,8 @@ class ScreeningService:
             self.preprocess, note = choose_preprocess(c.preprocess, engine)
             log.info("preprocessing on the %s (%s)", self.preprocess.upper(), note)
             self.metrics.preprocess_on_gpu.set(1 if self.preprocess == "gpu" else 0)
-            self.operating_point = describe_operating_point(engine.manifest.operating_point)
-            self.band = borderline_band(engine.manifest)
+            self.step = ScreeningStep(engine)  # the same step as Screener: decision, operating point, Grad-CAM
+            self.operating_point = self.step.operating_point
             if c.decode_workers > 0:
                 self.decoder = IsolatedDecoder(engine.spec, self.limits, DecodeIsolation(
                     c.decode_workers, c.decode_timeout_s, c.decode_memory_mb))
@@ -118,10 +118,7 @@ class ScreeningService:
             await self.batcher.start()
             # warm up before declaring readiness: the first inference allocates and tunes kernels
             await self.batcher.submit(np.zeros(engine.spec.input_shape, np.uint8), features=True)
-            if "features" in engine.outputs and engine.artifact is not None:
-                from ..runtime.head import load_artifact_head
-
-                self.head = load_artifact_head(engine.artifact, engine.manifest)
+            self.head = self.step.cam_engine()[1]  # engine-native Grad-CAM head, or None (no explain here)
         except BaseException:
             if self.batcher is not None:
                 await self.batcher.stop(0)
@@ -215,18 +212,17 @@ class ScreeningService:
             self.metrics.images.labels("gpu_fallback").inc()
             return area_resize(img, spec.height, spec.width)
 
-    def _explanation(self, preview: np.ndarray, features: np.ndarray, label: int) -> Explanation:
-        """Grad-CAM, its overlay, the preview and the map alone, all at the capped preview size (never the
-        full-resolution image): the kiosk blends preview and map with its own opacity control. The images
-        together stay within :data:`EXPLAIN_MAX_BYTES` (base64): a noisy preview is sent smaller rather than
-        letting an answer grow to several times its upload (noise images made the largest answers)."""
+    def _render(self, preview: np.ndarray, e: Explanation) -> Explanation:
+        """The inline images of an HTTP explanation, from the screening step's Grad-CAM: its overlay, the preview
+        and the map alone, at the capped preview size (never the full-resolution image); the kiosk blends preview
+        and map with its own opacity control. Together within :data:`EXPLAIN_MAX_BYTES` (base64): a noisy
+        preview is sent smaller rather than letting an answer grow to several times its upload."""
         import cv2
 
-        from ..runtime.gradcam import gradcam
-        from ..runtime.overlay import WEAK_CAM_PEAK, heatmap, overlay
+        from ..runtime.overlay import heatmap, overlay
 
         t = time.perf_counter()
-        cam = gradcam(self.head, features[None], label).cam[0]
+        cam = e.cam
         h, w = preview.shape[:2]
         small = (max(1, w * 256 // max(h, w)), max(1, h * 256 // max(h, w)))  # smooth: the browser scales it up
 
@@ -234,24 +230,33 @@ class ScreeningService:
             ok, buf = cv2.imencode(ext, img, list(params))
             return base64.b64encode(buf.tobytes()).decode()
 
-        heat = b64(".png", heatmap(cam, small))
+        e.heatmap_png_base64 = b64(".png", heatmap(cam, small))
         while True:
-            over = b64(".png", overlay(preview, cam))
-            shown = b64(".jpg", preview, cv2.IMWRITE_JPEG_QUALITY, 90)
+            e.overlay_png_base64 = b64(".png", overlay(preview, cam))
+            e.preview_jpeg_base64 = b64(".jpg", preview, cv2.IMWRITE_JPEG_QUALITY, 90)
             side = max(preview.shape[:2])
-            if len(heat) + len(over) + len(shown) <= EXPLAIN_MAX_BYTES or side <= 128:
+            size = len(e.heatmap_png_base64) + len(e.overlay_png_base64) + len(e.preview_jpeg_base64)
+            if size <= EXPLAIN_MAX_BYTES or side <= 128:
                 break
             preview = cv2.resize(preview, (max(1, preview.shape[1] // 2), max(1, preview.shape[0] // 2)),
                                  interpolation=cv2.INTER_AREA)
-        return Explanation(self.engine.classes[label], "engine-native", float(cam.max()), time.perf_counter() - t,
-                           cam=cam, overlay_png_base64=over, preview_jpeg_base64=shown, heatmap_png_base64=heat,
-                           weak=bool(cam.max() < WEAK_CAM_PEAK))
+        e.seconds += time.perf_counter() - t
+        return e
+
+    def _screen_item(self, k: int, name: str, out: dict, timings: dict, explain: bool, preview) -> ScreeningResult:
+        """The screening step for one image of a request, then (explain) its inline images."""
+        features = out["features"][None] if explain else None
+        r = self.step.results([k], [name], out["probs"][None], [timings], self.preprocess, explain, features)[0]
+        if explain and r.explanation is not None:
+            r.explanation = self._render(preview, r.explanation)
+            r.timings_ms["explain"] = 1e3 * r.explanation.seconds
+        return r
 
     async def _one(self, k: int, name: str, data: bytes, rid: str, explain: bool, deadline: float,
                    client: str = "") -> ScreeningResult:
         """One image: decode, queue, infer, explain, all within the request's deadline (``timeout_s``)."""
         loop = asyncio.get_running_loop()
-        engine, batcher = self.engine, self.batcher
+        batcher = self.batcher
         t = time.perf_counter()
         batcher.expect()
         try:
@@ -265,16 +270,12 @@ class ScreeningService:
         decode_ms = 1e3 * (time.perf_counter() - t)
         t = time.perf_counter()
         out = await asyncio.wait_for(batcher.enqueue(item.packed, features=explain, announced=True), _left(deadline))
-        r = ScreeningResult.from_probabilities(k, name, out["probs"], engine.classes, engine.manifest.threshold,
-                                               engine.info, {"decode": decode_ms,
-                                                             "queue_and_infer": 1e3 * (time.perf_counter() - t)},
-                                               self.operating_point, self.band)
-        r.preprocess = self.preprocess
-        if explain:
-            label = engine.classes.index(r.label)
-            r.explanation = await loop.run_in_executor(self.decode_pool, self._explanation, item.preview,
-                                                       out["features"], label)
-            r.timings_ms["explain"] = 1e3 * r.explanation.seconds
+        timings = {"decode": decode_ms, "queue_and_infer": 1e3 * (time.perf_counter() - t)}
+        if explain:  # Grad-CAM and image encoding: off the event loop
+            r = await loop.run_in_executor(self.decode_pool, self._screen_item, k, name, out, timings, True,
+                                           item.preview)
+        else:
+            r = self._screen_item(k, name, out, timings, False, None)
         self.metrics.images.labels("ok").inc()
         return r
 
