@@ -198,3 +198,18 @@ def test_predict_text_output_cannot_be_forged_and_special_files_are_reported(tin
     assert any("\\n" in line for line in lines)  # the newline is shown escaped
     errors = [line for line in lines if line.startswith("ERROR")]
     assert len(errors) == 2 and all("not a regular file" in e for e in errors), errors
+
+
+def test_a_misspelt_backend_option_is_a_usage_error_naming_the_valid_ones(tiny_export):
+    """``Screener(a, thread=2)`` used to be silently ignored: the engine ran with its default threads."""
+    from cxr_edge.errors import ConfigError
+    from cxr_edge.runtime import Screener
+    from cxr_edge.runtime.backends.registry import open_backend
+
+    art = next(a.path for a in tiny_export.artifacts if a.variant == "fp32")
+    with pytest.raises(ConfigError, match=r"onnxruntime backend has no option 'thread'; valid: .*threads"):
+        Screener(art, device="cpu", thread=2)
+    with pytest.raises(ConfigError, match="'ov_device'"):
+        open_backend(art, backend="onnxruntime", ov_device="GPU")
+    eng = open_backend(art, backend="onnxruntime", device="cpu", threads=1, cuda_graph=False).load()  # common: fine
+    eng.close()

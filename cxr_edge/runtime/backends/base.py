@@ -40,10 +40,23 @@ class SelfCheckError(EngineError):
     this backend or machine computes something other than what was gated."""
 
 
+#: options every front end may pass to any backend; a backend that has no use for one ignores it (``threads`` on a
+#: remote Triton model, ``cuda_graph`` on ONNX Runtime, ``precision``: an inference-precision hint only OpenVINO
+#: takes), so the same flags work whichever backend runs
+COMMON_OPTIONS = frozenset({"device", "max_batch", "threads", "spin", "trusted", "cuda_graph", "self_check",
+                            "precision"})
+
+
 class Backend(abc.ABC):
     name: str = "base"  # which formats a backend runs is said once, in the registry
+    #: the options this backend reads beyond :data:`COMMON_OPTIONS`
+    OPTIONS: frozenset[str] = frozenset()
 
     def __init__(self, artifact: str | Path, manifest: Mapping, **options):
+        unknown = sorted(set(options) - COMMON_OPTIONS - self.OPTIONS)
+        if unknown:  # a misspelt option (``thread=2``) was silently ignored
+            raise ConfigError(f"{self.name} backend has no option {', '.join(map(repr, unknown))}; valid: "
+                              f"{', '.join(sorted(COMMON_OPTIONS | self.OPTIONS))}.")
         self.artifact = Path(artifact)
         self.manifest = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
         self.self_check_policy = options.pop("self_check", None) or DEFAULT_POLICY

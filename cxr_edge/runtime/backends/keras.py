@@ -13,6 +13,7 @@ from .base import Backend, BackendInfo
 
 class KerasBackend(Backend):
     name = "keras"
+    OPTIONS = frozenset({"mode"})
 
     def __init__(self, artifact, manifest, **options):
         manifest = dict(manifest)

@@ -36,6 +36,7 @@ class OnnxRuntimeBackend(Backend):
     cudnn_conv_algo_search, trt_cache_dir."""
 
     name = "onnxruntime"
+    OPTIONS = frozenset({"providers", "trt_cache_dir", "cudnn_conv_algo_search"})
 
     def _load(self) -> BackendInfo:
         ort = require("onnxruntime")

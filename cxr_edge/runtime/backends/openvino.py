@@ -18,6 +18,7 @@ _HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 
 class OpenVINOBackend(Backend):
     name = "openvino"
+    OPTIONS = frozenset({"ov_device", "streams"})
 
     def _load(self) -> BackendInfo:
         ov = require("openvino")

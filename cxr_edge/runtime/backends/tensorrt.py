@@ -68,6 +68,7 @@ class TensorRTBackend(Backend):
     """Options: cuda_graph (bool), device_index (int; default: the loading thread's current CUDA device)."""
 
     name = "tensorrt"
+    OPTIONS = frozenset({"device_index"})
     runtime: tensorrt.Runtime | None
     engine: tensorrt.ICudaEngine | None
     context: tensorrt.IExecutionContext | None  # the context reshaped per call (graphs off); graphs on: the first one
