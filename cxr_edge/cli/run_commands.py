@@ -71,7 +71,7 @@ def cmd_predict(a) -> int:
         for r in results:
             print(json.dumps(r.to_dict()))
     else:
-        print(predict_header(info, threshold, s.operating_point, s.band))
+        print(predict_header(info, threshold, s.step.operating_point, s.step.band))
         for r in results:
             if not r.ok:
                 print(f"ERROR  {printable(r.source)}: {printable(r.error)}")

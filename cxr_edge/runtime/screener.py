@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-from ..decision import borderline_band, describe_operating_point
 from ..decode_workers import DecodeIsolation
 from ..errors import ConfigError
 from .backends.registry import open_backend
@@ -45,12 +44,8 @@ class Screener:
         self.engine = open_backend(artifact, backend=backend, verify=verify, device=device, **options).load()
         self.manifest = self.engine.manifest
         self.classes = self.engine.classes
-        self.threshold = threshold if threshold is not None else self.manifest.threshold
-        op = self.manifest.operating_point
-        self.operating_point = ("threshold given by the caller" if threshold is not None
-                                else describe_operating_point(op))
-        self.band = borderline_band(self.manifest)
-        self.step = ScreeningStep(self.engine, threshold, tf_cam=self._tf_cam)
+        self.step = ScreeningStep(self.engine, threshold, tf_cam=self._tf_cam)  # decides, as every front end does
+        self.threshold = self.step.threshold
         self.batch_size = batch_size  # the engine fits any size to its profile (Backend.infer)
         self.workers = workers
         self.isolation = isolation  # None: decode in threads of this process (trusted files only)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..decision import borderline_band, decide, describe_operating_point
+from ..decision import borderline_band, describe_operating_point
 from .overlay import WEAK_CAM_PEAK
 from .result import Explanation, ScreeningResult
 
@@ -78,7 +78,7 @@ class ScreeningStep:
             r.preprocess = preprocess
             out.append(r)
         if explain and out:
-            labels = decide(probs, self.classes, self.threshold)
+            labels = np.array([self.classes.index(r.label) for r in out])  # the label each result was decided as
             t = time.perf_counter()
             cams, method = self._cams(labels, features, images)
             per = (time.perf_counter() - t) / len(out)
