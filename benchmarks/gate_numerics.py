@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     from cxr_edge.data.loading import load_images
     from cxr_edge.manifest import read_manifest
     from cxr_edge.preprocess import PreprocessSpec
+    from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
     from cxr_edge.runtime.backends.registry import open_backend
-    from cxr_edge.runtime.ort_session import cpu_session, run_batched
 
     art = Path(a.artifacts)
     fp32 = art / "model.fp32.onnx"

@@ -23,7 +23,7 @@ from cxr_edge.export.quantize import count_int8_nodes
 from cxr_edge.export.trt_lint import lint_qdq
 from cxr_edge.manifest import read_manifest
 from cxr_edge.preprocess import PreprocessSpec
-from cxr_edge.runtime.ort_session import cpu_session, run_batched
+from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
 
 
 def _probs(path, x):

@@ -69,7 +69,7 @@ def probe_packages(plat: GpuPlatform | None = None) -> Probe:
 def probe_cuda(plat: GpuPlatform | None = None) -> Probe:
     plat = plat or detect()
     try:
-        from .runtime.tensorrt_api import check_cuda, cuda_device, require_cudart
+        from .runtime.backends.tensorrt_api import check_cuda, cuda_device, require_cudart
 
         cudart = require_cudart()
     except Exception as exc:
@@ -107,7 +107,7 @@ def probe_cudnn(plat: GpuPlatform | None = None) -> Probe:
 
 
 def probe_tensorrt(plat: GpuPlatform | None = None) -> Probe:
-    from .runtime.tensorrt_api import require_tensorrt, tensorrt_installed
+    from .runtime.backends.tensorrt_api import require_tensorrt, tensorrt_installed
 
     plat = plat or detect()
     if not tensorrt_installed():
@@ -145,7 +145,7 @@ def probe_ort_providers(plat: GpuPlatform | None = None) -> list[Probe]:
     out = []
     listed = ort.get_available_providers()
     if "TensorrtExecutionProvider" in listed:
-        from .runtime.ort_providers import preload_tensorrt_libs
+        from .runtime.backends.ort_providers import preload_tensorrt_libs
 
         found = preload_tensorrt_libs()
         out.append(Probe("TensorRT libraries for ORT", found.startswith("loaded") and "not loaded" not in found, found,

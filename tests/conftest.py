@@ -38,7 +38,7 @@ def _has_cuda() -> bool:
     if os.path.exists("/dev/nvidia0") or is_jetson() or os.path.exists("/dev/nvhost-ctrl-gpu"):
         return True
     try:
-        from cxr_edge.runtime.tensorrt_api import require_cudart
+        from cxr_edge.runtime.backends.tensorrt_api import require_cudart
 
         err, n = require_cudart().cudaGetDeviceCount()
         return int(err) == 0 and n > 0
@@ -47,7 +47,7 @@ def _has_cuda() -> bool:
 
 
 def _has_tensorrt() -> bool:
-    from cxr_edge.runtime.tensorrt_api import tensorrt_installed
+    from cxr_edge.runtime.backends.tensorrt_api import tensorrt_installed
 
     return tensorrt_installed()
 

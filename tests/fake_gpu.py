@@ -561,7 +561,7 @@ def make_fake_tensorrt(major: int, cudart: FakeCudart, fast_fp16: bool = True, f
             self._device = cudart.current()  # an engine lives on the device current when it is deserialised
             # TensorRT computes a QDQ graph with exact int32 accumulation, not with this CPU's INT8 kernels
             # (which saturate on x86 without VNNI): the stand-in keeps every Q/DQ a float op, as the int8-trt
-            # export gate does (runtime/ort_session.py, numerics="tensorrt")
+            # export gate does (runtime/backends/ort_session.py, numerics="tensorrt")
             so = ort.SessionOptions()
             so.add_session_config_entry("session.disable_quant_qdq", "1")
             self._session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])

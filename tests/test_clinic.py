@@ -72,7 +72,7 @@ def test_evaluate_an_onnx_artifact_without_tensorflow(tiny_export, tmp_path):
 def test_calibrate_moves_the_threshold_writes_the_next_manifest_and_predict_uses_it(tiny_export, tmp_path):
     from cxr_edge.manifest import read_manifest
     from cxr_edge.runtime import Screener
-    from cxr_edge.runtime.calibrate import calibrate_artifact
+    from cxr_edge.workflows.calibrate import calibrate_artifact
 
     src = next(a for a in tiny_export.artifacts if a.variant == "fp32").path
     for f in src.parent.iterdir():

@@ -43,7 +43,7 @@ def test_doctor_sees_a_gpu_and_tensorrt_through_the_fakes(monkeypatch):
 
     fake_gpu.install(monkeypatch, 11)
     monkeypatch.setattr(fake_gpu.FakeCudart, "cudaGetDeviceCount", lambda self: (0, 1), raising=False)
-    monkeypatch.setattr("cxr_edge.runtime.tensorrt_api.tensorrt_installed", lambda: True)
+    monkeypatch.setattr("cxr_edge.runtime.backends.tensorrt_api.tensorrt_installed", lambda: True)
     assert probe_cuda().ok and "NVIDIA Fake GPU (sm 8.9)" in probe_cuda().detail
     t = probe_tensorrt()
     assert t.ok and "11.4.0.106 (strongly typed only)" in t.detail and "TensorRT EP needs TensorRT 10" in t.detail
@@ -161,8 +161,8 @@ def test_tensorrt_ep_libraries_are_loaded_before_the_session(monkeypatch, tmp_pa
     import tiny_models as tiny
     from test_ort_gpu_providers import CUDA, TRT, fake_ort_gpu
 
-    from cxr_edge.runtime import ort_providers
     from cxr_edge.runtime.backends import onnxruntime as ort_backend
+    from cxr_edge.runtime.backends import ort_providers
     from cxr_edge.runtime.backends.registry import open_backend
 
     pkg = tmp_path / "site" / "tensorrt_libs"

@@ -186,7 +186,7 @@ def test_exported_onnx_runs_without_tensorflow(exported):
         from pathlib import Path
         import numpy as np
         from cxr_edge.manifest import read_manifest
-        from cxr_edge.runtime.ort_session import cpu_session, run_batched
+        from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
         from cxr_edge.runtime.head import load_head, forward
         from cxr_edge.synthetic import synthetic_parity_images
         from cxr_edge.preprocess import PreprocessSpec

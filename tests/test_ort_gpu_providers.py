@@ -13,8 +13,8 @@ import pytest
 import tiny_models as tiny
 
 from cxr_edge.runtime.backends import onnxruntime as ort_backend
+from cxr_edge.runtime.backends.ort_providers import CUDNN_CONV_ALGO_SEARCH
 from cxr_edge.runtime.backends.registry import open_backend
-from cxr_edge.runtime.ort_providers import CUDNN_CONV_ALGO_SEARCH
 
 TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 

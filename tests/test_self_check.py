@@ -216,7 +216,7 @@ def test_tensorrt_numerics_are_exact_integer_arithmetic_on_any_cpu(tmp_path, mon
     from cxr_edge.export.artifacts import parse_precisions
     from cxr_edge.export.gate_numerics import numerics_for
     from cxr_edge.export.quantize import ort_cpu_kernels
-    from cxr_edge.runtime.ort_session import cpu_session, run_batched
+    from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
 
     path = tiny.write_artifact(tmp_path, "int8-trt")
     x = tiny.images(24)

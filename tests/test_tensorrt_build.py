@@ -5,8 +5,8 @@ import pytest
 from cxr_edge.errors import ConfigError, ManifestError, MissingExtraError
 from cxr_edge.export.artifacts import Precision
 from cxr_edge.export.tensorrt_build import BuildConfig, check_source_artifact, engine_path_for
-from cxr_edge.runtime.ort_providers import tensorrt_ep_options
-from cxr_edge.runtime.tensorrt_api import DeviceInfo, check_engine_compat, flavor_of, tensorrt_installed
+from cxr_edge.runtime.backends.ort_providers import tensorrt_ep_options
+from cxr_edge.runtime.backends.tensorrt_api import DeviceInfo, check_engine_compat, flavor_of, tensorrt_installed
 
 TRT10, TRT11 = flavor_of("10.3.0"), flavor_of("11.4.0.106")
 

@@ -18,8 +18,8 @@ import tiny_models as tiny
 from cxr_edge.errors import ConfigError, EngineError, ManifestError
 from cxr_edge.export.tensorrt_build import BuildConfig, EngineGateError, build_engine
 from cxr_edge.manifest import manifest_path, read_manifest
+from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
 from cxr_edge.runtime.backends.registry import open_backend
-from cxr_edge.runtime.ort_session import cpu_session, run_batched
 
 
 @pytest.fixture(scope="module")

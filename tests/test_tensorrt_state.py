@@ -19,8 +19,8 @@ import tiny_models as tiny
 from cxr_edge.errors import ManifestError
 from cxr_edge.export.tensorrt_build import BuildConfig, build_engine
 from cxr_edge.manifest import manifest_path, read_manifest
+from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
 from cxr_edge.runtime.backends.registry import open_backend
-from cxr_edge.runtime.ort_session import cpu_session, run_batched
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_device_index_that_does_not_exist_is_a_clear_error(monkeypatch, onnx_dir
 
 def test_the_compatibility_check_and_the_build_see_the_gpu_in_use(monkeypatch, onnx_dir, tmp_path):
     """device_index names the GPU checked and used; a build records the thread's current GPU (old code: device 0)."""
-    from cxr_edge.runtime.tensorrt_api import current_device
+    from cxr_edge.runtime.backends.tensorrt_api import current_device
 
     plan, trt, cudart = _plan(monkeypatch, onnx_dir, tmp_path, models={1: ("NVIDIA Other GPU", (8, 6))})
     with pytest.raises(ManifestError, match=r"built on NVIDIA Fake GPU \(sm 8.9\), this is NVIDIA Other GPU"):
@@ -248,7 +248,7 @@ def test_the_manifest_records_the_cuda_runtime_loaded_not_the_bindings_build(mon
 
 
 def test_no_loadable_runtime_library_records_none(monkeypatch):
-    from cxr_edge.runtime.tensorrt_api import cuda_device
+    from cxr_edge.runtime.backends.tensorrt_api import cuda_device
 
     trt, cudart = fake_gpu.install(monkeypatch, 10)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["cxr_edge/runtime/tensorrt_api.py", "cxr_edge/runtime/backends/tensorrt.py",
+MODULES = ["cxr_edge/runtime/backends/tensorrt_api.py", "cxr_edge/runtime/backends/tensorrt.py",
            "cxr_edge/export/tensorrt_build.py", "cxr_edge/doctor.py"]
 
 

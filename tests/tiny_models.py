@@ -231,7 +231,7 @@ def self_check_record(fp32: Path, path: Path, doc: dict, variant: str) -> dict:
     from cxr_edge.export.artifacts import parse_precisions
     from cxr_edge.export.gate_numerics import numerics_for
     from cxr_edge.preprocess import PreprocessSpec
-    from cxr_edge.runtime.ort_session import cpu_session, run_batched
+    from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
     from cxr_edge.self_check import make_record, reference_batch
 
     spec = PreprocessSpec.from_dict(doc["preprocess"])

@@ -198,7 +198,7 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     split = data_info.get("split") or "synthetic"
     macs = macs_per_image(artifact_dir / "model.fp32.onnx")
     rows, accuracy = list(skipped), {}
-    from ..runtime.ort_session import cpu_session, run_batched
+    from ..runtime.backends.ort_session import cpu_session, run_batched
 
     ref_probs = run_batched(cpu_session(artifact_dir / "model.fp32.onnx"), x_acc, ["probs"])["probs"]
     contenders: list[Contender] = []

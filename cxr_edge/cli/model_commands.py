@@ -57,7 +57,7 @@ def cmd_evaluate(a) -> None:
 
         report, m = evaluate_model(model, a.data, out, **kw)
     else:
-        from ..runtime.evaluate import evaluate_artifact
+        from ..workflows.evaluate import evaluate_artifact
 
         report, m = evaluate_artifact(model, a.data, out, backend=a.backend, device=a.device, self_check=a.self_check,
                                       **kw)

@@ -93,7 +93,7 @@ def cmd_predict(a) -> int:
 
 
 def cmd_calibrate(a) -> None:
-    from ..runtime.calibrate import calibrate_artifact
+    from ..workflows.calibrate import calibrate_artifact
 
     s = calibrate_artifact(a.artifact, a.data, target_sensitivity=a.target_sensitivity, temperature=a.temperature,
                            out_dir=a.out, dry_run=a.dry_run, backend=a.backend, device=a.device,

@@ -18,7 +18,7 @@ import numpy as np
 from ..data.gate_data import load_gate_data
 from ..errors import ManifestError
 from ..preprocess import PreprocessSpec
-from ..runtime.ort_session import cpu_session, run_batched
+from ..runtime.backends.ort_session import cpu_session, run_batched
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..cpu_isa import isa_facts
-from ..runtime.ort_session import NUMERICS_TEXT, cpu_session, run_batched
+from ..runtime.backends.ort_session import NUMERICS_TEXT, cpu_session, run_batched
 from .artifacts import Int8Target, Precision, Variant
 
 

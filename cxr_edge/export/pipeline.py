@@ -17,8 +17,8 @@ from ..decision import borderline_band
 from ..errors import ConfigError, CxrEdgeError, ExitCode
 from ..manifest import read_manifest, sha256_file, write_manifest
 from ..preprocess import PreprocessSpec
+from ..runtime.backends.ort_session import cpu_session, run_batched
 from ..runtime.head import forward, load_head
-from ..runtime.ort_session import cpu_session, run_batched
 from ..self_check import make_record, reference_batch
 from .artifacts import Int8Target, Precision, Variant, parse_precisions
 from .gate_numerics import GateNumerics, numerics_for

@@ -1,6 +1,6 @@
 """``cxr-edge build``: TensorRT engines from exported ONNX artifacts, for TensorRT 10.x and 11.x.
 
-How precision is expressed depends on the TensorRT generation (:mod:`cxr_edge.runtime.tensorrt_api`):
+How precision is expressed depends on the TensorRT generation (:mod:`cxr_edge.runtime.backends.tensorrt_api`):
 
 | engine | TensorRT 10 (weakly typed) | TensorRT 11 (strongly typed only) |
 |---|---|---|
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EngineError, ExitCode
 from ..manifest import Manifest, read_manifest, sha256_file, write_manifest
-from ..runtime.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
+from ..runtime.backends.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
 from .artifacts import Precision
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ def make_entropy_calibrator(batches, cache_file: Path):
     """
     import tensorrt as trt
 
-    from ..runtime.tensorrt_api import check_cuda, require_cudart
+    from ..runtime.backends.tensorrt_api import check_cuda, require_cudart
 
     cudart = require_cudart()
 

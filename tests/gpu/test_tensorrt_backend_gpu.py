@@ -123,7 +123,7 @@ def plan(tmp_path, monkeypatch):
     trt = make_trt(cp)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     from cxr_edge.manifest import write_manifest
-    from cxr_edge.runtime.tensorrt_api import current_device
+    from cxr_edge.runtime.backends.tensorrt_api import current_device
 
     dev = current_device(0)
     path = tmp_path / "model.fp32.plan"

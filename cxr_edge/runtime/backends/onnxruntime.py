@@ -3,7 +3,7 @@
 onnxruntime-gpu lists the CUDA and TensorRT providers even where their libraries are missing and
 then silently runs on the CPU. So the session's providers are read back after creation; with
 ``device="cuda"`` (``--require-gpu``) a fallback is an error instead of a surprise. Which providers an
-artifact may use, and their options, live in :mod:`cxr_edge.runtime.ort_providers`.
+artifact may use, and their options, live in :mod:`cxr_edge.runtime.backends.ort_providers`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import logging
 import numpy as np
 
 from ...extras import require
-from ..ort_providers import (
+from .base import Backend, BackendInfo
+from .ort_providers import (
     GPU_PROVIDERS,
     PROVIDERS,
     ProviderFallbackError,
@@ -24,7 +25,6 @@ from ..ort_providers import (
     requested_providers,
     tensorrt_ep_options,
 )
-from .base import Backend, BackendInfo
 
 log = logging.getLogger(__name__)
 

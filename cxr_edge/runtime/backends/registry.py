@@ -109,8 +109,8 @@ def check_contents(artifact: Path, fmt: str, manifest: Mapping[str, Any], signer
     if fmt != "onnx":
         return {"ep_context_nodes": 0, "external_data": []}
     from ...signing import SignatureError
-    from ..ep_context import find_ep_context_nodes, load_structure
-    from ..external_data import check_external_data
+    from .ep_context import find_ep_context_nodes, load_structure
+    from .external_data import check_external_data
 
     model = load_structure(artifact if model_bytes is None else model_bytes, artifact.name)
     found = find_ep_context_nodes(model)

@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ...errors import ConfigError, EngineError
-from ..tensorrt_api import (
+from .base import Backend, BackendInfo
+from .tensorrt_api import (
     check_cuda,
     check_engine_compat,
     check_trt,
@@ -56,7 +57,6 @@ from ..tensorrt_api import (
     require_cudart,
     require_tensorrt,
 )
-from .base import Backend, BackendInfo
 
 log = logging.getLogger(__name__)
 

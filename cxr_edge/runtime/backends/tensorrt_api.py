@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EngineError, ManifestError, MissingExtraError
+from ...errors import ConfigError, EngineError, ManifestError, MissingExtraError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..extras import require
+from ...extras import require
 
 EP_CONTEXT_OP = "EPContext"
 
@@ -61,7 +61,7 @@ def all_nodes(model):
 def load_structure(path: str | Path | bytes, name: str | None = None):
     """The model's graph without external data (from a path, or from the verified bytes the runtime will get),
     or a ManifestError when it is not a parseable ONNX file."""
-    from ..errors import ManifestError
+    from ...errors import ManifestError
 
     onnx = require("onnx")
     name = name or (Path(path).name if not isinstance(path, bytes) else "model")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..extras import require
+from ...extras import require
 
 #: how ONNX Runtime on the CPU computes a QDQ graph: with its fused integer kernels, or as TensorRT would
 NUMERICS = ("kernels", "tensorrt")

@@ -27,7 +27,7 @@ from ..decision import calibrated, choose_threshold, decide, describe_operating_
 from ..errors import ConfigError, DatasetError
 from ..evaluation.intervals import exact_ci
 from ..manifest import manifest_path, read_manifest
-from .screener import Screener
+from ..runtime.screener import Screener
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ManifestError
-from ..manifest import sha256_file, sibling_file
+from ...errors import ManifestError
+from ...manifest import sha256_file, sibling_file
 
 
 def _tensors_of_graph(graph) -> Iterator:

@@ -11,7 +11,7 @@ from ..data.labelled import load_split
 from ..decision import describe_operating_point
 from ..evaluation.metrics import evaluate_predictions
 from ..evaluation.report import write_report
-from .screener import Screener
+from ..runtime.screener import Screener
 
 log = logging.getLogger(__name__)
 
