@@ -8,7 +8,6 @@ installed or downloaded; each probe is isolated so one broken library cannot hid
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import platform
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .gpu_platform import GpuPlatform, detect
+from .machine import package_version
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,7 @@ class Report:
         return {"probes": [p.__dict__ for p in self.probes], "matrix": self.matrix}
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+_version = package_version
 
 
 def is_jetson() -> bool:

@@ -10,14 +10,13 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import hashlib
-import importlib.metadata
 import json
-import platform
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
+from .machine import toolchain_versions
 
 SCHEMA_VERSION = 1
 
@@ -210,16 +209,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def toolchain_versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for dist in ("cxr-edge", "tensorflow", "keras", "numpy", "opencv-python-headless", "onnx", "onnxruntime", "tf2onnx"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def write_manifest(artifact: str | Path, fields: dict) -> Path:

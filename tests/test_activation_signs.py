@@ -88,8 +88,8 @@ def _zero_point_types(path):
 @pytest.mark.parametrize("method", ["minmax", "percentile"])
 def test_the_openvino_flavour_quantises_signed_tensors_s8_and_stays_close(tmp_path, method):
     pytest.importorskip("sympy")
-    from cxr_edge.export.artifacts import Int8Target
     from cxr_edge.export.quantize import QuantConfig, quantize
+    from cxr_edge.precision import Int8Target
 
     fp32 = tmp_path / "m.onnx"
     onnx.save(_residual_v2(), str(fp32))

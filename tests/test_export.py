@@ -10,7 +10,7 @@ import pytest
 from conftest import BLOCK_TENSORFLOW
 
 from cxr_edge.errors import ConfigError
-from cxr_edge.export.artifacts import Int8Target, Precision, Variant, parse_precisions
+from cxr_edge.precision import Int8Target, Precision, Variant, parse_precisions
 
 
 def test_parse_precisions():
@@ -256,9 +256,9 @@ def test_calibration_reader_protocol():
 def test_the_float_remedy_keeps_first_conv_and_classifier_in_float(exported, tmp_path):
     """Node names must be those quantize() sees: ORT's pre-processing renames MatMul+Add (a Keras Dense)
     to '.../MatMulAddFusion', and excluding the exported name silently left the classifier in INT8."""
-    from cxr_edge.export.artifacts import Int8Target
     from cxr_edge.export.pipeline import _int8_attempts
     from cxr_edge.export.quantize import quantize
+    from cxr_edge.precision import Int8Target
 
     _, s, _ = exported
     fp32 = next(a.path for a in s.artifacts if a.variant == "fp32")

@@ -12,8 +12,8 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("sympy")
 
 from cxr_edge.errors import ConfigError  # noqa: E402
-from cxr_edge.export.artifacts import Int8Target  # noqa: E402
 from cxr_edge.export.quantize import QuantConfig, quantize  # noqa: E402
+from cxr_edge.precision import Int8Target  # noqa: E402
 
 
 def _fp32(tmp_path):

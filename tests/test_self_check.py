@@ -213,9 +213,9 @@ def _qdq_float64(model, x: np.ndarray) -> np.ndarray:
 def test_tensorrt_numerics_are_exact_integer_arithmetic_on_any_cpu(tmp_path, monkeypatch):
     import onnx
 
-    from cxr_edge.export.artifacts import parse_precisions
     from cxr_edge.export.gate_numerics import numerics_for
     from cxr_edge.export.quantize import ort_cpu_kernels
+    from cxr_edge.precision import parse_precisions
     from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
 
     path = tiny.write_artifact(tmp_path, "int8-trt")
@@ -234,8 +234,8 @@ def test_tensorrt_numerics_are_exact_integer_arithmetic_on_any_cpu(tmp_path, mon
 
 
 def test_cpu_gates_record_the_isa_they_ran_on(monkeypatch):
-    from cxr_edge.export.artifacts import parse_precisions
     from cxr_edge.export.gate_numerics import numerics_for
+    from cxr_edge.precision import parse_precisions
 
     monkeypatch.setenv(FLAGS_ENV, "avx avx2 fma")
     for tag in ("int8-cpu", "fp16", "fp32"):

@@ -3,8 +3,8 @@
 import pytest
 
 from cxr_edge.errors import ConfigError, ManifestError, MissingExtraError
-from cxr_edge.export.artifacts import Precision
 from cxr_edge.export.tensorrt_build import BuildConfig, check_source_artifact, engine_path_for
+from cxr_edge.precision import Precision
 from cxr_edge.runtime.backends.ort_providers import tensorrt_ep_options
 from cxr_edge.runtime.backends.tensorrt_api import DeviceInfo, check_engine_compat, flavor_of, tensorrt_installed
 

@@ -228,8 +228,8 @@ def self_check_record(fp32: Path, path: Path, doc: dict, variant: str) -> dict:
     """The manifest's load-time self-check block, made as ``cxr-edge export`` makes it: FP32 answers on the
     reference images, and the artifact's own, computed with the arithmetic its export gate uses."""
     from cxr_edge.decision import borderline_band
-    from cxr_edge.export.artifacts import parse_precisions
     from cxr_edge.export.gate_numerics import numerics_for
+    from cxr_edge.precision import parse_precisions
     from cxr_edge.preprocess import PreprocessSpec
     from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
     from cxr_edge.self_check import make_record, reference_batch

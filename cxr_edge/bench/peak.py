@@ -10,10 +10,11 @@ rows quoted against it read "fraction of the measured INT8 GEMM peak".
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
+
+from ..machine import usable_cores
 
 
 def _gemm_model(n: int, integer: bool = True):
@@ -33,7 +34,7 @@ def measured_int8_gemm_peak(budget_s: float = 1.0, n: int = 1024, threads: int |
         import onnxruntime as ort
     except ImportError:
         return {"status": "could not run: onnxruntime missing"}
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or usable_cores()
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
@@ -58,7 +59,7 @@ def measured_float_gemm_peaks(budget_s: float = 1.0, n: int = 1024, threads: int
         import openvino as ov
     except ImportError:
         return {"status": "could not run: openvino missing"}
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or usable_cores()
     core = ov.Core()
     model = core.read_model(_gemm_model(n, integer=False).SerializeToString(), b"")
     rng = np.random.default_rng(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +17,9 @@ from ..decision import decide
 from ..errors import ConfigError
 from ..evaluation.criteria import PASSED, accepted, agreement_verdict
 from ..graph_macs import macs_per_image
+from ..machine import usable_cores
 from ..manifest import read_manifest
+from ..precision import GATE_LIMITS, Precision
 from ..preprocess import PreprocessSpec
 from ..runtime.backends.registry import open_backend
 from ..runtime.batching import BatchPacker
@@ -29,7 +30,6 @@ from .timing import current_rss_kb, measure, summarise
 
 log = logging.getLogger(__name__)
 
-GATE_AGREEMENT = {"fp32": 1.0, "fp16": 0.995, "bf16": 0.995, "int8": 0.99}
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Target:
 def discover_targets(artifact_dir: Path, cfg: BenchConfig) -> tuple[list[Target], list[dict], Path | None]:
     """Targets to run, rows for what cannot run (with the reason), and the source Keras model."""
     targets, skipped, source = [], [], None
-    threads = cfg.threads or len(os.sched_getaffinity(0))
+    threads = cfg.threads or usable_cores()
     for onnx in sorted(artifact_dir.glob("model.*.onnx")):
         doc = read_manifest(onnx, verify=False)
         tag = onnx.name.split(".")[1]
@@ -171,11 +171,11 @@ class Contender:
 
 def _validate(probs, y_acc, classes, threshold, ref_probs, precision: str, split: str) -> tuple[dict, str]:
     acc = _accuracy(probs, y_acc, classes, threshold, ref_probs)
-    kind = "int8" if precision.startswith("int8") else precision
+    kind = Precision.of(precision)
     verdict = agreement_verdict(int((probs.argmax(1) == ref_probs.argmax(1)).sum()), len(ref_probs),
-                                GATE_AGREEMENT.get(kind, 0.99), split)
+                                GATE_LIMITS.min_agreement(kind), split)
     acc["agreement_verdict"] = verdict["text"]
-    validated = accepted(verdict) and (kind != "fp32" or acc["max_abs_dprob_vs_fp32"] <= 1e-4)
+    validated = accepted(verdict) and (kind is not Precision.FP32 or acc["max_abs_dprob_vs_fp32"] <= GATE_LIMITS.fp32_max_abs)
     status = ("validated" if verdict["status"] == PASSED else "validated within resolution") if validated \
         else "ran, failed validation"
     return acc, status
@@ -332,7 +332,7 @@ def _load_peers(artifact_dir, fp32_doc, spec, source, cfg, rows, accuracy, valid
 
     # the calibration images cxr-edge's own export used: same split, same sample, same count
     calib = load_gate_data(fp32_doc, spec, cfg.data if cfg.data else None, cfg.peer_calib_size, seed=0).calib_x
-    threads = cfg.threads or len(os.sched_getaffinity(0))
+    threads = cfg.threads or usable_cores()
     engines, skipped = build_peers(artifact_dir, artifact_dir / "model.fp32.onnx", source, calib, threads, cfg.peers)
     rows += [{**s, "batch": b} for s in skipped for b in cfg.batches]
     out = []

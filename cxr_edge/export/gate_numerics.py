@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from ..cpu_isa import isa_facts
+from ..precision import Int8Target, Precision, Variant
 from ..runtime.backends.ort_session import NUMERICS_TEXT, cpu_session, run_batched
-from .artifacts import Int8Target, Precision, Variant
 
 
 @dataclass(frozen=True)

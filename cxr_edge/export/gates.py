@@ -9,13 +9,14 @@ import numpy as np
 from ..classes import COVID
 from ..decision import decide
 from ..evaluation.criteria import accepted, agreement_verdict
+from ..precision import GATE_LIMITS
 
-FP32_MAX_ABS = 1e-4
-FP16_MAX_ABS = 1e-2
-FP16_MIN_AGREEMENT = 0.995
-INT8_MIN_AGREEMENT = 0.99
-INT8_MAX_AUC_DROP = 0.01
-INT8_MAX_SENS_DROP = 0.01
+FP32_MAX_ABS = GATE_LIMITS.fp32_max_abs
+FP16_MAX_ABS = GATE_LIMITS.fp16_max_abs
+FP16_MIN_AGREEMENT = GATE_LIMITS.fp16_min_agreement
+INT8_MIN_AGREEMENT = GATE_LIMITS.int8_min_agreement
+INT8_MAX_AUC_DROP = GATE_LIMITS.int8_max_auc_drop
+INT8_MAX_SENS_DROP = GATE_LIMITS.int8_max_sensitivity_drop
 
 
 @dataclass

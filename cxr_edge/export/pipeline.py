@@ -16,11 +16,11 @@ from ..data.gate_data import GateData, load_gate_data
 from ..decision import borderline_band
 from ..errors import ConfigError, CxrEdgeError, ExitCode
 from ..manifest import read_manifest, sha256_file, write_manifest
+from ..precision import Int8Target, Precision, Variant, parse_precisions
 from ..preprocess import PreprocessSpec
 from ..runtime.backends.ort_session import cpu_session, run_batched
 from ..runtime.head import forward, load_head
 from ..self_check import make_record, reference_batch
-from .artifacts import Int8Target, Precision, Variant, parse_precisions
 from .gate_numerics import GateNumerics, numerics_for
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 from .graph_fold import FoldResult, fold_input_preprocessing

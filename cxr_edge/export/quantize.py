@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..extras import require
 from ..graph_macs import macs_per_node
-from .artifacts import Int8Target
+from ..precision import Int8Target
 
 log = logging.getLogger(__name__)
 

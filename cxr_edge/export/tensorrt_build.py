@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EngineError, ExitCode
 from ..manifest import Manifest, read_manifest, sha256_file, write_manifest
+from ..precision import Precision
 from ..runtime.backends.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
-from .artifacts import Precision
 
 if TYPE_CHECKING:
     import tensorrt as trt_t

@@ -11,7 +11,6 @@ setting given explicitly always wins.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,33 +22,17 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..machine import usable_cores
 from ..manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
 USES = ("single", "batched")
-_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return None
-
-
 def machine_fingerprint() -> dict[str, Any]:
     """What decides which configuration wins: the CPU, its usable cores, and the runtimes' versions."""
-    from ..cpu_isa import cpu_flags, cpu_model, isa_name
+    from ..machine import machine_facts
 
-    have = cpu_flags()
-    facts = {"cpu": cpu_model(), "flags": [f for f in _FLAGS if f in have], "isa": isa_name(have),
-             "usable_cores": len(os.sched_getaffinity(0)),
-             "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"), "openvino": _version("openvino")}
-    facts["id"] = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
-    return facts
+    return machine_facts().to_dict()
 
 
 def cache_dir() -> Path:
@@ -132,7 +115,7 @@ def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: i
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     x = synthetic_parity_images(spec, max(batch, 8))
     pool = [np.roll(x, k, axis=0)[:batch] for k in range(2)]
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     band = borderline_band(manifest)
     loaded, rows = [], []
     reference = None

@@ -23,6 +23,7 @@ from ..decode import DecodeLimits
 from ..decode_workers import DecodeIsolation, IsolatedDecoder, PackedItem, decode_and_pack, error_from
 from ..errors import ImageError
 from ..extras import require
+from ..machine import usable_cores
 from ..runtime.backends.registry import open_backend
 from ..runtime.result import Explanation, ScreeningResult
 from ..runtime.screening_step import ScreeningStep
@@ -479,7 +480,7 @@ def default_engine_threads(artifact: str | Path, cores: int | None = None) -> in
     inference dominates) 82 req/s with 2 threads vs 62 with 1. None (the engine's own default) when
     the cost cannot be read (non-ONNX artifacts, remote models).
     """
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     if not str(artifact).endswith(".onnx"):
         return None
     try:
