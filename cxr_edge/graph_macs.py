@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .extras import require
+from .onnx_graph import attr
 
 
 def macs_per_image(path) -> int:
@@ -48,9 +49,5 @@ def macs_per_node(path_or_model) -> dict[str, int]:
         elif n.op_type in ("Gemm", "MatMul") and n.input[1] in shapes and name in shapes:
             w, o = shapes[n.input[1]], shapes[name]
             if len(w) == 2 and o:
-                out[name] = size(o) * int(w[0] if n.op_type == "MatMul" or not _transposed_b(n) else w[1])
+                out[name] = size(o) * int(w[0] if n.op_type == "MatMul" or attr(n, "transB", 0) != 1 else w[1])
     return out
-
-
-def _transposed_b(node) -> bool:
-    return any(a.name == "transB" and a.i == 1 for a in node.attribute)

@@ -103,6 +103,55 @@ def test_unrecognised_graph_is_left_alone():
     assert model.SerializeToString() == before
 
 
+def _node(model, name):
+    return next(n for n in model.graph.node if n.name == name)
+
+
+def _set_attr(node, **kw):
+    for a in [a for a in node.attribute if a.name in kw]:
+        node.attribute.remove(a)
+    node.attribute.extend(helper.make_attribute(k, v) for k, v in kw.items())
+
+
+def _zero_scale(model):
+    scale = next(i for i in model.graph.initializer if i.name == "scale")
+    scale.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scale)), "scale"))
+
+
+@pytest.mark.parametrize("spoil,reason", [
+    (lambda m: _set_attr(_node(m, "concat"), axis=1), "not a replication of the grey channel"),
+    (lambda m: setattr(_node(m, "mul"), "op_type", "Div"), "no normalisation multiply"),
+    (lambda m: setattr(_node(m, "add"), "op_type", "Sub"), "no normalisation add"),
+    (lambda m: _set_attr(_node(m, "tr"), perm=[0, 2, 3, 1]), "NHWC->NCHW transpose"),
+    (lambda m: _set_attr(_node(m, "conv1"), group=3), "one plain convolution"),
+    (lambda m: _node(m, "conv1").input.__setitem__(1, "scale"), "weights are not constants"),
+    (lambda m: _node(m, "add").input.reverse(), "constants are not initialisers"),  # Add(offset, m): not the pattern
+    (_zero_scale, "not a per-channel affine map"),
+])
+def test_each_step_of_the_fold_says_why_it_stops_and_leaves_the_graph_alone(spoil, reason):
+    """Each named step of the fold (match the head, read the conv, read the normalisation) refuses with its reason."""
+    model = exported_like("tf", 1)
+    spoil(model)
+    before = model.SerializeToString()
+    result = fold_input_preprocessing(model)
+    assert not result.folded and reason in result.reason, result
+    assert model.SerializeToString() == before
+
+
+def test_scale_in_a_constant_node_folds_like_an_initializer():
+    """tf2onnx may write the normalisation constants as Constant nodes instead of initialisers."""
+    model = exported_like("rescale", 1)
+    x = images()
+    before = run(model, x)
+    scale = next(i for i in model.graph.initializer if i.name == "scale")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["scale"], value=scale, name="scale_const"))
+    model.graph.initializer.remove(scale)
+    result = fold_input_preprocessing(model)
+    assert result.folded, result
+    assert "Constant" not in [n.op_type for n in model.graph.node]  # read, folded, then dropped as unused
+    np.testing.assert_allclose(run(model, x), before, rtol=1e-5, atol=1e-4 * np.abs(before).max())
+
+
 def strided_qdq_model(shared: bool = True, pads: int = 0, seed: int = 0, kernel_attr: bool = True):
     """x -> Q -> DQ -> {1x1 stride-2 convs} -> Add: the shape of ResNet50's conv{3,4,5}_block1 inputs."""
     rng = np.random.default_rng(seed)

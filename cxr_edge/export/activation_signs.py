@@ -10,6 +10,8 @@ from the graph holds for every image; one decided from the calibration images wo
 
 from __future__ import annotations
 
+from ..onnx_graph import GraphIndex
+
 # ops whose output is >= 0 whatever their input
 _NONNEGATIVE_OPS = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Sqrt"}
 # ops that only move, select or average values: the output is >= 0 when every data input is
@@ -22,18 +24,6 @@ _DATA_INPUTS = {"Reshape": 1, "Squeeze": 1, "Unsqueeze": 1, "Slice": 1, "Resize"
 _UNSIGNED_TYPES = {2, 4, 12, 13}  # onnx.TensorProto UINT8, UINT16, UINT32, UINT64
 
 
-def _constant_values(model) -> dict:
-    from onnx import numpy_helper
-
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value":
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-    return consts
-
-
 def nonnegative_tensors(model) -> set[str]:
     """Tensor names that cannot hold a negative value, by forward propagation in topological order.
 
@@ -41,7 +31,7 @@ def nonnegative_tensors(model) -> set[str]:
     mixing a signed operand, Clip's bounds and Mul/Add by constants are followed; everything else is
     treated as signed).
     """
-    consts = _constant_values(model)
+    consts = GraphIndex(model).arrays()
     nonneg = {i.name for i in model.graph.input if i.type.tensor_type.elem_type in _UNSIGNED_TYPES}
     nonneg |= {k for k, v in consts.items() if v.size and (v >= 0).all()}
 

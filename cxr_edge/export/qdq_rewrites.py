@@ -19,57 +19,44 @@ from pathlib import Path
 import numpy as np
 
 from ..extras import require
-
-
-def _attr(node, name, default=None):
-    helper = require("onnx.helper")
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+from ..onnx_graph import GraphIndex, attr, drop_unused_initializers
 
 
 def _plain_strided_1x1(conv, dq_out: str, kernel_of) -> tuple[int, ...] | None:
     """The strides of an unpadded, undilated 1x1 Conv reading ``dq_out`` as its data input, else None."""
     if conv.op_type != "Conv" or conv.input[0] != dq_out:
         return None
-    kernel = list(_attr(conv, "kernel_shape", []) or kernel_of(conv))
-    if kernel != [1, 1] or any(_attr(conv, "pads", [0, 0, 0, 0])):
+    kernel = list(attr(conv, "kernel_shape", []) or kernel_of(conv))
+    if kernel != [1, 1] or any(attr(conv, "pads", [0, 0, 0, 0])):
         return None
-    auto_pad = _attr(conv, "auto_pad", b"NOTSET")
+    auto_pad = attr(conv, "auto_pad", b"NOTSET")
     if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "VALID"):
         return None
-    if list(_attr(conv, "dilations", [1, 1])) != [1, 1]:
+    if list(attr(conv, "dilations", [1, 1])) != [1, 1]:
         return None
-    return tuple(_attr(conv, "strides", [1, 1]))
+    return tuple(attr(conv, "strides", [1, 1]))
 
 
 def subsample_before_dequantize(model) -> int:
     """Rewrite every DequantizeLinear whose consumers are all strided 1x1 convolutions; returns how many."""
-    numpy_helper = require("onnx.numpy_helper")
     helper = require("onnx.helper")
-    g = model.graph
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    outputs = {o.name for o in g.output}
-    dims = {i.name: list(i.dims) for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
+    G = GraphIndex(model)
+    g = G.graph
+    dims = {name: list(t.dims) for name, t in G.initializers.items()}  # before the Slice constants join them
 
     def kernel_of(conv) -> list[int]:
         """kernel_shape is optional in ONNX: read it from the weight (behind its DequantizeLinear, if any)."""
         w = conv.input[1]
-        if w in producer and producer[w].op_type == "DequantizeLinear":
-            w = producer[w].input[0]
-        if w in producer and producer[w].op_type == "QuantizeLinear":
-            w = producer[w].input[0]
+        for op in ("DequantizeLinear", "QuantizeLinear"):
+            src = G.producer(w)
+            if src is not None and src.op_type == op:
+                w = src.input[0]
         return dims.get(w, [0, 0, 0, 0])[2:]
 
     done = 0
     for dq in [n for n in g.node if n.op_type == "DequantizeLinear"]:
-        users = consumers.get(dq.output[0], [])
-        if not users or dq.output[0] in outputs:
+        users = G.consumers(dq.output[0])
+        if not users or dq.output[0] in G.outputs:
             continue
         strides = {_plain_strided_1x1(u, dq.output[0], kernel_of) for u in users}
         if len(strides) != 1 or None in strides:
@@ -81,7 +68,7 @@ def subsample_before_dequantize(model) -> int:
         out = f"{src}__subsampled"
         consts = [f"{out}_{k}" for k in ("starts", "ends", "axes", "steps")]
         for name, value in zip(consts, ([0, 0], [np.iinfo(np.int64).max] * 2, [2, 3], list(step))):
-            g.initializer.append(numpy_helper.from_array(np.asarray(value, np.int64), name))
+            G.add_initializer(name, np.asarray(value, np.int64))
         g.node.insert(list(g.node).index(dq), helper.make_node("Slice", [src, *consts], [out], name=out))
         dq.input[0] = out
         for u in users:
@@ -107,22 +94,18 @@ def quantised_input(model) -> bool:
     ``bench --peers``). Only where the input's quantiser is uint8 (the cpu and ov targets: pixels are never negative); returns
     whether it applied.
     """
-    numpy_helper = require("onnx.numpy_helper")
-    g = model.graph
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    G = GraphIndex(model)
+    g = G.graph
     inp = g.input[0]
     if inp.type.tensor_type.elem_type != 2:  # uint8
         return False
-    users = consumers.get(inp.name, [])
+    users = G.consumers(inp.name)
     if len(users) != 1 or users[0].op_type != "Cast":
         return False
     cast, chain, node = users[0], [], users[0]
     while True:
-        nxt = consumers.get(node.output[0], [])
-        if len(nxt) != 1 or node.output[0] in {o.name for o in g.output}:
+        nxt = G.consumers(node.output[0])
+        if len(nxt) != 1 or node.output[0] in G.outputs:
             return False
         node = nxt[0]
         if node.op_type in _MOVES:
@@ -130,18 +113,18 @@ def quantised_input(model) -> bool:
             continue
         break
     q = node
-    inits = {i.name: i for i in g.initializer}
-    if q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in inits:
+    if q.op_type != "QuantizeLinear" or len(q.input) < 3 or q.input[2] not in G.initializers:
         return False
-    if numpy_helper.to_array(inits[q.input[2]]).dtype != np.uint8:
+    zero_point = G.array(q.input[2])
+    if zero_point is None or zero_point.dtype != np.uint8:
         return False
-    dqs = consumers.get(q.output[0], [])
+    dqs = G.consumers(q.output[0])
     if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
         return False
     one = f"{q.name}__unit_scale"
     zero = f"{q.name}__zero_point"
-    g.initializer.extend([numpy_helper.from_array(np.asarray(1.0, np.float32), one),
-                          numpy_helper.from_array(np.asarray(0, np.uint8), zero)])
+    G.add_initializer(one, np.asarray(1.0, np.float32))
+    G.add_initializer(zero, np.asarray(0, np.uint8))
     if chain:
         chain[0].input[0] = inp.name
         head = chain[-1].output[0]
@@ -153,16 +136,12 @@ def quantised_input(model) -> bool:
             d.input[2] = zero
         else:
             d.input.append(zero)
-    g.node.remove(q)
-    g.node.remove(cast)
+    G.remove_nodes([q, cast])
     moved = {n.output[0] for n in chain}  # now uint8: their recorded float types are stale
     stale = [v for v in g.value_info if v.name in moved]
     for v in stale:
         g.value_info.remove(v)
-    used = {i for n in g.node for i in n.input}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
+    drop_unused_initializers(g)
     return True
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..extras import require
+from ..onnx_graph import GraphIndex, attr
 
 #: ops TensorRT fuses a preceding DQ into, or propagates Q/DQ across (TensorRT developer guide,
 #: "Explicit Quantization": Q/DQ layer placement, commuting and fusion)
@@ -46,54 +47,22 @@ class Violation:
         return f"[{self.rule}] {self.node}: {self.message}"
 
 
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
-
-
 def lint_qdq(model_or_path) -> list[Violation]:
     """Every TensorRT QDQ rule the graph breaks (empty list: TensorRT-clean)."""
     onnx = require("onnx")
-    from onnx import numpy_helper
-
     model = model_or_path if not isinstance(model_or_path, (str, Path)) else onnx.load(str(model_or_path))
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    G = GraphIndex(model)
     out: list[Violation] = []
-
-    def array(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        if name in consts:
-            for a in consts[name].attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    def elem_type(name):
-        if name in inits:
-            return inits[name].data_type
-        arr = array(name)
-        return None if arr is None else onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
-
-    for n in g.node:
+    for n in G.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
         name = n.name or f"{n.op_type}({n.input[0]})"
-        scale = array(n.input[1]) if len(n.input) > 1 else None
+        scale = G.array(n.input[1]) if len(n.input) > 1 else None
         if scale is not None and (not np.all(np.isfinite(scale)) or np.any(scale <= 0)):
             out.append(Violation("scale", name, "scale must be positive and finite"))
-        int32 = n.op_type == "DequantizeLinear" and elem_type(n.input[0]) == onnx.TensorProto.INT32
+        int32 = n.op_type == "DequantizeLinear" and G.elem_type(n.input[0]) == onnx.TensorProto.INT32
         if len(n.input) > 2 and n.input[2] and not int32:
-            zp = array(n.input[2])
+            zp = G.array(n.input[2])
             if zp is not None and (zp.dtype != np.int8 or np.any(zp != 0)):
                 out.append(Violation("asymmetric", name, f"zero point must be int8 0 for TensorRT, got {zp.dtype} "
                                      f"{np.unique(zp)[:4].tolist()}"))
@@ -101,27 +70,27 @@ def lint_qdq(model_or_path) -> list[Violation]:
             if int32:
                 out.append(Violation("int32-bias-dq", name, "DequantizeLinear of an int32 tensor (quantised bias); "
                                      "TensorRT takes only activation types here: keep biases float (QuantizeBias off)"))
-            users = consumers.get(n.output[0], [])
+            users = G.consumers(n.output[0])
             bad = sorted({u.op_type for u in users if u.op_type not in FUSES_DQ})
             if bad:  # a DQ straight to a graph output is fine: TensorRT dequantises it there
                 out.append(Violation("unfused-dq", name, f"feeds {', '.join(bad)}, which TensorRT does not fuse "
                                      "with Q/DQ"))
-            if scale is not None and scale.size > 1 and n.input[0] in inits:
-                axis = _attr(n, "axis", 1)
+            if scale is not None and scale.size > 1 and n.input[0] in G.initializers:
+                axis = attr(n, "axis", 1)
                 for u in users:
                     want = WEIGHT_AXIS.get(u.op_type)
                     if u.op_type == "Gemm":
-                        want = 0 if _attr(u, "transB", 0) else 1
+                        want = 0 if attr(u, "transB", 0) else 1
                     if want is not None and len(u.input) > 1 and u.input[1] == n.output[0]:
-                        rank = len(inits[n.input[0]].dims)
+                        rank = len(G.initializers[n.input[0]].dims)
                         if axis % rank != want:
                             out.append(Violation("weight-axis", name, f"per-channel axis {axis} on {u.op_type} weights; "
                                                  f"TensorRT needs axis {want}"))
         else:
-            users = consumers.get(n.output[0], [])
+            users = G.consumers(n.output[0])
             if any(u.op_type != "DequantizeLinear" for u in users) or not users:
                 out.append(Violation("unfused-q", name, "QuantizeLinear must feed DequantizeLinear only"))
-            src = producer.get(n.input[0])
+            src = G.producer(n.input[0])
             if src is not None and src.op_type == "DequantizeLinear":
                 out.append(Violation("unfused-q", name, "requantises a DequantizeLinear output directly (DQ->Q)"))
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...extras import require
+from ...onnx_graph import all_nodes, attr
 
 EP_CONTEXT_OP = "EPContext"
 
@@ -24,38 +25,6 @@ class EpContextNode:
     embed_mode: int
     source: str  # the EP that wrote it, when recorded
     external_path: str | None
-
-
-def _attr(node, name):
-    onnx = require("onnx")
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return None
-
-
-def _nodes(graph):
-    for node in graph.node:
-        yield node
-        for a in node.attribute:  # control-flow subgraphs could hide one too
-            if a.g is not None and a.g.node:
-                yield from _nodes(a.g)
-            for g in a.graphs:
-                yield from _nodes(g)
-
-
-def all_nodes(model):
-    """Every node of the model: the main graph, control-flow subgraphs, and model-local functions
-    (ONNX Runtime inlines functions before it runs, so a node inside one runs like any other)."""
-    yield from _nodes(model.graph)
-    for fn in model.functions:
-        for node in fn.node:
-            yield node
-            for a in node.attribute:
-                if a.g is not None and a.g.node:
-                    yield from _nodes(a.g)
-                for g in a.graphs:
-                    yield from _nodes(g)
 
 
 def load_structure(path: str | Path | bytes, name: str | None = None):
@@ -77,13 +46,13 @@ def find_ep_context_nodes(path_or_model) -> list[EpContextNode]:
     """Every EPContext node in the model (empty for a plain ONNX graph). Reads no external data."""
     model = load_structure(path_or_model) if isinstance(path_or_model, (str, Path)) else path_or_model
     out = []
-    for node in all_nodes(model):
+    for node in all_nodes(model):  # control-flow subgraphs and model-local functions could hide one too
         if node.op_type != EP_CONTEXT_OP:
             continue
-        mode = _attr(node, "embed_mode")
+        mode = attr(node, "embed_mode")
         mode = 1 if mode is None else int(mode)
-        ctx = _attr(node, "ep_cache_context")
-        src = _attr(node, "source")
+        ctx = attr(node, "ep_cache_context")
+        src = attr(node, "source")
         ext = None
         if mode == 0 and ctx is not None:
             ext = ctx.decode(errors="replace") if isinstance(ctx, bytes) else str(ctx)
