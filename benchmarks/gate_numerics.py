@@ -33,15 +33,14 @@ def main(argv=None) -> int:
     from cxr_edge.data import scan_dataset
     from cxr_edge.data.loading import load_images
     from cxr_edge.manifest import read_manifest
-    from cxr_edge.preprocess import PreprocessSpec
     from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
     from cxr_edge.runtime.backends.registry import open_backend
 
     art = Path(a.artifacts)
     fp32 = art / "model.fp32.onnx"
     doc = read_manifest(fp32)
-    spec = PreprocessSpec.from_dict(doc["preprocess"])
-    ds = scan_dataset(a.data, classes=tuple(doc["classes"]))
+    spec = doc.preprocess
+    ds = scan_dataset(a.data, classes=doc.classes)
     items = sorted(ds.items, key=lambda i: str(i.path))
     step = max(1, len(items) // a.n)
     x = load_images([i.path for i in items[::step][: a.n]], spec).x
@@ -55,8 +54,9 @@ def main(argv=None) -> int:
     rows = []
     for path in sorted(art.glob("model.int8-*.onnx")):
         q = read_manifest(path)
-        row = {"artifact": path.name, "int8_mac_share": (q.get("quantization") or {}).get("int8_mac_share"),
-               "gate_numerics": (q.get("gate") or {}).get("numerics", {}).get("where")}
+        numerics = q.gate.numerics if q.gate is not None else None
+        row = {"artifact": path.name, "int8_mac_share": q.quantization.int8_mac_share if q.quantization else None,
+               "gate_numerics": numerics.where if numerics is not None else None}
         row["onnxruntime_kernels"] = stats(run_batched(cpu_session(path), x, ["probs"])["probs"])
         row["tensorrt_numerics"] = stats(run_batched(cpu_session(path, numerics="tensorrt"), x, ["probs"])["probs"])
         try:

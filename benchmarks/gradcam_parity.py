@@ -20,7 +20,6 @@ from cxr_edge.data import scan_dataset
 from cxr_edge.data.loading import load_images
 from cxr_edge.keras_layers import load_keras_model
 from cxr_edge.manifest import read_manifest
-from cxr_edge.preprocess import PreprocessSpec
 from cxr_edge.runtime.backends.keras import gradcam_tf
 from cxr_edge.runtime.backends.registry import open_backend
 from cxr_edge.runtime.gradcam import gradcam, normalise
@@ -41,12 +40,12 @@ def main() -> None:
     a = ap.parse_args()
     mdir = Path(a.model_dir)
     doc = read_manifest(mdir / "model.keras")
-    spec = PreprocessSpec.from_dict(doc["preprocess"])
-    ds = scan_dataset(a.data, classes=doc["classes"])
+    spec = doc.preprocess
+    ds = scan_dataset(a.data, classes=list(doc.classes))
     items = ds.items[:: max(1, len(ds.items) // a.n)][: a.n]
     x = load_images([i.path for i in items], spec).x
     model = load_keras_model(mdir / "model.keras")
-    layer = doc["last_conv_layer"]
+    layer = doc.last_conv_layer
     gradcam_tf(model, x[:2], layer)  # trace once
     t0 = time.perf_counter()
     ref, targets, _ = gradcam_tf(model, x, layer)
@@ -67,10 +66,10 @@ def main() -> None:
             cams = gradcam(head, feats, targets).cam
             cam_s = (time.perf_counter() - t0) / len(x)
         pars = [parity(c, r) for c, r in zip(cams, ref)]
-        rows.append({"artifact": art.name, "precision": adoc["precision"], "min_corr": min(p[0] for p in pars),
+        rows.append({"artifact": art.name, "precision": adoc.precision.value, "min_corr": min(p[0] for p in pars),
                      "median_corr": float(np.median([p[0] for p in pars])), "max_abs_diff": max(p[1] for p in pars),
                      "engine_native_cam_ms_per_image": 1e3 * cam_s, "features_infer_ms_per_image": 1e3 * infer_s})
-    res = {"recipe": doc["recipe"], "n_images": len(x), "layer": layer,
+    res = {"recipe": doc.recipe, "n_images": len(x), "layer": layer,
            "tensorflow_gradcam_ms_per_image": 1e3 * tf_s, "keras_predict_ms_per_image": 1e3 * keras_predict_s, "rows": rows}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

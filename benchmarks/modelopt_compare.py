@@ -22,7 +22,6 @@ from cxr_edge.export.gates import int8_gate
 from cxr_edge.export.quantize import count_int8_nodes
 from cxr_edge.export.trt_lint import lint_qdq
 from cxr_edge.manifest import read_manifest
-from cxr_edge.preprocess import PreprocessSpec
 from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
 
 
@@ -31,8 +30,7 @@ def _probs(path, x):
 
 
 def _row(name, path, ref, data, doc, seconds=None):
-    gate = int8_gate(ref, _probs(path, data.val_x), data.val_y, doc["classes"],
-                     (doc.get("operating_point") or {}).get("threshold"))
+    gate = int8_gate(ref, _probs(path, data.val_x), data.val_y, doc.classes, doc.threshold)
     lint = lint_qdq(path)
     return {"quantizer": name, "passed": gate.passed, "failures": gate.failures,
             **{k: gate.metrics[k] for k in ("top_class_agreement", "auc_drop", "sensitivity_drop", "max_abs_dprob")},
@@ -51,8 +49,8 @@ def main() -> None:
     art = Path(a.artifact_dir)
     fp32 = art / "model.fp32.onnx"
     doc = read_manifest(fp32)
-    keras_doc = read_manifest(Path(doc["source_model"]["path"]), verify=False)
-    spec = PreprocessSpec.from_dict(doc["preprocess"])
+    keras_doc = read_manifest(Path(doc.source_model.path), verify=False)
+    spec = doc.preprocess
     data = load_gate_data(keras_doc, spec, None, a.calib_size)  # the split cxr-edge export used
     ref = _probs(fp32, data.val_x)
     rows = []
@@ -81,7 +79,7 @@ def main() -> None:
     read_manifest(fp32)  # verifies the artifact's sha256: ModelOpt must not have touched it
     (out / "results.json").write_text(json.dumps({"artifact_dir": str(art), "data": data.info, "rows": rows},
                                                  indent=2, default=str) + "\n")
-    lines = [f"# INT8 for TensorRT: cxr-edge vs NVIDIA ModelOpt ({doc.get('recipe')})", "",
+    lines = [f"# INT8 for TensorRT: cxr-edge vs NVIDIA ModelOpt ({doc.recipe})", "",
              f"Calibration: {data.info['n_calibration']} train-split images; gate: {data.info['n_gate']} val-split "
              f"images of {data.info['data']}; ONNX Runtime CPU.", "",
              "| quantizer | gate | agreement | AUC drop | sens. drop | max abs dprob | int8 / float compute | "

@@ -2,10 +2,8 @@
 
 INT8 answers depend on it: x86 without VNNI multiplies u8 x s8 pairs with ``vpmaddubsw``, whose int16
 intermediate saturates, while VNNI/AMX and TensorRT accumulate exactly in int32. A gate measured on one
-and an engine run on the other can disagree (on an AVX2-only AMD EPYC, the small CNN's int8-trt graph was
-0.060 from FP32 on ONNX Runtime's kernels and 0.003 in exact arithmetic, 200 real images:
-benchmarks/results/gate_numerics), so every gate and every load-time self-check
-records the ISA it ran on.
+and an engine run on the other can disagree (benchmarks/results/gate_numerics/), so every gate and every
+load-time self-check records the ISA it ran on.
 
 ``CXR_EDGE_CPU_FLAGS`` (space-separated /proc/cpuinfo flags) replaces what the probe reads: tests force an
 ISA with it, and a CI step caps it to AVX2 together with oneDNN's ``ONEDNN_MAX_CPU_ISA`` so that what
@@ -35,7 +33,8 @@ EXACT_INT8_ISAS = {"AMX", "AVX-512 VNNI", "AVX-VNNI", "ARMv8 I8MM", "ARMv8 dot-p
 
 @lru_cache(maxsize=1)
 def _probe() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    model = platform.processor() or platform.machine()
+    flags: frozenset[str] = frozenset()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

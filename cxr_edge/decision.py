@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .classes import COVID
+from .manifest_schema import ArtifactManifest, GateRecord, OperatingPoint
 
 
 def choose_threshold(is_covid: np.ndarray, p_covid: np.ndarray, target_sensitivity: float = 0.95) -> dict:
@@ -67,30 +68,28 @@ def decide(probs: np.ndarray, classes, threshold: float | None) -> np.ndarray:
 MIN_BORDERLINE_BAND = 0.05
 
 
-def borderline_band(manifest) -> float:
+def borderline_band(source: ArtifactManifest | GateRecord | None) -> float:
     """Half-width of the band around the threshold inside which a decision is reported as borderline.
 
-    Defined per artifact as the larger of 0.05 and the largest |p - p_FP32| its export gate measured: a
-    result closer to the threshold than the artifact's own disagreement with its FP32 model could have
-    gone the other way on another precision or engine, so it is shown as uncertain, not hidden.
+    Defined per artifact (its manifest, or the gate record about to go into one) as the larger of 0.05 and the
+    largest |p - p_FP32| its export gate measured: a result closer to the threshold than the artifact's own
+    disagreement with its FP32 model could have gone the other way on another precision or engine, so it is
+    shown as uncertain, not hidden.
     """
-    gate = (manifest.get("gate") or {}) if manifest is not None else {}
-    measured = (gate.get("metrics") or {}).get("max_abs_dprob")
-    try:
-        return max(MIN_BORDERLINE_BAND, float(measured)) if measured is not None else MIN_BORDERLINE_BAND
-    except (TypeError, ValueError):
-        return MIN_BORDERLINE_BAND
+    gate = source.gate if isinstance(source, ArtifactManifest) else source
+    measured = gate.max_abs_dprob if gate is not None else None
+    return max(MIN_BORDERLINE_BAND, measured) if measured is not None else MIN_BORDERLINE_BAND
 
 
-def describe_operating_point(op: dict | None) -> str | None:
+def describe_operating_point(op: OperatingPoint | None) -> str | None:
     """'95% sensitivity on validation (n+ = 54)' or 'site calibration ...' from a manifest's operating_point."""
-    if not op or op.get("threshold") is None:
+    if op is None or op.threshold is None:
         return None
-    target = op.get("target_sensitivity")
-    where = {"val": "validation", "validation": "validation"}.get(op.get("chosen_on"), op.get("chosen_on") or "validation")
+    where = "validation" if not op.chosen_on or op.chosen_on in ("val", "validation") else op.chosen_on
+    target = op.target_sensitivity
     text = f"{100 * target:.0f}% sensitivity on {where}" if target is not None else f"chosen on {where}"
-    if op.get("n_positive") is not None:
-        text += f" (n+ = {op['n_positive']})"
+    if op.n_positive is not None:
+        text += f" (n+ = {op.n_positive})"
     return text
 
 

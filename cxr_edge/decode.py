@@ -44,10 +44,11 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray] 
 #: 16-bit RGBA PNG (392 MiB) still decodes; what would take more is refused before decoding
 DEFAULT_MAX_DECODED_BYTES = 512 * 1024 * 1024
 #: DICOM bytes before the pixel data: real headers are kilobytes (private tags, an icon: a few hundred kB);
-#: a 48 MB header of 6 million tiny elements took pydicom 29 s and 2.1 GB (issue 13)
+#: bounded because a crafted header of millions of tiny elements makes pydicom slow and memory-hungry
+#: (SECURITY.md, benchmarks/results/hostile/)
 DEFAULT_MAX_DICOM_HEADER_BYTES = 2 * 1024 * 1024
 #: transfer syntaxes whose data set is deflated as a whole: pydicom inflates it without bound before any
-#: size check (1 MB became 2.5 GB), and no radiography device writes them
+#: size check (a small upload becomes gigabytes), and no radiography device writes them
 DEFLATED_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
                               "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression"}
 
@@ -130,8 +131,8 @@ def _bit_depth(pixels: np.ndarray) -> int:
 
 
 def _check_dicom_size(ds, name: str, limits: DecodeLimits) -> None:
-    """Refuse by the header before pydicom decodes: an RLE-compressed DICOM of a few kB declaring
-    30000 x 30000 pixels made pydicom allocate 1.8 GB before failing (found by the hardening tests)."""
+    """Refuse by the header before pydicom decodes, because pydicom allocates the whole declared pixel array
+    (gigabytes for a huge declared size) before finding that a few kB of compressed data cannot fill it."""
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -313,7 +314,8 @@ def _dicom_pixels(ds, name: str, limits: DecodeLimits) -> DecodedImage:
     try:
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:  # pydicom < 3
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+        # the same two functions under their pydicom 2 module (typed differently there: the redefinition is the point)
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut  # type: ignore[no-redef]
     if "ModalityLUTSequence" in ds:
         out = apply_modality_lut(arr, ds)
     else:  # rescale slope/intercept in float32, in place: pydicom's float64 doubles the peak memory
@@ -366,8 +368,8 @@ def _read_source(source: ImageSource, name: str | None, limits: DecodeLimits) ->
 def jpeg_reduction(h: int, w: int, target: int | None) -> int:
     """Largest libjpeg DCT scale-down (1, 2, 4, 8) that still leaves >= 2x ``target`` pixels per side.
 
-    A 3000 px radiograph headed for a 224 px model decodes 4-8x faster at 1/8 or 1/4 scale, and the 2x
-    margin keeps the final INTER_AREA resize doing the real down-sampling.
+    A large radiograph headed for a small model decodes several times faster at a reduced DCT scale, and the
+    2x margin keeps the final INTER_AREA resize doing the real down-sampling.
     """
     if not target:
         return 1
@@ -486,11 +488,11 @@ def decode_image(
     if isinstance(source, np.ndarray):
         name = name or f"<array {source.shape} {source.dtype}>"
         # shape and size first: scanning values (NaN check, range) of a 1 x 8e9 array would itself
-        # allocate gigabytes (found by fuzzing: 4.3 GB RSS)
+        # allocate gigabytes
         _check_shape(source, name)
         _check_size(source.shape[0], source.shape[1], name, limits)
-        pixels = _check_pixels(source, name)
-        return DecodedImage(pixels, name, "array", _bit_depth(pixels))
+        checked = _check_pixels(source, name)
+        return DecodedImage(checked, name, "array", _bit_depth(checked))
 
     data, name = _read_source(source, name, limits)
     if not data:

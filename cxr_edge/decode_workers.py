@@ -143,8 +143,8 @@ def header_bounded(data: bytes, max_bytes: int) -> bool:
     worker's memory ceiling and deadline (see :class:`DecodeIsolation`); any doubt answers False (a worker).
 
     Cheap means: decoded pixels within ``max_bytes``, and a file no larger than those pixels plus
-    :data:`INLINE_SLACK` (a real PNG or baseline JPEG is smaller than its pixels; a 7.6 MB PNG of 256x256 pixels
-    carried 990 zTXt chunks that libpng inflated to +7.5 GB), and for PNG no compressed ancillary chunk at all.
+    :data:`INLINE_SLACK` (a real PNG or baseline JPEG is smaller than its pixels, while a small PNG can carry text
+    chunks that libpng inflates to gigabytes), and for PNG no compressed ancillary chunk at all.
     Only a bounded prefix (JPEG) or the chunk headers (PNG, at most 4,096) are read, so the check itself is cheap
     on the event loop whatever the upload holds.
     """
@@ -245,7 +245,7 @@ class FairQueue:
         """Drop a job still waiting; False when it already left the queue."""
         reqs = self.waiting.get(job.client)
         queue = reqs.get(job.request) if reqs else None
-        if not queue or job not in queue:
+        if not reqs or not queue or job not in queue:
             return False
         queue.remove(job)
         if not queue:
@@ -313,7 +313,11 @@ class IsolatedDecoder:
             self.pending += 1
             self._fair.put(job)
         # a caller that gives up on an image still waiting for a worker frees its place at once
-        outer.add_done_callback(lambda f: f.cancelled() and self._withdraw(job))
+        def withdraw_if_cancelled(f: Future) -> None:
+            if f.cancelled():
+                self._withdraw(job)
+
+        outer.add_done_callback(withdraw_if_cancelled)
         self._dispatch()
         return outer
 
@@ -422,7 +426,7 @@ class IsolatedDecoder:
         return self.submit(source, name, keep_preview, resize).result()
 
     def warm_up(self) -> None:
-        """Start every worker now (spawning and importing take ~0.3 s each), not on the first request."""
+        """Start every worker now, not on the first request, because spawning one and importing its libraries is slow."""
         import numpy as np
 
         blank = np.zeros((64, 64), np.uint8)

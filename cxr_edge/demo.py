@@ -6,13 +6,23 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TypedDict
 
 log = logging.getLogger(__name__)
+
+
+class DemoOverrides(TypedDict, total=False):
+    """The TrainConfig fields the demo overrides (passed as keywords)."""
+
+    epochs: int
+    learning_rate: float
+    image_size: int
+
 
 # Tuned so the demo trains to well above chance on 2 CPU cores in about a minute. The published
 # small-CNN learning rate (1e-3, plain SGD) needs many more epochs than a demo should take; the
 # real recipe is untouched for `cxr-edge train`.
-DEMO_OVERRIDES = {"epochs": 12, "learning_rate": 0.01}
+DEMO_OVERRIDES: DemoOverrides = {"epochs": 12, "learning_rate": 0.01}
 #: seconds of timing per benchmark row: enough for a first impression, not for a report
 DEMO_BENCH_BUDGET_S = 1.0
 

@@ -225,18 +225,24 @@ def _matrix(r: Report) -> list[dict]:
             return f"{name}: not probed"
         return p.detail + (f" -> {p.fix}" if p.fix else "")
 
+    from .precision import EXPORTED_PRECISIONS, Int8Target, Precision, Variant
+
     rows = []
-    for prec in ("fp32", "fp16", "int8-trt", "int8-cpu", "int8-ov"):
+    variants = [Variant(p) for p in EXPORTED_PRECISIONS if p is not Precision.INT8]
+    variants += [Variant(Precision.INT8, t) for t in Int8Target]
+    for v in variants:
+        prec = v.tag
         rows.append({"backend": "onnxruntime CPU", "precision": prec,
                      "status": "will run" if ok("ORT CPU") else why("ORT CPU")})
         rows.append({"backend": "onnxruntime CUDA", "precision": prec,
                      "status": "will run" if ok("ORT CUDA") else why("ORT CUDA")})
-        trt_ep = (f"not for this artifact: {prec} has U8 activations, CPU-only (use int8-trt)"
-                  if prec in ("int8-cpu", "int8-ov")
+        trt_ep = (f"not for this artifact: {prec} has U8 activations, CPU-only "
+                  f"(use {Variant(Precision.INT8, Int8Target.TRT).tag})"
+                  if v.int8_target is not None and v.int8_target.for_cpu_runtimes
                   else "will run" if ok("ORT Tensorrt") else why("ORT Tensorrt"))
         rows.append({"backend": "onnxruntime TensorRT EP", "precision": prec, "status": trt_ep})
         rows.append({"backend": "OpenVINO", "precision": prec, "status": "will run" if ok("OpenVINO") else why("OpenVINO")})
-    for prec in ("fp32", "fp16", "int8"):
+    for prec in (p.value for p in EXPORTED_PRECISIONS):
         missing = [n for n in ("TensorRT", "CUDA") if not ok(n)]
         rows.append({"backend": "TensorRT engine (cxr-edge build)", "precision": prec,
                      "status": "will run" if not missing else "; ".join(why(n) for n in missing)})

@@ -8,7 +8,7 @@ from types import ModuleType
 from .errors import MissingExtraError
 
 #: import name -> (pip extra, what it is used for)
-_EXTRAS: dict[str, tuple[str, str]] = {
+_EXTRAS: dict[str, tuple[str | None, str]] = {
     "tensorflow": ("train", "training and Keras models"),
     "keras": ("train", "training and Keras models"),
     "tf2onnx": ("train", "exporting Keras models to ONNX"),

@@ -24,7 +24,8 @@ import numpy as np
 from .errors import CorruptImageError, ImageTooLargeError, UnsupportedImageError
 
 #: more progressive scans than any encoder writes (libjpeg's progressive script uses 10; 64 leaves room for
-#: custom scripts); a file repeating one scan 30,000 times decoded for two minutes (issue 13)
+#: custom scripts), because libjpeg decodes every scan and a file repeating one scan thousands of times holds
+#: a decoder for minutes (SECURITY.md)
 MAX_JPEG_SCANS = 64
 #: PNG chunk walk limit: real files have tens to a few thousand chunks (one IDAT per 8-64 kB)
 MAX_PNG_CHUNKS = 200_000
@@ -110,9 +111,8 @@ def _pick_orientation(blocks: list[tuple[int, int] | None], fmt: str, name: str)
     """One orientation from a file's EXIF blocks, in file order: the first block's, and a refusal where OpenCV and
     Pillow would show the file differently, so that no decoder the user compares with shows another image.
 
-    JPEG: Pillow and OpenCV read the first Exif APP1 segment before the first scan (measured with Pillow 13
-    and OpenCV 5.1: Exif 1 then 6 stays upright, 6 then 1 and 6 then 8 rotate by 6; XMP and other APP1
-    segments are ignored), so its orientation is used whatever it says, 1 included. PNG: libpng, and so
+    JPEG: Pillow and OpenCV read the first Exif APP1 segment before the first scan and ignore later Exif, XMP
+    and other APP1 segments, so its orientation is used whatever it says, 1 included. PNG: libpng, and so
     OpenCV, keep the first eXIf chunk and drop the rest as duplicates, while Pillow reads the last one
     before the image data. Where the decoders would still disagree the file is refused rather than guessed:
     a first JPEG Exif block without an Orientation entry followed by one that rotates (OpenCV applies the
@@ -155,9 +155,9 @@ def jpeg_header(data: bytes, name: str, first_scan_only: bool = False) -> ImageH
     Raises for what libjpeg only warns about and then decodes as grey: no end-of-image marker, bytes
     between segments, a segment running past the end; and refuses more than :data:`MAX_JPEG_SCANS` scans.
     Data appended after the end-of-image marker is ignored, as every decoder does. Runs of parameterless
-    markers (RSTn, TEM, SOI outside a scan) are skipped by one regular-expression match, at C speed: one
-    Python step per marker held the GIL for 16.2 s on 30 M restart markers (60 MB), 0.41 s now
-    (``python benchmarks/header_walk.py``, benchmarks/results/hostile_round3).
+    markers (RSTn, TEM, SOI outside a scan) are skipped by one regular-expression match, at C speed, because one
+    Python step per marker holds the GIL for seconds on a file of millions of restart markers
+    (benchmarks/results/hostile_round3/).
 
     ``first_scan_only``: stop at the first scan (the frame header, orientation and process are known by then);
     the routing check reads only a bounded prefix this way.
@@ -265,8 +265,8 @@ def png_header(data: bytes, name: str, check: Callable[[ImageHeader], None] | No
     """IHDR plus a walk over the chunks: IEND must be there, and the image data must inflate to exactly
     the scanlines the header declares.
 
-    libpng inflates *all* of the image data even after the last row (2 GB of appended zeros took
-    4.3 s, and an 8 GB stream stalled the server), and it pads missing rows with grey after a warning.
+    libpng inflates *all* of the image data even after the last row (gigabytes of appended zeros hold a
+    decoder for seconds; SECURITY.md), and it pads missing rows with grey after a warning.
     Inflating here with a bound (no more than the declared size, 1 MiB of memory) refuses both before
     decoding; it costs one inflate of the image, a fraction of the decode.
     """
@@ -364,9 +364,14 @@ def tiff_header(data: bytes, name: str) -> ImageHeader:
 def read_header(fmt: str, data: bytes, name: str, check: Callable[[ImageHeader], None] | None = None) -> ImageHeader:
     """The header of a PNG/JPEG/BMP/TIFF; ``check`` (the caller's size budget) runs on it before any
     work that grows with the declared size."""
+    def png_check(h: ImageHeader) -> None:
+        _check_positive(h, fmt, name)
+        if check is not None:
+            check(h)
+
     try:
         if fmt == "png":
-            return png_header(data, name, lambda h: (_check_positive(h, fmt, name), check and check(h)))
+            return png_header(data, name, png_check)
         hdr = {"jpeg": jpeg_header, "bmp": bmp_header, "tiff": tiff_header}[fmt](data, name)
     except struct.error as exc:
         raise CorruptImageError(name, f"{fmt.upper()} header is truncated.") from exc

@@ -7,14 +7,18 @@ there is no second implementation to drift.
 
 from __future__ import annotations
 
+from typing import Any
+
 from .extras import require
 from .preprocess import PreprocessSpec
 
 keras = require("keras")
+#: the base class, bound to a name mypy accepts as a base: keras ships no type information, so it is Any
+_Layer: Any = keras.layers.Layer
 
 
 @keras.saving.register_keras_serializable(package="cxr_edge")
-class CxrPreprocess(keras.layers.Layer):
+class CxrPreprocess(_Layer):
     """uint8 ``(N, H, W, C_in)`` -> float32 ``(N, H, W, C_model)`` per the spec."""
 
     def __init__(self, spec: dict, **kwargs):

@@ -3,174 +3,72 @@
 ``<artifact>.manifest.json`` records what the file is (its sha256), what it expects (classes,
 preprocessing) and where it came from (recipe, data fingerprint, toolchain versions). Loading
 verifies the hash, so a swapped or half-copied file is refused instead of silently used.
+
+This module handles the files: one writer (:func:`write_manifest`, which measures the file's facts itself), one
+reader (:func:`read_manifest`, which migrates older schema versions step by step and returns the typed
+:class:`~cxr_edge.manifest_schema.ArtifactManifest`), the size cap, the hash checks and the files a manifest names
+beside its artifact. The fields and their checks live in :mod:`cxr_edge.manifest_schema`.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from .errors import ManifestError
-from .machine import toolchain_versions
+from .manifest_schema import SCHEMA_VERSION, ArtifactFormat, ArtifactManifest, FieldError, Toolchain
+from .precision import Precision
 
-SCHEMA_VERSION = 1
+#: the name the runtime used before the manifest was typed; the same class
+Manifest = ArtifactManifest
 
-
-class Manifest(Mapping[str, Any]):
-    """An artifact's manifest, read-only: typed accessors for what the code relies on, a Mapping for the rest.
-
-    Frozen, because a manifest is evidence (hash, gate, signer): nothing downstream may edit the copy
-    it was handed and pass it on as the artifact's. Values are returned as copies, so nested dicts
-    cannot be changed through it either; :meth:`with_fields` makes a new one for the few places that
-    describe something the file does not (a remote Triton model, a Keras model's implicit outputs).
-    """
-
-    __slots__ = ("_doc",)
-
-    def __init__(self, doc: Mapping[str, Any]):
-        object.__setattr__(self, "_doc", copy.deepcopy(dict(doc)))
-
-    def __setattr__(self, name, value):
-        raise AttributeError("Manifest is read-only; use with_fields() for a changed copy")
-
-    def __getitem__(self, key: str) -> Any:
-        value = self._doc[key]
-        return copy.deepcopy(value) if isinstance(value, (dict, list)) else value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._doc)
-
-    def __len__(self) -> int:
-        return len(self._doc)
-
-    def __repr__(self) -> str:
-        return f"Manifest({self._doc.get('file')!r}, precision={self.precision!r}, sha256={str(self.sha256)[:12]}...)"
-
-    def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self._doc)
-
-    def with_fields(self, **fields: Any) -> Manifest:
-        return Manifest({**self._doc, **fields})
-
-    # ---- what the code reads, typed, with the defaults the exporter implies
-    @property
-    def sha256(self) -> str | None:
-        return self._doc.get("sha256")
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self._doc["classes"])
-
-    @property
-    def preprocess(self) -> dict[str, Any]:
-        return dict(self._doc["preprocess"])
-
-    @property
-    def precision(self) -> str:
-        return self._doc.get("precision") or "fp32"
-
-    @property
-    def format(self) -> str | None:
-        return self._doc.get("format")
-
-    @property
-    def kind(self) -> str | None:
-        return self._doc.get("kind")
-
-    @property
-    def recipe(self) -> str | None:
-        return self._doc.get("recipe")
-
-    @property
-    def operating_point(self) -> dict[str, Any]:
-        return dict(self._doc.get("operating_point") or {})
-
-    @property
-    def threshold(self) -> float | None:
-        """The COVID threshold chosen on validation (None: argmax decides)."""
-        t = self.operating_point.get("threshold")
-        return None if t is None else float(t)
-
-    @property
-    def output_names(self) -> list[str]:
-        return [o["name"] for o in self._doc.get("outputs") or [{"name": "probs"}]]
-
-    @property
-    def gradcam(self) -> dict[str, Any]:
-        return copy.deepcopy(self._doc.get("gradcam") or {})
-
-    @property
-    def gate(self) -> dict[str, Any]:
-        return copy.deepcopy(self._doc.get("gate") or {})
-
-    @property
-    def gate_failed(self) -> bool:
-        """True only when the export gate ran and failed (kept with --force); missing gate is not failure."""
-        return self.gate.get("passed") is False
-
-    @property
-    def source_model(self) -> dict[str, Any]:
-        return dict(self._doc.get("source_model") or {})
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return copy.deepcopy(self._doc.get("data") or {})
-
-    @classmethod
-    def read(cls, artifact: str | Path, verify: bool = True) -> Manifest:
-        return read_manifest(artifact, verify)
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "ArtifactManifest", "Manifest", "manifest_path", "migrate", "migrate_v1_to_v2",
+           "read_manifest", "read_manifest_bytes", "read_verified_bytes", "sha256_file", "sibling_file", "write_manifest"]
 
 
 #: manifests cxr-edge writes are a few kB; a larger one is not ours
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
 
-def _check_types(doc: dict, path: Path) -> None:
-    """The fields the code relies on have the types it relies on: a malformed manifest is a ManifestError
-    naming the field, never a TypeError deep inside a backend."""
-    def bad(field: str, want: str) -> ManifestError:
-        return ManifestError(f"Manifest {path}: {field} must be {want}, got {type(doc.get(field)).__name__}.")
+def migrate_v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 manifest (cxr-edge 0.1) as schema 2: what v1 readers assumed when a field was absent is written out.
 
-    sha = doc["sha256"]
-    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
-        raise bad("sha256", "64 lower-case hex digits")
-    classes = doc["classes"]
-    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
-            and len(set(classes)) == len(classes)):
-        raise bad("classes", "a list of at least two distinct names")
-    if not isinstance(doc["preprocess"], dict):
-        raise bad("preprocess", "an object")
-    from .errors import ConfigError
-    from .preprocess import PreprocessSpec
+    v1 left the defaults to its readers: a manifest without ``precision`` was FP32, and a Keras model's manifest
+    named neither its ``format`` nor its ``outputs`` (the Keras backend added ``probs``, and ``features`` when the
+    model names a Grad-CAM layer). Every other field has the same name and meaning in v2.
+    """
+    out = {**doc, "schema_version": 2}
+    if out.get("precision") is None:
+        out["precision"] = Precision.FP32.value
+    if out.get("kind") == "keras-model":
+        out.setdefault("format", ArtifactFormat.KERAS.value)
+        if not out.get("outputs"):
+            layer = out.get("last_conv_layer")
+            out["outputs"] = [{"name": "probs"}] + ([{"name": "features"}] if layer else [])
+    return out
 
-    try:
-        PreprocessSpec.from_dict(doc["preprocess"])
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise ManifestError(f"Manifest {path}: preprocess is not usable ({exc}).") from None
-    for field in ("operating_point", "gradcam", "gate", "source_model", "data", "external_data"):
-        if doc.get(field) is not None and not isinstance(doc[field], dict):
-            raise bad(field, "an object")
-    t = (doc.get("operating_point") or {}).get("threshold")
-    if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1):
-        raise ManifestError(f"Manifest {path}: operating_point.threshold must be a number in [0, 1], got {t!r}.")
-    temp = doc.get("probability_temperature")
-    if temp is not None and not (isinstance(temp, (int, float)) and not isinstance(temp, bool) and 0.01 <= temp <= 100):
-        raise ManifestError(f"Manifest {path}: probability_temperature must be a number in [0.01, 100], got {temp!r}.")
-    mv = doc.get("manifest_version")
-    if mv is not None and not (isinstance(mv, int) and not isinstance(mv, bool) and mv >= 1):
-        raise bad("manifest_version", "a positive integer")
-    outputs = doc.get("outputs")
-    if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str)
-                                                                       for o in outputs)):
-        raise bad("outputs", "a list of objects with a name")
-    for field in ("format", "kind", "precision", "recipe", "file"):
-        if doc.get(field) is not None and not isinstance(doc[field], str):
-            raise bad(field, "a string")
+
+#: schema version -> the step that brings a manifest of that version one version up
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: migrate_v1_to_v2}
+
+
+def migrate(doc: dict[str, Any], where: object) -> dict[str, Any]:
+    """``doc`` brought to :data:`SCHEMA_VERSION` one step at a time; a version this cxr-edge does not know is refused."""
+    version = doc.get("schema_version")
+    while version != SCHEMA_VERSION:
+        step = MIGRATIONS.get(version) if isinstance(version, int) and not isinstance(version, bool) else None
+        if step is None:
+            raise ManifestError(
+                f"Manifest {where} has schema_version {version!r}; this cxr-edge reads {SCHEMA_VERSION} (and migrates "
+                f"{', '.join(map(str, sorted(MIGRATIONS)))}). Upgrade cxr-edge to read it, or re-export the artifact.")
+        doc = step(doc)
+        version = doc.get("schema_version")
+    return doc
 
 
 def manifest_path(artifact: str | Path) -> Path:
@@ -211,20 +109,38 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(artifact: str | Path, fields: dict) -> Path:
-    """Write the sidecar for an existing artifact file, adding hash, size, versions and time."""
+def _parse(doc: Mapping[str, Any], where: object) -> ArtifactManifest:
+    """The typed manifest of a v2 JSON object; a bad field is a ManifestError saying which manifest and which field."""
+    try:
+        return ArtifactManifest.from_dict(doc)
+    except FieldError as exc:
+        raise ManifestError(f"Manifest {where}: {exc}.") from None
+
+
+def write_manifest(artifact: str | Path, manifest: ArtifactManifest | Mapping[str, Any], *, name: str | None = None,
+                   stamp: bool = True) -> Path:
+    """Write the sidecar of the existing file ``artifact``; returns the sidecar's path.
+
+    With ``stamp``, the file's facts (name, sha256, size, time, toolchain versions) are measured here and replace any
+    the manifest carries, so a manifest always describes the bytes beside it; ``name`` is the name the file will have
+    when it is written under a temporary one. Without ``stamp`` (a new revision of an existing manifest, the file
+    untouched) its facts are kept and its sha256 must still match the file. A mapping is taken as the v2 JSON fields
+    (tests write deliberately odd manifests this way) and checked like a typed manifest. The text is parsed back
+    before it is written: a manifest a reader would refuse is never written.
+    """
     artifact = Path(artifact)
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "file": artifact.name,
-        "sha256": sha256_file(artifact),
-        "size_bytes": artifact.stat().st_size,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "versions": toolchain_versions(),
-        **fields,
-    }
     path = manifest_path(artifact)
-    path.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
+    if not isinstance(manifest, ArtifactManifest):
+        manifest = _parse({k: v for k, v in manifest.items() if k != "schema_version"}, f"for {artifact.name}")
+    if stamp:
+        manifest = dataclasses.replace(
+            manifest, file=name or artifact.name, sha256=sha256_file(artifact), size_bytes=artifact.stat().st_size,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), versions=Toolchain.current())
+    else:
+        _check_sha256(artifact, sha256_file(artifact), manifest.sha256 or "(none)")
+    text = json.dumps(manifest.to_dict(), indent=2, default=str) + "\n"
+    _parse(json.loads(text), path)
+    path.write_text(text)
     return path
 
 
@@ -247,12 +163,12 @@ def read_manifest_bytes(artifact: str | Path) -> bytes:
     return data
 
 
-def read_verified_bytes(artifact: str | Path, manifest: Mapping[str, Any]) -> bytes:
+def read_verified_bytes(artifact: str | Path, manifest: ArtifactManifest) -> bytes:
     """The artifact's bytes, read once and hashed: the runtime is given these, never the path again, so a file
     swapped after the check cannot be what runs (a swap between hashing the path and ONNX Runtime reopening it
     once served an unsigned model)."""
     data = Path(artifact).read_bytes()
-    _check_sha256(artifact, hashlib.sha256(data).hexdigest(), manifest["sha256"])
+    _check_sha256(artifact, hashlib.sha256(data).hexdigest(), manifest.sha256 or "(none)")
     return data
 
 
@@ -264,8 +180,9 @@ def _check_sha256(artifact: str | Path, actual: str, expected: str) -> None:
         )
 
 
-def read_manifest(artifact: str | Path, verify: bool = True, data: bytes | None = None) -> Manifest:
-    """Read and check the sidecar of ``artifact``; with ``verify`` the file's sha256 must match.
+def read_manifest(artifact: str | Path, verify: bool = True, data: bytes | None = None) -> ArtifactManifest:
+    """Read, migrate (:data:`MIGRATIONS`) and check the sidecar of ``artifact``; with ``verify`` the file's sha256
+    must match.
 
     ``data``: the sidecar's bytes already read (and signature-checked) by the caller, parsed instead of the file.
     """
@@ -279,14 +196,11 @@ def read_manifest(artifact: str | Path, verify: bool = True, data: bytes | None 
         raise ManifestError(f"Manifest {path} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"Manifest {path} is a JSON {type(doc).__name__}, not an object.")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestError(
-            f"Manifest {path} has schema_version {doc.get('schema_version')!r}; this cxr-edge reads {SCHEMA_VERSION}."
-        )
-    for key in ("sha256", "classes", "preprocess"):
+    doc = migrate(doc, path)
+    for key in ArtifactManifest.REQUIRED_IN_FILES:
         if key not in doc:
             raise ManifestError(f"Manifest {path} lacks the required field {key!r}.")
-    _check_types(doc, path)
+    manifest = _parse(doc, path)
     if verify:
-        _check_sha256(artifact, sha256_file(artifact), doc["sha256"])
-    return Manifest(doc)
+        _check_sha256(artifact, sha256_file(artifact), manifest.sha256 or "(none)")
+    return manifest

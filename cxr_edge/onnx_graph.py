@@ -136,12 +136,12 @@ class GraphIndex:
         """The value of a constant tensor (an initializer, or a Constant node's ``value``) as numpy; None for
         anything computed at run time."""
         if name in self.initializers:
-            return self._numpy_helper.to_array(self.initializers[name])  # type: ignore[no-any-return]
+            return self._numpy_helper.to_array(self.initializers[name])
         node = self.constant_nodes.get(name)
         if node is not None:
             for a in node.attribute:
                 if a.name == "value":
-                    return self._numpy_helper.to_array(a.t)  # type: ignore[no-any-return]
+                    return self._numpy_helper.to_array(a.t)
         return None
 
     def arrays(self) -> dict[str, np.ndarray]:

@@ -76,7 +76,11 @@ class Variant:
 
     @property
     def tag(self) -> str:
-        return f"int8-{self.int8_target.value}" if self.precision is Precision.INT8 else self.precision.value
+        if self.precision is not Precision.INT8:
+            return self.precision.value
+        # from_tag and parse_precisions always name the target; an engine's target-less INT8 is tagged by its manifest
+        assert self.int8_target is not None, "an INT8 variant names its INT8 target"
+        return f"int8-{self.int8_target.value}"
 
     def filename(self, stem: str = "model") -> str:
         return f"{stem}.{self.tag}.onnx"

@@ -112,7 +112,7 @@ class PreprocessSpec:
             offset = -np.asarray(CAFFE_BGR_MEAN[:c] if c == 3 else [np.mean(CAFFE_BGR_MEAN)])
         else:
             scale, offset = np.ones(c), np.zeros(c)
-        if self.mean is not None:
+        if self.mean is not None and self.std is not None:  # both or neither (__post_init__)
             scale, offset = scale / self.std, (offset - self.mean) / self.std
         return scale.astype(np.float32), offset.astype(np.float32)
 
@@ -166,7 +166,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 
     Memory is the output plus a few MiB, whatever the input: 16-bit data goes through a 65,536-entry
     lookup table, float data is converted a band of rows at a time (a whole-image float64 copy of a
-    49 MP four-channel image was 1.5 GB; issue 13). The arithmetic is the same float64 formula either way.
+    49 MP four-channel image is 1.5 GB). The arithmetic is the same float64 formula either way.
     """
     if pixels.dtype == np.uint8:
         return pixels

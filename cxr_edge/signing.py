@@ -18,10 +18,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ManifestError
 from .extras import require
 from .manifest import manifest_path, read_manifest
+
+if TYPE_CHECKING:  # cryptography is the optional ``sign`` extra, imported where keys are read
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 ALGORITHM = "ed25519"
 
@@ -39,7 +43,7 @@ def signature_path(artifact: str | Path) -> Path:
 class TrustedKey:
     key_id: str
     source: str
-    key: object  # cryptography Ed25519PublicKey
+    key: Ed25519PublicKey
 
 
 def _serialization():

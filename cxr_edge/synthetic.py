@@ -34,12 +34,12 @@ def synth_cxr(label: str, size: int = 256, rng: np.random.Generator | None = Non
 
     rng = rng or np.random.default_rng()
     s = size
-    img = np.zeros((s, s), np.float32)
+    img: np.ndarray = np.zeros((s, s), np.float32)  # float32 throughout; OpenCV returns it as its MatLike
     jitter = lambda v: v * (1 + rng.uniform(-0.06, 0.06))
     # torso soft tissue
     cv2.ellipse(img, (s // 2, int(s * 0.55)), (int(jitter(s * 0.45)), int(s * 0.5)), 0, 0, 360, 0.55, -1)
     # lungs: dark fields
-    lungs = np.zeros_like(img)
+    lungs: np.ndarray = np.zeros_like(img)
     for side in (-1, 1):
         cx = s / 2 + side * jitter(s * 0.2)
         cv2.ellipse(lungs, (int(cx), int(s * 0.5)), (int(jitter(s * 0.15)), int(jitter(s * 0.3))), side * 8, 0, 360, 1.0, -1)

@@ -172,7 +172,7 @@ def test_head_file_must_be_a_regular_file_beside_the_artifact(tiny_export, tmp_p
 
     src = next(a.path for a in tiny_export.artifacts if a.variant == "fp32")
     doc = read_manifest(src)
-    head = doc.gradcam["head_file"]
+    head = doc.gradcam.head_file
     art = tmp_path / src.name
     shutil.copy(src, art)
     shutil.copy(manifest_path(src), manifest_path(art))

@@ -28,11 +28,13 @@ def test_decision_says_why_a_lower_covid_probability_is_still_covid():
 
 
 def test_borderline_band_is_the_artifacts_own_measured_disagreement():
-    assert borderline_band({}) == 0.05
-    assert borderline_band({"gate": {"metrics": {"max_abs_dprob": 0.146}}}) == 0.146
-    assert borderline_band({"gate": {"metrics": {"max_abs_dprob": 0.004}}}) == 0.05
-    assert describe_operating_point({"threshold": 0.4, "target_sensitivity": 0.95, "chosen_on": "val",
-                                     "n_positive": 26}) == "95% sensitivity on validation (n+ = 26)"
+    from cxr_edge.manifest_schema import GateRecord, OperatingPoint
+
+    assert borderline_band(None) == borderline_band(GateRecord()) == 0.05
+    assert borderline_band(GateRecord(metrics={"max_abs_dprob": 0.146})) == 0.146
+    assert borderline_band(GateRecord(metrics={"max_abs_dprob": 0.004})) == 0.05
+    assert describe_operating_point(OperatingPoint(threshold=0.4, target_sensitivity=0.95, chosen_on="val",
+                                                   n_positive=26)) == "95% sensitivity on validation (n+ = 26)"
     assert describe_operating_point(None) is None
 
 
@@ -82,18 +84,19 @@ def test_calibrate_moves_the_threshold_writes_the_next_manifest_and_predict_uses
     before = read_manifest(art)
     s = calibrate_artifact(art, tiny_export.data, target_sensitivity=0.9, temperature=True, progress=False)
     after = read_manifest(art)
-    assert after["manifest_version"] == 2 and (tmp_path / f"{src.name}.manifest.v1.json").is_file()
-    assert after.sha256 == before.sha256  # the artifact itself is untouched
-    assert after.threshold == pytest.approx(s["after"]["threshold"]) and "site data" in after.operating_point["chosen_on"]
-    assert after["site_calibration"]["n_images"] == s["site"]["n_images"] > 0
-    assert after["operating_point_history"][0]["manifest_version"] == 1
+    assert after.manifest_version == after.revision == 2 and (tmp_path / f"{src.name}.manifest.v1.json").is_file()
+    assert after.sha256 == before.sha256 and after.created == before.created  # the artifact itself is untouched
+    assert after.threshold == pytest.approx(s["after"]["threshold"]) and "site data" in after.operating_point.chosen_on
+    assert after.site_calibration.n_images == s["site"]["n_images"] > 0
+    assert after.operating_point_history[0].manifest_version == 1
+    assert after.operating_point_history[0].threshold == before.threshold
     assert s["after"]["sensitivity"] >= 0.9 and s["after"]["sensitivity_ci95"][0] < s["after"]["sensitivity"]
     md = (tmp_path / f"calibration-{src.name}-v2" / "calibration.md").read_text()
     assert "before (as deployed)" in md and "after (this site)" in md and "95% CI" in md
     with Screener(art, isolation=None) as sc:
         r = sc.predict([sorted((tiny_export.data / "COVID").iterdir())[0]])[0]
     assert r.threshold == pytest.approx(after.threshold) and "site data" in r.decision.operating_point
-    assert sc.engine.manifest["probability_temperature"] == pytest.approx(s["after"]["temperature"])
+    assert sc.engine.manifest.probability_temperature == pytest.approx(s["after"]["temperature"])
 
 
 def test_bench_never_overwrites_a_previous_run_silently(tmp_path):

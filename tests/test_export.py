@@ -54,7 +54,7 @@ def test_onnx_contract_fused_preprocessing_and_checker(exported):
         outs = {o.name: o.type.tensor_type.elem_type for o in m.graph.output}
         assert outs == {"probs": onnx.TensorProto.FLOAT, "features": onnx.TensorProto.FLOAT}
         consumers = [n.op_type for n in m.graph.node if "image" in n.input]
-        direct = (a.quantization or {}).get("uint8_input_straight_to_first_dequantize")
+        direct = a.quantization.uint8_input_straight_to_first_dequantize if a.quantization else None
         assert direct or a.variant != "int8-cpu"
         if direct:  # the uint8 pixels are the first convolution's quantised input (exact)
             assert consumers == ["Reshape"]
@@ -70,24 +70,25 @@ def test_manifests_describe_artifacts_and_refuse_tampering(exported, tmp_path):
 
     from cxr_edge.errors import ManifestError
     from cxr_edge.manifest import manifest_path, read_manifest
+    from cxr_edge.manifest_schema import TensorSpec
 
     r, s, _ = exported
     docs = {a.variant: read_manifest(a.path) for a in s.artifacts}
     fp32 = docs["fp32"]
-    assert fp32["precision"] == "fp32" and fp32["gate"]["passed"] and fp32["gate"]["metrics"]["max_abs_dprob"] <= 1e-4
-    assert fp32["source_model"]["sha256"] == read_manifest(r.model_path)["sha256"]
-    assert fp32["inputs"][0] == {"name": "image", "dtype": "uint8", "shape": ["N", 32, 32, 1]}
-    assert fp32["gradcam"]["engine_native"] and fp32["gradcam"]["layer"] == "conv2"
-    assert [o["kind"] for o in fp32["gradcam"]["head_ops"]] == ["maxpool", "flatten", "dense", "dense"]
+    assert fp32.precision is Precision.FP32 and fp32.gate.passed and fp32.gate.metrics["max_abs_dprob"] <= 1e-4
+    assert fp32.source_model.sha256 is not None and fp32.source_model.sha256 == read_manifest(r.model_path).sha256
+    assert fp32.inputs[0] == TensorSpec("image", "uint8", ("N", 32, 32, 1))
+    assert fp32.gradcam.engine_native and fp32.gradcam.layer == "conv2"
+    assert [o.kind for o in fp32.gradcam.head_ops] == ["maxpool", "flatten", "dense", "dense"]
     for tag in ("fp16", "int8-trt", "int8-cpu"):
-        assert docs[tag]["parent"]["sha256"] == fp32["sha256"]
+        assert docs[tag].parent.sha256 == fp32.sha256
     trt, cpu = docs["int8-trt"], docs["int8-cpu"]
-    assert trt["int8_target"] == "trt" and "S8S8" in trt["quantization"]["activations"]
-    assert cpu["int8_target"] == "cpu" and "U8S8" in cpu["quantization"]["activations"]
-    assert trt["quantization"]["int8_compute_nodes"] >= 3
-    assert cpu["quantization"]["ort_cpu_int8_kernels"].get("QLinearConv", 0) >= 1
-    assert trt["calibration"]["calibration_split"] == "train" and trt["calibration"]["n_calibration"] > 0
-    assert {"auc_drop", "sensitivity_drop", "top_class_agreement"} <= set(trt["gate"]["metrics"])
+    assert trt.int8_target is Int8Target.TRT and "S8S8" in trt.quantization.activations
+    assert cpu.int8_target is Int8Target.CPU and "U8S8" in cpu.quantization.activations
+    assert trt.quantization.int8_compute_nodes >= 3
+    assert cpu.quantization.ort_cpu_int8_kernels.get("QLinearConv", 0) >= 1
+    assert trt.calibration.calibration_split == "train" and trt.calibration.n_calibration > 0
+    assert {"auc_drop", "sensitivity_drop", "top_class_agreement"} <= set(trt.gate.metrics)
     bad = tmp_path / "model.fp16.onnx"
     shutil.copy(s.artifacts[1].path, bad)
     shutil.copy(manifest_path(s.artifacts[1].path), manifest_path(bad))
@@ -131,15 +132,15 @@ def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch
     bad = s.artifacts[-1]
     assert not s.ok and not bad.kept and bad.path is None
     assert len(pipeline.opening_attempts(pipeline.Int8Target.CPU, "minmax")) == 1
-    assert len(bad.attempts) == 6 and not any(a["passed"] for a in bad.attempts)  # every remedy was tried
-    assert [a["remedy"].startswith("mixed precision") for a in bad.attempts] == [False] * 4 + [True] * 2
+    assert len(bad.attempts) == 6 and not any(a.passed for a in bad.attempts)  # every remedy was tried
+    assert [a.remedy.startswith("mixed precision") for a in bad.attempts] == [False] * 4 + [True] * 2
     assert not (tmp_path / "a" / "model.int8-cpu.onnx").exists()
     forced = pipeline.export_model(r.model_path, tmp_path / "b",
                                    pipeline.ExportConfig(precisions="int8", int8_targets="cpu", force=True))
     from cxr_edge.manifest import read_manifest
 
     doc = read_manifest(forced.artifacts[-1].path)
-    assert doc["gate"]["passed"] is False and "do not deploy" in doc["gate_status"]
+    assert doc.gate.passed is False and "do not deploy" in doc.gate_status
 
 
 @pytest.mark.train
@@ -148,13 +149,13 @@ def test_sensitivity_ranks_compute_nodes_and_widens_to_blocks(exported, tmp_path
 
     from cxr_edge.export.sensitivity import node_sensitivity, worst_nodes
     from cxr_edge.manifest import read_manifest
-    from cxr_edge.preprocess import PreprocessSpec, pack_source
+    from cxr_edge.preprocess import pack_source
 
     _, s, data = exported
     fp32 = next(a.path for a in s.artifacts if a.variant == "fp32")
     qdq = next(a.path for a in s.artifacts if a.variant == "int8-trt")
 
-    spec = PreprocessSpec.from_dict(read_manifest(fp32)["preprocess"])
+    spec = read_manifest(fp32).preprocess
     x = np.stack([pack_source(f, spec)[0] for f in sorted((data / "COVID").iterdir())[:4]])
     sens = node_sensitivity(fp32, qdq, x)
     from cxr_edge.export.quantize import pre_process_for_quantization
@@ -189,15 +190,14 @@ def test_exported_onnx_runs_without_tensorflow(exported):
         from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
         from cxr_edge.runtime.head import load_head, forward
         from cxr_edge.synthetic import synthetic_parity_images
-        from cxr_edge.preprocess import PreprocessSpec
         art = Path(sys.argv[1])
         for name in ('model.fp32.onnx', 'model.fp16.onnx', 'model.int8-cpu.onnx', 'model.int8-trt.onnx'):
             doc = read_manifest(art / name)
-            x = synthetic_parity_images(PreprocessSpec.from_dict(doc['preprocess']), 4)
+            x = synthetic_parity_images(doc.preprocess, 4)
             out = run_batched(cpu_session(art / name), x)
             assert out['probs'].shape == (4, 2) and np.allclose(out['probs'].sum(1), 1, atol=1e-2)
-            g = doc['gradcam']
-            head = load_head(g['head_ops'], art / g['head_file'])
+            g = doc.gradcam
+            head = load_head(g.head_ops, art / g.head_file)
             if name == 'model.fp32.onnx':
                 assert np.abs(forward(head, out['features']) - out['probs']).max() < 1e-4
         from cxr_edge.runtime import Screener
@@ -235,9 +235,9 @@ def test_backbone_recipes_export_with_parity(tmp_path, recipe):
     assert fp16.gate.metrics["max_abs_dprob"] <= 1e-2
     from cxr_edge.manifest import read_manifest
 
-    g = read_manifest(fp32.path)["gradcam"]
-    assert g["engine_native"], g
-    assert g["layer"] == {"resnet50_tl": "conv5_block3_out", "resnet152v2_tl": "post_relu"}[recipe]
+    g = read_manifest(fp32.path).gradcam
+    assert g.engine_native, g
+    assert g.layer == {"resnet50_tl": "conv5_block3_out", "resnet152v2_tl": "post_relu"}[recipe]
 
 
 def test_calibration_reader_protocol():

@@ -13,6 +13,7 @@ pytest.importorskip("sympy")
 
 from cxr_edge.errors import ConfigError  # noqa: E402
 from cxr_edge.export.quantize import QuantConfig, quantize  # noqa: E402
+from cxr_edge.manifest_schema import Quantization  # noqa: E402
 from cxr_edge.precision import Int8Target  # noqa: E402
 
 
@@ -77,7 +78,8 @@ def test_the_closer_of_two_passing_attempts_wins():
 
     def attempt(n, dprob, agree=1.0, passed=True, int8=4):
         g = GateResult("int8", passed, 100, {"top_class_agreement": agree, "max_abs_dprob": dprob}, {}, [])
-        return Int8Attempt(n, QuantConfig(Int8Target.CPU), None, g, {"int8_compute_nodes": int8, "int8_mac_share": int8 / 4})
+        return Int8Attempt(n, QuantConfig(Int8Target.CPU), None, g,
+                           Quantization(Int8Target.CPU, int8_compute_nodes=int8, int8_mac_share=int8 / 4))
 
     a, b = attempt(1, 0.05), attempt(2, 0.004)
     assert max([a, b], key=lambda t: t.score) is b
@@ -141,7 +143,7 @@ def test_a_sliver_of_float_work_does_not_count_against_a_closer_attempt():
 
     def attempt(n, dprob, share):
         g = GateResult("int8", True, 100, {"top_class_agreement": 1.0, "max_abs_dprob": dprob}, {}, [])
-        return Int8Attempt(n, QuantConfig(Int8Target.OV), None, g, {"int8_mac_share": share})
+        return Int8Attempt(n, QuantConfig(Int8Target.OV), None, g, Quantization(Int8Target.OV, int8_mac_share=share))
 
     # ResNet152V2's head: 0.011% of the MACs float, and closer to FP32 -> it wins
     assert max([attempt(1, 0.08, 1.0), attempt(2, 0.05, 0.99989)], key=lambda t: t.score).number == 2
@@ -159,7 +161,7 @@ def test_a_passing_opening_attempt_is_kept_when_the_last_one_fails():
     def run(passes):
         def attempt(number, qc):
             g = GateResult("int8", passes[number - 1], 100, {"top_class_agreement": 1.0, "max_abs_dprob": 0.1}, {}, [])
-            return Int8Attempt(number, qc, None, g, {"int8_mac_share": 1.0})
+            return Int8Attempt(number, qc, None, g, Quantization(qc.target, int8_mac_share=1.0))
         opening = [QuantConfig(Int8Target.OV), QuantConfig(Int8Target.OV, "percentile")]
         remedies = [QuantConfig(Int8Target.OV, exclude_nodes=("a",)), QuantConfig(Int8Target.OV, "entropy")]
         cfg = SimpleNamespace(mixed_precision=False)

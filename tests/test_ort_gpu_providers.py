@@ -83,7 +83,7 @@ def test_tensorrt_ep_profile_follows_the_batch_and_cache_is_private_and_keyed(mo
     assert opts["trt_profile_max_shapes"].endswith(":16x16x16x1") and opts["trt_int8_enable"] == "True"
     from cxr_edge.manifest import read_manifest
 
-    sha = read_manifest(art)["sha256"]
+    sha = read_manifest(art).sha256
     cache = tmp_path / "cache" / "cxr-edge" / "ort-trt" / sha[:32]
     assert opts["trt_engine_cache_path"] == str(cache) and (cache.stat().st_mode & 0o777) == 0o700
     assert str(artifacts) not in opts["trt_engine_cache_path"]  # never beside the artifact

@@ -19,11 +19,15 @@ def test_registry_by_format_without_importing_backends():
     assert registry.backends_for("onnx") == ["onnxruntime", "openvino"]
     assert registry.backends_for("tensorrt") == ["tensorrt"]
     assert registry.artifact_format("m.plan") == "tensorrt" and registry.artifact_format("m.keras") == "keras"
-    assert registry.artifact_format("m.onnx", {"format": "onnx"}) == "onnx"
+    from cxr_edge.manifest import ArtifactManifest
+
+    onnx_doc = ArtifactManifest.from_dict({"format": "onnx", "classes": ["COVID", "Normal"],
+                                           "preprocess": {"height": 16, "width": 16, "mode": "rescale"}})
+    assert registry.artifact_format("m.onnx", onnx_doc) == "onnx"
     with pytest.raises(ManifestError, match="says format 'onnx'"):  # the name decides; a manifest cannot redirect it
-        registry.artifact_format("m.plan", {"format": "onnx"})
+        registry.artifact_format("m.plan", onnx_doc)
     with pytest.raises(ConfigError, match="Cannot tell the format"):
-        registry.artifact_format("x.bin", {"format": "onnx"})
+        registry.artifact_format("x.bin", onnx_doc)
     with pytest.raises(ConfigError, match="Cannot tell the format"):
         registry.artifact_format("model.pb")
     with pytest.raises(ConfigError, match="Backend 'tensorrt' cannot run 'onnx'"):

@@ -46,7 +46,7 @@ TRT_OBJECTS = {
         "builder": "Builder", "bc": "IBuilderConfig", "network": "INetworkDefinition", "parser": "OnnxParser",
         "profile": "IOptimizationProfile", "inp": "ITensor", "logger": "Logger"},  # not "cache": a Path there too
 }
-CUDART_OBJECTS = {PKG / "runtime" / "tensorrt_api.py": {"props": "cudaDeviceProp"}}
+CUDART_OBJECTS = {PKG / "runtime" / "backends" / "tensorrt_api.py": {"props": "cudaDeviceProp"}}
 
 CALLED = {"method", "staticmethod", "classmethod"}
 READ = {"property", "readonly_property", "value", "class", "static_property"}
@@ -107,7 +107,7 @@ def _exists(api: dict, chain: str) -> bool:
 
 def test_the_scan_finds_the_gpu_modules():
     assert {PKG / "export" / "tensorrt_build.py", PKG / "runtime" / "backends" / "tensorrt.py",
-            PKG / "runtime" / "tensorrt_api.py", PKG / "doctor.py"} <= set(TRT_MODULES)
+            PKG / "runtime" / "backends" / "tensorrt_api.py", PKG / "doctor.py"} <= set(TRT_MODULES)
     assert set(TRT_OBJECTS) <= set(TRT_MODULES)
 
 

@@ -10,8 +10,15 @@ from cxr_edge.runtime.backends.tensorrt_api import DeviceInfo, check_engine_comp
 
 TRT10, TRT11 = flavor_of("10.3.0"), flavor_of("11.4.0.106")
 
-DOC = {"precision": "fp32", "inputs": [{"name": "image"}], "gate": {"passed": True},
+DOC = {"precision": "fp32", "inputs": [{"name": "image"}], "gate": {"passed": True}, "classes": ["COVID", "Normal"],
        "preprocess": {"height": 224, "width": 224, "mode": "rescale", "input_channels": 1}}
+
+
+def M(**fields):
+    """The typed manifest of DOC with ``fields`` changed (what the build and runtime functions take)."""
+    from cxr_edge.manifest import ArtifactManifest
+
+    return ArtifactManifest.from_dict({**DOC, **fields})
 
 
 def test_batch_text_and_profile_shapes():
@@ -39,24 +46,24 @@ def test_bad_build_options(precision, batch, kw, match):
 
 
 def test_source_artifact_rules():
-    check_source_artifact(DOC, BuildConfig("fp16"), TRT10)
+    check_source_artifact(M(), BuildConfig("fp16"), TRT10)
     with pytest.raises(ConfigError, match="int8-trt QDQ artifact"):
-        check_source_artifact(DOC, BuildConfig("int8"))
+        check_source_artifact(M(), BuildConfig("int8"))
     for flavour in ("cpu", "ov"):
         with pytest.raises(ConfigError, match=rf"int8-{flavour} artifact has unsigned \(U8\) activations"):
-            check_source_artifact({**DOC, "precision": "int8", "int8_target": flavour}, BuildConfig("int8"))
+            check_source_artifact(M(precision="int8", int8_target=flavour), BuildConfig("int8"))
     with pytest.raises(ConfigError, match="cannot build a fp16 engine"):
-        check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("fp16"))
+        check_source_artifact(M(precision="int8", int8_target="trt"), BuildConfig("fp16"))
     with pytest.raises(ConfigError, match="failed its accuracy gate"):
-        check_source_artifact({**DOC, "gate": {"passed": False}}, BuildConfig("fp32"))
-    check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, BuildConfig("int8"), TRT11)
+        check_source_artifact(M(gate={"passed": False}), BuildConfig("fp32"))
+    check_source_artifact(M(precision="int8", int8_target="trt"), BuildConfig("int8"), TRT11)
     # an fp16 graph is never labelled fp32; TensorRT 11 (strongly typed) takes fp16 only from the fp16 graph
     with pytest.raises(ConfigError, match="labelled fp32 but not be fp32"):
-        check_source_artifact({**DOC, "precision": "fp16"}, BuildConfig("fp32"), TRT10)
+        check_source_artifact(M(precision="fp16"), BuildConfig("fp32"), TRT10)
     with pytest.raises(ConfigError, match="strongly typed networks only.*model.fp16.onnx"):
-        check_source_artifact(DOC, BuildConfig("fp16"), TRT11)
-    check_source_artifact({**DOC, "precision": "fp16"}, BuildConfig("fp16"), TRT11)
-    check_source_artifact({**DOC, "precision": "fp16"}, BuildConfig("fp16"), TRT10)
+        check_source_artifact(M(), BuildConfig("fp16"), TRT11)
+    check_source_artifact(M(precision="fp16"), BuildConfig("fp16"), TRT11)
+    check_source_artifact(M(precision="fp16"), BuildConfig("fp16"), TRT10)
 
 
 def test_tensorrt_versions():
@@ -69,8 +76,8 @@ def test_tensorrt_versions():
 
 
 def test_engine_compat_refusal_says_how_to_rebuild():
-    doc = {"device": {"gpu_name": "NVIDIA A100", "compute_capability": "8.0", "tensorrt_version": "10.3.0"},
-           "source_onnx": {"file": "model.fp32.onnx"}, "build": {"precision": "fp16", "min_batch": 1, "opt_batch": 4, "max_batch": 16}}
+    doc = M(device={"gpu_name": "NVIDIA A100", "compute_capability": "8.0", "tensorrt_version": "10.3.0"},
+            source_onnx={"file": "model.fp32.onnx"}, build={"precision": "fp16", "min_batch": 1, "opt_batch": 4, "max_batch": 16})
     check_engine_compat(doc, DeviceInfo("NVIDIA A100", "8.0", "10.3.0"))
     with pytest.raises(ManifestError, match=r"TensorRT 10.3.0 vs 10.7.0.*cxr-edge build model.fp32.onnx --precision fp16 --batch 1,4,16"):
         check_engine_compat(doc, DeviceInfo("NVIDIA A100", "8.0", "10.7.0"))
@@ -84,17 +91,17 @@ def test_engine_paths(tmp_path):
 
 
 def test_ort_tensorrt_ep_options(tmp_path):
-    opts = tensorrt_ep_options(DOC, (1, 4, 16), tmp_path, dump_ep_context=True)
+    opts = tensorrt_ep_options(M(), (1, 4, 16), tmp_path, dump_ep_context=True)
     assert opts["trt_fp16_enable"] == "False" and opts["trt_int8_enable"] == "False"
     assert opts["trt_profile_max_shapes"] == "image:16x224x224x1"
     assert opts["trt_engine_cache_path"] == str(tmp_path) and opts["trt_dump_ep_context_model"] == "True"
-    off = tensorrt_ep_options({**DOC, "precision": "fp16"}, (1, 8, 32), None)
+    off = tensorrt_ep_options(M(precision="fp16"), (1, 8, 32), None)
     assert off["trt_engine_cache_enable"] == "False" and "trt_engine_cache_path" not in off
     assert off["trt_fp16_enable"] == "True"
     with pytest.raises(ConfigError, match=r"unsigned \(U8\) activations"):
-        tensorrt_ep_options({**DOC, "precision": "int8", "int8_target": "cpu"}, (1, 8, 32), tmp_path)
+        tensorrt_ep_options(M(precision="int8", int8_target="cpu"), (1, 8, 32), tmp_path)
     with pytest.raises(ConfigError, match="MIN <= OPT"):
-        tensorrt_ep_options(DOC, (4, 2, 1), tmp_path)
+        tensorrt_ep_options(M(), (4, 2, 1), tmp_path)
 
 
 @pytest.mark.skipif(tensorrt_installed(), reason="TensorRT is installed here")
@@ -125,7 +132,7 @@ def test_build_fp16_engine_on_a_gpu(tmp_path):
     for art, prec in ((s.artifacts[0].path, "fp16"), (s.artifacts[1].path, "int8")):
         eng = build_engine(art, BuildConfig(prec, 1, 4, 8))
         doc = read_manifest(eng)
-        assert doc["precision"] == prec and doc["device"]["tensorrt_version"]
+        assert doc.precision.value == prec and doc.device.tensorrt_version
 
 
 def test_dla_int8_needs_fp32_source_and_calibration(tmp_path):
@@ -134,11 +141,11 @@ def test_dla_int8_needs_fp32_source_and_calibration(tmp_path):
 
     dla = BuildConfig("int8", 4, 4, 4, dla_core=0)
     with pytest.raises(ConfigError, match="calibrated implicitly from the fp32 artifact"):
-        check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, dla, TRT10)
-    check_source_artifact(DOC, dla, TRT10)
-    check_source_artifact({**DOC, "precision": "int8", "int8_target": "trt"}, dla, TRT11)  # 11: explicit only
+        check_source_artifact(M(precision="int8", int8_target="trt"), dla, TRT10)
+    check_source_artifact(M(), dla, TRT10)
+    check_source_artifact(M(precision="int8", int8_target="trt"), dla, TRT11)  # 11: explicit only
     with pytest.raises(ConfigError, match="int8-trt QDQ artifact"):
-        check_source_artifact(DOC, dla, TRT11)
+        check_source_artifact(M(), dla, TRT11)
     onnx = tmp_path / "model.fp32.onnx"
     onnx.write_bytes(b"x")
     write_manifest(onnx, {**DOC, "classes": ["COVID", "Normal"]})

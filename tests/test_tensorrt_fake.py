@@ -18,6 +18,7 @@ import tiny_models as tiny
 from cxr_edge.errors import ConfigError, EngineError, ManifestError
 from cxr_edge.export.tensorrt_build import BuildConfig, EngineGateError, build_engine
 from cxr_edge.manifest import manifest_path, read_manifest
+from cxr_edge.manifest_schema import GateRecord
 from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
 from cxr_edge.runtime.backends.registry import open_backend
 
@@ -59,10 +60,10 @@ def test_build_and_run_each_precision(monkeypatch, artifacts, tmp_path, major, s
     assert trt.fake_log["flags_cleared"] == ["TF32"]  # TF32 off unless --allow-tf32
     assert trt.fake_log["network_flags"] == network_flags  # 11: STRONGLY_TYPED
     doc = read_manifest(plan)
-    assert doc["precision"] == precision and doc["tensorrt"]["major"] == major and doc["tf32"] is False
-    assert doc["tensorrt_typing"] == ("strongly typed only" if major == 11 else "weakly typed (builder flags)")
-    assert doc["gate"]["name"] == f"engine-{precision}" and doc["gate"]["passed"] is True
-    assert doc["source_gate"] == {"passed": True} and doc["device"]["gpu_name"] == "NVIDIA Fake GPU"
+    assert doc.precision.value == precision and doc.tensorrt.major == major and doc.tf32 is False
+    assert doc.tensorrt_typing == ("strongly typed only" if major == 11 else "weakly typed (builder flags)")
+    assert doc.gate.name == f"engine-{precision}" and doc.gate.passed is True
+    assert doc.source_gate == GateRecord(passed=True) and doc.device.gpu_name == "NVIDIA Fake GPU"
     assert (d / f"{plan.name}.timing.cache").is_file()
     x = tiny.images(13)
     for graph in (False, True):
@@ -174,7 +175,7 @@ def test_foreign_timing_cache_is_replaced_with_a_warning(monkeypatch, artifacts,
     plan = build_engine(d / "model.fp32.onnx", BuildConfig("fp32", timing_cache=str(cache)))
     assert "another GPU or TensorRT version" in caplog.text
     assert json.loads(cache.read_text())["device"] == "NVIDIA Fake GPU"  # rewritten for this GPU
-    assert read_manifest(plan)["precision"] == "fp32"
+    assert read_manifest(plan).precision.value == "fp32"
 
 
 def test_failed_engine_gate_leaves_no_plan_and_no_manifest(monkeypatch, artifacts, tmp_path):
@@ -196,7 +197,7 @@ def test_failed_engine_gate_leaves_no_plan_and_no_manifest(monkeypatch, artifact
     assert sorted(p.name for p in d.iterdir() if ".plan" in p.name and "timing" not in p.name) == []
     plan = build_engine(d / "model.fp32.onnx", BuildConfig("fp32", force=True))
     doc = read_manifest(plan)
-    assert doc["gate"]["passed"] is False and doc["gate_status"].startswith("FAILED")
+    assert doc.gate.passed is False and doc.gate_status.startswith("FAILED")
 
 
 def test_plan_is_never_left_without_its_manifest(monkeypatch, artifacts, tmp_path):
@@ -235,8 +236,8 @@ def test_dla_int8_on_trt10_calibrates_with_a_keyed_cache(monkeypatch, artifacts,
     write_synthetic_dataset(data, per_class=12, classes=("COVID", "Normal"), sizes=(32,), seed=3)
     plan = build_engine(d / "model.fp32.onnx", BuildConfig("int8", 4, 4, 4, dla_core=1, gate=False), calib_data=data)
     doc = read_manifest(plan)
-    assert doc["dla"]["dla_core"] == 1 and doc["dla"]["calibration"].startswith("implicit")
-    cache = d / doc["dla"]["calibration_cache"]
+    assert doc.dla.dla_core == 1 and doc.dla.calibration.startswith("implicit")
+    cache = d / doc.dla.calibration_cache
     assert cache.read_bytes() == b"fake-calibration" and cache.name != "dla_calibration.cache"
     with pytest.raises(ConfigError, match="no DLA cores"):
         fake_gpu.install(monkeypatch, 10, dla_cores=0)
@@ -275,8 +276,8 @@ def test_engine_records_its_own_self_check_answers_from_one_load(monkeypatch, tm
     monkeypatch.setattr(trt.Runtime, "deserialize_cuda_engine", lambda self, b: loads.append(1) or real(self, b))
     plan = build_engine(src, BuildConfig("fp32", 1, 4, 8, gate=gate))
     assert len(loads) == 1  # the gate and the self-check record share one deserialised engine
-    rec = read_manifest(plan)["self_check"]
-    assert rec["at_export"]["measured_on"] == "tensorrt/NVIDIA Fake GPU"
-    assert rec["reference_probs"] == read_manifest(src)["self_check"]["reference_probs"]
+    rec = read_manifest(plan).self_check
+    assert rec.at_export.measured_on == "tensorrt/NVIDIA Fake GPU"
+    assert rec.reference_probs == read_manifest(src).self_check.reference_probs
     with open_backend(plan) as eng:
         assert eng.info.self_check.status == "passed" and eng.info.self_check.where == "tensorrt/NVIDIA Fake GPU"

@@ -230,7 +230,7 @@ def test_the_compatibility_check_and_the_build_see_the_gpu_in_use(monkeypatch, o
 
     other = _in_thread(build_on_device_1)
     doc = read_manifest(other)
-    assert doc["device"]["gpu_name"] == "NVIDIA Other GPU" and doc["gate"]["passed"] is True
+    assert doc.device.gpu_name == "NVIDIA Other GPU" and doc.gate.passed is True
     with open_backend(other, device_index=1) as eng:
         assert eng.engine._device == 1
     assert not cudart.violations, cudart.violations
@@ -243,8 +243,8 @@ def test_the_manifest_records_the_cuda_runtime_loaded_not_the_bindings_build(mon
     """cuda-python's cudaRuntimeGetVersion() is the version its bindings were built for (12.9 here); the runtime
     library loaded is what getLocalRuntimeVersion() reports (12.6, JetPack 6)."""
     plan, trt, cudart = _plan(monkeypatch, onnx_dir, tmp_path, runtime=12060, bindings=12090, driver=12060)
-    dev = read_manifest(plan)["device"]
-    assert dev["cuda_runtime"] == "12.6" and dev["cuda_bindings"] == "12.9" and dev["cuda_driver"] == "12.6"
+    dev = read_manifest(plan).device
+    assert dev.cuda_runtime == "12.6" and dev.cuda_bindings == "12.9" and dev.cuda_driver == "12.6"
 
 
 def test_no_loadable_runtime_library_records_none(monkeypatch):

@@ -23,20 +23,19 @@ def test_tiny_training_run_beats_chance(trained, tmp_path):
 
 def test_manifest_records_what_later_stages_need(trained):
     from cxr_edge.manifest import read_manifest
-    from cxr_edge.preprocess import PreprocessSpec
 
     result, _ = trained
     doc = read_manifest(result.model_path)
-    assert doc["classes"] == ["COVID", "Normal"] and doc["recipe"] == "small_cnn"
-    spec = PreprocessSpec.from_dict(doc["preprocess"])
+    assert doc.classes == ("COVID", "Normal") and doc.recipe == "small_cnn"
+    spec = doc.preprocess
     assert (spec.height, spec.input_channels, spec.mode.value) == (32, 1, "rescale")
-    assert doc["last_conv_layer"] == "conv2"
-    assert doc["data"]["split_counts"]["train"]["COVID"] > 0 and len(doc["data"]["fingerprint"]) == 64
-    assert any("Viral Pneumonia" in s for s in doc["data"]["ignored"])
-    op = doc["operating_point"]
-    assert 0 <= op["threshold"] <= 1 and op["sensitivity"] >= 0.95 and op["chosen_on"] == "val"
-    assert doc["recipe_config"]["learning_rate"] == 0.01
-    assert "tensorflow" in doc["versions"]
+    assert doc.last_conv_layer == "conv2"
+    assert doc.data.split_counts["train"]["COVID"] > 0 and len(doc.data.fingerprint) == 64
+    assert any("Viral Pneumonia" in s for s in doc.data.ignored)
+    op = doc.operating_point
+    assert 0 <= op.threshold <= 1 and op.sensitivity >= 0.95 and op.chosen_on == "val"
+    assert doc.recipe_config["learning_rate"] == 0.01
+    assert "tensorflow" in doc.versions.packages
 
 
 def test_evaluate_other_data_uses_all_images_and_refuses_unknown_split(trained, tmp_path):
@@ -80,10 +79,10 @@ def test_resnet152v2_recipe_end_to_end_with_featurewise_stats(tmp_path):
     cfg = TrainConfig(recipe="resnet152v2_tl", epochs=1, batch_size=8, image_size=32, weights="none", verbose=0)
     r = train(cfg, data, tmp_path / "m")
     doc = read_manifest(r.model_path)
-    assert doc["classes"] == ["COVID", "Normal", "Viral Pneumonia"]
-    spec = doc["preprocess"]
-    assert spec["mode"] == "tf" and spec["mean"] is not None and spec["std"] > 0
-    assert doc["recipe_config"]["zoom"] == 0.07 and doc["training"]["phases"][0]["epochs"] == 1
+    assert doc.classes == ("COVID", "Normal", "Viral Pneumonia")
+    spec = doc.preprocess
+    assert spec.mode.value == "tf" and spec.mean is not None and spec.std > 0
+    assert doc.recipe_config["zoom"] == 0.07 and doc.training.phases[0].epochs == 1
 
 
 @pytest.mark.slow
@@ -98,9 +97,9 @@ def test_resnet50_recipe_head_then_fine_tune(tmp_path):
     cfg = TrainConfig(recipe="resnet50_tl", epochs=1, fine_tune_epochs=1, batch_size=8, image_size=32,
                       weights="none", verbose=0)
     r = train(cfg, data, tmp_path / "m")
-    phases = read_manifest(r.model_path)["training"]["phases"]
-    assert [p["phase"] for p in phases] == ["head", "fine_tune"]
-    assert phases[1]["layers_unfrozen"] > 0 and phases[1]["learning_rate"] == 1e-5
+    phases = read_manifest(r.model_path).training.phases
+    assert [p.phase for p in phases] == ["head", "fine_tune"]
+    assert phases[1].layers_unfrozen > 0 and phases[1].learning_rate == 1e-5
     assert read_history(r.history_path)["epoch"] == [0.0, 1.0]
 
 

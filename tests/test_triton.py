@@ -55,8 +55,10 @@ def test_export_triton_repository(tiny_export, tmp_path):
     assert cfg.instance_group[0].kind == cfg.instance_group[0].KIND_CPU
     import json
 
-    manifest = json.loads(cfg.parameters["cxr_edge_manifest"].string_value)
-    assert manifest["classes"] == ["COVID", "Normal"] and manifest["preprocess"]["height"] == 32
+    from cxr_edge.manifest import ArtifactManifest
+
+    manifest = ArtifactManifest.from_dict(json.loads(cfg.parameters["cxr_edge_manifest"].string_value))
+    assert manifest.classes == ("COVID", "Normal") and manifest.preprocess.height == 32
     assert (dirs[0] / "1" / "model.onnx").is_file() and (dirs[0] / "model.head.npz").is_file()
 
 

@@ -71,5 +71,5 @@ def test_exported_trt_graph_is_clean_and_the_cpu_one_is_not(tmp_path):
     assert lint_qdq(trt) == []
     from cxr_edge.manifest import read_manifest
 
-    assert read_manifest(trt)["quantization"]["tensorrt_lint"] == []
+    assert read_manifest(trt).quantization.tensorrt_lint == ()
     assert {v.rule for v in lint_qdq(cpu)} >= {"asymmetric", "int32-bias-dq"}

@@ -149,10 +149,11 @@ def test_grad_cam_head_is_verified_and_must_sit_beside_the_artifact(tiny_export,
             sc.predict([img], explain=True)
     doc["gradcam"]["head_file"] = "../elsewhere.npz"
     manifest_path(art).write_text(json.dumps(doc))
+    from cxr_edge.manifest import read_manifest
     from cxr_edge.runtime.head import load_artifact_head
 
     with pytest.raises(ManifestError, match="must be a file name beside the artifact"):
-        load_artifact_head(art, doc)
+        load_artifact_head(art, read_manifest(art))
 
 
 def test_no_pickle_or_eval_in_the_package():

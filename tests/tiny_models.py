@@ -75,7 +75,7 @@ def write_artifact(out_dir: Path, precision: str = "fp32", seed: int = 0) -> Pat
         return fp32
     from cxr_edge.manifest import read_manifest
 
-    parent = {"file": fp32.name, "sha256": read_manifest(fp32)["sha256"]}
+    parent = {"file": fp32.name, "sha256": read_manifest(fp32).sha256}
     if precision == "fp16":
         from cxr_edge.export.fp16 import convert_fp16
 
@@ -218,7 +218,7 @@ def write_artifact_set(out_dir: Path, data: Path | None = None, size: int = 32, 
             info = quantize(fp32, path, calib, QuantConfig(target))
             doc = fields("int8", int8_target=target, gate=gate)
             write_manifest(path, fields("int8", parent=parent, int8_target=target, quantization=info, gate=gate,
-                                        calibration={"method": "minmax", "n_images": len(calib)},
+                                        calibration={"method": "minmax", "n_calibration": len(calib)},
                                         self_check=self_check_record(fp32, path, doc, v)))
         arts.append(TinyArtifact(v, path, gate))
     return TinyExport(out_dir, arts, data)
@@ -229,6 +229,7 @@ def self_check_record(fp32: Path, path: Path, doc: dict, variant: str) -> dict:
     reference images, and the artifact's own, computed with the arithmetic its export gate uses."""
     from cxr_edge.decision import borderline_band
     from cxr_edge.export.gate_numerics import numerics_for
+    from cxr_edge.manifest import ArtifactManifest
     from cxr_edge.precision import parse_precisions
     from cxr_edge.preprocess import PreprocessSpec
     from cxr_edge.runtime.backends.ort_session import cpu_session, run_batched
@@ -238,6 +239,7 @@ def self_check_record(fp32: Path, path: Path, doc: dict, variant: str) -> dict:
     x = reference_batch(spec.input_shape)
     ref = run_batched(cpu_session(fp32), x, ["probs"])["probs"]
     numerics = numerics_for(parse_precisions(variant)[-1])  # fp32 always comes first
-    got = numerics.probs(path, x, doc)
-    return make_record(spec.input_shape, ref, got, borderline_band(doc), "FP32 ONNX on onnxruntime (CPU)",
+    manifest = ArtifactManifest.from_dict(doc)
+    got = numerics.probs(path, x, manifest)
+    return make_record(spec.input_shape, ref, got, borderline_band(manifest), "FP32 ONNX on onnxruntime (CPU)",
                        numerics.where())

@@ -1,11 +1,21 @@
 """What INT8 buys on this machine: each row against its FP32 artifact on the same backend, said plainly when it loses.
 
-On a CPU without VNNI (AVX2), INT8 kernels gain little or nothing over FP32 (int8-cpu ran 0.5-0.6x its FP32 artifact
-on the tests' tiny models on an AVX2 EPYC), so a table of img/s alone would let a reader deploy the slower and less
-accurate artifact; these ratios are taken inside one run, free of the VM's drift between runs.
+On a CPU without VNNI (AVX2), INT8 kernels gain little or nothing over FP32 and can be slower, so a table of img/s
+alone would let a reader deploy the slower and less accurate artifact; these ratios are taken inside one run, free of
+the VM's drift between runs.
 """
 
 from __future__ import annotations
+
+from ..precision import Precision
+
+#: how every FP32 artifact's file name starts (``model.fp32.onnx``, ``model.fp32.plan``)
+_FP32_FILE_PREFIX = f"model.{Precision.FP32.value}."
+
+
+def is_int8(precision: object) -> bool:
+    """Whether a row's precision (``int8``, or an artifact tag such as ``int8-cpu``) is an INT8 one."""
+    return str(precision).startswith(Precision.INT8.value)
 
 
 def self_check_failed(row: dict) -> bool:
@@ -20,8 +30,8 @@ def _same_backend(row: dict) -> tuple:
 
 def _is_fp32_artifact_row(row: dict) -> bool:
     """A timed row of our FP32 artifact run in FP32 (not OpenVINO's bf16 hint on it, not Keras, not a peer)."""
-    return (not row.get("peer") and row.get("precision") == "fp32" and "throughput_ips" in row
-            and str(row.get("artifact", "")).startswith("model.fp32."))
+    return (not row.get("peer") and row.get("precision") == Precision.FP32.value and "throughput_ips" in row
+            and str(row.get("artifact", "")).startswith(_FP32_FILE_PREFIX))
 
 
 def add_fp32_ratios(rows: list[dict]) -> None:
@@ -38,7 +48,7 @@ def add_fp32_ratios(rows: list[dict]) -> None:
 
 def _ours_int8(row: dict) -> bool:
     """One of our INT8 artifacts with a same-backend FP32 ratio (peers are compared elsewhere)."""
-    return (not row.get("peer") and str(row.get("precision", "")).startswith("int8")
+    return (not row.get("peer") and is_int8(row.get("precision", ""))
             and row.get("x_fp32_same_backend") is not None)
 
 

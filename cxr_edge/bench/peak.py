@@ -1,8 +1,8 @@
 """The CPU's INT8 ceiling, measured rather than assumed.
 
-``machine.int8_peak`` multiplies cores x nominal clock x MACs per cycle per instruction set; on the 2-core
-AMD EPYC of issue 16 that said 665 GMAC/s where the measured VNNI peak was 443 and ONNX Runtime's INT8 GEMM
-385, so "fraction of peak" was off by 1.5x. This measures the ceiling a model can actually approach here: a
+``machine.int8_peak`` multiplies cores x nominal clock x MACs per cycle per instruction set, which can overstate
+what the kernels reach by a wide margin, so "fraction of peak" against it misleads. This measures the ceiling a
+model can actually approach here: a
 square INT8 GEMM (uint8 x int8 -> int32, ``MatMulInteger``) in ONNX Runtime on the usable cores, the same
 kernels (VNNI, AMX where present) our INT8 convolutions use. It is a GEMM ceiling, not the instruction peak:
 rows quoted against it read "fraction of the measured INT8 GEMM peak".
@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from ..machine import usable_cores
+from ..precision import Precision
 
 
 def _gemm_model(n: int, integer: bool = True):
@@ -66,8 +67,9 @@ def measured_float_gemm_peaks(budget_s: float = 1.0, n: int = 1024, threads: int
     feeds = {0: rng.standard_normal((n, n), np.float32), 1: rng.standard_normal((n, n), np.float32)}
     out: dict = {"status": "ran", "n": n, "threads": threads}
     caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    for name, hint in (("fp32", "f32"), ("bf16", "bf16")):
-        if hint == "bf16" and "BF16" not in caps:
+    for prec, hint in ((Precision.FP32, "f32"), (Precision.BF16, "bf16")):  # hint: OpenVINO's element type name
+        name = prec.value
+        if prec is Precision.BF16 and "BF16" not in caps:
             out[name] = None
             continue
         req = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,

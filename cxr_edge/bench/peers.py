@@ -34,10 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import sha256_file
+from ..precision import Precision
 
 log = logging.getLogger(__name__)
 
 PEERS = ("openvino-nncf", "litert-int8", "onnxruntime-defaults")
+INT8 = Precision.INT8.value  # every peer is a full-integer quantisation
 
 
 @dataclass
@@ -62,7 +64,7 @@ class PeerEngine:
 
 
 def _missing(label: str, backend: str, why: str) -> dict:
-    return {"label": label, "backend": backend, "precision": "int8", "peer": True, "status": f"could not run: {why}"}
+    return {"label": label, "backend": backend, "precision": INT8, "peer": True, "status": f"could not run: {why}"}
 
 
 def build_peers(artifact_dir: Path, fp32: Path, source: Path | None, calib_x: np.ndarray, threads: int,
@@ -182,9 +184,9 @@ def _openvino_nncf(fp32: Path, cache: Path, key: str, calib_x: np.ndarray, threa
 
     size_note = f"nncf.quantize defaults on {len(calib_x)} calibration images"
     return [
-        PeerEngine(labels[0], "openvino-nncf", "int8", "OpenVINO CPU, LATENCY hint", xml, infer_latency,
+        PeerEngine(labels[0], "openvino-nncf", INT8, "OpenVINO CPU, LATENCY hint", xml, infer_latency,
                    lambda: None, load_lat, f"{size_note}; one infer request"),
-        PeerEngine(labels[1], "openvino-nncf", "int8", f"OpenVINO CPU, THROUGHPUT hint ({nreq} requests)", xml,
+        PeerEngine(labels[1], "openvino-nncf", INT8, f"OpenVINO CPU, THROUGHPUT hint ({nreq} requests)", xml,
                    infer_throughput, tput_requests.clear, load_tput,
                    f"{size_note}; the batch split over the plugin's optimal {nreq} requests"),
     ]
@@ -241,7 +243,7 @@ def _litert(source: Path | None, cache: Path, key: str, calib_x: np.ndarray, thr
         return it.get_tensor(it.get_output_details()[0]["index"]).copy()
 
     interpreter(1)
-    return [PeerEngine(labels[0], "litert", "int8", f"LiteRT XNNPACK, {threads} threads", tflite, infer,
+    return [PeerEngine(labels[0], "litert", INT8, f"LiteRT XNNPACK, {threads} threads", tflite, infer,
                        interpreters.clear, time.perf_counter() - t0,
                        f"TFLiteConverter full-integer (TFLITE_BUILTINS_INT8) from the Keras model, "
                        f"{len(calib_x)} representative images")]
@@ -280,6 +282,6 @@ def _ort_defaults(fp32: Path, cache: Path, key: str, calib_x: np.ndarray, thread
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return [PeerEngine(labels[0], "onnxruntime-defaults", "int8", "CPUExecutionProvider", path,
+    return [PeerEngine(labels[0], "onnxruntime-defaults", INT8, "CPUExecutionProvider", path,
                        lambda x: sess.run(["probs"], {"image": x})[0], lambda: None, time.perf_counter() - t0,
                        "onnxruntime.quantization.quantize_static with every default (QDQ, S8S8, per-tensor, MinMax)")]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..extras import require
+from ..precision import Precision
 
 
 def _f(v, fmt="{:.1f}"):
@@ -23,7 +24,7 @@ def render_markdown(res: dict, command: str | None = None) -> str:
               f"openvino {m['versions'].get('openvino', '-')}, tensorflow {m['versions'].get('tensorflow', '-')}.", "",
               "Latency is per batch; throughput = batch / median latency; ratios are to Keras `model.predict` at the same "
               "batch, and to the FP32 artifact on the same backend, provider and batch (x FP32 same backend), both measured "
-              "in the same run (this VM drifts 2-3x between runs, so compare within one table only).", "",
+              "in the same run (a shared VM's speed drifts between runs, so compare within one table only).", "",
               "| backend | provider | precision | batch | status | p50 ms | p90 ms | p99 ms | img/s | x Keras predict "
               "| x FP32 same backend | GMAC/s | e2e img/s | e2e/engine | load s | RSS added MB | size MB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -54,7 +55,8 @@ def render_markdown(res: dict, command: str | None = None) -> str:
         if measured.get("status") == "ran":
             ceilings.append(f"INT8 {measured['gmacs']:.0f} GMAC/s ({measured['what']})")
         if floats.get("status") == "ran":
-            ceilings += [f"{k.upper()} {floats[k]:.0f} GMAC/s" for k in ("fp32", "bf16") if floats.get(k)]
+            ceilings += [f"{k.upper()} {floats[k]:.0f} GMAC/s" for k in (Precision.FP32.value, Precision.BF16.value)
+                         if floats.get(k)]
             ceilings[-1] += f" ({floats['what']})"
         lines += ["", "Measured GEMM ceilings on this machine, in this run: " + "; ".join(ceilings) + ". Each row's "
                   "fraction of the ceiling for its precision:"]

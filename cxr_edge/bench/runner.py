@@ -8,35 +8,48 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..data import scan_dataset, split_dataset
+from ..data import scan_dataset
 from ..data.labelled import load_items
+from ..data.split import is_training_data, training_split
 from ..decision import decide
 from ..errors import ConfigError
 from ..evaluation.criteria import PASSED, accepted, agreement_verdict
 from ..graph_macs import macs_per_image
 from ..machine import usable_cores
-from ..manifest import read_manifest
-from ..precision import GATE_LIMITS, Precision
+from ..manifest import Manifest, read_manifest
+from ..manifest_schema import DataProvenance
+from ..precision import GATE_LIMITS, Int8Target, Precision, Variant
 from ..preprocess import PreprocessSpec
+from ..runtime.backends.base import Backend
 from ..runtime.backends.registry import open_backend
 from ..runtime.batching import BatchPacker
 from ..runtime.result import self_check_summary
-from .int8_payoff import add_fp32_ratios, int8_does_not_pay, int8_pays, self_check_failed
+from .int8_payoff import add_fp32_ratios, int8_does_not_pay, int8_pays, is_int8, self_check_failed
 from .machine import machine_info
 from .timing import current_rss_kb, measure, summarise
 
 log = logging.getLogger(__name__)
 
+#: what bench can time, by artifact tag: every exported variant, and FP32 artifacts also under OpenVINO's BF16 hint
+BENCH_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.FP16.value, Precision.BF16.value,
+                                     *(Variant(Precision.INT8, t).tag for t in Int8Target))
+#: the inference-precision hints OpenVINO runs an FP32 artifact in, each its own row
+OPENVINO_HINTS: tuple[str, ...] = (Precision.FP32.value, Precision.BF16.value)
+#: tags of the ONNX artifacts a TensorRT engine is built from
+TENSORRT_SOURCES: tuple[str, ...] = (Precision.FP32.value, Variant(Precision.INT8, Int8Target.TRT).tag)
+#: the reference every row is validated against
+FP32_ARTIFACT = Variant(Precision.FP32).filename()
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     batches: tuple[int, ...] = (1, 8, 32)
     backends: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt", "keras")
-    precisions: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu", "int8-ov")
+    precisions: tuple[str, ...] = BENCH_PRECISIONS
     budget_s: float = 3.0
     e2e: bool = True
     accuracy: bool = True
@@ -63,47 +76,59 @@ class Target:
 
 def discover_targets(artifact_dir: Path, cfg: BenchConfig) -> tuple[list[Target], list[dict], Path | None]:
     """Targets to run, rows for what cannot run (with the reason), and the source Keras model."""
-    targets, skipped, source = [], [], None
+    targets: list[Target] = []
+    skipped: list[dict] = []
+    source: Path | None = None
     threads = cfg.threads or usable_cores()
+    plans = sorted(artifact_dir.glob("model.*.plan"))
     for onnx in sorted(artifact_dir.glob("model.*.onnx")):
         doc = read_manifest(onnx, verify=False)
         tag = onnx.name.split(".")[1]
         if doc.gate_failed:
             log.warning("%s failed its export gate; benchmarking it anyway, marked", onnx.name)
         src = doc.source_model
-        for cand in (artifact_dir / src.get("file", "-"), Path(src.get("path", "-"))):
+        for cand in (artifact_dir / (src.file or "-"), Path(src.path or "-")):
             if source is None and cand.is_file():
                 source = cand
         if tag in cfg.precisions and "onnxruntime" in cfg.backends:
             targets.append(Target(f"onnxruntime {tag}", "onnxruntime", tag, onnx, {"device": "cpu", "threads": threads}))
         if "openvino" in cfg.backends:
-            ov_precs = [p for p in (["fp32", "bf16"] if tag == "fp32" else [tag]) if p in cfg.precisions]
-            for p in ov_precs:
-                opts = {"precision": p if p in ("fp32", "bf16") else None, "threads": threads}
-                targets.append(Target(f"openvino {p}", "openvino", p, onnx, opts))
-                if p.startswith("int8") and threads > 1:  # one stream per core: batches split over streams
-                    targets.append(Target(f"openvino {p} {threads} streams", "openvino", p, onnx,
-                                          {**opts, "streams": threads}))
-        if "tensorrt" in cfg.backends and tag in ("fp32", "int8-trt"):
-            plans = sorted(artifact_dir.glob("model.*.plan"))
-            if not plans:
-                for p in (["fp32", "fp16"] if tag == "fp32" else ["int8"]):
-                    skipped.append({"label": f"tensorrt {p}", "backend": "tensorrt", "precision": p,
-                                    "status": "could not run: no GPU/TensorRT (no engine built; cxr-edge build needs a GPU)"})
-                skipped.append({"label": f"onnxruntime-trt-ep {tag}", "backend": "onnxruntime (TensorRT EP)",
-                                "precision": tag, "status": _trt_ep_status()})
-    for plan in sorted(artifact_dir.glob("model.*.plan")):
+            targets += _openvino_targets(onnx, tag, cfg.precisions, threads)
+        if "tensorrt" in cfg.backends and tag in TENSORRT_SOURCES and not plans:
+            skipped += _no_tensorrt_rows(tag)
+    for plan in plans:
         doc = read_manifest(plan, verify=False)
-        targets.append(Target(f"tensorrt {doc['precision']}", "tensorrt", doc["precision"], plan,
+        targets.append(Target(f"tensorrt {doc.precision.value}", "tensorrt", doc.precision.value, plan,
                               {"cuda_graph": True} if cfg.cuda_graph else {}))
     if "keras" in cfg.backends:
         if source is None:
-            skipped.append({"label": "keras", "backend": "keras", "precision": "fp32",
+            skipped.append({"label": "keras", "backend": "keras", "precision": Precision.FP32.value,
                             "status": "could not run: the source .keras model is not available"})
         else:
             for mode in ("predict", "call"):
-                targets.append(Target(f"keras {mode}", "keras", "fp32", source, {"mode": mode}))
+                targets.append(Target(f"keras {mode}", "keras", Precision.FP32.value, source, {"mode": mode}))
     return targets, skipped, source
+
+
+def _openvino_targets(onnx: Path, tag: str, precisions: tuple[str, ...], threads: int) -> list[Target]:
+    """An FP32 artifact under each of OpenVINO's float hints, any other as it is; INT8 also split over streams."""
+    out = []
+    for p in [p for p in (OPENVINO_HINTS if tag == Precision.FP32 else (tag,)) if p in precisions]:
+        opts = {"precision": p if p in OPENVINO_HINTS else None, "threads": threads}
+        out.append(Target(f"openvino {p}", "openvino", p, onnx, opts))
+        if is_int8(p) and threads > 1:  # one stream per core: batches split over streams
+            out.append(Target(f"openvino {p} {threads} streams", "openvino", p, onnx, {**opts, "streams": threads}))
+    return out
+
+
+def _no_tensorrt_rows(tag: str) -> list[dict]:
+    """Rows saying why the TensorRT engines an artifact would build, and ONNX Runtime's TensorRT EP, did not run."""
+    engines = (Precision.FP32, Precision.FP16) if tag == Precision.FP32 else (Precision.INT8,)
+    rows = [{"label": f"tensorrt {p.value}", "backend": "tensorrt", "precision": p.value,
+             "status": "could not run: no GPU/TensorRT (no engine built; cxr-edge build needs a GPU)"} for p in engines]
+    rows.append({"label": f"onnxruntime-trt-ep {tag}", "backend": "onnxruntime (TensorRT EP)", "precision": tag,
+                 "status": _trt_ep_status()})
+    return rows
 
 
 def _trt_ep_status() -> str:
@@ -123,28 +148,29 @@ def labelled_images(artifact_dir: Path, spec: PreprocessSpec, classes, data: str
     The training data's split comes from the source Keras model's manifest, else from the FP32
     artifact's (export copies it there), so an export folder moved without its .keras still finds it.
     """
-    trained = (read_manifest(source, verify=False).data if source else {}) or \
-        read_manifest(artifact_dir / "model.fp32.onnx", verify=False).data
-    root = data or (trained.get("root") if trained.get("root") and Path(trained["root"]).is_dir() else None)
+    trained = read_manifest(source, verify=False).data if source else DataProvenance()
+    if trained == DataProvenance():  # none recorded with the source model
+        trained = read_manifest(artifact_dir / FP32_ARTIFACT, verify=False).data
+    root = data or (trained.root if trained.root and Path(trained.root).is_dir() else None)
     if root is None:
         from ..synthetic import synthetic_parity_images
 
         x = synthetic_parity_images(spec, 64)
         return x, np.full(len(x), -1), [], {"data": "synthetic (unlabelled)", "split": None}
     ds = scan_dataset(root, classes=classes)
-    if trained.get("fingerprint") == ds.fingerprint():
-        items = split_dataset(ds, tuple(trained["split_fractions"]), seed=trained["split_seed"])["test"]
+    if is_training_data(ds, trained):
+        items = training_split(ds, trained)["test"]
         split = "test"
     else:
         items, split = ds.items, "all"
-    data = load_items(items[:limit], classes, spec, split)
-    return data.x, data.y, [i.path for i in data.items], {"data": str(root), "split": split, "n": len(data.items)}
+    got = load_items(items[:limit], classes, spec, split)
+    return got.x, got.y, [i.path for i in got.items], {"data": str(root), "split": split, "n": len(got.items)}
 
 
 def _accuracy(probs, y, classes, threshold, ref) -> dict:
     from ..evaluation.metrics import evaluate_predictions
 
-    out = {"top_class_agreement_vs_fp32": float((probs.argmax(1) == ref.argmax(1)).mean()),
+    out: dict[str, Any] = {"top_class_agreement_vs_fp32": float((probs.argmax(1) == ref.argmax(1)).mean()),
            "decision_flips_vs_fp32": int((decide(probs, classes, threshold) != decide(ref, classes, threshold)).sum()),
            "max_abs_dprob_vs_fp32": float(np.abs(probs - ref).max())}
     if (y >= 0).all() and len(set(y.tolist())) > 1:
@@ -165,7 +191,7 @@ class Contender:
     status: str
     infer: Callable[[np.ndarray], np.ndarray]
     close: Callable[[], None]
-    engine: object | None = None  # our Backend (end-to-end rows need it)
+    engine: Backend | None = None  # our Backend (end-to-end rows need it)
     times: dict[int, list[np.ndarray]] = field(default_factory=dict)  # batch -> seconds per call, one array per round
 
 
@@ -185,56 +211,126 @@ def _infer_all(infer, x: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate([infer(x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
+@dataclass
+class Reference:
+    """What every row is validated against and timed on: the FP32 artifact's facts, the labelled images packed once,
+    and the FP32 artifact's answers on them."""
+
+    fp32_doc: Manifest
+    spec: PreprocessSpec
+    x: np.ndarray
+    y: np.ndarray
+    paths: list[Path]
+    data_info: dict
+    macs: int
+    probs: np.ndarray
+
+    @property
+    def split(self) -> str:
+        return self.data_info.get("split") or "synthetic"
+
+    def validate(self, probs: np.ndarray, precision: str) -> tuple[dict, str]:
+        """Accuracy and agreement with the FP32 answers, judged by the export gate's limits for ``precision``."""
+        return _validate(probs, self.y, self.fp32_doc.classes, self.fp32_doc.threshold, self.probs, precision, self.split)
+
+
 def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progress: bool = True) -> dict:
+    """Every target and peer loaded and validated once, timed in interleaved rounds, then set against the Keras
+    baseline, its FP32 artifact and the machine's measured ceilings."""
     artifact_dir = Path(artifact_dir)
     targets, skipped, source = discover_targets(artifact_dir, cfg)
     if not targets:
         raise ConfigError(f"Nothing to benchmark in {artifact_dir}: expected model.*.onnx artifacts from cxr-edge export.")
-    fp32_doc = read_manifest(artifact_dir / "model.fp32.onnx", verify=False)
-    spec = PreprocessSpec.from_dict(fp32_doc["preprocess"])
-    classes = fp32_doc.classes
-    threshold = fp32_doc.threshold
-    x_acc, y_acc, paths, data_info = labelled_images(artifact_dir, spec, classes, cfg.data, source, cfg.max_accuracy_images)
-    split = data_info.get("split") or "synthetic"
-    macs = macs_per_image(artifact_dir / "model.fp32.onnx")
-    rows, accuracy = list(skipped), {}
+    ref = _reference(artifact_dir, cfg, source)
+    rows: list[dict] = list(skipped)
+    accuracy: dict[str, dict] = {}
+    contenders = [c for t in targets if (c := _load_target(t, ref, cfg.batches, rows, accuracy)) is not None]
+    if cfg.peers:
+        contenders += _load_peers(artifact_dir, ref.fp32_doc, ref.spec, source, cfg, rows, accuracy, ref.validate, ref.x)
+    failed = _time_rounds(contenders, ref.x, cfg, progress)
+    rows += [_timed_row(c, b, failed, ref, cfg) for c in contenders for b in cfg.batches]
+    comparison = compare_rounds(contenders, cfg.batches) if cfg.peers else None
+    for c in contenders:
+        c.close()
+    contenders.clear()
+    gc.collect()
+    _add_ratios(rows)
+    add_fp32_ratios(rows)
+    machine = machine_info()
+    peak, float_peaks = _measured_peaks(rows, cfg)
+    prep = []
+    if cfg.preprocessing:
+        from .preprocess_bench import measure_preprocessing
+
+        prep = measure_preprocessing(ref.paths, ref.spec, budget_s=min(cfg.budget_s, 2.0))
+    return {"measured_int8_peak": peak, "measured_float_peaks": float_peaks, "preprocessing": prep, "machine": machine,
+            "config": {k: v for k, v in cfg.__dict__.items()}, "artifact_dir": str(artifact_dir),
+            "recipe": ref.fp32_doc.recipe, "classes": ref.fp32_doc.classes, "input": ref.spec.to_dict(),
+            "macs_per_image": ref.macs, "accuracy_data": ref.data_info, "rows": rows, "accuracy": accuracy,
+            "summary": _summary(rows, ref.macs), "peers": comparison, "graph_rewrites": _graph_rewrites(ref.fp32_doc),
+            "int8_does_not_pay": int8_does_not_pay(rows, machine), "int8_pays": int8_pays(rows, machine)}
+
+
+def _graph_rewrites(doc: Manifest) -> dict[str, Any] | None:
+    """The rewrites export made to the FP32 graph, as its manifest records them (None: none recorded)."""
+    return (doc.graph_rewrites.to_dict() or None) if doc.graph_rewrites is not None else None
+
+
+def _reference(artifact_dir: Path, cfg: BenchConfig, source: Path | None) -> Reference:
+    """The labelled images and the FP32 artifact's answers on them, computed once with ONNX Runtime's CPU kernels."""
     from ..runtime.backends.ort_session import cpu_session, run_batched
 
-    ref_probs = run_batched(cpu_session(artifact_dir / "model.fp32.onnx"), x_acc, ["probs"])["probs"]
-    contenders: list[Contender] = []
-    # ---- load everything once, validate it on the labelled images
-    for t in targets:
-        base = {"label": t.label, "backend": t.backend, "precision": t.precision, "artifact": t.artifact.name,
-                "size_mb": round(t.artifact.stat().st_size / 1e6, 2)}
-        try:
-            rss0 = current_rss_kb()
-            t0 = time.perf_counter()
-            # a gate-failed artifact, or one failing its load-time self-check here, is measured and reported as
-            # such, never deployed by bench
-            eng = open_backend(t.artifact, backend=t.backend, verify=True, allow_failed_gate=True, self_check="warn",
-                               **t.options).load()
-            base["load_s"] = round(time.perf_counter() - t0, 3)
-        except Exception as exc:  # a row that cannot run is reported, not fatal
-            rows += [{**base, "batch": b, "status": f"could not run: {_reason(exc)}"} for b in cfg.batches]
-            continue
-        try:
-            probs = eng.infer_all(x_acc, 32)
-        except Exception as exc:  # an engine that loads but fails on real input (a graph it cannot compile)
-            log.warning("%s failed while running: %s", t.label, _reason(exc))
-            rows += [{**base, "batch": b, "status": f"failed while running: {_reason(exc)}"} for b in cfg.batches]
-            eng.close()
-            continue
-        base.update({"provider": eng.info.provider, "precision": eng.info.precision, "threads": t.options.get("threads"),
-                     "rss_added_mb": _rss_added(rss0), "self_check": self_check_summary(eng.info.self_check)})
-        acc, status = _validate(probs, y_acc, classes, threshold, ref_probs, t.precision, split)
-        accuracy[t.label] = {**acc, "status": status, "provider": eng.info.provider}
-        contenders.append(Contender(t.label, "baseline" if t.backend == "keras" else "ours", base, status,
-                                    lambda b, e=eng: e.infer(b, ["probs"])["probs"], eng.close, eng))
-    if cfg.peers:
-        contenders += _load_peers(artifact_dir, fp32_doc, spec, source, cfg, rows, accuracy,
-                                  lambda probs, prec: _validate(probs, y_acc, classes, threshold, ref_probs, prec, split),
-                                  x_acc)
-    # ---- interleaved timing rounds: every contender at every batch once per round, order rotated per round
+    fp32 = artifact_dir / FP32_ARTIFACT
+    fp32_doc = read_manifest(fp32, verify=False)
+    spec = fp32_doc.preprocess
+    x, y, paths, data_info = labelled_images(artifact_dir, spec, fp32_doc.classes, cfg.data, source,
+                                             cfg.max_accuracy_images)
+    macs = macs_per_image(fp32)
+    probs = run_batched(cpu_session(fp32), x, ["probs"])["probs"]
+    return Reference(fp32_doc, spec, x, y, paths, data_info, macs, probs)
+
+
+def _load_target(t: Target, ref: Reference, batches: tuple[int, ...], rows: list[dict],
+                 accuracy: dict) -> Contender | None:
+    """One of our targets loaded and validated on the labelled images; one that cannot load or run is a row per
+    batch in ``rows`` instead."""
+    base: dict[str, Any] = {"label": t.label, "backend": t.backend, "precision": t.precision, "artifact": t.artifact.name,
+                            "size_mb": round(t.artifact.stat().st_size / 1e6, 2)}
+    try:
+        rss0 = current_rss_kb()
+        t0 = time.perf_counter()
+        # a gate-failed artifact, or one failing its load-time self-check here, is measured and reported as
+        # such, never deployed by bench
+        eng = open_backend(t.artifact, backend=t.backend, verify=True, allow_failed_gate=True, self_check="warn",
+                           **t.options).load()
+        base["load_s"] = round(time.perf_counter() - t0, 3)
+    except Exception as exc:  # a row that cannot run is reported, not fatal
+        rows += [{**base, "batch": b, "status": f"could not run: {_reason(exc)}"} for b in batches]
+        return None
+    try:
+        probs = eng.infer_all(ref.x, 32)
+    except Exception as exc:  # an engine that loads but fails on real input (a graph it cannot compile)
+        log.warning("%s failed while running: %s", t.label, _reason(exc))
+        rows += [{**base, "batch": b, "status": f"failed while running: {_reason(exc)}"} for b in batches]
+        eng.close()
+        return None
+    base.update({"provider": eng.info.provider, "precision": eng.info.precision, "threads": t.options.get("threads"),
+                 "rss_added_mb": _rss_added(rss0), "self_check": self_check_summary(eng.info.self_check)})
+    acc, status = ref.validate(probs, t.precision)
+    accuracy[t.label] = {**acc, "status": status, "provider": eng.info.provider}
+    return Contender(t.label, "baseline" if t.backend == "keras" else "ours", base, status, _probs_of(eng), eng.close, eng)
+
+
+def _probs_of(eng: Backend) -> Callable[[np.ndarray], np.ndarray]:
+    def infer(batch: np.ndarray) -> np.ndarray:
+        return eng.infer(batch, ["probs"])["probs"]
+
+    return infer
+
+
+def _time_rounds(contenders: list[Contender], x: np.ndarray, cfg: BenchConfig, progress: bool) -> dict[str, str]:
+    """Every contender at every batch once per round, the order rotated per round, so a VM's drift hits them alike;
+    returns why each contender that failed mid-run failed."""
     bar = None
     if progress:
         from tqdm import tqdm
@@ -246,7 +342,7 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         for c in contenders[k:] + contenders[:k]:
             for b in cfg.batches:
                 if c.label not in failed:
-                    pool = [np.take(x_acc, range(j * b, (j + 1) * b), axis=0, mode="wrap") for j in range(4)]
+                    pool = [np.take(x, range(j * b, (j + 1) * b), axis=0, mode="wrap") for j in range(4)]
                     try:
                         c.times.setdefault(b, []).append(measure(c.infer, pool, cfg.budget_s / cfg.rounds))
                     except Exception as exc:  # an engine that fails mid-run is a row, not a crash
@@ -256,54 +352,42 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
                     bar.update(1)
     if bar:
         bar.close()
-    for c in contenders:
-        for b in cfg.batches:
-            rounds = c.times.get(b, [])
-            if not rounds or c.label in failed:
-                rows.append({**c.base, "batch": b, "status": f"failed while running: {failed.get(c.label, '?')}"})
-                continue
-            row = {**c.base, "batch": b, "status": c.status, **_over_rounds(rounds, b)}
-            if c.kind == "peer":
-                row["peer"] = True
-            if c.engine is not None and (note := c.engine.fit_note(b)):  # fixed-profile engines: what timing includes
-                row["note"] = note
-            if macs:
-                row["gmacs_per_s"] = row["throughput_ips"] * macs / 1e9
-            if c.kind == "ours" and cfg.e2e and paths and b == max(cfg.batches):
-                row.update(_end_to_end(c.engine, paths, spec, b, cfg.budget_s))
-                row["e2e_vs_engine"] = row["e2e_throughput_ips"] / row["throughput_ips"]
-                row.update(_end_to_end_gpu(c.engine, paths, spec, b, cfg.budget_s, row["throughput_ips"]))
-            rows.append(row)
-    comparison = compare_rounds(contenders, cfg.batches) if cfg.peers else None
-    for c in contenders:
-        c.close()
-    contenders.clear()
-    gc.collect()
-    _add_ratios(rows)
-    add_fp32_ratios(rows)
-    machine = machine_info()
+    return failed
+
+
+def _timed_row(c: Contender, b: int, failed: dict[str, str], ref: Reference, cfg: BenchConfig) -> dict:
+    """One contender at one batch: its timings over the rounds and, for our rows at the largest batch, end to end."""
+    rounds = c.times.get(b, [])
+    if not rounds or c.label in failed:
+        return {**c.base, "batch": b, "status": f"failed while running: {failed.get(c.label, '?')}"}
+    row = {**c.base, "batch": b, "status": c.status, **_over_rounds(rounds, b)}
+    if c.kind == "peer":
+        row["peer"] = True
+    if c.engine is not None and (note := c.engine.fit_note(b)):  # fixed-profile engines: what timing includes
+        row["note"] = note
+    if ref.macs:
+        row["gmacs_per_s"] = row["throughput_ips"] * ref.macs / 1e9
+    if c.kind == "ours" and cfg.e2e and ref.paths and b == max(cfg.batches):
+        row.update(_end_to_end(c.engine, ref.paths, ref.spec, b, cfg.budget_s))
+        row["e2e_vs_engine"] = row["e2e_throughput_ips"] / row["throughput_ips"]
+        row.update(_end_to_end_gpu(c.engine, ref.paths, ref.spec, b, cfg.budget_s, row["throughput_ips"]))
+    return row
+
+
+def _measured_peaks(rows: list[dict], cfg: BenchConfig) -> tuple[dict, dict]:
+    """This machine's measured INT8 and float GEMM ceilings, and each row's fraction of the one for its precision."""
     from .peak import measured_float_gemm_peaks, measured_int8_gemm_peak
 
     peak = measured_int8_gemm_peak(budget_s=min(cfg.budget_s, 1.0), threads=cfg.threads)
     float_peaks = measured_float_gemm_peaks(budget_s=min(cfg.budget_s, 1.0), threads=cfg.threads)
     for r in rows:
         prec = str(r.get("precision", ""))
-        ceiling = peak.get("gmacs") if prec.startswith("int8") else float_peaks.get(prec)
+        ceiling = peak.get("gmacs") if is_int8(prec) else float_peaks.get(prec)
         if r.get("gmacs_per_s") and ceiling:
             r["fraction_of_measured_peak"] = r["gmacs_per_s"] / ceiling
-            if prec.startswith("int8"):
+            if is_int8(prec):
                 r["fraction_of_measured_int8_peak"] = r["fraction_of_measured_peak"]
-    prep = []
-    if cfg.preprocessing:
-        from .preprocess_bench import measure_preprocessing
-
-        prep = measure_preprocessing(paths, spec, budget_s=min(cfg.budget_s, 2.0))
-    return {"measured_int8_peak": peak, "measured_float_peaks": float_peaks, "preprocessing": prep, "machine": machine,
-            "config": {k: v for k, v in cfg.__dict__.items()}, "artifact_dir": str(artifact_dir),
-            "recipe": fp32_doc.get("recipe"), "classes": classes, "input": spec.to_dict(), "macs_per_image": macs,
-            "accuracy_data": data_info, "rows": rows, "accuracy": accuracy, "summary": _summary(rows, macs),
-            "peers": comparison, "graph_rewrites": fp32_doc.get("graph_rewrites"),
-            "int8_does_not_pay": int8_does_not_pay(rows, machine), "int8_pays": int8_pays(rows, machine)}
+    return peak, float_peaks
 
 
 def _reason(exc: BaseException) -> str:
@@ -326,14 +410,14 @@ def _over_rounds(rounds: list[np.ndarray], batch: int) -> dict:
     return row
 
 
-def _load_peers(artifact_dir, fp32_doc, spec, source, cfg, rows, accuracy, validate, x_acc) -> list[Contender]:
+def _load_peers(artifact_dir, fp32_doc: Manifest, spec, source, cfg, rows, accuracy, validate, x_acc) -> list[Contender]:
     from ..data.gate_data import load_gate_data
     from .peers import build_peers
 
     # the calibration images cxr-edge's own export used: same split, same sample, same count
     calib = load_gate_data(fp32_doc, spec, cfg.data if cfg.data else None, cfg.peer_calib_size, seed=0).calib_x
     threads = cfg.threads or usable_cores()
-    engines, skipped = build_peers(artifact_dir, artifact_dir / "model.fp32.onnx", source, calib, threads, cfg.peers)
+    engines, skipped = build_peers(artifact_dir, artifact_dir / FP32_ARTIFACT, source, calib, threads, cfg.peers)
     rows += [{**s, "batch": b} for s in skipped for b in cfg.batches]
     out = []
     for p in engines:
@@ -341,7 +425,7 @@ def _load_peers(artifact_dir, fp32_doc, spec, source, cfg, rows, accuracy, valid
                 "artifact": f"peers/{p.artifact.name}", "size_mb": p.size_mb,
                 "load_s": round(p.load_s, 3), "threads": threads, "how": p.how}
         try:
-            acc, status = validate(_infer_all(p.infer, x_acc), "int8")
+            acc, status = validate(_infer_all(p.infer, x_acc), p.precision)
         except Exception as exc:  # a peer that cannot answer is a row, not a failed benchmark
             rows += [{**base, "batch": b, "peer": True, "status": f"could not run: {_reason(exc)}"} for b in cfg.batches]
             continue
@@ -353,7 +437,7 @@ def _load_peers(artifact_dir, fp32_doc, spec, source, cfg, rows, accuracy, valid
 def compare_rounds(contenders: list[Contender], batches) -> dict:
     """Ours vs the best peer, round by round: offline throughput at each batch, and batch-1 p90 latency.
 
-    Within a round every contender ran minutes apart at most, so the ratio survives a VM that drifts 2-3x
+    Within a round every contender ran minutes apart at most, so the ratio survives a VM whose speed drifts
     between runs; the median over rounds and the min-max are reported, with who won each round. The same
     against only the peers whose outputs passed validation here (a peer that fails it would not be deployed).
     """

@@ -7,6 +7,11 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ..precision import Int8Target, Precision, Variant
+
+#: the INT8 artifacts by tag, one per INT8 target (``int8-trt``, ``int8-cpu``, ``int8-ov``)
+INT8_TAGS = tuple(Variant(Precision.INT8, t).tag for t in Int8Target)
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Each flag's default shown in its help line (unless the help already says it, or there is none);

@@ -23,15 +23,20 @@ def cmd_scan(a) -> None:
     print("split counts:", json.dumps(split_counts(split_dataset(ds, seed=a.seed), ds.classes)))
     if a.decode:
         from ..data.loading import load_images
-        from ..preprocess import PreprocessSpec
+        from ..preprocess import NormMode, PreprocessSpec
 
-        res = load_images([i.path for i in ds.items], PreprocessSpec(64, 64, "raw"), progress=True)
+        res = load_images([i.path for i in ds.items], PreprocessSpec(64, 64, NormMode.RAW), progress=True)
         print(f"decoded {len(res.kept)} of {len(ds.items)}; {len(res.errors)} bad:")
         for e in res.errors:
             print(f"  {e}")
 
 
 def register(sub) -> None:
+    _add_synth_parser(sub)
+    _add_scan_parser(sub)
+
+
+def _add_synth_parser(sub) -> None:
     import inspect
 
     from ..synthetic import write_synthetic_dataset
@@ -43,6 +48,8 @@ def register(sub) -> None:
     s.add_argument("--seed", type=int, default=synth["seed"], help="random seed")
     s.set_defaults(func=cmd_synth)
 
+
+def _add_scan_parser(sub) -> None:
     sc = sub.add_parser("scan", help="report what a data directory holds, its split, and bad files",
                         formatter_class=HelpFormatter)
     sc.add_argument("data", help="data directory (class folders)")

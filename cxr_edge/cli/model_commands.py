@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from ..errors import ExitCode
-from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_int
+from ..precision import EXPORTED_PRECISIONS, Int8Target
+from ._common import INT8_TAGS, HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_int
 
 SPLITS = ("auto", "train", "val", "test", "all")
-EXPORT_PRECISIONS = ("fp32", "fp16", "int8", "int8-trt", "int8-cpu", "int8-ov")
-INT8_TARGETS = ("trt", "cpu", "ov")
-ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_PRECISIONS = tuple(p.value for p in EXPORTED_PRECISIONS)
+EXPORT_PRECISIONS = (*ENGINE_PRECISIONS, *INT8_TAGS)  # "int8" for every --int8-target, or one INT8 variant by tag
+INT8_TARGETS = tuple(t.value for t in Int8Target)
 
 
 def cmd_demo(a) -> None:
@@ -80,7 +81,8 @@ def cmd_evaluate(a) -> None:
 def cmd_export(a) -> int:
     from ..export.pipeline import ExportConfig, export_model
 
-    cfg = ExportConfig(precisions=",".join(a.precision), int8_targets=",".join(a.int8_target), calib_data=a.calib,
+    # comma_list (and the dataclass default) give tuples: the fields' own type, no text to split again
+    cfg = ExportConfig(precisions=tuple(a.precision), int8_targets=tuple(a.int8_target), calib_data=a.calib,
                        calib_method=a.calib_method, calib_size=a.calib_size, force=a.force, opset=a.opset,
                        fold_preprocessing=not a.no_fold)
     s = export_model(a.model, a.out, cfg)
@@ -103,15 +105,18 @@ def cmd_build(a) -> None:
 
 
 def register(sub) -> None:
+    _add_demo_parser(sub)
+    _add_recipes_parser(sub)
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_export_parser(sub)
+    _add_build_parser(sub)
+
+
+def _add_demo_parser(sub) -> None:
     import inspect
 
     from ..demo import run_demo
-    from ..export.pipeline import ExportConfig
-    from ..export.quantize import CALIBRATION_METHODS
-    from ..export.tensorrt_build import BuildConfig
-    from ..runtime.backends.registry import all_backends
-    from ..train.recipes import RECIPES
-    from ..train.trainer import TrainConfig
 
     demo_defaults = {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
     d = sub.add_parser("demo", help="synthesise data, train the small CNN, evaluate, export, bench (minutes on a CPU)",
@@ -123,8 +128,15 @@ def register(sub) -> None:
     d.add_argument("--seed", type=int, default=demo_defaults["seed"], help="random seed")
     d.set_defaults(func=cmd_demo)
 
+
+def _add_recipes_parser(sub) -> None:
     r = sub.add_parser("recipes", help="list the training recipes", formatter_class=HelpFormatter)
     r.set_defaults(func=cmd_recipes)
+
+
+def _add_train_parser(sub) -> None:
+    from ..train.recipes import RECIPES
+    from ..train.trainer import TrainConfig
 
     t = sub.add_parser("train", help="train a recipe on a data directory", formatter_class=HelpFormatter)
     t.add_argument("--recipe", default=default_of(TrainConfig, "recipe"), choices=list(RECIPES), help="recipe")
@@ -144,6 +156,10 @@ def register(sub) -> None:
     t.add_argument("--seed", type=int, default=default_of(TrainConfig, "seed"), help="random seed")
     t.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_parser(sub) -> None:
+    from ..runtime.backends.registry import all_backends
+
     e = sub.add_parser("evaluate", help="evaluate a model or a deployable artifact: report.json/.md and plots",
                        formatter_class=HelpFormatter)
     e.add_argument("model", help="a .keras model (needs the train extra), or an exported artifact (ONNX, TensorRT "
@@ -158,6 +174,11 @@ def register(sub) -> None:
                                                                "(sensitivity/specificity use exact intervals)")
     add_engine_args(e, all_backends())  # exported artifacts only: a .keras model runs on Keras
     e.set_defaults(func=cmd_evaluate)
+
+
+def _add_export_parser(sub) -> None:
+    from ..export.pipeline import ExportConfig
+    from ..export.quantize import CALIBRATION_METHODS
 
     x = sub.add_parser("export", help="Keras model -> gated FP32/FP16/INT8 ONNX artifacts with manifests",
                        formatter_class=HelpFormatter)
@@ -180,6 +201,10 @@ def register(sub) -> None:
                    help="keep the exported preprocessing as it is instead of folding it into the first convolution "
                         "where that is exact (for comparing the two)")
     x.set_defaults(func=cmd_export)
+
+
+def _add_build_parser(sub) -> None:
+    from ..export.tensorrt_build import BuildConfig
 
     b = sub.add_parser("build", help="TensorRT engine from an exported ONNX artifact (GPU + TensorRT)",
                        formatter_class=HelpFormatter)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, ExitCode
+from ..precision import Precision
 from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_float, positive_int
 
 BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
-BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8-trt", "int8-cpu", "int8-ov")
-OPENVINO_PRECISIONS = ("fp32", "bf16")
+OPENVINO_PRECISIONS = (Precision.FP32.value, Precision.BF16.value)  # the inference-precision hints predict passes
 
 
 def expand_images(paths) -> list[Path]:
@@ -57,11 +58,11 @@ def cmd_predict(a) -> int:
     if not items:
         raise InputError("images", "no image files found in the files or directories given")
     device = "cuda" if a.require_gpu else a.device
+    graphs: dict[str, Any] = {"cuda_graph": True} if a.cuda_graph else {}  # passed only when asked for
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
                   threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
                   allow_failed_gate=a.allow_failed_gate, preprocess=a.preprocess, tuning=a.tuning,
-                  self_check=a.self_check,
-                  **({"cuda_graph": True} if a.cuda_graph else {})) as s:
+                  self_check=a.self_check, **graphs) as s:
         results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info, threshold = s.engine.info, s.threshold
     if a.out:
@@ -93,11 +94,11 @@ def cmd_predict(a) -> int:
 
 
 def cmd_calibrate(a) -> None:
-    from ..workflows.calibrate import calibrate_artifact
+    from ..workflows.calibrate import CalibrationRequest, run_calibration
 
-    s = calibrate_artifact(a.artifact, a.data, target_sensitivity=a.target_sensitivity, temperature=a.temperature,
-                           out_dir=a.out, dry_run=a.dry_run, backend=a.backend, device=a.device,
-                           self_check=a.self_check)
+    s = run_calibration(CalibrationRequest(Path(a.artifact), Path(a.data), target_sensitivity=a.target_sensitivity,
+                                           temperature=a.temperature, out_dir=a.out, dry_run=a.dry_run,
+                                           backend=a.backend, device=a.device, self_check=a.self_check))
     print(Path(s["report"]).read_text())
     if a.dry_run:
         print("Dry run: the manifest was not changed.")
@@ -196,11 +197,11 @@ def int8_advice(best: dict, artifacts, isa: str) -> str:
     """Say plainly when no INT8 artifact wins on this machine: the float one is then faster *and* closer to FP32."""
     from ..manifest import read_manifest
 
-    int8 = [p for p in artifacts if read_manifest(p, verify=False).get("precision") == "int8"]
+    int8 = [p for p in artifacts if read_manifest(p, verify=False).precision is Precision.INT8]
     if not int8 or not best:
         return ""
     losing = {use: art for use, (_v, art, _c) in best.items()
-              if read_manifest(art, verify=False).get("precision") != "int8"}
+              if read_manifest(art, verify=False).precision is not Precision.INT8}
     if not losing:
         return "\nINT8 pays on this machine: an INT8 artifact is the fastest for every use."
     uses = " and ".join(sorted(losing))
@@ -218,8 +219,14 @@ def cmd_doctor(a) -> None:
 
 
 def register(sub) -> None:
-    from ..bench.peers import PEERS
-    from ..bench.runner import BenchConfig
+    _add_calibrate_parser(sub)
+    _add_predict_parser(sub)
+    _add_bench_parser(sub)
+    _add_tune_parser(sub)
+    _add_doctor_parser(sub)
+
+
+def _add_calibrate_parser(sub) -> None:
     from ..runtime.backends.registry import all_backends
 
     ca = sub.add_parser("calibrate", help="set an artifact's COVID threshold on the site's own labelled images",
@@ -236,6 +243,10 @@ def register(sub) -> None:
     ca.add_argument("--dry-run", action="store_true", help="report only; leave the manifest as it is")
     add_engine_args(ca, all_backends())
     ca.set_defaults(func=cmd_calibrate)
+
+
+def _add_predict_parser(sub) -> None:
+    from ..runtime.backends.registry import all_backends
 
     pr = sub.add_parser("predict", help="screen images with an artifact (ONNX, TensorRT engine or .keras)",
                         formatter_class=HelpFormatter,
@@ -260,6 +271,11 @@ def register(sub) -> None:
     pr.add_argument("--trusted-key", action="append", metavar="PUB",
                     help="only run artifacts signed by this Ed25519 public key (repeatable)")
     pr.set_defaults(func=cmd_predict)
+
+
+def _add_bench_parser(sub) -> None:
+    from ..bench.peers import PEERS
+    from ..bench.runner import BENCH_PRECISIONS, BenchConfig
 
     bn = sub.add_parser("bench", help="latency/throughput/accuracy per backend x precision x batch, vs Keras",
                         formatter_class=HelpFormatter)
@@ -287,6 +303,8 @@ def register(sub) -> None:
     bn.add_argument("--force", action="store_true", help="replace the results already in --out")
     bn.set_defaults(func=cmd_bench)
 
+
+def _add_tune_parser(sub) -> None:
     tu = sub.add_parser("tune", help="measure which backend / streams / threads run an artifact fastest on this machine",
                         formatter_class=HelpFormatter,
                         description="Times every backend x threads x OpenVINO streams candidate for single-image latency "
@@ -299,6 +317,8 @@ def register(sub) -> None:
     tu.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds")
     tu.set_defaults(func=cmd_tune)
 
+
+def _add_doctor_parser(sub) -> None:
     dr = sub.add_parser("doctor", help="what this machine can run (GPU, CUDA, TensorRT, ONNX Runtime providers) and fixes",
                         formatter_class=HelpFormatter)
     dr.add_argument("--json", action="store_true", help="machine-readable report")

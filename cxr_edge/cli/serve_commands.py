@@ -68,14 +68,16 @@ def cmd_serve_triton(a) -> None:
 
 
 def register(sub) -> None:
-    import inspect
+    _add_serve_parser(sub)
+    _add_kiosk_parser(sub)
+    _add_export_triton_parser(sub)
+    _add_serve_triton_parser(sub)
 
-    from ..export.triton import TritonConfig
+
+def _add_serve_parser(sub) -> None:
     from ..runtime.backends.registry import all_backends
     from ..serve.config import ServeConfig
     from ..serve.http_guard import TransportLimits
-    from ..serve.kiosk_launcher import KioskConfig
-    from ..serve.triton_server import serve_triton
 
     S = ServeConfig
     TL = TransportLimits
@@ -135,6 +137,10 @@ def register(sub) -> None:
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
     sv.set_defaults(func=cmd_serve)
 
+
+def _add_kiosk_parser(sub) -> None:
+    from ..serve.kiosk_launcher import KioskConfig
+
     K = KioskConfig
     ki = sub.add_parser("kiosk", help="the service on localhost plus a Chromium kiosk window on its page, kept running",
                         formatter_class=HelpFormatter,
@@ -152,6 +158,10 @@ def register(sub) -> None:
                     help="restarts per child before giving up")
     ki.set_defaults(func=cmd_kiosk)
 
+
+def _add_export_triton_parser(sub) -> None:
+    from ..export.triton import TritonConfig
+
     T = TritonConfig
     tx = sub.add_parser("export-triton", help="write a Triton model repository from artifacts",
                         formatter_class=HelpFormatter)
@@ -166,6 +176,12 @@ def register(sub) -> None:
     tx.add_argument("--kind", default=default_of(T, "kind"), choices=TRITON_KINDS,
                     help="instance kind (auto: GPU for TensorRT plans, CPU otherwise)")
     tx.set_defaults(func=cmd_export_triton)
+
+
+def _add_serve_triton_parser(sub) -> None:
+    import inspect
+
+    from ..serve.triton_server import serve_triton
 
     st_defaults = {k: v.default for k, v in inspect.signature(serve_triton).parameters.items()}
     st = sub.add_parser("serve-triton", help="serve an artifact inside Triton Inference Server (PyTriton)",

@@ -20,11 +20,18 @@ def cmd_sign(a) -> None:
 
 
 def register(sub) -> None:
+    _add_keygen_parser(sub)
+    _add_sign_parser(sub)
+
+
+def _add_keygen_parser(sub) -> None:
     kg = sub.add_parser("keygen", help="make an Ed25519 key pair for signing artifacts", formatter_class=HelpFormatter)
     kg.add_argument("out", help="path stem: writes STEM.key (private, 0600) and STEM.pub")
     kg.add_argument("--force", action="store_true", help="overwrite existing key files")
     kg.set_defaults(func=cmd_keygen)
 
+
+def _add_sign_parser(sub) -> None:
     sg = sub.add_parser("sign", help="sign artifact manifests so --trusted-key services accept them",
                         formatter_class=HelpFormatter)
     sg.add_argument("artifacts", nargs="+", help="artifacts whose manifests to sign")

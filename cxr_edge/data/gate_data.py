@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ..manifest_schema import ArtifactManifest
 from ..preprocess import PreprocessSpec
 from ..synthetic import SYNTHETIC_CLASSES, synthetic_parity_images, write_synthetic_dataset
 from . import scan_dataset, split_dataset
 from .loading import load_images
+from .split import is_training_data, training_split
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +44,16 @@ def _sample(items, n, seed):
     return [items[i] for i in idx]
 
 
-def load_gate_data(doc: Mapping[str, Any], spec: PreprocessSpec, data_dir: str | Path | None, calib_size: int = 200,
+def load_gate_data(doc: ArtifactManifest, spec: PreprocessSpec, data_dir: str | Path | None, calib_size: int = 200,
                    max_val: int = 500, seed: int = 0) -> GateData:
-    classes = tuple(doc["classes"])
+    classes = doc.classes
     root = Path(data_dir) if data_dir else None
-    trained_on = doc.get("data", {})
-    if root is None and trained_on.get("root") and Path(trained_on["root"]).is_dir():
-        root = Path(trained_on["root"])
+    trained_on = doc.data
+    if root is None and trained_on.root and Path(trained_on.root).is_dir():
+        root = Path(trained_on.root)
     tmp = None
     synthetic = root is None
-    if synthetic:
+    if root is None:
         log.warning("no calibration data given and the training data is not here: using synthetic images "
                     "(pass --calib DATA with real radiographs for a meaningful INT8 calibration)")
         tmp = tempfile.TemporaryDirectory()
@@ -61,11 +61,8 @@ def load_gate_data(doc: Mapping[str, Any], spec: PreprocessSpec, data_dir: str |
                                        classes=tuple(c for c in classes if c in SYNTHETIC_CLASSES), seed=seed)
     try:
         ds = scan_dataset(root, classes=classes)
-        same = trained_on.get("fingerprint") == ds.fingerprint()
-        if same:
-            splits = split_dataset(ds, tuple(trained_on["split_fractions"]), seed=trained_on["split_seed"])
-        else:
-            splits = split_dataset(ds, seed=seed)
+        same = is_training_data(ds, trained_on)
+        splits = training_split(ds, trained_on) if same else split_dataset(ds, seed=seed)
         calib_items = _sample(splits["train"], calib_size, seed)
         val_items = _sample(splits["val"], max_val, seed)
         calib = load_images([i.path for i in calib_items], spec)

@@ -3,14 +3,14 @@ bench all need, loaded one way so their numbers are comparable."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..errors import DatasetError
+from ..manifest_schema import ArtifactManifest
 from ..preprocess import PreprocessSpec
 from .layout import DatasetItem, scan_dataset
 from .loading import LoadedImages, load_images
@@ -40,11 +40,11 @@ def load_items(items: Sequence[DatasetItem], classes: Sequence[str], spec: Prepr
     return LabelledImages(loaded, kept, np.array([list(classes).index(i.label) for i in kept], dtype=np.int64), split)
 
 
-def load_split(doc: Mapping[str, Any], data_dir: str | Path, spec: PreprocessSpec, split: str = "auto", *,
+def load_split(doc: ArtifactManifest, data_dir: str | Path, spec: PreprocessSpec, split: str = "auto", *,
                common_size: int | None = None, progress: bool = False) -> LabelledImages:
     """The split of ``data_dir`` a model (its manifest ``doc``) should be judged on: its own test split when
     this is its training data, else every image (see :func:`.split.select_split`)."""
-    classes = list(doc["classes"])
+    classes = list(doc.classes)
     ds = scan_dataset(data_dir, classes=classes)
     if tuple(ds.classes) != tuple(classes):
         raise DatasetError(f"The model predicts {classes} but the data has {list(ds.classes)}.")

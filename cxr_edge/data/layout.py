@@ -121,7 +121,7 @@ def scan_dataset(
     subdirs = [p for p in sorted(root.iterdir()) if p.is_dir()]
     splits = {_SPLIT_ALIASES[p.name.lower()]: p for p in subdirs if p.name.lower() in _SPLIT_ALIASES}
     if "train" in splits and len(splits) >= 2:
-        tops = [(d, name) for name, d in splits.items()]
+        tops: list[tuple[Path, str | None]] = [(d, name) for name, d in splits.items()]
         for p in subdirs:
             if p.name.lower() not in _SPLIT_ALIASES:
                 ignored.append((p.name, "not a split folder in a train/test layout"))

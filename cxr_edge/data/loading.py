@@ -45,7 +45,9 @@ def load_images(
     """Pack every decodable source; bad ones are logged and returned in ``errors``, never raised."""
     sources = list(sources)
     x = np.empty((len(sources), *spec.input_shape), dtype=np.uint8)
-    kept, sizes, errors = [], [], []
+    kept: list[int] = []
+    sizes: list[tuple[int, int]] = []
+    errors: list[ImageError] = []
     workers = workers or min(8, os.cpu_count() or 1)
 
     def job(i):

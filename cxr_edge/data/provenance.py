@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ class Provenance:
     patient: str | None = None
 
 
-def _pick(fieldnames: list[str], candidates: tuple[str, ...]) -> str | None:
+def _pick(fieldnames: Sequence[str], candidates: tuple[str, ...]) -> str | None:
     norm = {re.sub(r"[^a-z0-9]", "", f.lower()): f for f in fieldnames}
     for c in candidates:
         key = re.sub(r"[^a-z0-9]", "", c)
@@ -76,9 +77,9 @@ def read_provenance(csv_path: str | Path) -> dict[str, Provenance]:
         name = Path(key).name
         # a bare file name is a usable key only while it is unambiguous
         by_name[name] = prov if name not in by_name or by_name[name] == prov else None
-    for name, prov in by_name.items():
-        if prov is not None:
-            out.setdefault(name, prov)
+    for name, unique in by_name.items():
+        if unique is not None:
+            out.setdefault(name, unique)
     return out
 
 

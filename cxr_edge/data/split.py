@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DatasetError
+from ..manifest_schema import ArtifactManifest, DataProvenance
 from .layout import Dataset, DatasetItem
 
 SPLITS = ("train", "val", "test")
@@ -60,7 +59,7 @@ def _split_groups(items: list[DatasetItem], fractions, seed: int) -> dict[str, l
 
 
 def split_dataset(
-    ds: Dataset, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), seed: int = 0
+    ds: Dataset, fractions: tuple[float, ...] = (0.7, 0.15, 0.15), seed: int = 0
 ) -> dict[str, list[DatasetItem]]:
     """train/val/test item lists.
 
@@ -98,10 +97,22 @@ def split_counts(splits: dict[str, list[DatasetItem]], classes) -> dict[str, dic
     return {s: {c: sum(1 for i in items if i.label == c) for c in classes} for s, items in splits.items()}
 
 
-def select_split(doc: Mapping[str, Any], ds, split: str):
+def is_training_data(ds: Dataset, trained_on: DataProvenance) -> bool:
+    """True when ``ds`` is the data a model was trained on (the fingerprint its manifest recorded)."""
+    return trained_on.fingerprint is not None and trained_on.fingerprint == ds.fingerprint()
+
+
+def training_split(ds: Dataset, trained_on: DataProvenance) -> dict[str, list[DatasetItem]]:
+    """The train/val/test split a model was trained with, reproduced on ``ds`` (its training data)."""
+    if trained_on.split_fractions is None or trained_on.split_seed is None:
+        raise DatasetError("The model's manifest names this as its training data but not how it was split "
+                           "(data.split_fractions, data.split_seed); re-train it with this cxr-edge.")
+    return split_dataset(ds, trained_on.split_fractions, seed=trained_on.split_seed)
+
+
+def select_split(doc: ArtifactManifest, ds: Dataset, split: str) -> tuple[list[DatasetItem], str]:
     """``auto``: the model's own test split when this is the data it trained on, else every image."""
-    data = doc.get("data") or {}
-    same = data.get("fingerprint") is not None and data.get("fingerprint") == ds.fingerprint()
+    same = is_training_data(ds, doc.data)
     if split == "auto":
         split = "test" if same else "all"
     if split == "all":
@@ -115,5 +126,4 @@ def select_split(doc: Mapping[str, Any], ds, split: str):
             f"This is not the data the model was trained on (fingerprint differs), so its {split!r} split "
             "is unknown. Use --split all to evaluate on every image, or point at the training data."
         )
-    splits = split_dataset(ds, tuple(data["split_fractions"]), seed=data["split_seed"])
-    return splits[split], split
+    return training_split(ds, doc.data)[split], split

@@ -1,9 +1,9 @@
 """The one agreement criterion, shared by the export gates and ``bench``.
 
 An artifact must give the same top class as its FP32 model on at least ``minimum`` of the images. Judged
-on n images, a point estimate alone contradicts itself between stages: the export gate passed an INT8
-model on 102 validation images, then ``bench`` failed it on the 44 test images because one flipped
-(97.7% < 99%), although 44 images cannot tell 97.7% from 99%. So the verdict is three-way, with the
+on n images, a point estimate alone contradicts itself between stages: an artifact that passed its export
+gate on the validation images can fail ``bench`` on a smaller test split because one image flipped, although
+that few images cannot tell its rate from the minimum. So the verdict is three-way, with the
 split and n it was judged on: ``passed`` (at or above the minimum), ``within resolution`` (below it, but
 the exact 95% interval still reaches it: n is too small to tell, accepted and said so), or ``failed``
 (below it with 95% confidence).
@@ -22,6 +22,7 @@ def agreement_verdict(agreeing: int, n: int, minimum: float, split: str | None =
                 "text": "no images to judge agreement on"}
     rate = agreeing / n
     ci = exact_ci(agreeing, n)
+    assert ci is not None  # exact_ci is None only for n <= 0, answered above
     if rate >= minimum:
         status = PASSED
     elif ci[1] >= minimum:

@@ -9,6 +9,7 @@ breakdown, and a size-only probe that measures how much the label leaks through 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ def covid_operating_metrics(y_true, probs, classes, threshold, n_boot=1000, seed
 def roc_per_class(y_true, probs, classes) -> dict:
     """One-vs-rest ROC curve and AUC per class (None where a class has no positives or negatives)."""
     skm = require("sklearn.metrics")
-    out = {}
+    out: dict[str, dict[str, Any] | None] = {}
     for k, c in enumerate(classes):
         pos = np.asarray(y_true) == k
         if pos.all() or not pos.any():
@@ -133,8 +134,8 @@ def evaluate_predictions(
         for i, s in enumerate(sources):
             by_source[s or "unknown"].append(i)
         out["per_source"] = {}
-        for s, idx in sorted(by_source.items()):
-            idx = np.asarray(idx)
+        for s, members in sorted(by_source.items()):
+            idx = np.asarray(members)
             yt, yp = y_true[idx], y_pred[idx]
             entry = {"n": int(len(idx)), "counts": {c: int((yt == k).sum()) for k, c in enumerate(classes)},
                      "accuracy": float((yt == yp).mean())}

@@ -9,24 +9,25 @@ labelled validation images.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..data.gate_data import load_gate_data
 from ..errors import ManifestError
-from ..preprocess import PreprocessSpec
+from ..manifest import ArtifactManifest
+from ..manifest_schema import GateRecord, SelfCheckRecord
+from ..precision import Precision
 from ..runtime.backends.ort_session import cpu_session, run_batched
 from .gates import GateResult, fp16_gate, fp32_parity, int8_gate
 
 
-def reference_fp32(onnx_path: Path, doc: Mapping[str, Any]) -> Path:
+def reference_fp32(onnx_path: Path, doc: ArtifactManifest) -> Path:
     """The FP32 ONNX artifact an engine is judged against: the source itself, or its recorded parent."""
-    if doc.get("precision") == "fp32":
+    if doc.precision is Precision.FP32:
         return onnx_path
-    parent = (doc.get("parent") or {}).get("file")
+    parent = doc.parent.file if doc.parent is not None else None
     ref = onnx_path.with_name(parent) if parent else None
     if ref is None or not ref.is_file():
         what = parent or "no parent recorded"
@@ -35,41 +36,41 @@ def reference_fp32(onnx_path: Path, doc: Mapping[str, Any]) -> Path:
     return ref
 
 
-def gate_engine(plan: Path, engine_doc: Mapping[str, Any], onnx_path: Path, onnx_doc: Mapping[str, Any],
-                data_dir: str | None) -> tuple[GateResult, dict | None]:
+def gate_engine(plan: Path, engine_doc: ArtifactManifest, onnx_path: Path, onnx_doc: ArtifactManifest,
+                data_dir: str | None) -> tuple[GateResult, SelfCheckRecord | None]:
     """The engine's gate and its self-check record (:func:`engine_self_check_record`), from one load of it."""
-    spec = PreprocessSpec.from_dict(onnx_doc["preprocess"])
+    spec = onnx_doc.preprocess
     if data_dir is None:
-        calib = (onnx_doc.get("calibration") or {}).get("data")
+        calib = onnx_doc.calibration.data if onnx_doc.calibration is not None else None
         data_dir = calib if calib and Path(calib).is_dir() else None
     data = load_gate_data(onnx_doc, spec, data_dir, calib_size=1)  # the gate needs val images, not calibration
     ref_path = reference_fp32(onnx_path, onnx_doc)
-    precision = engine_doc["precision"]
-    x = data.val_x if precision == "int8" else data.parity_x
+    precision = engine_doc.precision
+    x = data.val_x if precision is Precision.INT8 else data.parity_x
     ref = run_batched(cpu_session(ref_path), x, ["probs"])["probs"]
     sc_x = _self_check_images(onnx_doc)
     (probs, sc_probs), where = engine_answers(plan, engine_doc, [x, sc_x])
-    if precision == "fp32":
+    if precision is Precision.FP32:
         gate = fp32_parity(ref, probs)
-    elif precision == "fp16":
+    elif precision is Precision.FP16:
         gate = fp16_gate(ref, probs)
     else:
-        gate = int8_gate(ref, probs, data.val_y, list(onnx_doc["classes"]),
-                         (onnx_doc.get("operating_point") or {}).get("threshold"))
-    gate.name = f"engine-{precision}"
+        gate = int8_gate(ref, probs, data.val_y, list(onnx_doc.classes), onnx_doc.threshold)
+    gate.name = f"engine-{precision.value}"
     gate.metrics["gate_data"] = data.info["data"]
     # the band the engine's own gate measured counts too (the engine manifest will carry that gate)
-    return gate, _self_check_record({**engine_doc, "gate": gate.to_dict()}, onnx_doc, sc_probs, where)
+    gated = dataclasses.replace(engine_doc, gate=GateRecord.from_dict(gate.to_dict(), "gate"))
+    return gate, _self_check_record(gated, onnx_doc, sc_probs, where)
 
 
-def engine_answers(plan: Path, engine_doc: Mapping[str, Any], batches: list) -> tuple[list, str]:
+def engine_answers(plan: Path, engine_doc: ArtifactManifest, batches: list) -> tuple[list, str]:
     """One load of the engine answers every batch given (None stays None); and where it ran."""
     from ..runtime.backends.tensorrt import TensorRTBackend
 
     with TensorRTBackend(plan, engine_doc, self_check="off") as eng:  # the gate is the stronger check here
         return [None if x is None else eng.infer_all(x, 32, calibrated=False) for x in batches], eng.where()
 
-def engine_self_check_record(plan: Path, engine_doc: Mapping[str, Any], onnx_doc: Mapping[str, Any]) -> dict | None:
+def engine_self_check_record(plan: Path, engine_doc: ArtifactManifest, onnx_doc: ArtifactManifest) -> SelfCheckRecord | None:
     """The engine's load-time self-check reference without a gate (``--no-gate``): the FP32 answers its source ONNX
     recorded, and what this engine answered on this GPU when it was built (None when the source has none)."""
     sc_x = _self_check_images(onnx_doc)
@@ -79,23 +80,23 @@ def engine_self_check_record(plan: Path, engine_doc: Mapping[str, Any], onnx_doc
     return _self_check_record(engine_doc, onnx_doc, got, where)
 
 
-def _self_check_images(onnx_doc: Mapping[str, Any]) -> np.ndarray | None:
+def _self_check_images(onnx_doc: ArtifactManifest) -> np.ndarray | None:
     from ..self_check import reference_batch
 
-    rec = onnx_doc.get("self_check")
-    if not rec:
+    rec = onnx_doc.self_check
+    if rec is None:
         return None
-    return reference_batch(PreprocessSpec.from_dict(onnx_doc["preprocess"]).input_shape, int(rec["n"]))
+    return reference_batch(onnx_doc.preprocess.input_shape, rec.n)
 
 
-def _self_check_record(engine_doc: Mapping[str, Any], onnx_doc: Mapping[str, Any], got: np.ndarray | None,
-                       where: str) -> dict | None:
+def _self_check_record(engine_doc: ArtifactManifest, onnx_doc: ArtifactManifest, got: np.ndarray | None,
+                       where: str) -> SelfCheckRecord | None:
     from ..decision import borderline_band
     from ..self_check import make_record
 
-    rec = onnx_doc.get("self_check")
-    if not rec or got is None:
+    rec = onnx_doc.self_check
+    if rec is None or got is None:
         return None
-    shape = PreprocessSpec.from_dict(onnx_doc["preprocess"]).input_shape
     band = max(borderline_band(engine_doc), borderline_band(onnx_doc))
-    return make_record(shape, np.asarray(rec["reference_probs"]), got, band, rec["reference"], where)
+    made = make_record(onnx_doc.preprocess.input_shape, np.asarray(rec.reference_probs), got, band, rec.reference, where)
+    return SelfCheckRecord.from_dict(made, "self_check")

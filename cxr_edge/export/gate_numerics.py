@@ -1,10 +1,9 @@
 """Which arithmetic an export gate measures an artifact with: the arithmetic of the runtime it is made for.
 
-A gate that runs an artifact on the exporting machine's kernels judges that machine, not the target:
-the small CNN's int8-trt graph was max |dp| 0.060 from FP32 (86.5% top-class agreement) on an AVX2-only
-EPYC's fused integer kernels, which saturate, and 0.003 (99.5%) with exact arithmetic, on 200 real images
-(``python benchmarks/gate_numerics.py``, benchmarks/results/gate_numerics); issue 25 saw an AVX2 exporter
-push the TensorRT artifact down the remedy ladder to 13% of its MACs in INT8. So:
+A gate that runs an artifact on the exporting machine's kernels judges that machine, not the target: saturating
+AVX2 integer kernels put an int8-trt graph far further from FP32 than the exact arithmetic TensorRT uses
+(``python benchmarks/gate_numerics.py``, benchmarks/results/gate_numerics/), and on an AVX2 exporter that pushed
+the TensorRT artifact down the remedy ladder. So:
 
 - ``int8-trt`` is measured with TensorRT numerics emulated (fake quantisation in float: the same rounded
   INT8 values, summed without saturation, as TensorRT's int32 accumulation does): the same verdict on
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..cpu_isa import isa_facts
+from ..manifest import ArtifactManifest, read_manifest
 from ..precision import Int8Target, Precision, Variant
 from ..runtime.backends.ort_session import NUMERICS_TEXT, cpu_session, run_batched
 
@@ -53,11 +53,13 @@ class GateNumerics:
                 "depends_on_cpu": self.depends_on_cpu, "where": self.where(),
                 "isa": dict(self.isa) if self.isa else None}
 
-    def probs(self, path: Path, x: np.ndarray, manifest: Mapping[str, Any] | None = None) -> np.ndarray:
+    def probs(self, path: Path, x: np.ndarray, manifest: ArtifactManifest | None = None) -> np.ndarray:
+        """``path``'s probabilities on ``x`` in this arithmetic; ``manifest``: the artifact's (default: its sidecar's),
+        which OpenVINO is opened with."""
         if self.engine == "openvino":
             from ..runtime.backends.openvino import OpenVINOBackend
 
-            with OpenVINOBackend(path, dict(manifest or {}), self_check="off") as eng:
+            with OpenVINOBackend(path, manifest or read_manifest(path, verify=False), self_check="off") as eng:
                 return eng.infer_all(x, calibrated=False)
         return run_batched(cpu_session(path, numerics=self.mode), x, ["probs"])["probs"]
 

@@ -9,7 +9,7 @@ import numpy as np
 from ..classes import COVID
 from ..decision import decide
 from ..evaluation.criteria import accepted, agreement_verdict
-from ..precision import GATE_LIMITS
+from ..precision import GATE_LIMITS, Precision
 
 FP32_MAX_ABS = GATE_LIMITS.fp32_max_abs
 FP16_MAX_ABS = GATE_LIMITS.fp16_max_abs
@@ -51,7 +51,7 @@ def _check(name, n, metrics, limits, rules) -> GateResult:
 def fp32_parity(ref: np.ndarray, probs: np.ndarray, atol: float = FP32_MAX_ABS) -> GateResult:
     d = float(np.abs(ref - probs).max())
     agree = _agreement(ref, probs)
-    return _check("fp32", len(ref), {"max_abs_dprob": d, "top_class_agreement": agree},
+    return _check(Precision.FP32.value, len(ref), {"max_abs_dprob": d, "top_class_agreement": agree},
                   {"max_abs_dprob": atol, "top_class_agreement": 1.0},
                   [(d <= atol, f"max |dprob| {d:.2e} > {atol:.0e}"),
                    (agree == 1.0, f"top class differs on {(1 - agree) * len(ref):.0f} images")])
@@ -60,7 +60,7 @@ def fp32_parity(ref: np.ndarray, probs: np.ndarray, atol: float = FP32_MAX_ABS) 
 def fp16_gate(ref: np.ndarray, probs: np.ndarray) -> GateResult:
     d = float(np.abs(ref - probs).max())
     agree = _agreement(ref, probs)
-    return _check("fp16", len(ref), {"max_abs_dprob": d, "top_class_agreement": agree},
+    return _check(Precision.FP16.value, len(ref), {"max_abs_dprob": d, "top_class_agreement": agree},
                   {"max_abs_dprob": FP16_MAX_ABS, "top_class_agreement": FP16_MIN_AGREEMENT},
                   [(d <= FP16_MAX_ABS, f"max |dprob| {d:.2e} > {FP16_MAX_ABS}"),
                    (agree >= FP16_MIN_AGREEMENT, f"top-class agreement {agree:.4f} < {FP16_MIN_AGREEMENT}")])
@@ -89,15 +89,16 @@ def int8_gate(ref: np.ndarray, probs: np.ndarray, y_true: np.ndarray, classes, t
     agree = _agreement(ref, probs)
     auc_ref, auc_q = _auc(y_true, ref, classes), _auc(y_true, probs, classes)
     sens_ref, sens_q = _sensitivity(y_true, ref, classes, threshold), _sensitivity(y_true, probs, classes, threshold)
-    auc_drop = None if auc_ref is None else auc_ref - auc_q
-    sens_drop = None if sens_ref is None else sens_ref - sens_q
+    # each is None when the labels cannot measure it, which is the same for both sets of probabilities
+    auc_drop = None if auc_ref is None or auc_q is None else auc_ref - auc_q
+    sens_drop = None if sens_ref is None or sens_q is None else sens_ref - sens_q
     flips = int((decide(ref, classes, threshold) != decide(probs, classes, threshold)).sum())
     metrics = {"top_class_agreement": agree, "auc_fp32": auc_ref, "auc_int8": auc_q, "auc_drop": auc_drop,
                "covid_sensitivity_fp32": sens_ref, "covid_sensitivity_int8": sens_q, "sensitivity_drop": sens_drop,
                "decision_flips": flips, "max_abs_dprob": float(np.abs(ref - probs).max())}
     verdict = agreement_verdict(int(round(agree * len(ref))), len(ref), INT8_MIN_AGREEMENT, split)
     metrics["agreement_verdict"] = verdict["text"]
-    return _check("int8", len(ref), metrics,
+    return _check(Precision.INT8.value, len(ref), metrics,
                   {"top_class_agreement": INT8_MIN_AGREEMENT, "auc_drop": INT8_MAX_AUC_DROP,
                    "sensitivity_drop": INT8_MAX_SENS_DROP},
                   [(accepted(verdict), verdict["text"]),

@@ -1,8 +1,8 @@
 """Fold the fused preprocessing into the first convolution where that is exact.
 
 The exported graph starts ``uint8 -> Cast -> Concat(g, g, g) -> Mul(scale) -> Add(offset) ->
-Transpose(NHWC->NCHW) -> Conv``. On a 2-core CPU those element-wise steps over three replicated channels
-cost about 9% of a ResNet50 forward pass, and a per-channel affine map in front of a convolution is
+Transpose(NHWC->NCHW) -> Conv``. On a small CPU those element-wise steps over three replicated channels
+are a noticeable share of a ResNet50 forward pass, and a per-channel affine map in front of a convolution is
 linear algebra that the convolution can absorb:
 
 - replication: ``conv(W, [g, g, g]) = conv(sum_c W[:, c], g)``: exact, and the first convolution does a

@@ -76,5 +76,6 @@ def extract_head(model, layer_name: str) -> tuple[list[dict], dict[str, np.ndarr
 
 def save_head(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
     path = Path(path)
-    np.savez(path, **arrays)
+    # numpy's stub lets **kwds fill the allow_pickle flag; the names here are "<op>/<array>", never that
+    np.savez(path, **arrays)  # type: ignore[arg-type]
     return path

@@ -75,8 +75,8 @@ def io_contract(proto) -> tuple[list[dict], list[dict]]:
 def convert_in_subprocess(model_path: str | Path, out_path: str | Path, opset: int = DEFAULT_OPSET):
     """Run the conversion in a child process and return the saved, checked ModelProto.
 
-    tf2onnx needs about 12 GB to convert ResNet152V2 (measured here) and TensorFlow never hands that
-    memory back; in a child process it is returned the moment the conversion ends.
+    tf2onnx needs many GB to convert a large model such as ResNet152V2 and TensorFlow never hands that memory
+    back; in a child process it is returned the moment the conversion ends.
     """
     onnx = require("onnx")
     cmd = [sys.executable, "-m", "cxr_edge.export.onnx_export", str(model_path), str(out_path), "--opset", str(opset)]
@@ -101,8 +101,7 @@ def _main(argv=None) -> int:
     from ..manifest import read_manifest
 
     doc = read_manifest(a.model)
-    keras_to_onnx(load_keras_model(a.model), PreprocessSpec.from_dict(doc["preprocess"]), doc.get("last_conv_layer"),
-                  a.out, a.opset)
+    keras_to_onnx(load_keras_model(a.model), doc.preprocess, doc.last_conv_layer, a.out, a.opset)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -15,8 +16,23 @@ import numpy as np
 from ..data.gate_data import GateData, load_gate_data
 from ..decision import borderline_band
 from ..errors import ConfigError, CxrEdgeError, ExitCode
-from ..manifest import read_manifest, sha256_file, write_manifest
-from ..precision import Int8Target, Precision, Variant, parse_precisions
+from ..extras import require
+from ..manifest import ArtifactManifest, read_manifest, sha256_file, write_manifest
+from ..manifest_schema import (
+    ArtifactFormat,
+    Calibration,
+    GateAttempt,
+    GateRecord,
+    GradCam,
+    GraphRewrites,
+    ParentRef,
+    PreprocessingFold,
+    Quantization,
+    SelfCheckRecord,
+    SourceModel,
+    TensorSpec,
+)
+from ..precision import EXPORTED_PRECISIONS, Int8Target, Precision, Variant, parse_precisions
 from ..preprocess import PreprocessSpec
 from ..runtime.backends.ort_session import cpu_session, run_batched
 from ..runtime.head import forward, load_head
@@ -50,8 +66,8 @@ class ExportConfig:
     """What ``cxr-edge export`` makes. ``precisions``/``int8_targets`` accept ``"fp32,int8"`` or a tuple and
     are checked here, so a typo fails before the slow work, not after the FP32 export."""
 
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
-    int8_targets: tuple[str, ...] = ("trt", "cpu", "ov")
+    precisions: tuple[str, ...] = tuple(p.value for p in EXPORTED_PRECISIONS)
+    int8_targets: tuple[str, ...] = tuple(t.value for t in Int8Target)
     calib_data: str | None = None
     calib_method: str = "minmax"
     calib_size: int = 200
@@ -83,8 +99,8 @@ class ExportedArtifact:
     gate: GateResult | None
     size_bytes: int | None
     kept: bool
-    attempts: list = field(default_factory=list)
-    quantization: dict | None = None
+    attempts: list[GateAttempt] = field(default_factory=list)
+    quantization: Quantization | None = None
 
 
 @dataclass
@@ -101,7 +117,7 @@ class ExportSummary:
 def _int8_attempts(target: Int8Target, method: str, model_path: Path) -> tuple[list[QuantConfig], list[QuantConfig]]:
     """The opening attempts (all measured, the closest kept), then the known remedies in order of cost to
     accuracy (tried only while nothing has passed)."""
-    onnx = __import__("onnx")
+    onnx = require("onnx")
     # the names quantize() will look for: ORT's pre-processing fuses MatMul+Add into a node of another
     # name, so names read from the exported file would exclude nothing (the classifier stayed INT8)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,17 +133,12 @@ def opening_attempts(target: Int8Target, method: str, head: tuple[str, ...] = ()
     """The attempts that all run before the gate images pick one; remedies follow only if none passes.
 
     For the ov target, percentile calibration and NNCF run beside the configured method: its symmetric S8
-    tensors (ResNetV2's residual sums) waste half their range on a few outliers under min-max. On
-    ResNet152V2's gate images max |dp| was 0.193 with min-max (failing: 98.0% agreement), 0.080 with
-    percentile and 0.163 with NNCF (``cxr-edge export runs/bench/resnet152v2_tl/model.keras --precision
-    fp32,int8-cpu,int8-ov``, its export_report/manifest).
+    tensors (ResNetV2's residual sums) waste half their range on a few outliers under min-max, which percentile
+    calibration or NNCF avoid; the export report and manifest record each attempt's distance from FP32.
 
-    Given the nodes of a classifier ``head`` (after the global pool), the ov target also measures
-    percentile with that head in float. On ResNet152V2 it halved mean |dprob| against FP32 on the
-    calibration, validation and test images (0.0124/0.0117/0.0123 to 0.0067/0.0076/0.0073) and flipped 3
-    of 143 test images instead of 5, for 0.011% of the MACs left in float. It is not offered to the cpu
-    target: there the same change made min-max fail its gate on both ResNets (one COVID image's
-    sensitivity each), where the fully INT8 graph had passed.
+    Given the nodes of a classifier ``head`` (after the global pool), the ov target also measures percentile with
+    that head in float, which can bring the model markedly closer to FP32 for a negligible share of MACs. It is
+    not offered to the cpu target, where the same change made min-max fail gates the fully INT8 graph passed.
     """
     out = [QuantConfig(target, method)]
     if target is Int8Target.OV:
@@ -152,7 +163,7 @@ def _mixed_precision_attempts(fp32_path: Path, qdq_path: Path, qc: QuantConfig, 
                               numerics: str = "kernels") -> list[QuantConfig]:
     from .sensitivity import node_sensitivity, worst_nodes
 
-    onnx = __import__("onnx")
+    onnx = require("onnx")
     sens = node_sensitivity(fp32_path, qdq_path, calib_x, numerics=numerics)
     if not sens:
         return []
@@ -176,7 +187,7 @@ class Int8Attempt:
     config: QuantConfig
     path: Path
     gate: GateResult
-    info: dict
+    info: Quantization
     self_check_probs: np.ndarray | None = None  # its answers on the self-check images, from the gate's own run
 
     @property
@@ -189,19 +200,18 @@ class Int8Attempt:
         on some graphs: closer to FP32 by leaving work undone is not the better artifact), then higher
         top-class agreement with FP32, then closer probabilities.
 
-        The work is the share of MACs in INT8 nodes, in steps of 0.1%: a classifier head of 0.011% of the
-        MACs left float is not work undone, while a first convolution (2.9% of ResNet50's) is.
+        The work is the share of MACs in INT8 nodes, in steps of 0.1%: a classifier head left float is a negligible
+        share of the MACs and not work undone, while a first convolution is.
         """
         m = self.gate.metrics
-        share = self.info.get("int8_mac_share")
+        share = self.info.int8_mac_share
         int8 = round(1000 * float(share)) / 1000 if self.gate.passed and share is not None else 0.0
         return self.gate.passed, int8, m["top_class_agreement"], -float(m.get("max_abs_dprob", 0.0))
 
-    def record(self) -> dict:
-        return {"attempt": self.number, "quantizer": self.config.quantizer, "method": self.config.method,
-                "excluded": list(self.config.exclude_nodes),
-                "remedy": self.remedy, "passed": self.gate.passed, "metrics": self.gate.metrics,
-                "failures": self.gate.failures}
+    def record(self) -> GateAttempt:
+        return GateAttempt(attempt=self.number, quantizer=self.config.quantizer, method=self.config.method,
+                           excluded=tuple(self.config.exclude_nodes), remedy=self.remedy, passed=self.gate.passed,
+                           metrics=self.gate.metrics, failures=tuple(self.gate.failures))
 
 
 def remedy_ladder(opening: list[QuantConfig], remedies: list[QuantConfig], config: ExportConfig, fp32_path: Path,
@@ -248,8 +258,8 @@ class ExportContext:
     out: Path
     config: ExportConfig
     fp32_path: Path
-    base_fields: dict
-    parent: dict  # file + sha256 of the FP32 artifact every variant derives from
+    base: ArtifactManifest  # what every variant's manifest shares (the FP32 one's, without its file facts)
+    parent: ParentRef  # the FP32 artifact every variant derives from
     data: GateData
     classes: list[str]
     threshold: float | None
@@ -261,18 +271,26 @@ class ExportContext:
     def ref_val(self) -> np.ndarray:
         return self.ref_parity[: len(self.data.val_x)]
 
-    def probs(self, path: Path, x: np.ndarray, numerics: GateNumerics, **fields) -> tuple[np.ndarray, np.ndarray]:
+    def manifest_for(self, v: Variant) -> ArtifactManifest:
+        """The shared fields as variant ``v``'s manifest, before its gate: what its target runtime is opened with."""
+        return dataclasses.replace(self.base, precision=v.precision, int8_target=v.int8_target)
+
+    def probs(self, path: Path, x: np.ndarray, numerics: GateNumerics, v: Variant) -> tuple[np.ndarray, np.ndarray]:
         """The artifact's probabilities on ``x`` and on the self-check images, computed as its target runtime
         computes them, in one run of one session (the manifest's self-check record needs no second load)."""
-        both = numerics.probs(path, np.concatenate([x, self.self_check_x]), {**self.base_fields, **fields})
+        both = numerics.probs(path, np.concatenate([x, self.self_check_x]), self.manifest_for(v))
         return both[: len(x)], both[len(x):]
 
 
-def _self_check_record(spec: PreprocessSpec, ref: np.ndarray, got: np.ndarray, gate: GateResult,
-                       measured_on: str) -> dict:
+def _self_check_record(spec: PreprocessSpec, ref: np.ndarray, got: np.ndarray, gate: GateRecord,
+                       measured_on: str) -> SelfCheckRecord:
     """The manifest's reference answers for the load-time self-check (cxr_edge.self_check)."""
-    return make_record(spec.input_shape, ref, got, borderline_band({"gate": gate.to_dict()}),
-                       "FP32 ONNX on onnxruntime (CPU)", measured_on)
+    rec = make_record(spec.input_shape, ref, got, borderline_band(gate), "FP32 ONNX on onnxruntime (CPU)", measured_on)
+    return SelfCheckRecord.from_dict(rec, "self_check")
+
+
+def _gate_record(gate: GateResult) -> GateRecord:
+    return GateRecord.from_dict(gate.to_dict(), "gate")
 
 
 def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig()) -> ExportSummary:
@@ -287,8 +305,8 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     out.mkdir(parents=True, exist_ok=True)
     variants = config.variants()
     doc = read_manifest(model_path)
-    spec = PreprocessSpec.from_dict(doc["preprocess"])
-    classes = doc.classes
+    spec = doc.preprocess
+    classes = list(doc.classes)
     threshold = doc.threshold
     model = load_keras_model(model_path)
     data = load_gate_data(doc, spec, config.calib_data, config.calib_size, seed=config.seed)
@@ -296,13 +314,13 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
 
     # ---- FP32 + the Grad-CAM head
     fp32_path = out / Variant(Precision.FP32).filename()
-    layer = doc.get("last_conv_layer")
+    layer = doc.last_conv_layer
     proto = convert_in_subprocess(model_path, fp32_path, config.opset)
     folded = FoldResult(False, "not asked (--no-fold)")
     if config.fold_preprocessing:
         folded = fold_input_preprocessing(proto)
         if folded.folded:
-            onnx = __import__("onnx")
+            onnx = require("onnx")
             onnx.checker.check_model(proto, full_check=True)
             onnx.save(proto, str(fp32_path))
         log.info("preprocessing fold: %s", folded.reason)
@@ -318,29 +336,30 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     ref_self = run_batched(fp32_session, self_check_x, [PROBS_OUTPUT])[PROBS_OUTPUT]
     del fp32_session
     log.info("%s", gate32.summary())
-    gradcam = _export_head(model, layer, out, fp32_out)
-    base_fields = {
-        "kind": "onnx", "format": "onnx", "opset": config.opset, "classes": classes,
-        "operating_point": doc.get("operating_point"), "preprocess": spec.to_dict(), "recipe": doc.get("recipe"),
-        "inputs": inputs, "outputs": outputs,
-        "io_notes": {"image": "raw uint8 pixels, NHWC; cast, channel replication and normalisation are in the graph",
-                     PROBS_OUTPUT: f"softmax probabilities over {classes}",
-                     FEATURES_OUTPUT: f"activations of {layer!r} (Grad-CAM feature map)"},
-        "gradcam": gradcam,
-        "graph_rewrites": {"input_preprocessing": folded.to_dict()},
-        "source_model": {"file": model_path.name, "path": str(model_path.resolve()), "sha256": doc["sha256"]},
+    base = ArtifactManifest(
+        kind="onnx", format=ArtifactFormat.ONNX, opset=config.opset, classes=doc.classes,
+        operating_point=doc.operating_point, preprocess=spec, recipe=doc.recipe,
+        inputs=_tensors(inputs, "inputs"), outputs=_tensors(outputs, "outputs"),
+        io_notes={"image": "raw uint8 pixels, NHWC; cast, channel replication and normalisation are in the graph",
+                  PROBS_OUTPUT: f"softmax probabilities over {classes}",
+                  FEATURES_OUTPUT: f"activations of {layer!r} (Grad-CAM feature map)"},
+        gradcam=_export_head(model, layer, out, fp32_out),
+        graph_rewrites=GraphRewrites(PreprocessingFold(folded.folded, folded.reason)),
+        source_model=SourceModel(file=model_path.name, path=str(model_path.resolve()), sha256=doc.sha256),
         # the training data's root, fingerprint and split: bench finds the test split without the .keras model
-        "data": doc.get("data") or {},
-    }
+        data=doc.data,
+    )
     fp32_sha = sha256_file(fp32_path)
-    artifacts = [ExportedArtifact("fp32", fp32_path, gate32, fp32_path.stat().st_size, gate32.passed)]
-    write_manifest(fp32_path, {**base_fields, "precision": "fp32", "parent": None, "gate": gate32.to_dict(),
-                               "self_check": _self_check_record(spec, ref_self, ref_self, gate32, num32.where())})
+    artifacts = [ExportedArtifact(Variant(Precision.FP32).tag, fp32_path, gate32, fp32_path.stat().st_size, gate32.passed)]
+    fp32_gate = _gate_record(gate32)
+    write_manifest(fp32_path, dataclasses.replace(
+        base, precision=Precision.FP32, gate=fp32_gate,
+        self_check=_self_check_record(spec, ref_self, ref_self, fp32_gate, num32.where())))
     if not gate32.passed:
         fp32_path.rename(fp32_path.with_suffix(".failed.onnx"))
         raise ExportGateError(f"FP32 ONNX does not match Keras: {gate32.summary()}. This is an export bug; "
                               "please report it with the model's manifest.")
-    ctx = ExportContext(out, config, fp32_path, base_fields, {"file": fp32_path.name, "sha256": fp32_sha}, data,
+    ctx = ExportContext(out, config, fp32_path, base, ParentRef(fp32_path.name, fp32_sha), data,
                         classes, threshold, fp32_out[PROBS_OUTPUT], self_check_x, ref_self)
     for v in variants:
         if v.precision is Precision.FP16:
@@ -352,23 +371,28 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     return summary
 
 
-def _export_head(model, layer, out: Path, fp32_out: dict) -> dict:
+def _tensors(specs: list[dict], what: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_dict(t, f"{what}[{i}]") for i, t in enumerate(specs))
+
+
+def _export_head(model, layer, out: Path, fp32_out: dict) -> GradCam:
     if not layer:
-        return {"engine_native": False, "reason": "the model names no Grad-CAM layer"}
+        return GradCam(engine_native=False, reason="the model names no Grad-CAM layer")
     try:
         ops, arrays = extract_head(model, layer)
     except UnsupportedHead as exc:
-        return {"layer": layer, "feature_output": FEATURES_OUTPUT, "engine_native": False, "reason": str(exc)}
+        return GradCam(layer=layer, feature_output=FEATURES_OUTPUT, engine_native=False, reason=str(exc))
     head_path = save_head(arrays, out / "model.head.npz")
     recomputed = forward(load_head(ops, head_path), fp32_out[FEATURES_OUTPUT])
     err = float(np.abs(recomputed - fp32_out[PROBS_OUTPUT]).max())
     native = err <= 1e-4
     if not native:
         log.warning("NumPy head differs from the ONNX probabilities by %.2e: engine-native Grad-CAM disabled", err)
-    return {"layer": layer, "feature_output": FEATURES_OUTPUT, "probs_output": PROBS_OUTPUT,
-            "head_file": head_path.name, "head_sha256": sha256_file(head_path), "head_ops": ops,
-            "head_check_max_abs": err, "engine_native": native,
-            "method": "gradient of the pre-softmax class score w.r.t. the feature map, closed form through the head"}
+    return GradCam.from_dict(
+        {"layer": layer, "feature_output": FEATURES_OUTPUT, "probs_output": PROBS_OUTPUT, "head_file": head_path.name,
+         "head_sha256": sha256_file(head_path), "head_ops": ops, "head_check_max_abs": err, "engine_native": native,
+         "method": "gradient of the pre-softmax class score w.r.t. the feature map, closed form through the head"},
+        "gradcam")
 
 
 def _export_fp16(ctx: ExportContext, v: Variant) -> ExportedArtifact:
@@ -377,25 +401,25 @@ def _export_fp16(ctx: ExportContext, v: Variant) -> ExportedArtifact:
     path = ctx.out / v.filename()
     convert_fp16(ctx.fp32_path, path)
     numerics = numerics_for(v)
-    probs, self_check_probs = ctx.probs(path, ctx.data.parity_x, numerics, precision="fp16")
+    probs, self_check_probs = ctx.probs(path, ctx.data.parity_x, numerics, v)
     gate = fp16_gate(ctx.ref_parity, probs)
     gate.numerics = numerics.to_dict()
     log.info("%s", gate.summary())
-    return _finish(ctx, path, v, gate, numerics, self_check_probs, extra={"conversion": "onnxruntime.transformers.float16, "
-                                              "keep_io_types=True (uint8 input, float32 outputs)"})
+    manifest = dataclasses.replace(ctx.manifest_for(v), conversion="onnxruntime.transformers.float16, "
+                                   "keep_io_types=True (uint8 input, float32 outputs)")
+    return _finish(ctx, path, v, gate, numerics, self_check_probs, manifest)
 
 
 def _try_int8(ctx: ExportContext, v: Variant, qc: QuantConfig, number: int, tmp: Path,
               numerics: GateNumerics) -> Int8Attempt:
     cand = tmp / f"attempt{number}.onnx"
-    info = quantize(ctx.fp32_path, cand, ctx.data.calib_x, qc)
-    probs, self_check_probs = ctx.probs(cand, ctx.data.val_x, numerics, precision="int8", int8_target=qc.target.value)
+    info = Quantization.from_dict(quantize(ctx.fp32_path, cand, ctx.data.calib_x, qc), "quantization")
+    probs, self_check_probs = ctx.probs(cand, ctx.data.val_x, numerics, v)
     gate = int8_gate(ctx.ref_val, probs, ctx.data.val_y, ctx.classes, ctx.threshold)
     gate.numerics = numerics.to_dict()
-    if info.get("tensorrt_lint"):  # a graph TensorRT would refuse fails like an inaccurate one
+    if info.tensorrt_lint:  # a graph TensorRT would refuse fails like an inaccurate one
         gate.passed = False
-        gate.failures.append(f"{len(info['tensorrt_lint'])} TensorRT QDQ rule violation(s), first: "
-                             f"{info['tensorrt_lint'][0]}")
+        gate.failures.append(f"{len(info.tensorrt_lint)} TensorRT QDQ rule violation(s), first: {info.tensorrt_lint[0]}")
     attempt = Int8Attempt(number, qc, cand, gate, info, self_check_probs)
     how = attempt.remedy
     log.info("%s attempt %d (%s%s): %s", v.tag, number, qc.method, f", {how}" if how else "", gate.summary())
@@ -417,31 +441,47 @@ def _export_int8(ctx: ExportContext, v: Variant) -> ExportedArtifact:
     if target.for_cpu_runtimes:
         from .qdq_rewrites import openvino_runtime_precisions
 
-        qinfo["ort_cpu_int8_kernels"] = ort_cpu_kernels(path)
-        qinfo["openvino_cpu_precisions"] = openvino_runtime_precisions(path)
+        qinfo = Quantization.from_dict({**qinfo.to_dict(), "ort_cpu_int8_kernels": ort_cpu_kernels(path),
+                                        "openvino_cpu_precisions": openvino_runtime_precisions(path)}, "quantization")
     records = [a.record() for a in attempts]
-    calibration = {k: ctx.data.info[k] for k in ("data", "synthetic", "fingerprint", "calibration_split",
-                                                 "n_calibration")} | {"method": qinfo["method"]}
-    extra = {"int8_target": target.value, "quantization": qinfo, "gate_attempts": records,
-             "calibration": calibration}
-    art = _finish(ctx, path, v, best.gate, numerics, best.self_check_probs, extra)
+    info = ctx.data.info
+    calibration = Calibration(method=qinfo.method, data=info["data"], synthetic=info["synthetic"],
+                              fingerprint=info["fingerprint"], calibration_split=info["calibration_split"],
+                              n_calibration=info["n_calibration"])
+    manifest = dataclasses.replace(ctx.manifest_for(v), quantization=qinfo, gate_attempts=tuple(records),
+                                   calibration=calibration)
+    assert best.self_check_probs is not None  # _try_int8 keeps every attempt's self-check answers
+    art = _finish(ctx, path, v, best.gate, numerics, best.self_check_probs, manifest)
     art.attempts, art.quantization = records, qinfo
     return art
 
 
 def _finish(ctx: ExportContext, path: Path, v: Variant, gate: GateResult, numerics: GateNumerics,
-            self_check_probs: np.ndarray, extra: dict) -> ExportedArtifact:
+            self_check_probs: np.ndarray, manifest: ArtifactManifest) -> ExportedArtifact:
+    """Write the variant's manifest (its gate, parent and self-check record added), or drop a failed artifact."""
     if not gate.passed and not ctx.config.force:
         path.unlink(missing_ok=True)
         log.error("%s failed its gate and was not kept (use --force to keep it, marked failed)", v.tag)
         return ExportedArtifact(v.tag, None, gate, None, False)
-    fields = {**ctx.base_fields, "precision": v.precision.value, "parent": ctx.parent, "gate": gate.to_dict(), **extra}
-    spec = PreprocessSpec.from_dict(ctx.base_fields["preprocess"])
-    fields["self_check"] = _self_check_record(spec, ctx.ref_self_check, self_check_probs, gate, numerics.where())
-    if not gate.passed:
-        fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
-    write_manifest(path, fields)
+    record = _gate_record(gate)
+    manifest = dataclasses.replace(
+        manifest, parent=ctx.parent, gate=record,
+        self_check=_self_check_record(ctx.base.preprocess, ctx.ref_self_check, self_check_probs, record, numerics.where()),
+        gate_status=None if gate.passed else "FAILED (kept with --force: do not deploy)")
+    write_manifest(path, manifest)
     return ExportedArtifact(v.tag, path, gate, path.stat().st_size, True)
+
+
+def _quantization_row(q: Quantization | None) -> dict:
+    """How much of an INT8 artifact runs in INT8, as the export report shows it (None for float artifacts)."""
+    ov = q.openvino_cpu_precisions if q is not None else None
+    return {"int8_compute_nodes": q.int8_compute_nodes if q else None,
+            "float_compute_nodes": q.float_compute_nodes if q else None,
+            "int8_mac_share": q.int8_mac_share if q else None,
+            "ort_cpu_int8_kernels": dict(q.ort_cpu_int8_kernels) if q and q.ort_cpu_int8_kernels is not None else None,
+            "openvino_cpu_precisions": {"per_precision": dict(ov.per_precision), "not_int8": list(ov.not_int8)}
+            if ov is not None else None,
+            "tensorrt_lint": list(q.tensorrt_lint) if q and q.tensorrt_lint is not None else None}
 
 
 def write_export_report(s: ExportSummary) -> Path:
@@ -449,13 +489,8 @@ def write_export_report(s: ExportSummary) -> Path:
     for a in s.artifacts:
         rows.append({"artifact": a.path.name if a.path else None, "variant": a.variant, "kept": a.kept,
                      "size_mb": round(a.size_bytes / 1e6, 3) if a.size_bytes else None,
-                     "gate": a.gate.to_dict() if a.gate else None, "attempts": a.attempts,
-                     "int8_compute_nodes": (a.quantization or {}).get("int8_compute_nodes"),
-                     "float_compute_nodes": (a.quantization or {}).get("float_compute_nodes"),
-                     "int8_mac_share": (a.quantization or {}).get("int8_mac_share"),
-                     "ort_cpu_int8_kernels": (a.quantization or {}).get("ort_cpu_int8_kernels"),
-                     "openvino_cpu_precisions": (a.quantization or {}).get("openvino_cpu_precisions"),
-                     "tensorrt_lint": (a.quantization or {}).get("tensorrt_lint")})
+                     "gate": a.gate.to_dict() if a.gate else None, "attempts": [t.to_dict() for t in a.attempts],
+                     **_quantization_row(a.quantization)})
     (s.out_dir / "export_report.json").write_text(json.dumps({"data": s.data, "artifacts": rows}, indent=2, default=str) + "\n")
     lines = ["# Export report", "", f"Calibration / gate data: {s.data.get('data')} "
              f"({s.data.get('n_calibration')} calibration images from the train split, "

@@ -3,8 +3,8 @@
 OpenVINO's CPU plugin moves the stride of a 1x1 stride-2 convolution up to the tensor it reads
 ("strides optimisation"). When that tensor comes through a DequantizeLinear, the stride lands between the
 dequantisation and the convolution, the pair no longer matches the INT8 convolution pattern, and the
-convolution runs in bf16/f32: in ResNet50 the six stride-2 1x1 convolutions of conv{3,4,5}_block1 (issue 16
-measured them at ~15% of the time for ~10% of the MACs; ``openvino_runtime_precisions`` lists them per layer).
+convolution runs in bf16/f32 (in ResNet50, the six stride-2 1x1 convolutions of conv{3,4,5}_block1, which then
+take a larger share of the time than of the MACs; ``openvino_runtime_precisions`` lists them per layer).
 
 Subsampling the *quantised* tensor first (``Q -> Slice(step 2) -> DQ -> Conv(1x1, stride 1)``) is the same
 arithmetic (a 1x1 stride-2 unpadded convolution reads every second pixel, nothing else), moves a quarter of
@@ -88,11 +88,9 @@ def quantised_input(model) -> bool:
     The graph starts ``uint8 -> Cast -> [Reshape] -> Q -> DQ -> Conv``; when nothing but data movement sits
     between the cast and the quantiser, quantising the cast pixels with scale 1 and zero point 0 gives back
     the pixels themselves, so the Cast and the Q are dropped and the DQ reads the input (exact: DQ(x; 1, 0) is
-    the float pixel value the FP32 graph sees). OpenVINO otherwise converted, reordered in bf16 and
-    re-quantised the whole input every call and ran the first convolution in bf16; with the rewrite the small
-    CNN's best batch-16 row went from 1285 to 1540 img/s (0.86x -> 1.00x the best peer, two runs of the same
-    ``bench --peers``). Only where the input's quantiser is uint8 (the cpu and ov targets: pixels are never negative); returns
-    whether it applied.
+    the float pixel value the FP32 graph sees). Without it OpenVINO converts, reorders in bf16 and re-quantises
+    the whole input every call and runs the first convolution in bf16. Only where the input's quantiser is uint8
+    (the cpu and ov targets: pixels are never negative); returns whether it applied.
     """
     G = GraphIndex(model)
     g = G.graph

@@ -116,9 +116,8 @@ def float_boundary_nodes(model) -> list[str]:
 def classifier_head(model) -> list[str]:
     """Every node after the last global pooling: the dense head a transfer-learning recipe adds.
 
-    It is a tiny share of the work (ResNet152V2's four Dense layers are 0.011% of its MACs) but its first
-    Dense lost the most SQNR of any layer (-11.8 dB on the gate images), so keeping it float buys most of
-    the fidelity that mixed precision would, for almost none of the speed. Empty when the model has no
+    It is a tiny share of the work but its first Dense loses the most SQNR of any layer, so keeping it float buys
+    most of the fidelity that mixed precision would, for almost none of the speed. Empty when the model has no
     global pooling (a Flatten head is a large share of a small CNN's work) or no compute after it.
     """
     consts = {i.name: i for i in model.graph.initializer}

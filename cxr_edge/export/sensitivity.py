@@ -90,7 +90,7 @@ def worst_nodes(sensitivity: dict[str, float], fraction: float, model=None) -> l
     its neighbours share, and quantises the Adds and activations around it; so with ``model`` every
     node of the same residual block (``convN_blockM_...`` in Keras names) is kept in float together.
     """
-    ranked = sorted(sensitivity, key=sensitivity.get)
+    ranked = sorted(sensitivity, key=sensitivity.__getitem__)
     chosen = ranked[: max(1, int(round(fraction * len(ranked))))]
     if model is None:
         return chosen

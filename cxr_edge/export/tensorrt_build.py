@@ -20,18 +20,30 @@ written to temporary names and renamed into place only once both exist and the g
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, EngineError, ExitCode
-from ..manifest import Manifest, read_manifest, sha256_file, write_manifest
-from ..precision import Precision
+from ..manifest import ArtifactManifest, read_manifest, sha256_file, write_manifest
+from ..manifest_schema import (
+    ArtifactFormat,
+    DataProvenance,
+    DlaRecord,
+    EngineBuild,
+    EngineDevice,
+    EngineProfile,
+    GateRecord,
+    ParentRef,
+    SourceOnnx,
+    TensorRTRecord,
+)
+from ..precision import Int8Target, Precision, Variant
 from ..runtime.backends.tensorrt_api import TensorRTFlavor, check_trt, current_device, require_tensorrt
 
 if TYPE_CHECKING:
@@ -98,48 +110,52 @@ class BuildConfig:
         return d
 
 
-def _source_kind(doc: Mapping[str, Any]) -> str:
-    prec = doc.get("precision")
-    return f"int8-{doc.get('int8_target')}" if prec == "int8" else str(prec)
+FP32_SOURCE, FP16_SOURCE = Variant(Precision.FP32), Variant(Precision.FP16)
+INT8_TRT_SOURCE = Variant(Precision.INT8, Int8Target.TRT)
 
 
-def check_source_artifact(onnx_doc: Mapping, config: BuildConfig, flavor: TensorRTFlavor | None = None) -> None:
+def _source_variant(doc: ArtifactManifest) -> Variant:
+    """The exported variant an ONNX artifact is (an INT8 one always names its target)."""
+    return Variant(doc.precision, doc.int8_target)
+
+
+def check_source_artifact(onnx_doc: ArtifactManifest, config: BuildConfig, flavor: TensorRTFlavor | None = None) -> None:
     """Refuse combinations that would silently produce another precision than the one asked for.
 
     ``flavor`` None checks the rules common to TensorRT 10 and 11 (useful before TensorRT is imported).
     """
-    onnx_doc = onnx_doc if isinstance(onnx_doc, Manifest) else Manifest(onnx_doc)
-    src = _source_kind(onnx_doc)
+    src, name = _source_variant(onnx_doc), onnx_doc.variant_tag
     want = config.precision
     dla = config.dla_core is not None
-    if src in ("int8-cpu", "int8-ov"):
-        raise ConfigError(f"The {src} artifact has unsigned (U8) activations, which TensorRT does not take; "
-                          "use model.int8-trt.onnx.")
+    if src.int8_target is not None and src.int8_target.for_cpu_runtimes:
+        raise ConfigError(f"The {name} artifact has unsigned (U8) activations, which TensorRT does not take; "
+                          f"use {INT8_TRT_SOURCE.filename()}.")
     if onnx_doc.gate_failed:
         raise ConfigError("The source artifact failed its accuracy gate at export; refusing to build an engine from it.")
-    if want is Precision.FP32 and src != "fp32":
-        raise ConfigError(f"An fp32 engine must be built from model.fp32.onnx; this is a {src} artifact, whose graph "
-                          f"computes in {src} (the engine would be labelled fp32 but not be fp32).")
+    if want is Precision.FP32 and src != FP32_SOURCE:
+        raise ConfigError(f"An fp32 engine must be built from {FP32_SOURCE.filename()}; this is a {name} artifact, whose "
+                          f"graph computes in {name} (the engine would be labelled fp32 but not be fp32).")
     if want is Precision.FP16:
-        if src == "int8-trt":
-            raise ConfigError("A QDQ INT8 artifact cannot build a fp16 engine; use model.fp16.onnx or model.fp32.onnx.")
-        if flavor is not None and flavor.strongly_typed_only and src != "fp16":
+        if src == INT8_TRT_SOURCE:
+            raise ConfigError(f"A QDQ INT8 artifact cannot build a fp16 engine; use {FP16_SOURCE.filename()} or "
+                              f"{FP32_SOURCE.filename()}.")
+        if flavor is not None and flavor.strongly_typed_only and src != FP16_SOURCE:
             raise ConfigError(f"TensorRT {flavor.version} builds strongly typed networks only: an fp16 engine comes "
-                              "from model.fp16.onnx (cxr-edge export --precision fp16), not from the fp32 graph.")
+                              f"from {FP16_SOURCE.filename()} (cxr-edge export --precision fp16), not from the fp32 graph.")
     if want is Precision.INT8:
         if dla and flavor is None:
-            allowed = {"fp32", "int8-trt"}  # decided once the TensorRT version is known
+            allowed = {FP32_SOURCE, INT8_TRT_SOURCE}  # decided once the TensorRT version is known
         elif dla and flavor is not None and flavor.has_implicit_int8:
-            allowed = {"fp32"}
+            allowed = {FP32_SOURCE}
         else:
-            allowed = {"int8-trt"}
-        if src not in allowed and allowed == {"fp32"}:
+            allowed = {INT8_TRT_SOURCE}
+        if src not in allowed and allowed == {FP32_SOURCE}:
             raise ConfigError("INT8 on DLA with TensorRT 10 is calibrated implicitly from the fp32 artifact; pass "
-                              "model.fp32.onnx with --calib DATA.")
+                              f"{FP32_SOURCE.filename()} with --calib DATA.")
         if src not in allowed:
             raise ConfigError(
-                f"INT8 engines are built from the int8-trt QDQ artifact (explicit quantisation); this is a {src} "
-                "artifact. Use model.int8-trt.onnx from cxr-edge export."
+                f"INT8 engines are built from the int8-trt QDQ artifact (explicit quantisation); this is a {name} "
+                f"artifact. Use {INT8_TRT_SOURCE.filename()} from cxr-edge export."
             )
 
 
@@ -222,18 +238,20 @@ def _save_timing_cache(bc: trt_t.IBuilderConfig, path: Path) -> None:
 
 
 def _set_precision(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBuilderConfig,
-                   config: BuildConfig, src: str) -> dict:
-    """Builder flags for the requested precision; returns what the manifest records about typing."""
+                   config: BuildConfig, src: Variant) -> dict[str, Any]:
+    """Builder flags for the requested precision; returns what the manifest records about typing (its
+    ``tensorrt_typing``, ``tf32`` and ``float_layers`` fields)."""
     import tensorrt as trt
 
     typing: dict[str, Any] = {"tensorrt_typing": flavor.to_dict()["typing"], "tf32": bool(config.allow_tf32)}
     if not config.allow_tf32:
         bc.clear_flag(trt.BuilderFlag.TF32)
     if flavor.strongly_typed_only:
-        typing["float_layers"] = {"fp32": "fp32", "fp16": "fp16 (as model.fp16.onnx states)",
-                                  "int8": "as the QDQ graph states (fp32 outside Q/DQ pairs)"}[config.precision.value]
+        typing["float_layers"] = {Precision.FP32: Precision.FP32.value,
+                                  Precision.FP16: f"fp16 (as {FP16_SOURCE.filename()} states)",
+                                  Precision.INT8: "as the QDQ graph states (fp32 outside Q/DQ pairs)"}[config.precision]
         return typing
-    if config.precision is Precision.FP16 or (config.precision is Precision.INT8 and src == "int8-trt"):
+    if config.precision is Precision.FP16 or (config.precision is Precision.INT8 and src == INT8_TRT_SOURCE):
         if not builder.platform_has_fast_fp16:
             raise ConfigError("This GPU has no fast FP16; refusing to build a slower engine and call it fp16.")
         bc.set_flag(trt.BuilderFlag.FP16)  # INT8: layers left in float may use fp16 rather than fp32
@@ -241,13 +259,14 @@ def _set_precision(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBu
         if not builder.platform_has_fast_int8:
             raise ConfigError("This GPU has no fast INT8; refusing to build an int8 engine that would run in float.")
         bc.set_flag(trt.BuilderFlag.INT8)
-    typing["float_layers"] = {"fp32": "fp32", "fp16": "fp16 where TensorRT chooses (weakly typed)",
-                              "int8": "fp16/fp32 where TensorRT chooses (weakly typed)"}[config.precision.value]
+    typing["float_layers"] = {Precision.FP32: Precision.FP32.value,
+                              Precision.FP16: "fp16 where TensorRT chooses (weakly typed)",
+                              Precision.INT8: "fp16/fp32 where TensorRT chooses (weakly typed)"}[config.precision]
     return typing
 
 
 def _configure_dla(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBuilderConfig, config: BuildConfig,
-                   doc: Mapping[str, Any], onnx_path: Path, profile: trt_t.IOptimizationProfile, calib_data) -> dict:
+                   doc: ArtifactManifest, onnx_path: Path, profile: trt_t.IOptimizationProfile, calib_data) -> dict:
     import tensorrt as trt
 
     assert config.dla_core is not None
@@ -261,15 +280,14 @@ def _configure_dla(flavor: TensorRTFlavor, builder: trt_t.Builder, bc: trt_t.IBu
     info: dict[str, Any] = {"dla_core": config.dla_core}
     if config.precision is Precision.INT8 and flavor.has_implicit_int8:
         from ..data.gate_data import load_gate_data
-        from ..preprocess import PreprocessSpec
 
-        spec = PreprocessSpec.from_dict(doc["preprocess"])
-        data = load_gate_data({**doc, "data": {}}, spec, calib_data, calib_size=256)
+        # calibrated on the data given, never on the training data the ONNX manifest names
+        data = load_gate_data(dataclasses.replace(doc, data=DataProvenance()), doc.preprocess, calib_data, calib_size=256)
         x, bs = data.calib_x, config.opt_batch
         if len(x) < bs:
             raise ConfigError(f"Only {len(x)} calibration images for DLA batch {bs}; pass more data with --calib.")
         batches = [x[i : i + bs] for i in range(0, len(x) - len(x) % bs, bs)]
-        cache = calibration_cache_path(onnx_path, doc["sha256"], data.info["fingerprint"], len(x), bs)
+        cache = calibration_cache_path(onnx_path, doc.sha256 or "", data.info["fingerprint"], len(x), bs)
         bc.int8_calibrator = calibrator = make_entropy_calibrator(batches, cache)
         check_trt(bc.set_calibration_profile(profile), "the calibration profile")
         info.update({"calibration": "implicit (IInt8EntropyCalibrator2)", "calibration_cache": cache.name,
@@ -284,15 +302,15 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
     onnx_path = Path(onnx_path)
     doc = read_manifest(onnx_path)
     check_source_artifact(doc, config)
-    if config.precision is Precision.INT8 and config.dla_core is not None and _source_kind(doc) == "fp32" \
+    if config.precision is Precision.INT8 and config.dla_core is not None and _source_variant(doc) == FP32_SOURCE \
             and not calib_data:
         raise ConfigError("INT8 on DLA needs calibration images: pass --calib DATA (its train split is used).")
     _, flavor = require_tensorrt()
     import tensorrt as trt  # typed by tensorrt-stubs in CI's type check
 
     check_source_artifact(doc, config, flavor)
-    src = _source_kind(doc)
-    if src == "int8-trt":
+    src = _source_variant(doc)
+    if src == INT8_TRT_SOURCE:
         from .trt_lint import lint_qdq, lint_summary
 
         violations = lint_qdq(onnx_path)
@@ -314,7 +332,7 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
     bc.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mb << 20)
     typing = _set_precision(flavor, builder, bc, config, src)
     inp = network.get_input(0)
-    shapes = config.profile_shapes(tuple(doc["preprocess"][k] for k in ("height", "width", "input_channels")))
+    shapes = config.profile_shapes(doc.preprocess.input_shape)
     profile = builder.create_optimization_profile()
     profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
     if bc.add_optimization_profile(profile) < 0:
@@ -336,21 +354,23 @@ def build_engine(onnx_path: str | Path, config: BuildConfig, out_path: str | Pat
     build_s = time.perf_counter() - t0
     _save_timing_cache(bc, cache_path)
     dev = current_device()  # the calling thread's current GPU: the one the builder built for
-    fields = {
-        "kind": "tensorrt-plan", "format": "tensorrt", "precision": config.precision.value,
-        "classes": doc["classes"], "operating_point": doc.get("operating_point"), "preprocess": doc["preprocess"],
-        "inputs": doc["inputs"], "outputs": doc["outputs"], "gradcam": doc.get("gradcam"), "recipe": doc.get("recipe"),
-        "profile": {k: list(v) for k, v in shapes.items()}, "build": config.to_dict(), **typing,
-        "tensorrt": flavor.to_dict(), "dla": dla or None,
-        "build_seconds": round(build_s, 1), "device": dev.to_dict(),
-        "source_onnx": {"file": onnx_path.name, "sha256": doc["sha256"], "precision": src},
-        "parent": {"file": onnx_path.name, "sha256": doc["sha256"]},
-        "source_gate": doc.get("gate"), "calibration": doc.get("calibration"),
-    }
-    return save_engine(bytes(blob), out, fields, onnx_path, doc, config)
+    engine = ArtifactManifest(
+        kind="tensorrt-plan", format=ArtifactFormat.TENSORRT, precision=config.precision,
+        classes=doc.classes, operating_point=doc.operating_point, preprocess=doc.preprocess,
+        inputs=doc.inputs, outputs=doc.outputs, gradcam=doc.gradcam, recipe=doc.recipe,
+        profile=EngineProfile(min=shapes["min"], opt=shapes["opt"], max=shapes["max"]),
+        build=EngineBuild.from_dict(config.to_dict(), "build"), **typing,
+        tensorrt=TensorRTRecord.from_dict(flavor.to_dict(), "tensorrt"),
+        dla=DlaRecord.from_dict(dla, "dla") if dla else None,
+        build_seconds=round(build_s, 1), device=EngineDevice.from_dict(dev.to_dict(), "device"),
+        source_onnx=SourceOnnx(onnx_path.name, doc.sha256, doc.variant_tag),
+        parent=ParentRef(onnx_path.name, doc.sha256), source_gate=doc.gate, calibration=doc.calibration,
+    )
+    return save_engine(bytes(blob), out, engine, onnx_path, doc, config)
 
 
-def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: Mapping[str, Any], config: BuildConfig) -> Path:
+def save_engine(blob: bytes, out: Path, engine: ArtifactManifest, onnx_path: Path, doc: ArtifactManifest,
+                config: BuildConfig) -> Path:
     """Gate the engine under a temporary name, then move the .plan and its manifest into place together."""
     from ..manifest import manifest_path
 
@@ -359,21 +379,19 @@ def save_engine(blob: bytes, out: Path, fields: dict, onnx_path: Path, doc: Mapp
     try:
         from .engine_gate import engine_self_check_record, gate_engine
 
-        engine_doc = {**fields, "sha256": sha256_file(tmp)}
-        gate = None
+        engine_doc = dataclasses.replace(engine, sha256=sha256_file(tmp))
         if config.gate:
-            gate, fields["self_check"] = gate_engine(tmp, engine_doc, onnx_path, doc, config.gate_data)
+            gate, self_check = gate_engine(tmp, engine_doc, onnx_path, doc, config.gate_data)
             log.info("engine %s", gate.summary())
-            fields["gate"] = gate.to_dict()
-            if not gate.passed:
-                if not config.force:
-                    raise EngineGateError(f"The {config.precision.value} engine failed its gate against the FP32 ONNX: "
-                                          f"{gate.summary()}. Not kept (--force keeps it, marked failed).")
-                fields["gate_status"] = "FAILED (kept with --force: do not deploy)"
+            if not gate.passed and not config.force:
+                raise EngineGateError(f"The {config.precision.value} engine failed its gate against the FP32 ONNX: "
+                                      f"{gate.summary()}. Not kept (--force keeps it, marked failed).")
+            engine = dataclasses.replace(engine, gate=GateRecord.from_dict(gate.to_dict(), "gate"), self_check=self_check,
+                                         gate_status=None if gate.passed else "FAILED (kept with --force: do not deploy)")
         else:
-            fields["gate"] = {"name": "not run (--no-gate)", "passed": None}
-            fields["self_check"] = engine_self_check_record(tmp, engine_doc, doc)
-        tmp_manifest = write_manifest(tmp, {**fields, "file": out.name})
+            engine = dataclasses.replace(engine, gate=GateRecord(name="not run (--no-gate)", passed=None),
+                                         self_check=engine_self_check_record(tmp, engine_doc, doc))
+        tmp_manifest = write_manifest(tmp, engine, name=out.name)
         os.replace(tmp, out)
         try:
             os.replace(tmp_manifest, manifest_path(out))

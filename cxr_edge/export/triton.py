@@ -9,17 +9,16 @@ remote model without any local file.
 
 from __future__ import annotations
 
-import json
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError
 from ..extras import require
-from ..manifest import read_manifest
-from ..runtime.backends.triton import MANIFEST_PARAMETER, model_name
+from ..manifest import ArtifactManifest, read_manifest
+from ..manifest_schema import ArtifactFormat, TensorSpec
+from ..precision import Int8Target
+from ..runtime.backends.triton import MANIFEST_PARAMETER, model_name, remote_manifest_json
 
 _NP_TO_TRITON = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 
@@ -42,35 +41,36 @@ class TritonConfig:
             raise ConfigError(f"kind must be auto, KIND_CPU or KIND_GPU, got {self.kind!r}.")
 
 
-def _tensor(t: dict) -> str:
-    dims = ", ".join(str(d) for d in t["shape"][1:])
-    return f'  {{\n    name: "{t["name"]}"\n    data_type: {_NP_TO_TRITON[t["dtype"]]}\n    dims: [ {dims} ]\n  }}'
+def _tensor(t: TensorSpec) -> str:
+    if t.dtype not in _NP_TO_TRITON or not t.shape:
+        raise ConfigError(f"Tensor {t.name!r} of the manifest has no dtype Triton knows or no shape ({t.dtype}, "
+                          f"{t.shape}); re-export the artifact with this cxr-edge.")
+    dims = ", ".join(str(d) for d in t.shape[1:])
+    return f'  {{\n    name: "{t.name}"\n    data_type: {_NP_TO_TRITON[t.dtype]}\n    dims: [ {dims} ]\n  }}'
 
 
-def render_config(doc: Mapping[str, Any], name: str, fmt: str, cfg: TritonConfig) -> str:
-    platform = {"onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}[fmt]
+def render_config(doc: ArtifactManifest, name: str, fmt: ArtifactFormat, cfg: TritonConfig) -> str:
+    platform = {ArtifactFormat.ONNX: "onnxruntime_onnx", ArtifactFormat.TENSORRT: "tensorrt_plan"}[fmt]
     # the int8-ov flavour is made for OpenVINO (ONNX Runtime leaves much of it unfused); Triton's OpenVINO
     # backend reads ONNX files when named as its default model file
     runtime = [f'platform: "{platform}"']
-    if fmt == "onnx" and doc.get("int8_target") == "ov":
+    if fmt is ArtifactFormat.ONNX and doc.int8_target is Int8Target.OV:
         runtime = ['backend: "openvino"', 'default_model_filename: "model.onnx"']
     max_batch = cfg.max_batch_size
-    if fmt == "tensorrt":
-        max_batch = min(max_batch, doc.get("profile", {}).get("max", [max_batch])[0])
-    kind = cfg.kind if cfg.kind != "auto" else ("KIND_GPU" if fmt == "tensorrt" else "KIND_CPU")
+    if fmt is ArtifactFormat.TENSORRT and doc.profile is not None:
+        max_batch = min(max_batch, doc.profile.batch_range[1])
+    kind = cfg.kind if cfg.kind != "auto" else ("KIND_GPU" if fmt is ArtifactFormat.TENSORRT else "KIND_CPU")
     preferred = ", ".join(str(b) for b in cfg.preferred_batch_sizes if b <= max_batch)
-    manifest = json.dumps({k: doc[k] for k in ("classes", "preprocess", "operating_point", "precision", "recipe",
-                                               "outputs", "gradcam", "sha256") if k in doc})
-    escaped = manifest.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = remote_manifest_json(doc).replace("\\", "\\\\").replace('"', '\\"')
     return "\n".join([
         f'name: "{name}"',
         *runtime,
         f"max_batch_size: {max_batch}",
         "input [",
-        ",\n".join(_tensor(t) for t in doc["inputs"]),
+        ",\n".join(_tensor(t) for t in doc.inputs),
         "]",
         "output [",
-        ",\n".join(_tensor(t) for t in doc["outputs"]),
+        ",\n".join(_tensor(t) for t in doc.outputs),
         "]",
         "dynamic_batching {",
         f"  preferred_batch_size: [ {preferred} ]" if preferred else "",
@@ -105,16 +105,16 @@ def export_triton(artifacts, repo: str | Path, cfg: TritonConfig = TritonConfig(
     out = []
     for art in map(Path, artifacts):
         doc = read_manifest(art)
-        fmt = {"onnx": "onnx", "tensorrt": "tensorrt"}.get(doc.get("format"))
-        if fmt is None:
+        fmt = doc.format
+        if fmt not in (ArtifactFormat.ONNX, ArtifactFormat.TENSORRT):
             raise ConfigError(f"{art.name}: only ONNX artifacts and TensorRT plans go into a Triton repository.")
         name = model_name(doc, art)
         mdir = repo / name
         (mdir / "1").mkdir(parents=True, exist_ok=True)
-        shutil.copy(art, mdir / "1" / ("model.onnx" if fmt == "onnx" else "model.plan"))
-        g = doc.get("gradcam") or {}
-        if g.get("head_file") and (art.parent / g["head_file"]).is_file():
-            shutil.copy(art.parent / g["head_file"], mdir / g["head_file"])  # Triton ignores extra files
+        shutil.copy(art, mdir / "1" / ("model.onnx" if fmt is ArtifactFormat.ONNX else "model.plan"))
+        head = doc.gradcam.head_file if doc.gradcam is not None else None
+        if head and (art.parent / head).is_file():
+            shutil.copy(art.parent / head, mdir / head)  # Triton ignores extra files
         text = render_config(doc, name, fmt, cfg)
         validate_config(text)
         (mdir / "config.pbtxt").write_text(text)

@@ -1,7 +1,7 @@
 """Batched preprocessing on the GPU: CPU threads decode, the device resizes into the engine's batch.
 
-On a GPU server or a Jetson the CPU is the bottleneck of screening (per 5 MP image on 2 cores: PNG decode
-~54 ms, JPEG ~19 ms, INTER_AREA resize ~14 ms, against a few ms of TensorRT). The GPU packer keeps the
+On a GPU server or a Jetson the CPU is the bottleneck of screening (decoding and resizing a radiograph on a
+few cores takes longer than TensorRT's inference of it). The GPU packer keeps the
 decoding, and every size and bomb check, on the CPU (threads or the isolated workers, unchanged), then
 uploads each decoded image through pinned staging memory and resizes it on the device with the same rule
 as the CPU path (:func:`.resize.area_resize`, checked against cv2 and, by the GPU kit, CuPy against NumPy)
@@ -13,6 +13,7 @@ the real CuPy releases (tests/fake_cupy.py, tests/test_cupy_api.py).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 
@@ -58,20 +59,21 @@ class GpuBatchPacker(BatchPacker):
         self.on_device = hasattr(self.xp, "cuda")
         # three device batches (one inferred, one queued, one filled), fixed addresses for the whole run
         self.buffers = [self.xp.empty((batch_size, *spec.input_shape), self.xp.uint8) for _ in range(3)]
-        self.stream = None
+        self.stream: Any | None = None  # a cupy.cuda.Stream on a device (CuPy ships no type information)
         if self.on_device:
             cp = self.xp
             self.stream = cp.cuda.Stream(non_blocking=True)
-        self._pinned = None
+        self._pinned: Any | None = None  # a cupy.cuda.PinnedMemoryPointer, made for the first staged image
 
     def _stage(self, packed: np.ndarray):
         """Host image -> device, through a reused pinned buffer (grown as needed) on the packer's stream."""
         if not self.on_device:
             return self.xp.asarray(packed)
         cp = self.xp
+        assert self.stream is not None  # made in __init__ whenever on_device
         nbytes = packed.nbytes
-        # PinnedMemoryPointer.size is a method in CuPy 13 and 14 (size(self) -> size_t): compared uncalled,
-        # it raised TypeError on the second image and the Screener fell back to the CPU path
+        # PinnedMemoryPointer.size is a method in CuPy 13 and 14 (size(self) -> size_t): compared uncalled it
+        # raises TypeError on the second image, and the Screener falls back to the CPU path
         if self._pinned is None or self._pinned.size() < nbytes:
             self._pinned = cp.cuda.alloc_pinned_memory(nbytes)  # at least nbytes: a pooled block may be larger
         host = np.frombuffer(self._pinned, np.uint8, nbytes).reshape(packed.shape)
@@ -85,6 +87,7 @@ class GpuBatchPacker(BatchPacker):
     def _place(self, buf, n: int, packed: np.ndarray) -> None:
         dev = self._stage(packed)
         if self.on_device:
+            assert self.stream is not None  # made in __init__ whenever on_device
             with self.stream:
                 buf[n] = area_resize(dev, self.spec.height, self.spec.width, self.xp)
         else:
@@ -92,6 +95,7 @@ class GpuBatchPacker(BatchPacker):
 
     def _finish(self, pb: PackedBatch) -> None:
         if self.on_device:
+            assert self.stream is not None  # made in __init__ whenever on_device
             self.stream.synchronize()  # the batch is complete before an engine on another stream reads it
 
 

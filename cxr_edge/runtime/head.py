@@ -8,13 +8,14 @@ Grad-CAM, to differentiate it in closed form.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import ManifestError
+from ..manifest_schema import ArtifactManifest, HeadOpSpec
 
 
 class HeadOp:
@@ -156,8 +157,10 @@ OPS: dict[str, type[HeadOp]] = {c.kind: c for c in (MaxPool, GlobalAveragePool, 
 SUPPORTED_OPS = tuple(OPS)
 
 
-def load_head(ops_json: list[dict], npz_path: str | Path, sha256: str | None = None) -> list[HeadOp]:
-    """The head's ops with their arrays; with ``sha256`` the file must match it (as the manifest says).
+def load_head(ops_json: Sequence[HeadOpSpec | Mapping[str, Any]], npz_path: str | Path,
+              sha256: str | None = None) -> list[HeadOp]:
+    """The head's ops (from the manifest, or as the exporter lists them) with their arrays; with ``sha256`` the file
+    must match it (as the manifest says).
 
     The file is read once and the bytes hashed are the bytes parsed (never the path again after the check)."""
     import hashlib
@@ -174,30 +177,30 @@ def load_head(ops_json: list[dict], npz_path: str | Path, sha256: str | None = N
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     out = []
-    for i, op in enumerate(ops_json):
-        if op["kind"] not in OPS:
-            raise ManifestError(f"Head op {i} has unsupported kind {op['kind']!r}; this cxr-edge knows {list(OPS)}.")
+    for i, raw in enumerate(ops_json):
+        op = raw if isinstance(raw, HeadOpSpec) else HeadOpSpec.from_dict(raw, f"head_ops[{i}]")
+        if op.kind not in OPS:
+            raise ManifestError(f"Head op {i} has unsupported kind {op.kind!r}; this cxr-edge knows {list(OPS)}.")
         mine = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{i}/")}
-        out.append(OPS[op["kind"]](op.get("params", {}), mine))
+        out.append(OPS[op.kind](dict(op.params), mine))
     return out
 
 
-def load_artifact_head(artifact: str | Path, manifest: Mapping[str, Any]) -> list[HeadOp] | None:
+def load_artifact_head(artifact: str | Path, manifest: ArtifactManifest) -> list[HeadOp] | None:
     """The verified head stored beside an exported artifact, or None when it has none.
 
     The file name comes from the manifest, so it must be a bare name in the artifact's folder (no
     path parts) and match the manifest's sha256, which a signed manifest in turn authenticates.
     """
-    g = manifest.get("gradcam") or {}
-    name = g.get("head_file")
-    if not g.get("engine_native") or not name:
+    g = manifest.gradcam
+    if g is None or not g.engine_native or not g.head_file:
         return None
-    if not g.get("head_sha256"):
+    if not g.head_sha256:
         raise ManifestError(f"Manifest of {Path(artifact).name} names a Grad-CAM head but no head_sha256; re-export.")
     from ..manifest import sibling_file
 
     # a regular file in the artifact's folder: a FIFO or a link to /dev/zero hung predict and serve start-up
-    return load_head(g["head_ops"], sibling_file(artifact, name, "Grad-CAM head file"), g["head_sha256"])
+    return load_head(g.head_ops, sibling_file(artifact, g.head_file, "Grad-CAM head file"), g.head_sha256)
 
 
 def _activation(x: np.ndarray, name: str) -> np.ndarray:

@@ -63,7 +63,7 @@ class Screener:
 
         if not hasattr(self, "_keras"):
             self._keras = load_keras_model(self._source_model_path())
-        layer = self.manifest.gradcam.get("layer") or self.manifest.get("last_conv_layer")
+        layer = (self.manifest.gradcam.layer if self.manifest.gradcam else None) or self.manifest.last_conv_layer
         return gradcam_tf(self._keras, x, layer, targets)[0]
 
     def _source_model_path(self) -> Path:
@@ -73,11 +73,11 @@ class Screener:
         if self.manifest.kind == "keras-model":
             return self.engine.artifact
         src = self.manifest.source_model
-        for cand in (self.engine.artifact.parent / src.get("file", ""), Path(src.get("path", ""))):
-            if src.get("file") and cand.is_file() and read_manifest(cand)["sha256"] == src.get("sha256"):
+        for cand in (self.engine.artifact.parent / (src.file or ""), Path(src.path or "")):
+            if src.file and cand.is_file() and read_manifest(cand).sha256 == src.sha256:
                 return cand
         raise ConfigError("Engine-native Grad-CAM is not available for this artifact, and its source Keras model "
-                          f"({src.get('file')}) was not found beside it or at {src.get('path')} for the TensorFlow fallback.")
+                          f"({src.file}) was not found beside it or at {src.path} for the TensorFlow fallback.")
 
     # --------------------------------------------------------------- screening
     def _packer(self, path: str, explain: bool) -> BatchPacker:
@@ -129,7 +129,7 @@ class Screener:
                                           _host(pb.x) if explain else None)
                 for r in batch:
                     i = r.index
-                    if r.explanation is not None and out_dir is not None:
+                    if r.explanation is not None and r.explanation.cam is not None and out_dir is not None:
                         from .overlay import save_explanation
 
                         stem = f"{i:05d}_{Path(pb.names[i]).stem}"
@@ -161,6 +161,7 @@ def choose_preprocess(requested: str, engine) -> tuple[str, str]:
     on_cuda = getattr(engine.info, "device", "cpu") == "cuda"
     if requested == "auto" and not on_cuda:
         return "cpu", "the engine runs on the CPU"
+    why: str | None  # None: the GPU path can run
     try:
         import cupy as cp
     except ImportError:

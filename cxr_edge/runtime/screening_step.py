@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..decision import borderline_band, describe_operating_point
 from .overlay import WEAK_CAM_PEAK
 from .result import Explanation, ScreeningResult
+
+if TYPE_CHECKING:
+    from .head import HeadOp
 
 
 class ScreeningStep:
@@ -32,10 +36,10 @@ class ScreeningStep:
                                 else describe_operating_point(manifest.operating_point))
         self.band = borderline_band(manifest)
         self.tf_cam = tf_cam
-        self._cam: tuple | None = None
+        self._cam: tuple[str, list[HeadOp] | None] | None = None
 
     # ---- Grad-CAM
-    def cam_engine(self) -> tuple[str, object]:
+    def cam_engine(self) -> tuple[str, list[HeadOp] | None]:
         """("engine-native", head) when the artifact carries a Grad-CAM head, else ("tensorflow", None)."""
         if self._cam is None:
             head = None
@@ -55,7 +59,7 @@ class ScreeningStep:
 
     def _cams(self, labels: np.ndarray, features, images) -> tuple[np.ndarray, str]:
         method, head = self.cam_engine()
-        if method == "engine-native":
+        if head is not None:  # engine-native
             from .gradcam import gradcam
 
             return gradcam(head, features, labels).cam, method

@@ -12,7 +12,7 @@ def measure(fn, batches: list[np.ndarray], budget_s: float = 3.0, warmup: int = 
     """Seconds per call of ``fn(batch)``, rotating through ``batches`` so caches don't flatter."""
     for i in range(warmup):
         fn(batches[i % len(batches)])
-    times = []
+    times: list[float] = []
     t_end = time.perf_counter() + budget_s
     i = 0
     while (len(times) < min_iters or time.perf_counter() < t_end) and len(times) < max_iters:

@@ -1,13 +1,11 @@
 """Per-machine tuning: which backend and settings run *this* artifact fastest on *this* CPU.
 
-The fastest backend differs by machine (on an Intel AMX box OpenVINO INT8 ran ~2x ONNX Runtime INT8; on
-a 2-core AMD EPYC Zen 4 they were within 3%), and so do the OpenVINO stream count and the thread count
-that win. ``cxr-edge tune`` measures the candidates once, for single-image latency (kiosk) and for
-batched throughput (service, folders), and caches the winners under the machine's fingerprint and the
-artifact's sha256: a different CPU, a runtime upgrade or a re-exported artifact is a new key, never a
-stale answer. Screener, predict, serve and bench read the cache when no backend is named; a backend or
-setting given explicitly always wins.
-"""
+The fastest backend differs by machine (OpenVINO INT8 is far ahead of ONNX Runtime INT8 on some CPUs and level with
+it on others), and so do the OpenVINO stream count and the thread count that win. ``cxr-edge tune`` measures the
+candidates once, for single-image latency (kiosk) and for batched throughput (service, folders), and caches the
+winners under the machine's fingerprint and the artifact's sha256: a different CPU, a runtime upgrade or a re-
+exported artifact is a new key, never a stale answer. Screener, predict, serve and bench read the cache when no
+backend is named; a backend or setting given explicitly always wins. """
 
 from __future__ import annotations
 
@@ -23,7 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..machine import usable_cores
-from ..manifest import read_manifest
+from ..manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ def cache_dir() -> Path:
 
 
 def tuning_file(artifact: str | Path, fingerprint: dict | None = None) -> Path:
-    sha = read_manifest(artifact, verify=False)["sha256"]
+    sha = read_manifest(artifact, verify=False).sha256 or ""
     fp = fingerprint or machine_fingerprint()
     return cache_dir() / f"{fp['id']}-{sha[:16]}.json"
 
@@ -74,22 +72,25 @@ def tuned_choice(artifact: str | Path, use: str) -> Choice | None:
     return Choice(win["backend"], dict(win.get("options") or {}), win.get("measured", ""), str(path))
 
 
-def candidates(fmt: str, cores: int) -> list[tuple[str, dict]]:
-    """Backend x threads x OpenVINO streams worth measuring for an artifact format on ``cores`` cores."""
-    from .backends.registry import backends_for
+@dataclass(frozen=True)
+class TuningTarget:
+    """An artifact as tuning times it: what a backend may look at to say which of its settings are worth measuring."""
 
-    threads = sorted({cores, max(1, cores // 2)}, reverse=True)
-    out: list[tuple[str, dict]] = []
-    for backend in backends_for(fmt):
-        if backend == "onnxruntime":
-            out += [("onnxruntime", {"threads": t}) for t in threads]
-        elif backend == "openvino":
-            out += [("openvino", {"threads": t}) for t in threads]
-            if cores > 1:
-                out += [("openvino", {"threads": cores, "streams": s}) for s in sorted({2, cores}) if s <= cores]
-        elif backend == "tensorrt":
-            out.append(("tensorrt", {}))
-    return out
+    artifact: Path
+    manifest: Manifest
+    fmt: str
+    batch: int  # the batched use's size; the single use is batch 1
+    device: str = "auto"  # where the candidates run: open_backend's default, as Screener and serve use it
+
+
+def candidates(target: TuningTarget, cores: int) -> list[tuple[str, dict]]:
+    """(backend, options) worth measuring for ``target`` on ``cores`` cores: each backend that runs its format says
+    which of its settings matter here (:meth:`~.backends.base.Backend.tuning_candidates`), so none is named here."""
+    from .backends.registry import backend_class, backends_for
+
+    return [(name, opts) for name in backends_for(target.fmt)
+            for opts in backend_class(target.fmt, name).tuning_candidates(
+                target.artifact, target.manifest, device=target.device, batch=target.batch, cores=cores)]
 
 
 def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: int = 3,
@@ -104,25 +105,54 @@ def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: i
     (:mod:`cxr_edge.self_check`), never merely close to another backend that may be wrong the same way.
     An artifact made before self-checks existed falls back to agreeing with the first backend loaded.
     """
-    from ..decision import borderline_band
-    from ..preprocess import PreprocessSpec
-    from ..synthetic import synthetic_parity_images
-    from .backends.registry import artifact_format, open_backend
+    from .backends.registry import artifact_format
 
     artifact = Path(artifact)
     manifest = read_manifest(artifact)
-    fmt = artifact_format(artifact, manifest)
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
-    x = synthetic_parity_images(spec, max(batch, 8))
-    pool = [np.roll(x, k, axis=0)[:batch] for k in range(2)]
-    cores = usable_cores()
-    band = borderline_band(manifest)
-    loaded, rows = [], []
-    reference = None
-    for backend, opts in candidates(fmt, cores):
+    target = TuningTarget(artifact, manifest, artifact_format(artifact, manifest), batch)
+    x = _synthetic_inputs(manifest, batch)
+    rows, loaded = _load_candidates(target, x, candidates(target, usable_cores()))
+    try:
+        _time_rounds(loaded, x, batch, budget_s, rounds, progress)
+        _summarise(loaded, batch)
+    finally:
+        for m in loaded:
+            m.engine.close()
+    record = _record(artifact, manifest, rows, batch, rounds, budget_s)
+    return _write_cache(artifact, record)
+
+
+@dataclass
+class _Loaded:
+    """A candidate admitted for timing: its row in the record, its engine, and per batch size one array of seconds
+    per call for each round."""
+
+    row: dict[str, Any]
+    engine: Any
+    times: dict[int, list[np.ndarray]]
+
+
+def _synthetic_inputs(manifest: Manifest, batch: int) -> np.ndarray:
+    """Images of the artifact's shape; at least 8, so the fallback agreement check compares several answers."""
+    from ..synthetic import synthetic_parity_images
+
+    return synthetic_parity_images(manifest.preprocess, max(batch, 8))
+
+
+def _load_candidates(target: TuningTarget, x: np.ndarray,
+                     cands: list[tuple[str, dict]]) -> tuple[list[dict[str, Any]], list[_Loaded]]:
+    """A row per candidate, and the loaded engines of those eligible to be timed; the others are closed at once."""
+    from ..decision import borderline_band
+    from .backends.registry import open_backend
+
+    band = borderline_band(target.manifest)
+    rows: list[dict[str, Any]] = []
+    loaded: list[_Loaded] = []
+    reference: np.ndarray | None = None
+    for backend, opts in cands:
         row: dict[str, Any] = {"backend": backend, "options": opts}
         try:
-            eng = open_backend(artifact, backend=backend, self_check="warn", **opts).load()
+            eng = open_backend(target.artifact, backend=backend, self_check="warn", **opts).load()
             check = eng.info.self_check
             judged = check is not None and check.status in ("passed", "failed")
             probs = None if judged else eng.infer(x, ["probs"], calibrated=False)["probs"]
@@ -130,53 +160,73 @@ def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: i
             why = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
             rows.append({**row, "status": f"could not run: {why}"})
             continue
-        if judged:
+        if probs is None:
             same = check.status == "passed"
             row.update({"status": "measured" if same else f"not eligible: {check.text()}",
                         "self_check": check.to_dict()})
-        else:  # an artifact made before self-checks: agree with the first backend loaded
-            if reference is None:
-                reference = probs
-            dp = float(np.abs(probs - reference).max())
-            same = bool((probs.argmax(1) == reference.argmax(1)).all()) and dp <= band
-            row.update({"status": "measured" if same else
-                        f"not eligible: answers differ from the first backend (max |dp| {dp:.3g})",
-                        "max_abs_dprob_vs_first": dp})
+        else:
+            reference = probs if reference is None else reference
+            same = _agrees_with_first(row, probs, reference, band)
         rows.append(row)
         if same:
-            loaded.append((row, eng, {1: [], batch: []}))
+            loaded.append(_Loaded(row, eng, {1: [], target.batch: []}))
         else:
             eng.close()
+    return rows, loaded
+
+
+def _agrees_with_first(row: dict[str, Any], probs: np.ndarray, reference: np.ndarray, band: float) -> bool:
+    """An artifact made before self-checks: eligible when it agrees with the first backend loaded (noted in ``row``)."""
+    dp = float(np.abs(probs - reference).max())
+    same = bool((probs.argmax(1) == reference.argmax(1)).all()) and dp <= band
+    row.update({"status": "measured" if same else
+                f"not eligible: answers differ from the first backend (max |dp| {dp:.3g})",
+                "max_abs_dprob_vs_first": dp})
+    return same
+
+
+def _time_rounds(loaded: list[_Loaded], x: np.ndarray, batch: int, budget_s: float, rounds: int,
+                 progress: bool) -> None:
+    """Each candidate once per round at batch 1 and at ``batch``, the order rotated per round."""
+    from .timing import measure
+
+    pool = [np.roll(x, k, axis=0)[:batch] for k in range(2)]
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(loaded) * rounds * 2, desc="tune", unit="run")
-    from .timing import measure
-
     for r in range(rounds):
         k = r % max(1, len(loaded))
-        for _row, eng, times in loaded[k:] + loaded[:k]:
+        for m in loaded[k:] + loaded[:k]:
             for b in (1, batch):
                 sample = [p[:b] for p in pool]
-                times[b].append(measure(lambda v, e=eng: e.infer(v, ["probs"], calibrated=False), sample,
-                                        budget_s / rounds / 2, warmup=1, min_iters=3))
+                m.times[b].append(measure(lambda v, e=m.engine: e.infer(v, ["probs"], calibrated=False), sample,
+                                          budget_s / rounds / 2, warmup=1, min_iters=3))
                 if bar:
                     bar.update(1)
     if bar:
         bar.close()
-    for row, eng, times in loaded:
-        row["single_p90_ms"] = float(np.median([1e3 * np.percentile(t, 90) for t in times[1]]))
-        row["batched_ips"] = float(np.median([batch / np.median(t) for t in times[batch]]))
-        eng.close()
+
+
+def _summarise(loaded: list[_Loaded], batch: int) -> None:
+    """Medians over the rounds, so one noisy round does not decide the winner."""
+    for m in loaded:
+        m.row["single_p90_ms"] = float(np.median([1e3 * np.percentile(t, 90) for t in m.times[1]]))
+        m.row["batched_ips"] = float(np.median([batch / np.median(t) for t in m.times[batch]]))
+
+
+def _record(artifact: Path, manifest: Manifest, rows: list[dict[str, Any]], batch: int, rounds: int,
+            budget_s: float) -> dict:
+    """What the cache keeps: every candidate's row and the winner per use; no winner at all is a ConfigError."""
     ok = [r for r in rows if "single_p90_ms" in r]
     if not ok:
         raise ConfigError(f"No backend could run {artifact.name} on this machine: "
                           + "; ".join(f"{r['backend']}: {r['status']}" for r in rows))
     single = min(ok, key=lambda r: r["single_p90_ms"])
     batched = max(ok, key=lambda r: r["batched_ips"])
-    record = {
-        "artifact": artifact.name, "sha256": manifest["sha256"], "machine": machine_fingerprint(),
+    return {
+        "artifact": artifact.name, "sha256": manifest.sha256, "machine": machine_fingerprint(),
         "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "batch": batch, "rounds": rounds, "budget_s": budget_s,
         "candidates": rows,
         "winners": {
@@ -186,6 +236,10 @@ def tune(artifact: str | Path, batch: int = 16, budget_s: float = 2.0, rounds: i
                         "measured": f"{batched['batched_ips']:.1f} img/s at batch {batch}"},
         },
     }
+
+
+def _write_cache(artifact: Path, record: dict) -> dict:
+    """Written beside the others under this machine's fingerprint; the record returned says where."""
     path = tuning_file(artifact, record["machine"])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -16,6 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,6 +32,9 @@ from .batcher import DynamicBatcher, QueueFull, ShuttingDown
 from .config import ServeConfig
 from .http_guard import BodyGuard, transport_snapshot
 from .metrics import ServiceMetrics
+
+if TYPE_CHECKING:
+    from ..runtime.backends.base import Backend, BackendInfo
 
 __all__ = ["ScreeningService", "ServeConfig", "create_app", "default_engine_threads"]
 
@@ -59,9 +63,9 @@ class ScreeningService:
 
     def __init__(self, artifact: "str | Path", config: ServeConfig = ServeConfig(), engine_wrapper=None):
         self.artifact, self.config, self.engine_wrapper = artifact, config, engine_wrapper
-        self.engine = None
+        self.engine: Backend | None = None  # loaded by start(), before the service is ready
         self.batcher: DynamicBatcher | None = None
-        self.head = None
+        self.head: object | None = None  # the engine-native Grad-CAM head, or None (no explain)
         self.ready = False
         self.metrics = ServiceMetrics()
         self.stopping = False
@@ -73,12 +77,30 @@ class ScreeningService:
         self.max_body = int(config.max_body_mb * 1024 * 1024)
         self.limits = DecodeLimits(max_bytes=self.max_body)
         #: images being decoded or waiting for a decoder beyond this: requests are refused up front and
-        #: /readyz says not ready (a load balancer sends the work elsewhere). As deep as the inference queue: at
-        #: 8 per worker, a burst of honest one-image clients drew 503s although the queue behind had room; the
+        #: /readyz says not ready (a load balancer sends the work elsewhere). As deep as the inference queue: a
+        #: shallower backlog refused bursts of honest one-image clients although the queue behind had room; the
         #: request timeout and the fair decode queue bound what waiting costs.
         self.max_decode_backlog = max(8 * max(1, config.decode_workers), config.max_queue)
         self.save_dir = Path(config.save_dir).resolve() if config.save_dir else None
         self._multipart = _in_memory_multipart_parser(self.max_body)
+
+    @property
+    def loaded_engine(self) -> "Backend":
+        """The engine, for work done once the service is ready (start() loads it first)."""
+        assert self.engine is not None, "start() loads the engine before the service is ready"
+        return self.engine
+
+    @property
+    def engine_info(self) -> "BackendInfo":
+        info = self.loaded_engine.info
+        assert info is not None, "Backend.load() sets info"
+        return info
+
+    @property
+    def live_batcher(self) -> DynamicBatcher:
+        """The batcher, for work done once the service is ready (start() makes it first)."""
+        assert self.batcher is not None, "start() makes the batcher before the service is ready"
+        return self.batcher
 
     # ---- lifecycle
     async def start(self) -> None:
@@ -147,7 +169,8 @@ class ScreeningService:
     def _capacity_for(self, n: int) -> str | None:
         if self.decoder is not None and self.decoder.pending + n > self.max_decode_backlog:
             return f"{self.decoder.pending} images waiting for {self.config.decode_workers} decoders"
-        if self.batcher.depth() + self.batcher.incoming + n > self.config.max_queue:
+        batcher = self.live_batcher
+        if batcher.depth() + batcher.incoming + n > self.config.max_queue:
             return "inference queue full"
         return None
 
@@ -190,7 +213,7 @@ class ScreeningService:
             item = await asyncio.wrap_future(self.decoder.submit(data, name, keep_preview=explain, resize=resize,
                                                                  client=client, request=rid))
         else:
-            res = await loop.run_in_executor(self.decode_pool, decode_and_pack, data, name, self.engine.spec,
+            res = await loop.run_in_executor(self.decode_pool, decode_and_pack, data, name, self.loaded_engine.spec,
                                              self.limits, explain, resize)
             if res[0] != "ok":
                 raise error_from(*res[1:])
@@ -203,7 +226,9 @@ class ScreeningService:
         """One decoded image resized on the device (the CPU resize if the device fails: logged, counted)."""
         from ..runtime.resize import area_resize
 
-        spec = self.engine.spec
+        engine = self.engine
+        assert engine is not None  # requests are screened only once start() loaded it
+        spec = engine.spec
         try:
             import cupy as cp
 
@@ -224,6 +249,7 @@ class ScreeningService:
 
         t = time.perf_counter()
         cam = e.cam
+        assert cam is not None  # the screening step attaches its map to every explanation
         h, w = preview.shape[:2]
         small = (max(1, w * 256 // max(h, w)), max(1, h * 256 // max(h, w)))  # smooth: the browser scales it up
 
@@ -257,7 +283,7 @@ class ScreeningService:
                    client: str = "") -> ScreeningResult:
         """One image: decode, queue, infer, explain, all within the request's deadline (``timeout_s``)."""
         loop = asyncio.get_running_loop()
-        batcher = self.batcher
+        batcher = self.live_batcher
         t = time.perf_counter()
         batcher.expect()
         try:
@@ -337,17 +363,17 @@ class ScreeningService:
             return refuse(503, f"busy ({busy}), retry shortly", 1)
         # the peer address (uvicorn takes it from X-Forwarded-For only when the peer is a trusted proxy)
         client = request.client.host if request.client else ""
-        exc = await self._run_all(items, rid, explain, deadline, client)
-        if isinstance(exc, BaseException):
-            if isinstance(exc, QueueFull):
+        outcome = await self._run_all(items, rid, explain, deadline, client)
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, QueueFull):
                 return refuse(503, "queue full, retry shortly", 1)
-            if isinstance(exc, ShuttingDown) or self.stopping:
+            if isinstance(outcome, ShuttingDown) or self.stopping:
                 return refuse(503, "shutting down", 5)
-            if isinstance(exc, asyncio.TimeoutError):
+            if isinstance(outcome, asyncio.TimeoutError):
                 return refuse(504, f"no answer within {self.config.timeout_s} s")
-            log.error("request %s failed: %s: %s", rid, type(exc).__name__, exc, exc_info=exc)
-            return refuse(500, f"inference failed: {type(exc).__name__}")
-        results = exc
+            log.error("request %s failed: %s: %s", rid, type(outcome).__name__, outcome, exc_info=outcome)
+            return refuse(500, f"inference failed: {type(outcome).__name__}")
+        results = outcome
         status = 200 if any(r.ok for r in results) else 422
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
@@ -357,11 +383,11 @@ class ScreeningService:
 
     def model_info(self) -> dict:
         """What the kiosk shows about the model: which file, which version, which precision, which threshold."""
-        info, m = self.engine.info, self.engine.manifest
-        created = str(m.get("created") or "")[:10]
+        info, m = self.engine_info, self.loaded_engine.manifest
+        created = (m.created or "")[:10]
         return {"backend": info.backend, "provider": info.provider, "precision": info.precision,
-                "classes": self.engine.classes, "artifact": m.get("file"), "recipe": m.recipe,
-                "version": f"v{m.get('manifest_version', 1)}" + (f" ({created})" if created else ""),
+                "classes": self.loaded_engine.classes, "artifact": m.file, "recipe": m.recipe,
+                "version": f"v{m.revision}" + (f" ({created})" if created else ""),
                 "sha256": (m.sha256 or "")[:12] or None, "operating_point": self.operating_point,
                 "preprocess": self.preprocess, "tuned": self.tuned,
                 "self_check": info.self_check.to_dict() if info.self_check else None}
@@ -424,10 +450,10 @@ class ScreeningService:
                 return JSONResponse({"ready": False, "reason": "shutting down" if service.stopping else "loading"}, 503)
             busy = service.saturated()
             if busy:
-                return JSONResponse({"ready": False, "reason": busy, "queue_depth": service.batcher.depth()}, 503)
-            info = service.engine.info
+                return JSONResponse({"ready": False, "reason": busy, "queue_depth": service.live_batcher.depth()}, 503)
+            info = service.engine_info
             return {"ready": True, "backend": info.backend, "provider": info.provider, "precision": info.precision,
-                    "queue_depth": service.batcher.depth()}
+                    "queue_depth": service.live_batcher.depth()}
 
         @app.get("/metrics", response_class=Response)
         async def prom():
@@ -475,10 +501,9 @@ LIGHT_MODEL_GMACS = 1.0
 def default_engine_threads(artifact: str | Path, cores: int | None = None) -> int | None:
     """Engine threads for serving on the CPU: all cores for heavy models, half for light ones.
 
-    Measured on 2 cores with the load test at concurrency 32: the small CNN (0.24 GMAC/image, decode
-    and HTTP dominate) served 178 req/s with 1 engine thread vs 158 with 2; ResNet50 (3.9 GMAC/image,
-    inference dominates) 82 req/s with 2 threads vs 62 with 1. None (the engine's own default) when
-    the cost cannot be read (non-ONNX artifacts, remote models).
+    Light models are bound by decode and HTTP, so one engine thread leaves cores for them; heavy models are bound
+    by inference and want every core. None (the engine's own default) when the cost cannot be read (non-ONNX
+    artifacts, remote models).
     """
     cores = cores or usable_cores()
     if not str(artifact).endswith(".onnx"):

@@ -174,7 +174,8 @@ class ConnectionBook:
         self.idle: dict = {}  # protocol -> time its last answer completed (keep-alive, nothing sent since)
         self.lingering: set = set()  # answered, draining what the client still sends before closing
         self.stalled: dict = {}  # protocol -> [bytes buffered, time of last progress]
-        self._ticker = self._trim = None
+        self._ticker: asyncio.TimerHandle | None = None
+        self._trim: asyncio.TimerHandle | None = None
         _BOOKS.add(self)
 
     # ---- header slots
@@ -348,14 +349,17 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
     class GuardedH11Protocol(H11Protocol):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.connections = _ActiveConnections(self.connections, book)
+            # a duck-typed view of uvicorn's connection set (add, discard, len, iter and `in` are all uvicorn uses)
+            self.connections = _ActiveConnections(self.connections, book)  # type: ignore[assignment]
             self._header_deadline = self._linger_idle = self._linger_end = None
-            self._lingering, self._refusal, self._raw = False, None, None
+            self._lingering, self._refusal = False, None
+            self._raw: asyncio.Transport | None = None  # the real transport, set by connection_made
 
         # ---- asyncio protocol interface
         def connection_made(self, transport):
             self._raw = transport
-            super().connection_made(_LingeringTransport(transport, self))
+            # the proxy forwards every other attribute to the real transport (__getattr__), which mypy cannot see
+            super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
             book.wait_headers(self)
             self._arm()
             self._count_chunks()
@@ -396,14 +400,20 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
 
 
         # ---- used by the book
+        @property
+        def _sock(self) -> asyncio.Transport:
+            """The real transport: asyncio calls connection_made before anything else reaches the protocol."""
+            assert self._raw is not None, "connection_made sets the transport first"
+            return self._raw
+
         def write_buffer_size(self) -> int:
             return self._raw.get_write_buffer_size() if self._raw is not None else 0
 
         def close_now(self):
-            self._raw.close()
+            self._sock.close()
 
         def abort_now(self):
-            self._raw.abort()
+            self._sock.abort()
 
         # ---- request line and header limits, tiny-chunk floods
         def _count_chunks(self):
@@ -431,7 +441,8 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
                         raise h11.RemoteProtocolError("request body sent in too many tiny chunks")
                 return event
 
-            self.conn.next_event = counted
+            # wraps h11's bound method on this one connection object only
+            self.conn.next_event = counted  # type: ignore[method-assign]
 
         def send_400_response(self, msg: str) -> None:
             """uvicorn's answer to a protocol error, with our status (414/431) where one of our limits refused."""
@@ -451,17 +462,17 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
                 out += self.conn.send(h11.EndOfMessage())
                 self.transport.write(out)
             except h11.LocalProtocolError:  # an answer was already sent: nothing for the client to read, close now
-                self._raw.close()
+                self._sock.close()
                 return
-            if self._lingering or self._raw.is_closing():
+            if self._lingering or self._sock.is_closing():
                 return
             self._linger()  # the client may still be sending: it reads this answer instead of a reset
 
         def shutdown(self) -> None:
             """uvicorn's graceful shutdown, skipping connections already closing: sending h11's close event on a
             connection in ERROR state raised out of uvicorn's shutdown loop and cut the drain short."""
-            if self._lingering or self._raw.is_closing() or self.conn.our_state is h11.ERROR:
-                self._raw.close()
+            if self._lingering or self._sock.is_closing() or self.conn.our_state is h11.ERROR:
+                self._sock.close()
                 return
             super().shutdown()
 
@@ -489,7 +500,7 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
                 STATS["header_timeouts"] += 1
                 log.warning("closing connection from %s: request headers incomplete after %.0f s",
                             _peer(self), limits.header_timeout_s)
-                self._raw.close()
+                self._sock.close()
 
         # ---- lingering close
         def _body_unread(self) -> bool:
@@ -499,26 +510,26 @@ def guarded_protocol(limits: TransportLimits = TransportLimits()):
             """Answer flushed, write side shut; the unread body is drained for a moment, then the socket closed.
             Beyond ``max_pending_headers`` lingering connections the socket is closed at once instead."""
             if len(book.lingering) >= limits.max_pending_headers:
-                self._raw.close()
+                self._sock.close()
                 return
             try:
-                self._raw.write_eof()
+                self._sock.write_eof()
             except (OSError, RuntimeError, NotImplementedError):
-                self._raw.close()
+                self._sock.close()
                 return
             self._lingering = True
             book.headers_done(self)  # draining, not waiting for headers: counted once, as lingering
             book.busy(self)
             book.lingering.add(self)
             STATS["lingering_closes"] += 1
-            self._raw.resume_reading()
-            self._linger_end = self.loop.call_later(limits.max_linger_s, self._raw.close)
+            self._sock.resume_reading()
+            self._linger_end = self.loop.call_later(limits.max_linger_s, self._sock.close)
             self._linger_quiet()
 
         def _linger_quiet(self):
             if self._linger_idle is not None:
                 self._linger_idle.cancel()
-            self._linger_idle = self.loop.call_later(limits.linger_s, self._raw.close)
+            self._linger_idle = self.loop.call_later(limits.linger_s, self._sock.close)
 
     return GuardedH11Protocol
 

@@ -105,9 +105,10 @@ class Supervisor:
             cmd = self._service_cmd()
         else:
             cmd = browser_command(self.browser, self.url + "/", self.c.mode, self.profile, self.c.extra_browser_args)
-        self.procs[which] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                                             if which == "browser" else None, start_new_session=True)
-        log.info("started %s (pid %d)", which, self.procs[which].pid)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                                if which == "browser" else None, start_new_session=True)
+        self.procs[which] = proc
+        log.info("started %s (pid %d)", which, proc.pid)
         self._status()
 
     def _wait_ready(self) -> None:

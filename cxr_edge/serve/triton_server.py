@@ -9,22 +9,23 @@ the running interpreter's libpython directory (set below before Triton starts).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sysconfig
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingExtraError
+from ..errors import ConfigError, MissingExtraError
 
 log = logging.getLogger(__name__)
 
 
-def fix_libpython_path(env: dict | None = None) -> str | None:
+def fix_libpython_path(env: MutableMapping[str, str] | None = None) -> str | None:
     """Prepend this interpreter's libpython directory to LD_LIBRARY_PATH (in ``env`` or os.environ)."""
-    env = os.environ if env is None else env
+    if env is None:
+        env = os.environ
     libdir = sysconfig.get_config_var("LIBDIR")
     if not libdir or not any(Path(libdir).glob("libpython3*.so*")):
         return None
@@ -47,7 +48,7 @@ def serve_triton(artifact: str | Path, host: str = "127.0.0.1", http_port: int =
             "serve-triton needs PyTriton (which pins numpy<2): in its own virtual environment, "
             "pip install 'cxr-edge[triton-server]'") from exc
     from ..runtime.backends.registry import open_backend
-    from ..runtime.backends.triton import MANIFEST_PARAMETER
+    from ..runtime.backends.triton import MANIFEST_PARAMETER, remote_manifest_json
     from ..runtime.backends.triton import model_name as default_name
 
     engine = open_backend(artifact, device="auto").load()
@@ -62,12 +63,14 @@ def serve_triton(artifact: str | Path, host: str = "127.0.0.1", http_port: int =
         res = engine.infer(np.ascontiguousarray(image, dtype=np.uint8), outputs)
         return {k: v.astype(np.float32) for k, v in res.items()}
 
-    shapes = {o["name"]: tuple(o["shape"][1:]) for o in doc["outputs"]}
+    unshaped = [o.name for o in doc.outputs if not o.shape]
+    if unshaped:
+        raise ConfigError(f"The manifest of {Path(artifact).name} gives no shape for {', '.join(unshaped)}; re-export "
+                          "the artifact with this cxr-edge.")
+    shapes = {o.name: tuple(o.shape[1:]) for o in doc.outputs if o.shape}
     cfg = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                        metrics_port=metrics_port)
-    manifest = json.dumps({k: doc[k] for k in ("classes", "preprocess", "operating_point", "precision", "recipe",
-                                               "outputs", "gradcam", "sha256") if k in doc})
-    _attach_manifest(name, MANIFEST_PARAMETER, manifest)
+    _attach_manifest(name, MANIFEST_PARAMETER, remote_manifest_json(doc))
     with Triton(config=cfg) as triton:
         triton.bind(
             model_name=name, infer_func=infer,

@@ -9,7 +9,7 @@ from ..data.labelled import load_split
 from ..decision import describe_operating_point
 from ..evaluation.metrics import evaluate_predictions
 from ..evaluation.report import write_report
-from ..preprocess import PreprocessSpec
+from ..manifest_schema import TrainingPhase
 from .trainer import load_model_and_manifest
 
 log = logging.getLogger(__name__)
@@ -27,20 +27,22 @@ def evaluate_model(
     progress: bool = True,
 ) -> tuple[Path, dict]:
     model, doc = load_model_and_manifest(model_path)
-    classes = doc["classes"]
-    spec = PreprocessSpec.from_dict(doc["preprocess"])
+    classes = list(doc.classes)
+    spec = doc.preprocess
     data = load_split(doc, data_dir, spec, split, common_size=common_size, progress=progress)
     probs = model.predict(data.x, batch_size=32, verbose=0)
     if threshold is None:
         threshold = doc.threshold
     result = evaluate_predictions(data.y, probs, classes, threshold, sources=data.sources,
                                   sizes=data.loaded.original_sizes, n_boot=n_boot)
-    phases = doc.get("training", {}).get("phases", [])
-    ft_start = phases[0]["epochs"] if len(phases) > 1 else None
-    context = {"model": str(model_path), "recipe": doc.get("recipe"), "data": str(data_dir), "split": data.split,
+    phases: tuple[TrainingPhase, ...] = doc.training.phases if doc.training is not None else ()
+    ft_start = phases[0].epochs if len(phases) > 1 else None
+    op = doc.operating_point
+    context = {"model": str(model_path), "recipe": doc.recipe, "data": str(data_dir), "split": data.split,
                "n_images": len(data.items), "skipped": len(data.loaded.errors), "common_size": common_size,
-               "operating_point_from_training": doc.get("operating_point"),
-               "operating_point": describe_operating_point(doc.get("operating_point"))}
-    history = Path(model_path).with_name(doc.get("training", {}).get("history", "history.csv"))
+               "operating_point_from_training": op.to_dict() if op is not None else None,
+               "operating_point": describe_operating_point(op)}
+    history_file = doc.training.history if doc.training is not None else None
+    history = Path(model_path).with_name(history_file or "history.csv")
     report = write_report(result, out_dir, context, history, ft_start)
     return report, result

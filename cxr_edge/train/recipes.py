@@ -99,15 +99,15 @@ def resolve_weights(weights: str | None) -> str | None:
     return str(path)
 
 
-def _backbone(recipe: Recipe, x, weights: str | None):
+def _backbone(backbone: str, x, weights: str | None):
     keras = require("keras")
-    ctor = getattr(keras.applications, recipe.backbone)
+    ctor = getattr(keras.applications, backbone)
     try:
         base = ctor(include_top=False, weights=weights, input_tensor=x)
     except Exception as exc:
         if weights == "imagenet":
             raise ConfigError(
-                f"Could not load ImageNet weights for {recipe.backbone} ({exc}). Without internet, "
+                f"Could not load ImageNet weights for {backbone} ({exc}). Without internet, "
                 "copy the '*_notop.h5' file into ~/.keras/models/, or pass --weights PATH.h5, or "
                 "--weights none."
             ) from exc
@@ -132,7 +132,7 @@ def build_model(recipe: Recipe, spec: PreprocessSpec, weights: str | None = None
         x = L.Flatten(name="flatten")(x)
         x = L.Dense(512, activation="relu", name="fc1")(x)
     else:
-        base = _backbone(recipe, x, resolve_weights(weights))
+        base = _backbone(recipe.backbone, x, resolve_weights(weights))
         # base.layers starts with our uint8 input and preprocessing layer; the published count
         # ("first 300 layers") is of keras.applications' own list, which starts with one InputLayer.
         body = [l for l in base.layers if not isinstance(l, (L.InputLayer, CxrPreprocess))]

@@ -1,22 +1,23 @@
 """Site calibration: set an artifact's operating threshold on the site's own labelled images.
 
-A threshold chosen on the training data's validation split does not travel: on adult images from another
-hospital, the small CNN kept its ranking (ROC-AUC 0.92) but the validation threshold for 95% sensitivity
-flagged 15 of 18 normals. ``calibrate`` screens the site's images with the deployed engine, chooses the
-threshold for the target sensitivity there, reports the old and the new operating point side by side with
-exact intervals, and writes the artifact's next manifest version (the previous one is kept beside it; the
-artifact file, and so its sha256, is untouched). ``predict`` and ``serve`` read the new one; a signed
-deployment must re-sign it. Optionally a temperature is fitted so the probabilities themselves are
-calibrated on the site's data (applied by every consumer of the manifest; see ``decision.calibrated``).
-"""
+A threshold chosen on the training data's validation split does not travel: on another hospital's images a model
+can keep its ranking while the validation threshold flags most normals. ``calibrate`` screens the site's images
+with the deployed engine, chooses the threshold for the target sensitivity there, reports the old and the new
+operating point side by side with exact intervals, and writes the artifact's next manifest version (the previous
+one is kept beside it; the artifact file, and so its sha256, is untouched). ``predict`` and ``serve`` read the new
+one; a signed deployment must re-sign it. Optionally a temperature is fitted so the probabilities themselves are
+calibrated on the site's data (applied by every consumer of the manifest; see ``decision.calibrated``). """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,8 @@ from ..data.labelled import load_items
 from ..decision import calibrated, choose_threshold, decide, describe_operating_point
 from ..errors import ConfigError, DatasetError
 from ..evaluation.intervals import exact_ci
-from ..manifest import manifest_path, read_manifest
+from ..manifest import ArtifactManifest, manifest_path, read_manifest, write_manifest
+from ..manifest_schema import OperatingPoint, SiteCalibration
 from ..runtime.screener import Screener
 
 log = logging.getLogger(__name__)
@@ -95,88 +97,159 @@ def _reliability_plot(probs_before, probs_after, y, path: Path, title: str) -> N
     plt.close(fig)
 
 
-def calibrate_artifact(artifact: str | Path, data_dir: str | Path, *, target_sensitivity: float = 0.95,
-                       temperature: bool = False, out_dir: str | Path | None = None, dry_run: bool = False,
-                       backend: str | None = None, device: str = "auto", progress: bool = True,
-                       self_check: str = "refuse") -> dict:
-    """Choose the site's operating point and write the artifact's next manifest version; returns the summary."""
-    artifact = Path(artifact)
-    if str(artifact).startswith("triton:/"):
-        raise ConfigError("calibrate writes the artifact's manifest, so it needs the local file; calibrate it on the "
-                          "Triton host and re-export the repository.")
-    if not 0 < target_sensitivity < 1:
-        raise ConfigError(f"--target-sensitivity must be between 0 and 1, got {target_sensitivity}.")
-    old_doc = read_manifest(artifact)
-    classes = old_doc.classes
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """What ``cxr-edge calibrate`` was asked: the artifact, the site's labelled images, and how to run and report.
+
+    Checked when made, so a bad request fails before any image is screened."""
+
+    artifact: Path
+    data_dir: Path
+    target_sensitivity: float = 0.95
+    temperature: bool = False  # also fit a probability temperature on the site's images
+    out_dir: Path | None = None  # the report's folder (default: calibration-<artifact>-v<version> beside it)
+    dry_run: bool = False  # report only; leave the manifest as it is
+    backend: str | None = None
+    device: str = "auto"
+    progress: bool = True
+    self_check: str = "refuse"
+
+    def __post_init__(self):
+        if str(self.artifact).startswith("triton:/"):
+            raise ConfigError("calibrate writes the artifact's manifest, so it needs the local file; calibrate it on the "
+                              "Triton host and re-export the repository.")
+        if not 0 < self.target_sensitivity < 1:
+            raise ConfigError(f"--target-sensitivity must be between 0 and 1, got {self.target_sensitivity}.")
+        object.__setattr__(self, "artifact", Path(self.artifact))
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.out_dir is not None:
+            object.__setattr__(self, "out_dir", Path(self.out_dir))
+
+
+def calibrate_artifact(artifact: str | Path, data_dir: str | Path, **options) -> dict:
+    """Choose the site's operating point and write the artifact's next manifest version; returns the summary.
+    ``options``: the other fields of :class:`CalibrationRequest`."""
+    return run_calibration(CalibrationRequest(Path(artifact), Path(data_dir), **options))
+
+
+@dataclass(frozen=True)
+class _SiteScreening:
+    """The deployed engine's own answers (before any earlier temperature) on the site's labelled images."""
+
+    ds: Any
+    probs: np.ndarray
+    y: np.ndarray
+    n_images: int
+    n_skipped: int
+    engine: str
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The operating point before (as deployed) and after (chosen on the site's images), on the same images."""
+
+    raw: np.ndarray  # what the deployed artifact reports today
+    site_probs: np.ndarray  # with the new temperature, if any
+    temperature: float | None
+    before: dict
+    after: dict
+    accuracy: dict
+
+
+def run_calibration(req: CalibrationRequest) -> dict:
+    """Screen the site's images, choose the threshold there, report before/after, and write the next manifest."""
+    old = read_manifest(req.artifact)
+    classes = list(old.classes)
     if COVID not in classes:
-        raise ConfigError(f"{artifact.name} has no {COVID} class ({classes}); there is no threshold to calibrate.")
-    ds = scan_dataset(data_dir, classes=classes)
-    labels = {i.label for i in ds.items}
-    if COVID not in labels or len(labels) < 2:
-        raise DatasetError(f"{data_dir} must hold labelled {COVID} images and at least one other class "
-                           f"({classes}); found {sorted(labels) or 'none'}.")
-    with Screener(artifact, backend=backend, device=device, isolation=None, batch_size=32, self_check=self_check) as s:
-        data = load_items(ds.items, classes, s.engine.spec, progress=progress)
-        # the engine's own output, before any temperature an earlier calibration set
-        probs = s.engine.infer_all(data.x, 32, calibrated=False).astype(np.float64)
-        info = s.engine.info
-    loaded, kept, y = data.loaded, data.items, data.y
-    old_t = old_doc.get("probability_temperature")
-    raw = calibrated(probs, float(old_t)) if old_t else probs  # what the deployed artifact reports today
-    t_new = fit_temperature(probs, y) if temperature else (float(old_t) if old_t else None)
-    site_probs = calibrated(probs, t_new) if t_new else probs
-    ci = classes.index(COVID)
-    is_covid = y == ci
-    chosen = choose_threshold(is_covid, site_probs[:, ci], target_sensitivity)
-    old_threshold = old_doc.threshold if old_doc.threshold is not None else 0.5
-    before = _operating(raw[:, ci], is_covid, old_threshold)
-    after = _operating(site_probs[:, ci], is_covid, chosen["threshold"])
-    accuracy = {"before": float((decide(raw, classes, old_threshold) == y).mean()),
-                "after": float((decide(site_probs, classes, chosen["threshold"]) == y).mean())}
-    version = int(old_doc.get("manifest_version", 1)) + 1
+        raise ConfigError(f"{req.artifact.name} has no {COVID} class ({classes}); there is no threshold to calibrate.")
+    screened = _screen_site(req, classes)
+    choice = _choose(req, old, screened, classes)
+    version = old.revision + 1
     today = _dt.date.today().isoformat()
-    site = {"data": str(Path(data_dir).resolve()), "fingerprint": ds.fingerprint(), "n_images": len(kept),
-            "skipped": len(loaded.errors), "counts": {c: int((y == k).sum()) for k, c in enumerate(classes)},
-            "date": today, "engine": f"{info.backend} / {info.provider} / {info.precision}"}
-    new_op = {**after, "target_sensitivity": target_sensitivity,
-              "chosen_on": f"site data ({Path(data_dir).name}, {today})"}
-    out = Path(out_dir) if out_dir else artifact.parent / f"calibration-{artifact.name}-v{version}"
+    site = SiteCalibration(data=str(req.data_dir.resolve()), fingerprint=screened.ds.fingerprint(),
+                           n_images=screened.n_images, skipped=screened.n_skipped,
+                           counts={c: int((screened.y == k).sum()) for k, c in enumerate(classes)}, date=today,
+                           engine=screened.engine)
+    new_op = OperatingPoint.from_dict({**choice.after, "target_sensitivity": req.target_sensitivity,
+                                       "chosen_on": f"site data ({req.data_dir.name}, {today})"}, "operating_point")
+    out = req.out_dir or req.artifact.parent / f"calibration-{req.artifact.name}-v{version}"
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"artifact": artifact.name, "manifest_version": version, "site": site, "target_sensitivity": target_sensitivity,
-               "before": {**before, "described": describe_operating_point(old_doc.operating_point),
-                          "accuracy": accuracy["before"], "temperature": old_t},
-               "after": {**after, "described": describe_operating_point(new_op), "accuracy": accuracy["after"],
-                         "temperature": t_new}}
-    if temperature:
-        summary["calibration_error"] = {"ece_before": expected_calibration_error(raw, y),
-                                        "ece_after": expected_calibration_error(site_probs, y)}
-        _reliability_plot(raw, site_probs, y, out / "reliability.png",
-                          f"{artifact.name} on {Path(data_dir).name} (n={len(y)})")
-    (out / "calibration.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "calibration.md").write_text(render(summary))
-    summary["report"] = str(out / "calibration.md")
-    if not dry_run:
-        mpath = manifest_path(artifact)
-        shutil.copy2(mpath, mpath.with_name(f"{artifact.name}.manifest.v{version - 1}.json"))
-        doc = old_doc.to_dict()
-        history = list(doc.get("operating_point_history") or []) + [
-            {**(doc.get("operating_point") or {}), "manifest_version": version - 1}]
-        doc.update(manifest_version=version, operating_point=new_op, operating_point_history=history,
-                   site_calibration=site)
-        if t_new:
-            doc["probability_temperature"] = t_new
-        mpath.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-        read_manifest(artifact)  # the new version is one the loaders accept
-        summary["manifest"] = str(mpath)
+    summary = {"artifact": req.artifact.name, "manifest_version": version, "site": site.to_dict(),
+               "target_sensitivity": req.target_sensitivity,
+               "before": {**choice.before, "described": describe_operating_point(old.operating_point),
+                          "accuracy": choice.accuracy["before"], "temperature": old.probability_temperature},
+               "after": {**choice.after, "described": describe_operating_point(new_op), "accuracy": choice.accuracy["after"],
+                         "temperature": choice.temperature}}
+    _write_report(req, out, summary, choice, screened.y)
+    if not req.dry_run:
+        summary["manifest"] = str(_write_next_manifest(req.artifact, old, version, new_op, site, choice.temperature))
         from ..signing import signature_path
 
-        if signature_path(artifact).is_file():
+        if signature_path(req.artifact).is_file():
             summary["signature"] = ("the previous signature no longer matches this manifest: re-sign it with "
-                                    f"cxr-edge sign {artifact} --key KEY.key before serving with --trusted-key")
+                                    f"cxr-edge sign {req.artifact} --key KEY.key before serving with --trusted-key")
             log.warning(summary["signature"])
     return summary
 
 
+def _screen_site(req: CalibrationRequest, classes: list[str]) -> _SiteScreening:
+    ds = scan_dataset(req.data_dir, classes=classes)
+    labels = {i.label for i in ds.items}
+    if COVID not in labels or len(labels) < 2:
+        raise DatasetError(f"{req.data_dir} must hold labelled {COVID} images and at least one other class "
+                           f"({classes}); found {sorted(labels) or 'none'}.")
+    with Screener(req.artifact, backend=req.backend, device=req.device, isolation=None, batch_size=32,
+                  self_check=req.self_check) as s:
+        data = load_items(ds.items, classes, s.engine.spec, progress=req.progress)
+        # the engine's own output, before any temperature an earlier calibration set
+        probs = s.engine.infer_all(data.x, 32, calibrated=False).astype(np.float64)
+        info = s.engine.info
+    return _SiteScreening(ds, probs, data.y, len(data.items), len(data.loaded.errors),
+                          f"{info.backend} / {info.provider} / {info.precision}")
+
+
+def _choose(req: CalibrationRequest, old: ArtifactManifest, screened: _SiteScreening, classes: list[str]) -> _Choice:
+    probs, y = screened.probs, screened.y
+    old_t = old.probability_temperature
+    raw = calibrated(probs, old_t) if old_t else probs  # what the deployed artifact reports today
+    t_new = fit_temperature(probs, y) if req.temperature else old_t
+    site_probs = calibrated(probs, t_new) if t_new else probs
+    ci = classes.index(COVID)
+    is_covid = y == ci
+    chosen = choose_threshold(is_covid, site_probs[:, ci], req.target_sensitivity)
+    old_threshold = old.threshold if old.threshold is not None else 0.5
+    before = _operating(raw[:, ci], is_covid, old_threshold)
+    after = _operating(site_probs[:, ci], is_covid, chosen["threshold"])
+    accuracy = {"before": float((decide(raw, classes, old_threshold) == y).mean()),
+                "after": float((decide(site_probs, classes, chosen["threshold"]) == y).mean())}
+    return _Choice(raw, site_probs, t_new, before, after, accuracy)
+
+
+def _write_report(req: CalibrationRequest, out: Path, summary: dict, choice: _Choice, y: np.ndarray) -> None:
+    """calibration.json/.md (and, with a fitted temperature, the reliability plot) in ``out``."""
+    if req.temperature:
+        summary["calibration_error"] = {"ece_before": expected_calibration_error(choice.raw, y),
+                                        "ece_after": expected_calibration_error(choice.site_probs, y)}
+        _reliability_plot(choice.raw, choice.site_probs, y, out / "reliability.png",
+                          f"{req.artifact.name} on {req.data_dir.name} (n={len(y)})")
+    (out / "calibration.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "calibration.md").write_text(render(summary))
+    summary["report"] = str(out / "calibration.md")
+
+
+def _write_next_manifest(artifact: Path, old: ArtifactManifest, version: int, new_op: OperatingPoint,
+                         site: SiteCalibration, temperature: float | None) -> Path:
+    """Keep the current manifest as ``.manifest.v<N>.json`` and write version N+1: same file, same sha256, the new
+    operating point (the old one moves to the history), the site and the temperature."""
+    mpath = manifest_path(artifact)
+    shutil.copy2(mpath, mpath.with_name(f"{artifact.name}.manifest.v{version - 1}.json"))
+    previous = dataclasses.replace(old.operating_point or OperatingPoint(), manifest_version=version - 1)
+    new = dataclasses.replace(old, manifest_version=version, operating_point=new_op,
+                              operating_point_history=(*old.operating_point_history, previous), site_calibration=site,
+                              probability_temperature=temperature or old.probability_temperature)
+    write_manifest(artifact, new, stamp=False)  # the artifact is untouched: its facts and sha256 stay
+    read_manifest(artifact)  # the new version is one the loaders accept
+    return mpath
 def render(s: dict) -> str:
     def pct(v):
         return "n/a" if v is None else f"{100 * v:.1f}%"

@@ -37,5 +37,5 @@ def evaluate_artifact(artifact: str | Path, data_dir: str | Path, out_dir: str |
                "skipped": len(data.loaded.errors), "common_size": common_size,
                "operating_point": "threshold given on the command line" if threshold is not None
                else describe_operating_point(doc.operating_point),
-               "operating_point_from_training": doc.operating_point or None}
+               "operating_point_from_training": (doc.operating_point.to_dict() or None) if doc.operating_point else None}
     return write_report(result, out_dir, context), result

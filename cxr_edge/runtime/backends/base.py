@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import abc
 import logging
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ...errors import ConfigError, EngineError
 from ...manifest import Manifest
-from ...preprocess import PreprocessSpec
 from ...self_check import DEFAULT_POLICY, POLICIES, SelfCheckOutcome
 
 log = logging.getLogger(__name__)
@@ -40,32 +41,84 @@ class SelfCheckError(EngineError):
     this backend or machine computes something other than what was gated."""
 
 
-#: options every front end may pass to any backend; a backend that has no use for one ignores it (``threads`` on a
-#: remote Triton model, ``cuda_graph`` on ONNX Runtime, ``precision``: an inference-precision hint only OpenVINO
-#: takes), so the same flags work whichever backend runs
-COMMON_OPTIONS = frozenset({"device", "max_batch", "threads", "spin", "trusted", "cuda_graph", "self_check",
-                            "precision"})
+_Opts = TypeVar("_Opts", bound="BackendOptions")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The options every front end may pass to any backend, typed once; a backend that has no use for one ignores it
+    (``threads`` on a remote Triton model, ``cuda_graph`` on ONNX Runtime, ``precision``: an inference-precision hint
+    only OpenVINO takes), so the same flags work whichever backend runs. Each backend's ``Options`` adds its own."""
+
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    max_batch: int | None = None  # largest batch of engines compiled at load (ONNX Runtime's TensorRT EP profile)
+    threads: int | None = None  # None (or 0): the runtime's default
+    spin: bool | None = None  # False: ONNX Runtime's threads do not busy-wait between calls
+    trusted: bool = False  # a signed-only deployment: no natively compiled engine caches are loaded
+    cuda_graph: bool = False
+    self_check: str | None = None  # None: DEFAULT_POLICY
+    precision: str | None = None  # an inference-precision hint (OpenVINO), not the artifact's precision
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls: type[_Opts], backend: str, options: Mapping[str, Any]) -> _Opts:
+        """The typed options from keyword arguments: a misspelt name (``thread=2``, once silently ignored) or an integer
+        option that is no integer is a ConfigError naming the backend, before anything is loaded."""
+        valid = cls.names()
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ConfigError(f"{backend} backend has no option {', '.join(map(repr, unknown))}; valid: "
+                              f"{', '.join(sorted(valid))}.")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _typed(backend, k, v, hints[k]) for k, v in options.items()})
+
+
+def _typed(backend: str, name: str, value: Any, hint: Any) -> Any:
+    """An integer option as an int (engines were handed ``int(value)`` anyway); others as given, so a tri-state
+    such as ``spin`` keeps its None."""
+    if value is None or not (hint is int or int in typing.get_args(hint)):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{backend} backend option {name} must be an integer, got {value!r}.") from None
+
+
+#: the names of :class:`BackendOptions`: what every backend accepts
+COMMON_OPTIONS = BackendOptions.names()
 
 
 class Backend(abc.ABC):
     name: str = "base"  # which formats a backend runs is said once, in the registry
-    #: the options this backend reads beyond :data:`COMMON_OPTIONS`
-    OPTIONS: frozenset[str] = frozenset()
+    #: the typed options this backend takes: :class:`BackendOptions` and its own fields
+    Options: type[BackendOptions] = BackendOptions
 
-    def __init__(self, artifact: str | Path, manifest: Mapping, **options):
-        unknown = sorted(set(options) - COMMON_OPTIONS - self.OPTIONS)
-        if unknown:  # a misspelt option (``thread=2``) was silently ignored
-            raise ConfigError(f"{self.name} backend has no option {', '.join(map(repr, unknown))}; valid: "
-                              f"{', '.join(sorted(COMMON_OPTIONS | self.OPTIONS))}.")
+    @classmethod
+    def tuning_candidates(cls, artifact: Path, manifest: Manifest, *, device: str, batch: int,
+                          cores: int) -> list[dict[str, Any]]:
+        """The option sets worth timing for ``artifact`` on this machine (``cores`` usable, batches up to ``batch``)
+        for :func:`cxr_edge.runtime.tuning.tune`: only the defaults unless a backend knows a setting whose best
+        value differs by machine."""
+        return [{}]
+
+    @staticmethod
+    def _thread_counts(cores: int) -> list[int]:
+        """All usable cores, and half of them: with decoding beside inference, fewer threads can win."""
+        return sorted({cores, max(1, cores // 2)}, reverse=True)
+
+    def __init__(self, artifact: str | Path, manifest: Manifest | Mapping[str, Any], **options):
+        self.opts = self.Options.build(self.name, options)
         self.artifact = Path(artifact)
-        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest(manifest)
-        self.self_check_policy = options.pop("self_check", None) or DEFAULT_POLICY
+        self.manifest = manifest if isinstance(manifest, Manifest) else Manifest.from_dict(manifest)
+        self.self_check_policy = self.opts.self_check or DEFAULT_POLICY
         if self.self_check_policy not in POLICIES:
             raise ConfigError(f"self_check must be one of {', '.join(POLICIES)}, got {self.self_check_policy!r}.")
-        self.options = options
-        self.spec = PreprocessSpec.from_dict(self.manifest.preprocess)
-        self.classes = self.manifest.classes
-        self.outputs = self.manifest.output_names
+        self.spec = self.manifest.preprocess
+        self.classes = list(self.manifest.classes)
+        self.outputs = list(self.manifest.output_names)
         self.info: BackendInfo | None = None
         self.trust: dict = {"signed_by": None}  # set by open_backend's load policy
         # the artifact's bytes as hashed by open_backend's load policy: engines load these, not the path again
@@ -80,7 +133,7 @@ class Backend(abc.ABC):
         if not self._loaded:
             self.info = self._load()
             self._loaded = True
-            self.model_bytes = None  # the engine holds the model now; a ResNet152V2 FP32 file is 230 MB of RSS
+            self.model_bytes = None  # the engine holds the model now; a large FP32 model is hundreds of MB of RSS
             try:
                 self.info.self_check = self._self_check()
             except BaseException:
@@ -112,7 +165,7 @@ class Backend(abc.ABC):
         probs = self.infer(x, ["probs"], calibrated=False)["probs"]
         outcome = self_check.compare(self.manifest, probs, where)
         if outcome.failed:
-            msg = (f"{self.artifact.name} ({self.manifest.get('precision')}) answers differently on {where} than "
+            msg = (f"{self.artifact.name} ({self.manifest.precision.value}) answers differently on {where} than "
                    f"its FP32 model: {outcome.text()}. This backend or CPU computes something other than what the "
                    "export gate measured (e.g. INT8 kernels without VNNI saturate). Use another backend or the "
                    "fp32/fp16 artifact, re-export on a machine like this one, or pass --self-check warn to run it "
@@ -145,7 +198,7 @@ class Backend(abc.ABC):
 
     def _temperature(self, out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Probabilities re-calibrated by a site's temperature when the manifest has one (cxr-edge calibrate)."""
-        t = self.manifest.get("probability_temperature")
+        t = self.manifest.probability_temperature
         if t and "probs" in out:
             from ...decision import calibrated
 

@@ -2,19 +2,18 @@
 
 ONNX lets tensors live in side files (``location`` in a tensor's ``external_data``); ONNX Runtime reads
 them from the model's folder at load. The manifest hash covers the ``.onnx`` file only, so swapping a
-side file changed the weights under a valid hash and a valid signature (COVID became Normal; issue 13).
+side file would change the weights (and the answers) under a valid hash and a valid signature.
 Every external file must therefore be listed in the manifest's ``external_data`` (file name -> sha256),
 be a regular file in the artifact's folder, and match its hash; anything else is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from ...errors import ManifestError
-from ...manifest import sha256_file, sibling_file
+from ...manifest import Manifest, sha256_file, sibling_file
 
 
 def _tensors_of_graph(graph) -> Iterator:
@@ -55,14 +54,12 @@ def external_locations(model) -> set[str]:
     return out
 
 
-def check_external_data(artifact: Path, manifest: Mapping[str, Any], model) -> list[str]:
+def check_external_data(artifact: Path, manifest: Manifest, model) -> list[str]:
     """Refuse external tensors not pinned by the manifest; returns the verified file names."""
     locations = external_locations(model)
     if not locations:
         return []
-    pinned = manifest.get("external_data") or {}
-    if not isinstance(pinned, Mapping):
-        raise ManifestError(f"Manifest of {artifact.name}: external_data must map file names to sha256.")
+    pinned = manifest.external_data or {}  # file name -> sha256 (its types are checked when the manifest is read)
     missing = sorted(loc for loc in locations if loc not in pinned)
     if missing:
         raise ManifestError(

@@ -6,20 +6,41 @@ TensorFlow is imported only when a Keras model is loaded, so the runtime stays T
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from .base import Backend, BackendInfo
+from ...manifest import Manifest
+from ...manifest_schema import TensorSpec
+from ...precision import Precision
+from .base import Backend, BackendInfo, BackendOptions
+
+
+@dataclass(frozen=True)
+class KerasOptions(BackendOptions):
+    """The Keras backend's own option beside the common ones."""
+
+    mode: str = "call"  # "call": model(x, training=False); "predict": model.predict
 
 
 class KerasBackend(Backend):
     name = "keras"
-    OPTIONS = frozenset({"mode"})
+    Options = KerasOptions
+    opts: KerasOptions
 
-    def __init__(self, artifact, manifest, **options):
-        manifest = dict(manifest)
-        layer = manifest.get("last_conv_layer")
-        manifest.setdefault("outputs", [{"name": "probs"}] + ([{"name": "features"}] if layer else []))
-        manifest.setdefault("precision", "fp32")
+    @classmethod
+    def tuning_candidates(cls, artifact: Path, manifest: Manifest, *, device: str, batch: int,
+                          cores: int) -> list[dict[str, Any]]:
+        """None: Keras is the reference the engines are checked against, never the engine screening is tuned to."""
+        return []
+
+    def __init__(self, artifact, manifest: Manifest, **options):
+        if not manifest.outputs:  # the model's implicit outputs: its probabilities, and its Grad-CAM layer if it names one
+            names = ("probs", "features") if manifest.last_conv_layer else ("probs",)
+            manifest = dataclasses.replace(manifest, outputs=tuple(TensorSpec(n) for n in names))
         super().__init__(artifact, manifest, **options)
 
     def _load(self) -> BackendInfo:
@@ -28,17 +49,17 @@ class KerasBackend(Backend):
 
         keras = require("keras")
         self.model = load_keras_model(self.artifact)
-        layer = self.manifest.get("last_conv_layer")
+        layer = self.manifest.last_conv_layer
         outs = {"probs": self.model.output}
         if layer:
             outs["features"] = self.model.get_layer(layer).output
         self._both = keras.Model(self.model.input, outs)
-        mode = self.options.get("mode", "call")  # "call": model(x, training=False); "predict": model.predict
-        return BackendInfo("keras", f"keras-{keras.backend.backend()}", "fp32", "cpu", {"mode": mode})
+        mode = self.opts.mode
+        return BackendInfo("keras", f"keras-{keras.backend.backend()}", Precision.FP32.value, "cpu", {"mode": mode})
 
     def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         if outputs == ["probs"]:
-            if self.info.details["mode"] == "predict":
+            if self.opts.mode == "predict":
                 return {"probs": self.model.predict(batch, verbose=0)}
             return {"probs": np.asarray(self.model(batch, training=False))}
         res = self._both(batch, training=False)

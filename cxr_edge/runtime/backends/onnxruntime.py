@@ -9,11 +9,15 @@ artifact may use, and their options, live in :mod:`cxr_edge.runtime.backends.ort
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ...extras import require
-from .base import Backend, BackendInfo
+from ...manifest import Manifest
+from .base import Backend, BackendInfo, BackendOptions
 from .ort_providers import (
     GPU_PROVIDERS,
     PROVIDERS,
@@ -31,27 +35,43 @@ log = logging.getLogger(__name__)
 __all__ = ["OnnxRuntimeBackend", "ProviderFallbackError", "requested_providers"]
 
 
+@dataclass(frozen=True)
+class OnnxRuntimeOptions(BackendOptions):
+    """ONNX Runtime's own options beside the common ones (``max_batch``: the TensorRT EP's profile; ``trusted``: no
+    engine cache)."""
+
+    providers: list[str] | None = None  # explicit provider names, instead of those ``device`` implies
+    trt_cache_dir: str | Path | None = None  # the TensorRT EP's engine cache (default: a private one per artifact)
+    cudnn_conv_algo_search: str | None = None  # the CUDA EP's search ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
 class OnnxRuntimeBackend(Backend):
-    """Options: device, providers, threads, spin, max_batch (TensorRT EP profile), trusted (no engine cache),
-    cudnn_conv_algo_search, trt_cache_dir."""
+    """Options: :class:`OnnxRuntimeOptions`."""
 
     name = "onnxruntime"
-    OPTIONS = frozenset({"providers", "trt_cache_dir", "cudnn_conv_algo_search"})
+    Options = OnnxRuntimeOptions
+    opts: OnnxRuntimeOptions
+
+    @classmethod
+    def tuning_candidates(cls, artifact: Path, manifest: Manifest, *, device: str, batch: int,
+                          cores: int) -> list[dict[str, Any]]:
+        """All cores or half of them: which wins differs by CPU and model."""
+        return [{"threads": t} for t in cls._thread_counts(cores)]
 
     def _load(self) -> BackendInfo:
         ort = require("onnxruntime")
-        device = self.options.get("device", "auto")
+        device = self.opts.device
         available = ort.get_available_providers()
-        names = requested_providers(device, self.options.get("providers"), available, self.manifest)
+        names = requested_providers(device, self.opts.providers, available, self.manifest)
         trt_libs = preload_tensorrt_libs() if PROVIDERS["tensorrt"] in names else None
-        self._profile = profile_for(self.options.get("max_batch"))
+        self._profile = profile_for(self.opts.max_batch)
         self._trt_cache: str | None = None
         provider_options = [self._provider_options(n) for n in names]
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        if self.options.get("threads"):
-            so.intra_op_num_threads = int(self.options["threads"])
-        if self.options.get("spin") is False:
+        if self.opts.threads:
+            so.intra_op_num_threads = self.opts.threads
+        if self.opts.spin is False:
             # ORT's intra-op threads busy-wait between calls by default; in a service whose decode
             # threads share the same few cores, that spinning takes CPU the decoders need
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -76,18 +96,18 @@ class OnnxRuntimeBackend(Backend):
         if self._trt_active:
             details["tensorrt_profile"] = list(self._profile)
             details["engine_cache"] = self._trt_cache
-        return BackendInfo("onnxruntime", used, self.manifest.get("precision", "fp32"),
+        return BackendInfo("onnxruntime", used, self.manifest.precision.value,
                            "cuda" if used in GPU_PROVIDERS else "cpu", details)
 
     def _provider_options(self, name: str) -> dict:
         if name == PROVIDERS["tensorrt"]:
             cache = None
-            if not self.options.get("trusted"):  # signed-only deployments never load cached native engines
-                cache = self.options.get("trt_cache_dir") or private_cache_dir(self.manifest["sha256"])
+            if not self.opts.trusted:  # signed-only deployments never load cached native engines
+                cache = self.opts.trt_cache_dir or private_cache_dir(self.manifest.sha256 or "")
             self._trt_cache = str(cache) if cache else None
             return tensorrt_ep_options(self.manifest, self._profile, cache)
         if name == PROVIDERS["cuda"]:
-            return cuda_ep_options(cudnn_conv_algo_search=self.options.get("cudnn_conv_algo_search"))
+            return cuda_ep_options(cudnn_conv_algo_search=self.opts.cudnn_conv_algo_search)
         return {}
 
     def batch_range(self) -> tuple[int, int]:

@@ -7,41 +7,68 @@ when asked, as ``bf16``, and results name what actually ran.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from ...errors import ConfigError
 from ...extras import require
-from .base import Backend, BackendInfo
+from ...manifest import Manifest
+from ...precision import Precision
+from .base import Backend, BackendInfo, BackendOptions
 
-_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+#: OpenVINO's inference-precision hint for each float precision, by its name (an option's text looks it up)
+_HINTS = {Precision.FP32.value: "f32", Precision.BF16.value: "bf16", Precision.FP16.value: "f16"}
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions(BackendOptions):
+    """OpenVINO's own options beside the common ones (``precision``: fp32, bf16 or fp16, for float artifacts)."""
+
+    ov_device: str = "CPU"  # the OpenVINO device name: "CPU", "GPU", ...
+    streams: int | None = None  # None (or 0): one stream; more split a batch over one request per stream
 
 
 class OpenVINOBackend(Backend):
     name = "openvino"
-    OPTIONS = frozenset({"ov_device", "streams"})
+    Options = OpenVINOOptions
+    opts: OpenVINOOptions
+
+    @classmethod
+    def tuning_candidates(cls, artifact: Path, manifest: Manifest, *, device: str, batch: int,
+                          cores: int) -> list[dict[str, Any]]:
+        """All cores or half of them in one stream, and with several cores the batch split over 2 or one-per-core
+        streams: which wins differs by CPU and model."""
+        out: list[dict[str, Any]] = [{"threads": t} for t in cls._thread_counts(cores)]
+        if cores > 1:
+            out += [{"threads": cores, "streams": s} for s in sorted({2, cores}) if s <= cores]
+        return out
 
     def _load(self) -> BackendInfo:
         ov = require("openvino")
         core = ov.Core()
-        device = self.options.get("ov_device", "CPU")
-        artifact_prec = self.manifest.get("precision", "fp32")
-        want = self.options.get("precision") or artifact_prec
-        if artifact_prec == "int8":
-            want = "int8"
+        device = self.opts.ov_device
+        artifact_prec = self.manifest.precision
+        int8 = artifact_prec is Precision.INT8
+        want: str = Precision.INT8.value if int8 else (self.opts.precision or artifact_prec.value)
+        config: dict[str, Any]
+        if int8:
             config = {}
         else:
             if want not in _HINTS:
                 raise ConfigError(f"OpenVINO runs fp32 artifacts as fp32 or bf16 (or fp16 on GPU), not {want!r}.")
-            if want == "bf16" and "BF16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
+            if want == Precision.BF16 and "BF16" not in core.get_property(device, "OPTIMIZATION_CAPABILITIES"):
                 raise ConfigError(f"OpenVINO device {device} has no bf16 support; use precision fp32.")
             config = {"INFERENCE_PRECISION_HINT": _HINTS[want]}
-        if self.options.get("threads"):
-            config["INFERENCE_NUM_THREADS"] = int(self.options["threads"])
-        streams = int(self.options.get("streams") or 1)
+        if self.opts.threads:
+            config["INFERENCE_NUM_THREADS"] = self.opts.threads
+        streams = self.opts.streams or 1
         if streams < 1:
             raise ConfigError(f"OpenVINO streams must be >= 1, got {streams}.")
-        if self.options.get("threads"):
-            streams = min(streams, int(self.options["threads"]))  # a stream needs at least one thread
+        if self.opts.threads:
+            streams = min(streams, self.opts.threads)  # a stream needs at least one thread
         if streams > 1:  # the plugin splits the cores into streams; a batch is split over one request per stream
             config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams})
         self._core, self._device, self._config, self._streams = core, device, config, streams
@@ -51,19 +78,18 @@ class OpenVINOBackend(Backend):
         first = self._variant(frozenset(["probs"] if "probs" in self.outputs else self.outputs))
         hint = first.compiled.get_property("INFERENCE_PRECISION_HINT")
         actual_hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
-        precision = want if artifact_prec != "int8" else "int8"
-        if artifact_prec != "int8" and _HINTS[want] != actual_hint:
+        if not int8 and _HINTS[want] != actual_hint:
             raise ConfigError(f"OpenVINO was asked for {want} but compiled for {actual_hint}.")
-        return BackendInfo("openvino", f"OpenVINO {device}", precision, device.lower(),
-                           {"inference_precision_hint": actual_hint, "artifact_precision": artifact_prec,
+        return BackendInfo("openvino", f"OpenVINO {device}", want, device.lower(),
+                           {"inference_precision_hint": actual_hint, "artifact_precision": artifact_prec.value,
                             "openvino": ov.__version__, "streams": streams})
 
     def _variant(self, names: frozenset) -> _Compiled:
         """The model compiled for exactly these outputs (compiled on first use, then kept).
 
         Screening asks for ``probs`` only; Grad-CAM also for ``features``. A model compiled for both
-        transposes and converts the feature map on every call: the small CNN's INT8 artifact at batch 16 ran
-        935 img/s compiled for both and 1475 compiled for ``probs`` (alternating 2 s runs in one process).
+        transposes and converts the feature map on every call, which costs screening a large share of its
+        throughput.
         """
         if names not in self._variants:
             ov = require("openvino")

@@ -18,11 +18,11 @@ import ctypes
 import importlib.util
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from ...errors import ConfigError
+from ...manifest import Manifest
+from ...precision import Int8Target, Precision
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,12 @@ class ProviderFallbackError(ConfigError):
     """A GPU provider was required (``--device cuda`` / ``--require-gpu``) but cannot be used here."""
 
 
-def tensorrt_compatible(doc: Mapping[str, Any]) -> tuple[bool, str]:
-    """Whether TensorRT (native or through the EP) can take this ONNX artifact, and why not."""
-    if doc.get("precision") == "int8" and doc.get("int8_target") != "trt":
-        return False, (f"its INT8 graph ({doc.get('int8_target')} flavour) has unsigned (U8) activations, which "
+def tensorrt_compatible(doc: Manifest | None) -> tuple[bool, str]:
+    """Whether TensorRT (native or through the EP) can take this ONNX artifact (None: nothing known against it), and
+    why not."""
+    if doc is not None and doc.precision is Precision.INT8 and doc.int8_target is not Int8Target.TRT:
+        target = doc.int8_target.value if doc.int8_target is not None else None
+        return False, (f"its INT8 graph ({target} flavour) has unsigned (U8) activations, which "
                        "TensorRT does not take; "
                        "use model.int8-trt.onnx for TensorRT")
     return True, ""
@@ -109,7 +111,7 @@ def private_cache_dir(sha256: str, kind: str = "ort-trt") -> Path | None:
     return path
 
 
-def tensorrt_ep_options(doc: Mapping[str, Any], batch: tuple[int, int, int] = DEFAULT_PROFILE,
+def tensorrt_ep_options(doc: Manifest, batch: tuple[int, int, int] = DEFAULT_PROFILE,
                         cache_dir: str | Path | None = None, dump_ep_context: bool = False) -> dict:
     """Provider options for ONNX Runtime's TensorRT EP: precision from the artifact, the given profile.
 
@@ -121,15 +123,17 @@ def tensorrt_ep_options(doc: Mapping[str, Any], batch: tuple[int, int, int] = DE
     lo, opt, hi = batch
     if not 1 <= lo <= opt <= hi:
         raise ConfigError(f"Batch range {lo},{opt},{hi} is invalid: need 1 <= MIN <= OPT <= MAX (e.g. 1,8,32).")
-    precision = doc.get("precision", "fp32")
-    inp = doc["inputs"][0]["name"]
-    h, w, c = (doc["preprocess"][k] for k in ("height", "width", "input_channels"))
+    precision = doc.precision
+    if not doc.inputs:
+        raise ConfigError("The manifest names no graph input, which the TensorRT EP's profile needs; re-export the artifact.")
+    inp = doc.inputs[0].name
+    h, w, c = doc.preprocess.input_shape
     fmt = lambda b: f"{inp}:{b}x{h}x{w}x{c}"
     opts = {
         # fp16: FP32 graphs may run FP16 layers where TensorRT finds them faster (the EP is weakly typed);
         # an fp16 artifact computes in FP16 anyway. int8: the QDQ graph decides what is INT8.
-        "trt_fp16_enable": str(precision in ("fp16", "int8")),
-        "trt_int8_enable": str(precision == "int8"),
+        "trt_fp16_enable": str(precision in (Precision.FP16, Precision.INT8)),
+        "trt_int8_enable": str(precision is Precision.INT8),
         "trt_profile_min_shapes": fmt(lo),
         "trt_profile_opt_shapes": fmt(opt),
         "trt_profile_max_shapes": fmt(hi),
@@ -160,9 +164,9 @@ def cuda_ep_options(**overrides) -> dict:
 
 
 def requested_providers(device: str, providers: list[str] | None, available: list[str],
-                        doc: dict | None = None) -> list[str]:
+                        doc: Manifest | None = None) -> list[str]:
     """Provider names in preference order for ``device`` ('auto' | 'cpu' | 'cuda') and this artifact."""
-    trt_ok, trt_why = tensorrt_compatible(doc or {})
+    trt_ok, trt_why = tensorrt_compatible(doc)
     if providers:
         names = [PROVIDERS.get(p, p) for p in providers]
         if PROVIDERS["tensorrt"] in names and not trt_ok:

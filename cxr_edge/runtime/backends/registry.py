@@ -4,12 +4,11 @@ callers never branch on format."""
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from ...errors import ConfigError, ManifestError
-from ...manifest import read_manifest, read_manifest_bytes, read_verified_bytes
+from ...manifest import Manifest, read_manifest, read_manifest_bytes, read_verified_bytes
+from ...precision import Int8Target
 
 _REGISTRY: dict[str, dict[str, str]] = {}  # format -> {backend name: "module:Class"}, in preference order
 
@@ -28,15 +27,15 @@ register("keras", "keras", "cxr_edge.runtime.backends.keras:KerasBackend")
 register("triton", "triton", "cxr_edge.runtime.backends.triton:TritonBackend")
 
 
-def artifact_format(path: str | Path, manifest: Mapping[str, Any] | None = None) -> str:
+def artifact_format(path: str | Path, manifest: Manifest | None = None) -> str:
     """A local file's format, from its suffix: never from the manifest, which (unsigned) anyone can edit
     (a manifest saying ``format: triton`` once sent the patient's image to the host it named)."""
     fmt = _SUFFIX_FORMAT.get(Path(path).suffix.lower())
     if fmt is None:
         raise ConfigError(f"Cannot tell the format of {path}; expected one of {sorted(_SUFFIX_FORMAT)}.")
-    claimed = (manifest or {}).get("format")
-    if claimed is not None and claimed != fmt:
-        raise ManifestError(f"The manifest of {Path(path).name} says format {claimed!r}, but the file is {fmt!r} "
+    claimed = manifest.format if manifest is not None else None
+    if claimed is not None and claimed.value != fmt:
+        raise ManifestError(f"The manifest of {Path(path).name} says format {claimed.value!r}, but the file is {fmt!r} "
                             "by its name; refused. Remote models are addressed as triton://host:port/model.")
     return fmt
 
@@ -61,13 +60,13 @@ def backend_class(fmt: str, name: str | None = None):
     return getattr(importlib.import_module(module), cls)
 
 
-def preferred_backend(fmt: str, manifest: Mapping[str, Any]) -> str | None:
+def preferred_backend(fmt: str, manifest: Manifest) -> str | None:
     """The backend an artifact was made for, when none is named: OpenVINO for the ``int8-ov`` flavour
-    (ONNX Runtime runs its mixed S8/U8 graph without fusing half the element-wise ops: ResNet152V2 ran
-    15-24 img/s there against 35-38 on OpenVINO, batch 16, 2 cores); otherwise the format's first."""
+    (ONNX Runtime runs its mixed S8/U8 graph without fusing half the element-wise ops, much slower than
+    OpenVINO); otherwise the format's first."""
     import importlib.util
 
-    if fmt == "onnx" and manifest.get("int8_target") == "ov" and importlib.util.find_spec("openvino") is not None:
+    if fmt == "onnx" and manifest.int8_target is Int8Target.OV and importlib.util.find_spec("openvino") is not None:
         return "openvino"
     return None
 
@@ -82,23 +81,23 @@ def check_signature(artifact: Path, trusted_keys, message: bytes | None = None) 
     return {"signed_by": verify_artifact_signature(artifact, keys, message).key_id if keys else None}
 
 
-def check_role(artifact: Path, manifest: Mapping[str, Any], signer: str | None) -> None:
+def check_role(artifact: Path, manifest: Manifest, signer: str | None) -> None:
     """A signed manifest names the file it describes; the file must carry that name, so a signed fp16 artifact
     renamed to ``model.int8-cpu.onnx`` (a role it was not signed for) is refused rather than served."""
-    named = manifest.get("file")
+    named = manifest.file
     if signer is None or named is None or named == artifact.name:
         return
     from ...signing import SignatureError
 
     raise SignatureError(
-        f"{artifact.name} is signed as {named!r} ({manifest.get('precision')}"
-        + (f", {manifest.get('int8_target')}" if manifest.get("int8_target") else "")
+        f"{artifact.name} is signed as {named!r} ({manifest.precision.value}"
+        + (f", {manifest.int8_target.value}" if manifest.int8_target is not None else "")
         + "): a signature covers the artifact's name and role, and this file was renamed. Restore its name, or "
         "re-sign it under the new one (cxr-edge sign) where it was built."
     )
 
 
-def check_contents(artifact: Path, fmt: str, manifest: Mapping[str, Any], signer: str | None,
+def check_contents(artifact: Path, fmt: str, manifest: Manifest, signer: str | None,
                    model_bytes: bytes | None = None) -> dict:
     """The load policy for what is inside a (hash-verified) ONNX file.
 
@@ -169,7 +168,7 @@ def open_backend(artifact: str | Path, backend: str | None = None, verify: bool 
     trust.update(check_contents(artifact, fmt, manifest, trust["signed_by"], model_bytes))
     if manifest.gate_failed and not allow_failed_gate:
         raise ManifestError(
-            f"{artifact.name} failed its accuracy gate at export ({manifest.get('gate_status') or 'gate passed: false'}) "
+            f"{artifact.name} failed its accuracy gate at export ({manifest.gate_status or 'gate passed: false'}) "
             "and was kept only with --force; it must not screen patients. Re-export it, or pass --allow-failed-gate "
             "to run it anyway for investigation.")
     backend = backend or preferred_backend(fmt, manifest)

@@ -42,12 +42,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ...errors import ConfigError, EngineError
-from .base import Backend, BackendInfo
+from ...manifest import Manifest
+from .base import Backend, BackendInfo, BackendOptions
 from .tensorrt_api import (
     check_cuda,
     check_engine_compat,
@@ -64,11 +67,19 @@ if TYPE_CHECKING:
     import tensorrt
 
 
+@dataclass(frozen=True)
+class TensorRTOptions(BackendOptions):
+    """TensorRT's own option beside the common ones (``cuda_graph``: replay each batch size as a CUDA graph)."""
+
+    device_index: int | None = None  # the GPU; None: the loading thread's current CUDA device
+
+
 class TensorRTBackend(Backend):
-    """Options: cuda_graph (bool), device_index (int; default: the loading thread's current CUDA device)."""
+    """Options: :class:`TensorRTOptions`."""
 
     name = "tensorrt"
-    OPTIONS = frozenset({"device_index"})
+    Options = TensorRTOptions
+    opts: TensorRTOptions
     runtime: tensorrt.Runtime | None
     engine: tensorrt.ICudaEngine | None
     context: tensorrt.IExecutionContext | None  # the context reshaped per call (graphs off); graphs on: the first one
@@ -76,9 +87,15 @@ class TensorRTBackend(Backend):
     input_name: str
     device_index: int
 
+    @classmethod
+    def tuning_candidates(cls, artifact: Path, manifest: Manifest, *, device: str, batch: int,
+                          cores: int) -> list[dict[str, Any]]:
+        """The engine as built (its profile and tactics were chosen at build time); nothing when the CPU is asked for."""
+        return [] if device == "cpu" else [{}]
+
     def batch_range(self) -> tuple[int, int]:
-        prof = self.manifest.get("profile", {})
-        return (int(prof.get("min", [1])[0]), int(prof.get("max", [1])[0]))
+        prof = self.manifest.profile
+        return prof.batch_range if prof is not None else (1, 1)
 
     def _load(self) -> BackendInfo:
         _, flavor = require_tensorrt()
@@ -86,8 +103,8 @@ class TensorRTBackend(Backend):
 
         cudart = require_cudart()
         self.trt, self.cudart = trt, cudart
-        index = self.options.get("device_index")
-        self.device_index = current_device_index() if index is None else int(index)
+        index = self.opts.device_index
+        self.device_index = current_device_index() if index is None else index
         dev = current_device(self.device_index)
         check_engine_compat(self.manifest, dev, self.artifact)
         self.buffers: dict[str, int] = {}
@@ -100,14 +117,14 @@ class TensorRTBackend(Backend):
         self._lock = threading.Lock()  # one stream, one set of buffers: calls run one at a time
         self.stream = None
         self.runtime = self.engine = self.context = None
-        self.use_graph = bool(self.options.get("cuda_graph", False))
+        self.use_graph = bool(self.opts.cuda_graph)
         try:
             self._bind()
             self._open(cudart)
         except BaseException:
             self._release()
             raise
-        return BackendInfo("tensorrt", f"TensorRT {flavor.version} on {dev.gpu_name}", self.manifest.get("precision", "fp32"),
+        return BackendInfo("tensorrt", f"TensorRT {flavor.version} on {dev.gpu_name}", self.manifest.precision.value,
                            "cuda", {"gpu_name": dev.gpu_name, "compute_capability": dev.compute_capability,
                                     "device_index": self.device_index, "cuda_graph": self.use_graph,
                                     "tensorrt_typing": flavor.to_dict()["typing"],

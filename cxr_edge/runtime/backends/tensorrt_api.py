@@ -20,12 +20,14 @@ Imports are lazy: this module itself imports nothing from TensorRT or CUDA until
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, EngineError, ManifestError, MissingExtraError
+from ...manifest import Manifest
+from ...manifest_schema import EngineBuild
+from ...precision import Precision
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,15 @@ def require_tensorrt() -> tuple[Any, TensorRTFlavor]:
 def require_cudart() -> Any:
     """cuda-python's runtime module (``cuda.bindings.runtime`` since 12.6, ``cuda.cudart`` before)."""
     try:
-        from cuda.bindings import runtime as cudart
+        from cuda.bindings import runtime
+
+        return runtime
     except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
-        except ImportError as exc:
-            raise MissingExtraError(CUDA_HINT) from exc
+        pass
+    try:
+        from cuda import cudart  # cuda-python < 12.6
+    except ImportError as exc:
+        raise MissingExtraError(CUDA_HINT) from exc
     return cudart
 
 
@@ -208,20 +213,19 @@ def _cuda_version(v: Any) -> str | None:
     return f"{int(v) // 1000}.{int(v) % 1000 // 10}" if v else None
 
 
-def check_engine_compat(engine_doc: Mapping[str, Any], device: DeviceInfo, engine_path: str | Path = "the engine") -> None:
+def check_engine_compat(engine_doc: Manifest, device: DeviceInfo, engine_path: str | Path = "the engine") -> None:
     """Engines are tied to one GPU model and TensorRT version; say how to rebuild when they differ."""
-    built = engine_doc.get("device", {})
+    built = engine_doc.device
     problems = []
-    if built.get("tensorrt_version") != device.tensorrt_version:
-        problems.append(f"TensorRT {built.get('tensorrt_version')} vs {device.tensorrt_version} here")
-    if built.get("compute_capability") != device.compute_capability or built.get("gpu_name") != device.gpu_name:
-        problems.append(f"built on {built.get('gpu_name')} (sm {built.get('compute_capability')}), this is "
-                        f"{device.gpu_name} (sm {device.compute_capability})")
+    if built is None or built.tensorrt_version != device.tensorrt_version:
+        problems.append(f"TensorRT {built.tensorrt_version if built else None} vs {device.tensorrt_version} here")
+    if built is None or built.compute_capability != device.compute_capability or built.gpu_name != device.gpu_name:
+        problems.append(f"built on {built.gpu_name if built else None} (sm {built.compute_capability if built else None}), "
+                        f"this is {device.gpu_name} (sm {device.compute_capability})")
     if problems:
-        src = engine_doc.get("source_onnx", {}).get("file", "MODEL.onnx")
-        b = engine_doc.get("build", {})
+        src = engine_doc.source_onnx.file if engine_doc.source_onnx is not None else "MODEL.onnx"
+        b = engine_doc.build or EngineBuild(Precision.FP16)  # the defaults of cxr-edge build
         raise ManifestError(
             f"{engine_path} cannot run here: " + "; ".join(problems) + ". Rebuild it on this machine: "
-            f"cxr-edge build {src} --precision {b.get('precision', 'fp16')} "
-            f"--batch {b.get('min_batch', 1)},{b.get('opt_batch', 8)},{b.get('max_batch', 32)}"
+            f"cxr-edge build {src} --precision {b.precision.value} --batch {b.min_batch},{b.opt_batch},{b.max_batch}"
         )

@@ -6,9 +6,9 @@ The model's manifest comes from its Triton config (the ``cxr_edge_manifest`` par
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -17,16 +17,27 @@ import numpy as np
 
 from ...errors import ConfigError, EngineError, ManifestError
 from ...extras import require
+from ...manifest import Manifest
+from ...manifest_schema import ArtifactFormat, FieldError, TensorSpec, TritonModel
 from .base import Backend, BackendInfo
 
 #: the Triton model-config parameter that carries the artifact's manifest (written by export-triton)
 MANIFEST_PARAMETER = "cxr_edge_manifest"
 
 
-def model_name(doc: Mapping[str, Any], artifact: Path) -> str:
+def model_name(doc: Manifest, artifact: Path) -> str:
     """The Triton model name for an artifact: shared by the repository export and the PyTriton server."""
-    tag = artifact.name.split(".")[1] if artifact.name.count(".") >= 2 else doc.get("precision", "fp32")
-    return re.sub(r"[^A-Za-z0-9_]", "_", f"cxr_{doc.get('recipe') or 'model'}_{tag}")
+    tag = artifact.name.split(".")[1] if artifact.name.count(".") >= 2 else doc.precision.value
+    return re.sub(r"[^A-Za-z0-9_]", "_", f"cxr_{doc.recipe or 'model'}_{tag}")
+
+
+def remote_manifest_json(doc: Manifest) -> str:
+    """The part of ``doc`` a triton:// client needs (classes, threshold, preprocessing, outputs, Grad-CAM), as the
+    JSON text of the config parameter :func:`remote_manifest` reads."""
+    remote = Manifest(classes=doc.classes, preprocess=doc.preprocess, operating_point=doc.operating_point,
+                      precision=doc.precision, recipe=doc.recipe, outputs=doc.outputs, gradcam=doc.gradcam,
+                      sha256=doc.sha256)
+    return json.dumps(remote.to_dict())
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -44,7 +55,7 @@ def parse_url(url: str) -> tuple[str, str]:
     return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}"), model
 
 
-def remote_manifest(url: str, timeout: float = 10.0) -> dict:
+def remote_manifest(url: str, timeout: float = 10.0) -> Manifest:
     http = require("tritonclient.http")
     host, model = parse_url(url)
     client = http.InferenceServerClient(host, connection_timeout=timeout, network_timeout=timeout)
@@ -66,36 +77,54 @@ def remote_manifest(url: str, timeout: float = 10.0) -> dict:
         raise ManifestError(f"Triton model {model!r} carries a manifest that is not valid JSON ({str(exc)[:200]}).") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"Triton model {model!r} carries a manifest that is not a JSON object.")
-    doc["format"] = "triton"
-    doc.setdefault("outputs", [{"name": o["name"]} for o in cfg.get("output", [])])
-    doc["triton"] = {"host": host, "model": model, "max_batch_size": cfg.get("max_batch_size")}
-    return doc
+    try:
+        manifest = Manifest.from_dict(doc)
+        # what the server itself says: where the model is, its batch limit, and its outputs when the manifest has none
+        return dataclasses.replace(
+            manifest, format=ArtifactFormat.TRITON,
+            outputs=manifest.outputs or tuple(TensorSpec(o["name"]) for o in cfg.get("output", [])),
+            triton=TritonModel(host, model, cfg.get("max_batch_size")))
+    except FieldError as exc:
+        raise ManifestError(f"Triton model {model!r} carries a manifest cxr-edge cannot use: {exc}. Re-export the "
+                            "repository with this cxr-edge (cxr-edge export-triton).") from None
 
 
 class TritonBackend(Backend):
-    name = "triton"
+    name = "triton"  # takes only the common options, and uses none of them: the server decides how the model runs
+
+    @classmethod
+    def tuning_candidates(cls, artifact: Path, manifest: Manifest, *, device: str, batch: int,
+                          cores: int) -> list[dict[str, Any]]:
+        """None: a remote model's speed is set on its server, not by anything this machine could choose."""
+        return []
 
     def __init__(self, artifact, manifest, **options):
         super().__init__(Path(str(artifact).replace("triton://", "triton:/")), manifest, **options)
         self.url = str(artifact)
 
+    @property
+    def remote(self) -> TritonModel:
+        """Where the model is served (set by :func:`remote_manifest`)."""
+        if self.manifest.triton is None:
+            raise ConfigError(f"{self.url} has no Triton address in its manifest; open it with open_backend('triton://...').")
+        return self.manifest.triton
+
     def batch_range(self) -> tuple[int, int]:
-        return (1, int(self.manifest.get("triton", {}).get("max_batch_size") or 1 << 30))
+        return (1, int(self.remote.max_batch_size or 1 << 30))
 
     def _load(self) -> BackendInfo:
         http = require("tritonclient.http")
-        t = self.manifest["triton"]
-        self.client = http.InferenceServerClient(t["host"])
+        t = self.remote
+        self.client = http.InferenceServerClient(t.host)
         self.http = http
         meta = self.client.get_server_metadata()
-        return BackendInfo("triton", f"Triton {meta.get('version', '?')} at {t['host']}/{t['model']}",
-                           self.manifest.get("precision", "fp32"), "remote", {"model": t["model"]})
+        return BackendInfo("triton", f"Triton {meta.get('version', '?')} at {t.host}/{t.model}",
+                           self.manifest.precision.value, "remote", {"model": t.model})
 
     def _infer(self, batch: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
         inp = self.http.InferInput("image", list(batch.shape), "UINT8")
         inp.set_data_from_numpy(batch)
-        res = self.client.infer(self.manifest["triton"]["model"], [inp],
-                                outputs=[self.http.InferRequestedOutput(o) for o in outputs])
+        res = self.client.infer(self.remote.model, [inp], outputs=[self.http.InferRequestedOutput(o) for o in outputs])
         return {o: res.as_numpy(o) for o in outputs}
 
     def _close(self) -> None:

@@ -1,4 +1,6 @@
-"""Issue 26: every path bounded, not only the isolated one; signed means the bytes that run.
+"""Which uploads decode inline and which go to a worker: only files whose header proves them cheap stay in the
+server's threads (no memory ceiling there), and the routing check itself reads a bounded prefix and skips
+runs of JPEG restart markers in one step.
 
 (Signed bytes and renamed roles: tests/test_trust.py.)
 """
@@ -17,7 +19,7 @@ INLINE = 16 << 20  # the service's default inline budget (DecodeIsolation.inline
 
 
 def test_pngs_with_compressed_text_chunks_never_decode_inline():
-    """26.1: the thread path has no memory ceiling, so only PNGs proven cheap go there."""
+    """The thread path has no memory ceiling, so only PNGs proven cheap go there."""
     plain = H.png_with_text_chunks(n=0)
     assert header_bounded(plain, INLINE)  # an ordinary small PNG still takes the fast path
     for kind in (b"zTXt", b"iTXt", b"iCCP"):
@@ -34,7 +36,7 @@ def test_the_worker_path_still_decodes_them():
 
 
 def test_a_jpeg_larger_than_its_pixels_goes_to_a_worker_and_routing_reads_a_prefix():
-    """26.2: 60 MB of restart markers after a small frame header was walked on the event loop."""
+    """Megabytes of restart markers after a small frame header were walked on the event loop."""
     small = H.jpeg(H.gradient(128, 128))
     assert header_bounded(small, INLINE)
     hostile = H.jpeg_restart_run(small, 200_000)  # 400 kB for 16 kB of pixels
@@ -42,7 +44,7 @@ def test_a_jpeg_larger_than_its_pixels_goes_to_a_worker_and_routing_reads_a_pref
 
 
 def test_runs_of_parameterless_markers_are_skipped_in_one_step(monkeypatch):
-    """One Python step per restart marker held the GIL for 20 s on 30 M of them; a run is now one regex match."""
+    """One Python step per restart marker held the GIL for seconds on millions of them; a run is one regex match."""
     small = H.jpeg(H.gradient(128, 128))
     calls = {"n": 0}
     real = image_headers._PARAMLESS_RUN
