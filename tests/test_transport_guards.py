@@ -103,6 +103,7 @@ def _explain_request(images: list[bytes]) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
+@pytest.mark.slow  # waits out the write timeout with many stalled clients; CI runs it in its slow step
 def test_clients_that_never_read_are_dropped_and_their_memory_returned(guarded):
     """Three clients ask for explain answers of eight noise images (~11 MB each) and never read: the 10 MB cap
     on unsent bytes drops the least-progressing, the 3 s write timeout the rest; the server's memory comes back."""
