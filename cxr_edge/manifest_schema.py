@@ -602,6 +602,7 @@ class SourceOnnx(Record):
 
     @property
     def variant(self) -> Variant | None:
+        """The source ONNX's variant (what an engine was built from), parsed from its recorded tag."""
         return Variant.from_tag(self.precision) if self.precision else None
 
 
@@ -753,9 +754,3 @@ class ArtifactManifest(Record):
         from .manifest import write_manifest
 
         return write_manifest(artifact, self, name=name, stamp=stamp)
-
-    @classmethod
-    def read(cls, artifact: Any, verify: bool = True) -> ArtifactManifest:
-        from .manifest import read_manifest
-
-        return read_manifest(artifact, verify)

@@ -245,3 +245,34 @@ def test_an_engine_manifest_is_typed_end_to_end(tmp_path):
     assert m.precision is Precision.FP16 and m.profile.batch_range == (1, 32) and m.build.opt_batch == 8
     assert m.device.gpu_name == "NVIDIA L4" and m.source_onnx.variant.precision is Precision.FP32
     assert m.gate.passed is None and not m.gate_failed and m.file == "model.fp16.plan"
+
+
+def _field_paths(value, prefix=()):
+    """Every key path of a JSON document (the first items of each list), to mutate one field at a time."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield prefix + (k,)
+            yield from _field_paths(v, prefix + (k,))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:1]):
+            yield prefix + (i,)
+            yield from _field_paths(v, prefix + (i,))
+
+
+def test_any_field_set_to_any_json_is_loaded_or_refused_as_a_manifest_error(tmp_path):
+    """A hand-edited or hostile manifest never escapes as a TypeError/KeyError from deep inside the parser."""
+    art = _from_release(tmp_path, "model.int8-trt.onnx")
+    doc = json.loads(manifest_path(art).read_text())
+    hostile = [None, True, 2**70, "x", [], {}]
+    for path in _field_paths(doc):
+        for value in hostile:
+            mutated = json.loads(json.dumps(doc))
+            cur = mutated
+            for key in path[:-1]:
+                cur = cur[key]
+            cur[path[-1]] = value
+            manifest_path(art).write_text(json.dumps(mutated))
+            try:
+                read_manifest(art, verify=False)
+            except ManifestError:
+                pass

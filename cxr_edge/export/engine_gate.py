@@ -9,7 +9,6 @@ labelled validation images.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +58,7 @@ def gate_engine(plan: Path, engine_doc: ArtifactManifest, onnx_path: Path, onnx_
     gate.name = f"engine-{precision.value}"
     gate.metrics["gate_data"] = data.info["data"]
     # the band the engine's own gate measured counts too (the engine manifest will carry that gate)
-    gated = dataclasses.replace(engine_doc, gate=GateRecord.from_dict(gate.to_dict(), "gate"))
-    return gate, _self_check_record(gated, onnx_doc, sc_probs, where)
+    return gate, _self_check_record(gate.to_record(), onnx_doc, sc_probs, where)
 
 
 def engine_answers(plan: Path, engine_doc: ArtifactManifest, batches: list) -> tuple[list, str]:
@@ -89,7 +87,7 @@ def _self_check_images(onnx_doc: ArtifactManifest) -> np.ndarray | None:
     return reference_batch(onnx_doc.preprocess.input_shape, rec.n)
 
 
-def _self_check_record(engine_doc: ArtifactManifest, onnx_doc: ArtifactManifest, got: np.ndarray | None,
+def _self_check_record(engine_gate: ArtifactManifest | GateRecord | None, onnx_doc: ArtifactManifest, got: np.ndarray | None,
                        where: str) -> SelfCheckRecord | None:
     from ..decision import borderline_band
     from ..self_check import make_record
@@ -97,6 +95,6 @@ def _self_check_record(engine_doc: ArtifactManifest, onnx_doc: ArtifactManifest,
     rec = onnx_doc.self_check
     if rec is None or got is None:
         return None
-    band = max(borderline_band(engine_doc), borderline_band(onnx_doc))
+    band = max(borderline_band(engine_gate), borderline_band(onnx_doc))
     made = make_record(onnx_doc.preprocess.input_shape, np.asarray(rec.reference_probs), got, band, rec.reference, where)
     return SelfCheckRecord.from_dict(made, "self_check")

@@ -9,6 +9,7 @@ import numpy as np
 from ..classes import COVID
 from ..decision import decide
 from ..evaluation.criteria import accepted, agreement_verdict
+from ..manifest_schema import GateRecord
 from ..precision import GATE_LIMITS, Precision
 
 FP32_MAX_ABS = GATE_LIMITS.fp32_max_abs
@@ -31,6 +32,10 @@ class GateResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_record(self) -> GateRecord:
+        """The gate as the manifest records it (typed and checked like any manifest part)."""
+        return GateRecord.from_dict(self.to_dict(), "gate")
 
     def summary(self) -> str:
         m = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.metrics.items())

@@ -289,10 +289,6 @@ def _self_check_record(spec: PreprocessSpec, ref: np.ndarray, got: np.ndarray, g
     return SelfCheckRecord.from_dict(rec, "self_check")
 
 
-def _gate_record(gate: GateResult) -> GateRecord:
-    return GateRecord.from_dict(gate.to_dict(), "gate")
-
-
 def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConfig = ExportConfig()) -> ExportSummary:
     from ..keras_layers import load_keras_model
 
@@ -351,7 +347,7 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
     )
     fp32_sha = sha256_file(fp32_path)
     artifacts = [ExportedArtifact(Variant(Precision.FP32).tag, fp32_path, gate32, fp32_path.stat().st_size, gate32.passed)]
-    fp32_gate = _gate_record(gate32)
+    fp32_gate = gate32.to_record()
     write_manifest(fp32_path, dataclasses.replace(
         base, precision=Precision.FP32, gate=fp32_gate,
         self_check=_self_check_record(spec, ref_self, ref_self, fp32_gate, num32.where())))
@@ -463,7 +459,7 @@ def _finish(ctx: ExportContext, path: Path, v: Variant, gate: GateResult, numeri
         path.unlink(missing_ok=True)
         log.error("%s failed its gate and was not kept (use --force to keep it, marked failed)", v.tag)
         return ExportedArtifact(v.tag, None, gate, None, False)
-    record = _gate_record(gate)
+    record = gate.to_record()
     manifest = dataclasses.replace(
         manifest, parent=ctx.parent, gate=record,
         self_check=_self_check_record(ctx.base.preprocess, ctx.ref_self_check, self_check_probs, record, numerics.where()),

@@ -386,7 +386,7 @@ def save_engine(blob: bytes, out: Path, engine: ArtifactManifest, onnx_path: Pat
             if not gate.passed and not config.force:
                 raise EngineGateError(f"The {config.precision.value} engine failed its gate against the FP32 ONNX: "
                                       f"{gate.summary()}. Not kept (--force keeps it, marked failed).")
-            engine = dataclasses.replace(engine, gate=GateRecord.from_dict(gate.to_dict(), "gate"), self_check=self_check,
+            engine = dataclasses.replace(engine, gate=gate.to_record(), self_check=self_check,
                                          gate_status=None if gate.passed else "FAILED (kept with --force: do not deploy)")
         else:
             engine = dataclasses.replace(engine, gate=GateRecord(name="not run (--no-gate)", passed=None),

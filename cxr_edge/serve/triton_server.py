@@ -67,7 +67,7 @@ def serve_triton(artifact: str | Path, host: str = "127.0.0.1", http_port: int =
     if unshaped:
         raise ConfigError(f"The manifest of {Path(artifact).name} gives no shape for {', '.join(unshaped)}; re-export "
                           "the artifact with this cxr-edge.")
-    shapes = {o.name: tuple(o.shape[1:]) for o in doc.outputs if o.shape}
+    shapes = {o.name: tuple(o.shape[1:]) for o in doc.outputs}
     cfg = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                        metrics_port=metrics_port)
     _attach_manifest(name, MANIFEST_PARAMETER, remote_manifest_json(doc))

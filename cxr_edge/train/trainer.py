@@ -139,8 +139,9 @@ def train(config: TrainConfig, data_dir: str | Path, out_dir: str | Path) -> Tra
     keras.utils.set_random_seed(config.seed)
 
     data = _split_data(config, recipe, data_dir)
-    packed = _pack_splits(data, recipe.spec(), config)  # packing is uint8: featurewise statistics do not touch it
-    spec = _featurewise(recipe, recipe.spec(), packed.x_tr)
+    base = recipe.spec()
+    packed = _pack_splits(data, base, config)  # packing is uint8: featurewise statistics do not touch it
+    spec = _featurewise(recipe, base, packed.x_tr)
     model_path, history_path = out / MODEL_FILE, out / HISTORY_FILE
     phases = _fit(recipe, spec, config, packed, model_path, history_path)
     best, metrics, operating = _validate(model_path, packed, data.ds.classes, recipe.batch_size, config.target_sensitivity)
