@@ -86,6 +86,11 @@ class Variant:
         return f"{stem}.{self.tag}.onnx"
 
 
+
+#: the INT8 artifacts by tag, one per INT8 target (``int8-trt``, ``int8-cpu``, ``int8-ov``)
+INT8_TAGS: tuple[str, ...] = tuple(Variant(Precision.INT8, t).tag for t in Int8Target)
+#: the inference-precision hints a CPU runtime (OpenVINO) can run an FP32 artifact in
+CPU_HINT_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.BF16.value)
 def parse_precisions(text: str, int8_targets: str = "trt,cpu,ov") -> list[Variant]:
     """``"fp32,fp16,int8"`` -> variants; ``int8`` expands to one variant per INT8 target."""
     out: list[Variant] = []

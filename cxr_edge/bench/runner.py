@@ -22,7 +22,7 @@ from ..graph_macs import macs_per_image
 from ..machine import usable_cores
 from ..manifest import Manifest, read_manifest
 from ..manifest_schema import DataProvenance
-from ..precision import GATE_LIMITS, Int8Target, Precision, Variant
+from ..precision import CPU_HINT_PRECISIONS, GATE_LIMITS, INT8_TAGS, Int8Target, Precision, Variant
 from ..preprocess import PreprocessSpec
 from ..runtime.backends.base import Backend
 from ..runtime.backends.registry import open_backend
@@ -35,10 +35,9 @@ from .timing import current_rss_kb, measure, summarise
 log = logging.getLogger(__name__)
 
 #: what bench can time, by artifact tag: every exported variant, and FP32 artifacts also under OpenVINO's BF16 hint
-BENCH_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.FP16.value, Precision.BF16.value,
-                                     *(Variant(Precision.INT8, t).tag for t in Int8Target))
+BENCH_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.FP16.value, Precision.BF16.value, *INT8_TAGS)
 #: the inference-precision hints OpenVINO runs an FP32 artifact in, each its own row
-OPENVINO_HINTS: tuple[str, ...] = (Precision.FP32.value, Precision.BF16.value)
+OPENVINO_HINTS = CPU_HINT_PRECISIONS
 #: tags of the ONNX artifacts a TensorRT engine is built from
 TENSORRT_SOURCES: tuple[str, ...] = (Precision.FP32.value, Variant(Precision.INT8, Int8Target.TRT).tag)
 #: the reference every row is validated against

@@ -7,10 +7,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..precision import Int8Target, Precision, Variant
-
-#: the INT8 artifacts by tag, one per INT8 target (``int8-trt``, ``int8-cpu``, ``int8-ov``)
-INT8_TAGS = tuple(Variant(Precision.INT8, t).tag for t in Int8Target)
+from ..precision import INT8_TAGS as INT8_TAGS  # re-exported: the CLI's parsers take the tags from here
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

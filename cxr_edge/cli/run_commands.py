@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ExitCode
-from ..precision import Precision
+from ..precision import CPU_HINT_PRECISIONS, Precision
 from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_float, positive_int
 
 BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
-OPENVINO_PRECISIONS = (Precision.FP32.value, Precision.BF16.value)  # the inference-precision hints predict passes
+OPENVINO_PRECISIONS = CPU_HINT_PRECISIONS  # the inference-precision hints predict passes
 
 
 def expand_images(paths) -> list[Path]:
