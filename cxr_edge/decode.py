@@ -14,7 +14,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -47,10 +47,11 @@ DEFAULT_MAX_DECODED_BYTES = 512 * 1024 * 1024
 #: bounded because a crafted header of millions of tiny elements makes pydicom slow and memory-hungry
 #: (SECURITY.md, benchmarks/results/hostile/)
 DEFAULT_MAX_DICOM_HEADER_BYTES = 2 * 1024 * 1024
-#: transfer syntaxes whose data set is deflated as a whole: pydicom inflates it without bound before any
-#: size check (a small upload becomes gigabytes), and no radiography device writes them
-DEFLATED_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
-                              "1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression"}
+#: transfer syntaxes whose data set is deflated as a whole: inflated here within ``max_bytes`` (pydicom would
+#: inflate without bound before any size check: a small upload becomes gigabytes), then read as Explicit VR LE
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+#: deflated per frame (DICOM 2023): no radiography device writes it, and pydicom cannot decode it; refused
+DEFLATED_TRANSFER_SYNTAXES = {"1.2.840.10008.1.2.8.1": "Deflated Image Frame Compression"}
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,128 @@ def _dicom_transfer_syntax(data: bytes, name: str, limits: DecodeLimits) -> str 
         return None
 
 
+def inflate_deflated_dicom(data: bytes, name: str, limits: DecodeLimits = DecodeLimits()) -> bytes:
+    """A Deflated Explicit VR Little Endian file as the same object in Explicit VR Little Endian, inflated in one
+    bounded step: at most ``limits.max_bytes`` come out, so a deflate bomb is refused after inflating that much,
+    never more. Any other file is returned unchanged."""
+    import zlib
+
+    from pydicom import filereader
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    if DEFLATED_EXPLICIT_VR_LE.encode() not in data[:64 * 1024]:
+        return data
+    fp = _BoundedStream(data, limits.max_dicom_header_bytes)
+    try:
+        preamble = filereader.read_preamble(fp, True)
+        meta = filereader._read_file_meta_info(fp)
+    except Exception as exc:
+        if fp.exceeded:
+            raise _header_too_large(name, limits) from None
+        raise DicomError(name, f"not a readable DICOM file ({exc}).") from exc
+    if str(meta.get("TransferSyntaxUID", "")) != DEFLATED_EXPLICIT_VR_LE:
+        return data
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 specifies
+    try:
+        body = inflater.decompress(data[fp.tell():], limits.max_bytes + 1)
+    except zlib.error as exc:
+        raise DicomError(name, f"deflated data set is damaged ({exc}).") from exc
+    if len(body) > limits.max_bytes or inflater.unconsumed_tail:
+        raise ImageTooLargeError(name, f"deflated data set inflates to more than {limits.max_bytes:,} bytes; "
+                                       "refused (a deflate bomb, or an image far larger than a radiograph).")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = DicomBytesIO()
+    out.write(preamble or b"\0" * 128)
+    out.write(b"DICM")
+    write_file_meta_info(out, meta, enforce_standard=False)
+    out.write(body)
+    return out.getvalue()
+
+
+@dataclass
+class DicomHeader:
+    """A DICOM object's data set up to its pixel values, read within the header budget: what routing and
+    selection need (identifiers, modality, view) before a single pixel is decoded."""
+
+    dataset: Any  # pydicom Dataset without the pixel values
+    has_pixels: bool
+    transfer_syntax: str | None
+    data: bytes  # the object as decoded later (a deflated one already inflated)
+
+
+def read_dicom_header(data: bytes, name: str, limits: DecodeLimits = DecodeLimits()) -> DicomHeader:
+    """The header of one DICOM object, with the declared image checked against the limits and the pixel data
+    checked to be all there (a truncated or hostile object is refused here, by its header, before decoding).
+
+    Raises the object's :class:`ImageError` (DicomError, ImageTooLargeError, CorruptImageError).
+    """
+    require("pydicom")
+    from pydicom import filereader
+
+    data = inflate_deflated_dicom(data, name, limits)
+    ts = _dicom_transfer_syntax(data, name, limits)
+    if ts in DEFLATED_TRANSFER_SYNTAXES:
+        raise DicomError(name, f"transfer syntax {DEFLATED_TRANSFER_SYNTAXES[ts]} is not supported; send the image "
+                               "uncompressed or JPEG / JPEG-LS / JPEG 2000 / RLE compressed.")
+    fp = _BoundedStream(data, limits.max_dicom_header_bytes)
+    seen: list[tuple[str | None, int]] = []
+
+    def at_pixels(tag, vr, length) -> bool:
+        if tag in _PIXEL_TAGS:
+            seen.append((vr, length))
+            return True
+        return False
+
+    try:
+        ds = filereader.read_partial(fp, stop_when=at_pixels, force=True)
+        for _ in ds.values():  # pydicom converts values lazily: a damaged one is found here, within the budget
+            pass
+    except Exception as exc:
+        if fp.exceeded:
+            raise _header_too_large(name, limits) from None
+        raise DicomError(name, f"not a readable DICOM file ({exc}).") from exc
+    if fp.exceeded:
+        raise _header_too_large(name, limits)
+    if not seen:
+        return DicomHeader(ds, False, ts, data)
+    vr, length = seen[-1]
+    if vr == "SQ" or (vr == "UN" and length == 0xFFFFFFFF):
+        raise DicomError(name, f"pixel data is encoded as a sequence (VR {vr}), not as pixels; the file is damaged "
+                               "or crafted. Re-export the image.")
+    _check_dicom_size(ds, name, limits)
+    value_at = fp.tell() + (12 if (ts and ts != "1.2.840.10008.1.2" and vr in ("OB", "OW", "OF", "OD", "UN")) else 8)
+    present = len(data) - value_at
+    if length == 0xFFFFFFFF:  # encapsulated: fragments end with a sequence delimiter
+        if data.rfind(b"\xfe\xff\xdd\xe0", value_at) < 0:
+            raise CorruptImageError(name, "compressed pixel data is truncated (no end-of-fragments delimiter); "
+                                          "the transfer was cut short or the file is damaged. Send it again.")
+    else:
+        if length > present:
+            raise CorruptImageError(name, f"pixel data is truncated: {length:,} bytes declared, {present:,} present. "
+                                          "The transfer was cut short or the file is damaged; send it again.")
+        needed = _native_pixel_bytes(ds)
+        if needed is not None and length < needed:
+            raise CorruptImageError(name, f"pixel data holds {length:,} bytes but the header's image needs {needed:,}; "
+                                          "the file is damaged.")
+    return DicomHeader(ds, True, ts, data)
+
+
+def _native_pixel_bytes(ds) -> int | None:
+    """Bytes an uncompressed image of this header needs, or None when the header does not say."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except Exception:
+        return None
+    if bits == 1:
+        return (rows * cols * frames * samples + 7) // 8
+    return rows * cols * frames * samples * ((bits + 7) // 8)
+
+
 def _check_dicom_structure(data: bytes, name: str, limits: DecodeLimits) -> int:
     """The offset of the pixel-data element, found by parsing the header with a bounded stream (before the
     full read, so its header part is known to be bounded), and refusals of what cannot be read in bounds.
@@ -235,8 +358,8 @@ def _check_dicom_structure(data: bytes, name: str, limits: DecodeLimits) -> int:
     deflated = DEFLATED_TRANSFER_SYNTAXES.get(ts or "") or next(
         (v for k, v in DEFLATED_TRANSFER_SYNTAXES.items() if ts is None and k.encode() in head), None)
     if deflated:
-        raise DicomError(name, f"transfer syntax {deflated} is refused: it inflates without bound before its size "
-                               "can be checked. Convert it first (e.g. dcmconv +te in.dcm out.dcm).")
+        raise DicomError(name, f"transfer syntax {deflated} is not supported; send the image uncompressed or JPEG / "
+                               "JPEG-LS / JPEG 2000 / RLE compressed (e.g. dcmconv +te in.dcm out.dcm).")
     fp = _BoundedStream(data, limits.max_dicom_header_bytes)
     seen: list[tuple[str | None, int]] = []
 
@@ -271,6 +394,7 @@ def _decode_dicom(data: bytes, name: str, limits: DecodeLimits = DecodeLimits())
         raise DicomError(name, f"DICOM support is not installed here ({exc})") from exc
     from pydicom import filereader
 
+    data = inflate_deflated_dicom(data, name, limits)
     pixels_at = _check_dicom_structure(data, name, limits)
     fp = io.BytesIO(data)
     # the header again (bounded: the parse above), the pixel element, and nothing after it: trailing elements

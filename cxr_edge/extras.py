@@ -17,6 +17,8 @@ _EXTRAS: dict[str, tuple[str | None, str]] = {
     "matplotlib": ("bench", "evaluation and benchmark plots (also in the train extra)"),
     "sympy": ("export", "INT8 quantisation of ONNX models (also in the train extra)"),
     "pydicom": ("dicom", "reading DICOM files"),
+    "pynetdicom": ("node", "the DICOM node (Storage SCP)"),
+    "psycopg": ("postgres", "a PostgreSQL job store shared by several nodes"),
     "simplejpeg": (None, "strict JPEG decoding"),
     "tifffile": (None, "reading TIFF headers"),
     "pebble": (None, "isolated decoding in worker processes"),

@@ -30,26 +30,42 @@ def cmd_kiosk(a) -> int:
     return Supervisor(a.artifact, cfg).run()
 
 
-def cmd_serve(a) -> None:
-    from ..serve.app import ServeConfig, create_app, default_engine_threads
-    from ..serve.http_guard import TransportLimits, run_server
+def serve_config(a):
+    """The service settings from the flags `serve` and `node` share."""
+    from ..serve.app import ServeConfig, default_engine_threads
 
-    if a.host not in LOCAL_HOSTS:
-        logging.getLogger("cxr_edge.serve").warning(
-            "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", a.host)
     threads = a.threads or default_engine_threads(a.artifact)
-    cfg = ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
-                      max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=threads,
-                      cors_origins=a.cors or (), trusted_keys=tuple(a.trusted_key or ()),
-                      body_timeout_s=a.body_timeout, save_dir=a.save_dir, engine_spin=a.engine_spin,
-                      cuda_graph=a.cuda_graph, decode_workers=a.decode_workers, decode_timeout_s=a.decode_timeout,
-                      decode_memory_mb=a.decode_memory_mb, max_inflight_body_mb=a.max_inflight_body_mb,
-                      min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate, self_check=a.self_check,
-                      preprocess=a.preprocess, tuning=a.tuning)
-    limits = TransportLimits(header_timeout_s=a.header_timeout, max_connections=a.max_connections,
-                             max_pending_headers=a.max_pending_headers, write_timeout_s=a.write_timeout,
-                             max_unsent_bytes=int(a.max_unsent_mb * 1024 * 1024))
-    run_server(create_app(a.artifact, cfg), a.host, a.port, limits=limits, graceful_timeout_s=a.timeout)
+    return ServeConfig(max_batch=a.max_batch, max_delay_ms=a.max_delay_ms, max_queue=a.max_queue, timeout_s=a.timeout,
+                       max_body_mb=a.max_body_mb, device=a.device, backend=a.backend, threads=threads,
+                       cors_origins=a.cors or (), trusted_keys=tuple(a.trusted_key or ()),
+                       body_timeout_s=a.body_timeout, save_dir=a.save_dir, engine_spin=a.engine_spin,
+                       cuda_graph=a.cuda_graph, decode_workers=a.decode_workers, decode_timeout_s=a.decode_timeout,
+                       decode_memory_mb=a.decode_memory_mb, max_inflight_body_mb=a.max_inflight_body_mb,
+                       min_body_rate_kbs=a.min_body_rate_kbs, allow_failed_gate=a.allow_failed_gate, self_check=a.self_check,
+                       preprocess=a.preprocess, tuning=a.tuning)
+
+
+def transport_limits(a):
+    from ..serve.http_guard import TransportLimits
+
+    return TransportLimits(header_timeout_s=a.header_timeout, max_connections=a.max_connections,
+                           max_pending_headers=a.max_pending_headers, write_timeout_s=a.write_timeout,
+                           max_unsent_bytes=int(a.max_unsent_mb * 1024 * 1024))
+
+
+def warn_if_exposed(host: str) -> None:
+    if host not in LOCAL_HOSTS:
+        logging.getLogger("cxr_edge.serve").warning(
+            "binding to %s: the service has no authentication; put it behind the clinic's reverse proxy", host)
+
+
+def cmd_serve(a) -> None:
+    from ..serve.app import create_app
+    from ..serve.http_guard import run_server
+
+    warn_if_exposed(a.host)
+    run_server(create_app(a.artifact, serve_config(a)), a.host, a.port, limits=transport_limits(a),
+               graceful_timeout_s=a.timeout)
 
 
 def cmd_export_triton(a) -> None:
@@ -75,17 +91,23 @@ def register(sub) -> None:
 
 
 def _add_serve_parser(sub) -> None:
+    sv = sub.add_parser("serve", help="HTTP screening service with dynamic batching and a kiosk page",
+                        formatter_class=HelpFormatter)
+    sv.add_argument("artifact", help="an artifact with its manifest")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (localhost only unless told otherwise)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    add_service_args(sv)
+    sv.set_defaults(func=cmd_serve)
+
+
+def add_service_args(sv) -> None:
+    """The engine, batching, decode and transport flags of the HTTP service (serve, node)."""
     from ..runtime.backends.registry import all_backends
     from ..serve.config import ServeConfig
     from ..serve.http_guard import TransportLimits
 
     S = ServeConfig
     TL = TransportLimits
-    sv = sub.add_parser("serve", help="HTTP screening service with dynamic batching and a kiosk page",
-                        formatter_class=HelpFormatter)
-    sv.add_argument("artifact", help="an artifact with its manifest")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (localhost only unless told otherwise)")
-    sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument("--max-batch", type=positive_int, default=default_of(S, "max_batch"), help="images per engine call")
     sv.add_argument("--max-delay-ms", type=float, default=default_of(S, "max_delay_ms"),
                     help="longest wait for a batch to fill")
@@ -135,7 +157,6 @@ def _add_serve_parser(sub) -> None:
     sv.add_argument("--save-dir", help="keep received images under this directory (default: nothing is written)")
     sv.add_argument("--cuda-graph", action="store_true",
                     help="TensorRT engines: capture each batch size once as a CUDA graph and replay it")
-    sv.set_defaults(func=cmd_serve)
 
 
 def _add_kiosk_parser(sub) -> None:

@@ -393,7 +393,10 @@ class ScreeningService:
                 "self_check": info.self_check.to_dict() if info.self_check else None}
 
     # ---- the ASGI app
-    def build_app(self):
+    def build_app(self, extend=None, on_start=None, on_stop=None):
+        """The ASGI app. ``extend(app)`` adds routes before the transport guards wrap it; ``on_start`` and
+        ``on_stop`` (coroutine functions) run after the engine is ready and before it is released: the DICOM
+        node mounts STOW-RS and its job routes, and starts its SCP and worker, this way."""
         fastapi = require("fastapi")
         from fastapi import Request
         from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -404,8 +407,18 @@ class ScreeningService:
 
         async def lifespan(app):
             await service.start()
+            if on_start is not None:
+                try:
+                    await on_start()
+                except BaseException:
+                    await service.stop()
+                    raise
             yield
-            await service.stop()
+            try:
+                if on_stop is not None:
+                    await on_stop()
+            finally:
+                await service.stop()
 
         app = fastapi.FastAPI(title="cxr-edge screening service", version="1", lifespan=lifespan,
                               description="Chest X-ray screening: COVID-19 / Normal / Viral Pneumonia with Grad-CAM.")
@@ -467,6 +480,8 @@ class ScreeningService:
         async def kiosk():
             return resources.files("cxr_edge.serve").joinpath("kiosk.html").read_text()
 
+        if extend is not None:
+            extend(app)
         app.state.service = service
         app.state.metrics = service.metrics
         return BodyGuard(app, self.max_body, self.config.body_timeout_s,
