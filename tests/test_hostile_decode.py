@@ -114,10 +114,14 @@ def test_decoded_bytes_budget_counts_channels_and_depth():
 
 # ------------------------------------------------------------------ DICOM
 
-def test_deflated_dicom_is_refused_before_inflating():
+def test_deflated_dicom_is_inflated_within_the_byte_budget():
+    """Deflated Explicit VR LE decodes (PACS send it), but is inflated in one bounded step: a data set that would
+    inflate past max_bytes is refused after inflating that much, never more."""
     pytest.importorskip("pydicom")
-    with pytest.raises(DicomError, match="Deflated"):
-        decode_image(H.dicom_deflated(), name="d.dcm")
+    data = H.dicom_deflated(512, 512)  # 512 kB of pixels, deflated to a fraction of it
+    assert decode_image(data, name="d.dcm").pixels.shape == (512, 512)
+    with pytest.raises(ImageTooLargeError, match="inflates to more than"):
+        decode_image(data, name="bomb.dcm", limits=DecodeLimits(max_bytes=256 * 1024))
 
 
 def test_dicom_header_bytes_are_bounded():

@@ -96,8 +96,8 @@ class Intake:
     def _disk_ok(self) -> str | None:
         free = shutil.disk_usage(self.config.instance_dir).free / 2**20
         if free < self.config.min_free_mb:
-            return (f"out of resources: {free:,.0f} MB free on the node's disk, below its {self.config.min_free_mb:,.0f} MB "
-                    "watermark; retry later")
+            return (f"disk below the watermark: {free:,.0f} MB free, {self.config.min_free_mb:,.0f} MB kept free; retry "
+                    "later")
         return None
 
     def receive(self, data: bytes, sender: Sender, expected_sop_instance: str | None = None) -> IntakeOutcome:

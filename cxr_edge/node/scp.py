@@ -89,6 +89,9 @@ class StorageSCP:
         except Exception as exc:
             log.error("could not record a rejected association: %s", exc)
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)  # rejected permanent, service user, calling AE not recognised
+        # as pynetdicom's own rejections do: kill() lets the DUL send the A-ASSOCIATE-RJ before the socket closes
+        # (without it the caller saw the connection drop, "peer aborted", instead of a rejection it can report)
+        event.assoc.kill()
 
     def _echo(self, event) -> int:
         self.metrics.echoes.inc()
