@@ -266,8 +266,9 @@ class DicomHeader:
 
     dataset: Any  # pydicom Dataset without the pixel values
     has_pixels: bool
-    transfer_syntax: str | None
+    transfer_syntax: str | None  # of ``data``
     data: bytes  # the object as decoded later (a deflated one already inflated)
+    declared_transfer_syntax: str | None = None  # as received (Deflated Explicit VR LE before inflation)
 
 
 def read_dicom_header(data: bytes, name: str, limits: DecodeLimits = DecodeLimits()) -> DicomHeader:
@@ -279,6 +280,7 @@ def read_dicom_header(data: bytes, name: str, limits: DecodeLimits = DecodeLimit
     require("pydicom")
     from pydicom import filereader
 
+    declared = _dicom_transfer_syntax(data, name, limits)
     data = inflate_deflated_dicom(data, name, limits)
     ts = _dicom_transfer_syntax(data, name, limits)
     if ts in DEFLATED_TRANSFER_SYNTAXES:
@@ -304,7 +306,7 @@ def read_dicom_header(data: bytes, name: str, limits: DecodeLimits = DecodeLimit
     if fp.exceeded:
         raise _header_too_large(name, limits)
     if not seen:
-        return DicomHeader(ds, False, ts, data)
+        return DicomHeader(ds, False, ts, data, declared)
     vr, length = seen[-1]
     if vr == "SQ" or (vr == "UN" and length == 0xFFFFFFFF):
         raise DicomError(name, f"pixel data is encoded as a sequence (VR {vr}), not as pixels; the file is damaged "
@@ -324,7 +326,7 @@ def read_dicom_header(data: bytes, name: str, limits: DecodeLimits = DecodeLimit
         if needed is not None and length < needed:
             raise CorruptImageError(name, f"pixel data holds {length:,} bytes but the header's image needs {needed:,}; "
                                           "the file is damaged.")
-    return DicomHeader(ds, True, ts, data)
+    return DicomHeader(ds, True, ts, data, declared)
 
 
 def _native_pixel_bytes(ds) -> int | None:

@@ -82,7 +82,7 @@ class NodeConfig:
     max_associations: int = 8
     tls: TlsConfig | None = None
     min_free_mb: float = 1024.0  # below this much free disk, new instances get "out of resources" (0xA700)
-    max_instance_mb: float = 256.0
+    max_instance_mb: float = 64.0  # also the decode byte limit (the HTTP body limit is raised to it)
     rules: Path | None = None
     stable_after_s: float = 10.0  # a study with no new instance for this long is complete
     keep_pixels: bool = False  # keep received instances after screening (default: delete them, keep results)

@@ -34,6 +34,10 @@ def _stow_allowed(node: "ScreeningNode", host: str) -> bool:
     return any(addr in ipaddress.ip_network(n) for n in node.config.stow_from)
 
 
+class UnsupportedMedia(ValueError):
+    """A body or part this origin server does not accept (415)."""
+
+
 def _parts(ctype: str, body: bytes) -> list[bytes]:
     """The application/dicom parts of a multipart/related body (a ValueError names what is wrong)."""
     from email import policy
@@ -41,7 +45,7 @@ def _parts(ctype: str, body: bytes) -> list[bytes]:
 
     lowered = ctype.lower()
     if not lowered.startswith("multipart/related"):
-        raise ValueError("STOW-RS takes multipart/related; type=\"application/dicom\" (PS3.18 10.5)")
+        raise UnsupportedMedia("STOW-RS takes multipart/related; type=\"application/dicom\" (PS3.18 10.5)")
     if "boundary=" not in lowered:
         raise ValueError("multipart/related without a boundary parameter")
     msg = BytesParser(policy=policy.HTTP).parsebytes(b"Content-Type: " + ctype.encode("latin-1") + b"\r\n\r\n" + body)
@@ -51,7 +55,7 @@ def _parts(ctype: str, body: bytes) -> list[bytes]:
     for part in msg.iter_parts():
         kind = part.get_content_type()
         if kind != "application/dicom":
-            raise ValueError(f"part of type {kind}: only application/dicom parts are accepted (no bulk data / metadata "
+            raise UnsupportedMedia(f"part of type {kind}: only application/dicom parts are accepted (no bulk data / metadata "
                              "parts)")
         payload = part.get_payload(decode=True)
         out.append(payload if isinstance(payload, bytes) else b"")
@@ -72,19 +76,19 @@ def add_node_routes(app, node: "ScreeningNode") -> None:
         body = await request.body()
         try:
             parts = _parts(request.headers.get("content-type", ""), body)
+        except UnsupportedMedia as exc:
+            return JSONResponse({"detail": str(exc)}, 415)
         except ValueError as exc:
-            return JSONResponse({"detail": str(exc)}, 415 if "multipart/related" in str(exc) else 400)
+            return JSONResponse({"detail": str(exc)}, 400)
         if not parts:
             return JSONResponse({"detail": "no application/dicom part in the body"}, 400)
         loop = asyncio.get_running_loop()
         sender = Sender("http", host)
         intake = node.intake
-        outcomes = await asyncio.gather(*(loop.run_in_executor(None, intake.receive, p, sender) for p in parts))
+        outcomes = await asyncio.gather(*(loop.run_in_executor(None, intake.receive, p, sender, None, None, study)
+                                          for p in parts))
         stored, failed = [], []
         for o in outcomes:
-            if o.accepted and study and o.study_uid != study:
-                o = type(o)(0xA900, "refused", f"instance belongs to study {o.study_uid}, not {study}",
-                            o.job_id, o.sop_instance_uid, o.sop_class_uid, o.study_uid)
             item: dict[str, Any] = {"00081150": {"vr": "UI", "Value": [o.sop_class_uid]} if o.sop_class_uid else {"vr": "UI"},
                     "00081155": {"vr": "UI", "Value": [o.sop_instance_uid]} if o.sop_instance_uid else {"vr": "UI"}}
             if o.status == SUCCESS:

@@ -36,6 +36,11 @@ SUCCESS, OUT_OF_RESOURCES, DOES_NOT_MATCH_SOP_CLASS, CANNOT_UNDERSTAND = 0x0000,
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
+class Overloaded(Exception):
+    """The node could not judge an instance in time (decoders busy): a resource condition, answered A700, so the
+    sender retries instead of discarding a good image as damaged."""
+
+
 @dataclass(frozen=True)
 class Sender:
     """Who sent an instance: a calling AE and its address (DICOM), or an HTTP client address (STOW-RS)."""
@@ -100,8 +105,10 @@ class Intake:
                     "later")
         return None
 
-    def receive(self, data: bytes, sender: Sender, expected_sop_instance: str | None = None) -> IntakeOutcome:
-        """Judge, decode, store and record one instance (the DICOM Part 10 bytes, file meta included)."""
+    def receive(self, data: bytes, sender: Sender, expected_sop_instance: str | None = None,
+                expected_sop_class: str | None = None, expected_study: str | None = None) -> IntakeOutcome:
+        """Judge, decode, store and record one instance (the DICOM Part 10 bytes, file meta included). The expected
+        identifiers come from the C-STORE request (Affected SOP Instance / Class UID) or the STOW-RS URL (study)."""
         t0 = time.time()
         full = self._disk_ok()
         if full:
@@ -123,20 +130,28 @@ class Intake:
                                 sop_instance_uid=expected_sop_instance)
         ids = {k: uids[k] for k in ("sop_instance_uid", "study_uid", "sop_class_uid")}
         if expected_sop_instance and expected_sop_instance.strip() != uids["sop_instance_uid"]:
-            return self._refuse(DOES_NOT_MATCH_SOP_CLASS, "the data set's SOP Instance UID differs from the C-STORE "
-                                "request's Affected SOP Instance UID", sender, **ids)
+            return self._refuse(DOES_NOT_MATCH_SOP_CLASS, "SOP Instance UID differs from the request's Affected SOP "
+                                "Instance UID", sender, **ids)
+        if expected_sop_class and expected_sop_class.strip() != uids["sop_class_uid"]:
+            return self._refuse(DOES_NOT_MATCH_SOP_CLASS, "SOP Class UID differs from the request's Affected SOP Class "
+                                "UID", sender, **ids)
+        if expected_study and expected_study.strip() != uids["study_uid"]:
+            return self._refuse(DOES_NOT_MATCH_SOP_CLASS, f"instance belongs to study {uids['study_uid']}, not the "
+                                f"study in the request ({expected_study.strip()[:64]})", sender, **ids)
         patient = str(ds.get("PatientID", "") or "")[:64] if self.config.audit_patient_ids else None
         selection = self.rules.evaluate(ds, header.has_pixels)
         if not selection.screen:
-            return self._commit(None, uids, header.transfer_syntax, sender, SKIPPED, selection.reason, selection.view, t0,
-                                patient, None)
+            return self._commit(None, uids, header.declared_transfer_syntax, sender, SKIPPED, selection.reason,
+                                selection.view, t0, patient, None)
         name = f"{uids['sop_instance_uid']}.dcm"
         try:
             item = self.decode(header.data, name, sender.label)
         except ImageError as exc:
             return self._refuse(CANNOT_UNDERSTAND, exc.reason, sender, **ids)
-        return self._commit(header.data, uids, header.transfer_syntax, sender, RECEIVED, None, selection.view, t0, patient,
-                            item)
+        except Overloaded as exc:
+            return self._refuse(OUT_OF_RESOURCES, str(exc), sender, **ids)
+        return self._commit(data, uids, header.declared_transfer_syntax, sender, RECEIVED, None, selection.view, t0,
+                            patient, item)
 
     def _write(self, data: bytes) -> Path:
         """The instance on disk, fsynced (file and folder) before its job row is committed."""

@@ -70,15 +70,7 @@ class SelectionRules:
                  "view": {"frontal", "skip", "when_missing"}, "image": {"photometric", "max_frames", "min_side"}}
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> SelectionRules:
-        """The rules in ``path`` (TOML), or the built-in CXR defaults; unknown keys are refused, not ignored."""
-        if path is None:
-            text, source = resources.files("cxr_edge.node").joinpath("default_rules.toml").read_text(), "built-in defaults"
-        else:
-            try:
-                text, source = Path(path).read_text(), str(path)
-            except OSError as exc:
-                raise ConfigError(f"cannot read the selection rules {path}: {exc.strerror or exc}") from exc
+    def _parse(cls, text: str, source: str) -> dict[str, dict[str, Any]]:
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
@@ -91,16 +83,31 @@ class SelectionRules:
             if unknown:
                 raise ConfigError(f"selection rules {source}: unknown key(s) {sorted(unknown)} in [{section}] "
                                   f"(known: {sorted(cls._SECTIONS[section])})")
-        m, b, v, i = (doc.get(k, {}) for k in ("modality", "body_part", "view", "image"))
-        return cls(modalities=_words(m.get("screen", ["CR", "DX"]), "modality.screen"),
-                   body_parts=_words(b.get("screen", ["CHEST"]), "body_part.screen"),
-                   body_part_missing_screens=_choice(b.get("when_missing", "screen"), "body_part.when_missing"),
-                   frontal_views=_words(v.get("frontal", ["PA", "AP"]), "view.frontal"),
-                   skip_views=_words(v.get("skip", []), "view.skip"),
-                   view_missing_screens=_choice(v.get("when_missing", "skip"), "view.when_missing"),
-                   photometric=_words(i.get("photometric", ["MONOCHROME1", "MONOCHROME2"]), "image.photometric"),
-                   max_frames=_int(i.get("max_frames", 1), "image.max_frames"),
-                   min_side=_int(i.get("min_side", 128), "image.min_side"), source=source)
+        return doc
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> SelectionRules:
+        """The built-in CXR defaults (``default_rules.toml``), with the keys a site's TOML file sets replacing
+        them; unknown sections and keys are refused, not ignored."""
+        doc = cls._parse(resources.files("cxr_edge.node").joinpath("default_rules.toml").read_text(), "built-in")
+        source = "built-in defaults"
+        if path is not None:
+            try:
+                text, source = Path(path).read_text(), str(path)
+            except OSError as exc:
+                raise ConfigError(f"cannot read the selection rules {path}: {exc.strerror or exc}") from exc
+            for section, body in cls._parse(text, source).items():
+                doc[section] = {**doc.get(section, {}), **body}
+        m, b, v, i = (doc[k] for k in ("modality", "body_part", "view", "image"))
+        return cls(modalities=_words(m["screen"], "modality.screen"),
+                   body_parts=_words(b["screen"], "body_part.screen"),
+                   body_part_missing_screens=_choice(b["when_missing"], "body_part.when_missing"),
+                   frontal_views=_words(v["frontal"], "view.frontal"),
+                   skip_views=_words(v["skip"], "view.skip"),
+                   view_missing_screens=_choice(v["when_missing"], "view.when_missing"),
+                   photometric=_words(i["photometric"], "image.photometric"),
+                   max_frames=_int(i["max_frames"], "image.max_frames"),
+                   min_side=_int(i["min_side"], "image.min_side"), source=source)
 
     def evaluate(self, ds, has_pixels: bool | None = None) -> Selection:
         """Screen or skip one instance, judged by its header alone (``has_pixels``: whether the object holds pixel

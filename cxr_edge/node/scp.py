@@ -79,8 +79,7 @@ class StorageSCP:
         primitive = requestor.primitive  # the A-ASSOCIATE-RQ: negotiation has not copied its titles yet
         ae, address = str(getattr(primitive, "calling_ae_title", "") or "").strip(), str(requestor.address)
         if self.config.allow_any_caller or any(p.admits(ae, address) for p in self.config.allowed):
-            self.metrics.associations.labels("accepted").inc()
-            return
+            return  # pynetdicom's own checks follow (called AE title, association limit, contexts)
         self.metrics.associations.labels("rejected").inc()
         log.warning("rejected an association from %s@%s: calling AE title not on the allowlist", ae, address)
         try:
@@ -92,6 +91,23 @@ class StorageSCP:
         # as pynetdicom's own rejections do: kill() lets the DUL send the A-ASSOCIATE-RJ before the socket closes
         # (without it the caller saw the connection drop, "peer aborted", instead of a rejection it can report)
         event.assoc.kill()
+
+    def _accepted(self, event) -> None:
+        self.metrics.associations.labels("accepted").inc()
+
+    def _rejected(self, event) -> None:
+        """pynetdicom's own rejections (called AE title, association limit): counted and recorded like ours."""
+        self.metrics.associations.labels("rejected").inc()
+        requestor = event.assoc.requestor
+        primitive = event.assoc.acceptor.primitive
+        reasons: dict[tuple, str] = {(0x01, 0x07): "called AE title not recognised",
+                                     (0x03, 0x02): "local limit of associations exceeded"}
+        why = reasons.get((getattr(primitive, "result_source", None), getattr(primitive, "diagnostic", None)), "rejected")
+        title = str(getattr(requestor.primitive, "calling_ae_title", "") or "").strip()
+        try:
+            self.store.record("association_rejected", source=f"{title}@{requestor.address}", detail={"reason": why})
+        except Exception as exc:
+            log.error("could not record a rejected association: %s", exc)
 
     def _echo(self, event) -> int:
         self.metrics.echoes.inc()
@@ -105,7 +121,9 @@ class StorageSCP:
         sender = Sender("dicom", str(requestor.address), str(requestor.ae_title).strip())
         try:
             data = event.encoded_dataset(include_meta=True)
-            outcome = self.intake.receive(data, sender, str(event.request.AffectedSOPInstanceUID or "") or None)
+            rq = event.request
+            outcome = self.intake.receive(data, sender, str(rq.AffectedSOPInstanceUID or "") or None,
+                                          str(rq.AffectedSOPClassUID or "") or None)
         except Exception as exc:  # never let one instance take the association (or the node) down
             log.exception("C-STORE from %s failed", sender.label)
             status = Dataset()
@@ -132,7 +150,9 @@ class StorageSCP:
         for uid in STORAGE_SOP_CLASSES:
             ae.add_supported_context(uid, ts)
         ae.add_supported_context(VERIFICATION_SOP_CLASS, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
-        handlers: list[Any] = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_C_ECHO, self._echo), (evt.EVT_C_STORE, self._store)]
+        handlers: list[Any] = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_ACCEPTED, self._accepted),
+                               (evt.EVT_REJECTED, self._rejected), (evt.EVT_C_ECHO, self._echo),
+                               (evt.EVT_C_STORE, self._store)]
         ctx = ssl_context(self.config.tls) if self.config.tls else None
         self.server = ae.start_server((self.config.dicom_host, self.config.dicom_port), block=False,
                                       evt_handlers=handlers, ssl_context=ctx)

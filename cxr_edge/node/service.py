@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..serve.app import ScreeningService
 from ..serve.batcher import QueueFull
 from ..serve.config import ServeConfig
 from .config import NodeConfig
-from .intake import Intake
+from .intake import Intake, Overloaded
 from .metrics import NodeMetrics
 from .rules import SelectionRules
 from .store import FAILED, SCREENED, Claim, JobStore
@@ -37,6 +38,8 @@ class ScreeningNode:
 
     def __init__(self, artifact: str | Path, serve_config: ServeConfig, config: NodeConfig, engine_wrapper=None):
         self.config = config
+        if serve_config.max_body_mb < config.max_instance_mb:  # one byte limit for an instance, whichever way it came
+            serve_config = dataclasses.replace(serve_config, max_body_mb=config.max_instance_mb)
         self.service = ScreeningService(artifact, serve_config, engine_wrapper)
         self.rules = SelectionRules.load(config.rules)
         self.store = JobStore(config.url, config.identity)
@@ -126,8 +129,8 @@ class ScreeningNode:
             return fut.result(timeout=self.config.ack_timeout_s)
         except concurrent.futures.TimeoutError as exc:
             fut.cancel()
-            raise ImageError(name, f"not decoded within {self.config.ack_timeout_s:.0f} s (the node is overloaded); "
-                                   "retry later") from exc
+            raise Overloaded(f"not decoded within {self.config.ack_timeout_s:.0f} s (the node is overloaded); "
+                             "retry later") from exc
 
     def _queued(self, job_id: int, item) -> None:
         if len(self.cache) < MAX_CACHED_ITEMS:

@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..extras import require
 
-#: job states; ``delivered`` is written by the result delivery (results back into the PACS)
+#: job states
 RECEIVED, SCREENING, SCREENED, FAILED, SKIPPED = "received", "screening", "screened", "failed", "skipped"
 STATES = (RECEIVED, SCREENING, SCREENED, FAILED, SKIPPED)
 #: a job that started screening this many times without finishing (a node killed by it each time) fails
@@ -468,7 +468,7 @@ def _filters(*, study_uid=None, state=None, since=None, until=None, time_column:
         where.append("study_uid = ?")
         args.append(study_uid)
     if state:
-        if state not in STATES and state != "delivered":
+        if state not in STATES:
             raise ConfigError(f"unknown job state {state!r}; one of {', '.join(STATES)}")
         where.append("state = ?")
         args.append(state)
