@@ -1,0 +1,86 @@
+"""The node at the size of the issue's acceptance runs (slow): a 40-study mixed folder from DCMTK storescu over
+several associations with hostile instances among them, a kill -9 during a 300-instance send, and two nodes on one
+PostgreSQL store. The durability scenarios are the functions of benchmarks/node_durability.py, whose committed
+results come from the same code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pynetdicom")
+from test_node import DCMTK, _need_dcmtk, _need_real_data, _storescu, _wait_idle, running_node
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_export):
+    return next(a.path for a in tiny_export.artifacts if a.variant == "int8-cpu")
+
+
+def test_forty_mixed_studies_over_three_associations_with_hostile_instances(artifact, tmp_path):
+    """Every frontal image screened exactly once, everything else skipped or refused with a reason; while hostile
+    instances are refused on one association, the others keep being served and C-ECHO is answered."""
+    _need_real_data()
+    _need_dcmtk()
+    from dicom_studies import make_mixed_studies
+
+    made = make_mixed_studies(tmp_path / "studies", 40, seed=3)
+    hostile = [i for i in made if i.expect == "refuse"]
+    honest = [i for i in made if i.expect != "refuse"]
+    with running_node(artifact, tmp_path / "node", max_associations=8) as (node, client):
+        port = node.scp.port
+        results, echoes = {}, []
+
+        def send(name, items, ae):
+            results[name] = _storescu(port, [i.path for i in items], ae=ae)
+
+        def echo_loop(stop):
+            while not stop.is_set():
+                r = subprocess.run([DCMTK["echoscu"], "-aet", "XRAY1", "-aec", "CXREDGE", "127.0.0.1", str(port)],
+                                   capture_output=True, timeout=30)
+                echoes.append(r.returncode)
+                time.sleep(0.2)
+
+        stop = threading.Event()
+        threads = [threading.Thread(target=send, args=("a", honest[0::2], "XRAY1")),
+                   threading.Thread(target=send, args=("b", honest[1::2], "XRAY1")),
+                   threading.Thread(target=send, args=("h", hostile * 3, "XRAY1")),
+                   threading.Thread(target=echo_loop, args=(stop,))]
+        for t in threads:
+            t.start()
+        for t in threads[:3]:
+            t.join(300)
+        stop.set()
+        threads[3].join(30)
+        _wait_idle(client, 120)
+        jobs = {j["sop_instance_uid"]: j for j in client.get("/v1/jobs?limit=1000").json()["jobs"]}
+        screen = {i.sop_instance_uid for i in made if i.expect == "screen"}
+        skip = {i.sop_instance_uid for i in made if i.expect == "skip"}
+        assert {u for u, j in jobs.items() if j["state"] == "screened"} == screen
+        assert {u for u, j in jobs.items() if j["state"] == "skipped"} == skip
+        assert all(jobs[u]["reason"] for u in skip)
+        assert not {i.sop_instance_uid for i in hostile} & set(jobs)
+        screened_records = Counter(r["sop_instance_uid"] for r in node.store.audit_records(event="screened"))
+        assert set(screened_records) == screen and set(screened_records.values()) == {1}
+        refusals = node.store.audit_records(event="refused")
+        assert len(refusals) >= len([i for i in hostile if i.kind != "truncated"]) * 3 - 3  # storescu cannot read a truncated file
+        assert all(r["detail"]["reason"] for r in refusals)
+        assert echoes and all(rc == 0 for rc in echoes), "C-ECHO answered throughout"
+        studies = client.get("/v1/studies?limit=100").json()["studies"]
+        assert len(studies) == len({i.study_uid for i in honest}) and all(s["state"] == "complete" for s in studies)
+
+
+def _durability():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import node_durability
+
+    return node_durability
