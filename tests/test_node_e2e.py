@@ -84,3 +84,25 @@ def _durability():
     import node_durability
 
     return node_durability
+
+
+def test_kill_9_during_a_300_instance_send_loses_and_duplicates_nothing(tmp_path):
+    """Two kill -9 of the node mid-send; the room resends what was not acknowledged (and a few that were): every
+    acknowledged instance has exactly one job and one result, none is lost."""
+    _need_real_data()
+    _need_dcmtk()
+    r = _durability().crash_and_resend(300, kills=2, seed=11, work=tmp_path, log=lambda *a: None)
+    assert r["problems"] == [], r["problems"]
+    assert r["lost"] == 0 and r["screened_twice"] == 0 and r["acknowledged_instances"] == 300
+    assert r["node_processes_alive_after_sigkill"] == 0
+
+
+def test_two_nodes_on_one_postgres_store_screen_each_job_once(postgres_url, tmp_path):  # noqa: F811
+    _need_real_data()
+    _need_dcmtk()
+    r = _durability().two_nodes_one_store(postgres_url, 300, seed=12, work=tmp_path, log=lambda *a: None)
+    assert r["problems"] == [], r["problems"]
+    assert r["lost"] == 0 and r["screened_twice"] == 0
+
+
+from pg_server import postgres_url  # noqa: E402, F401  (the session fixture)
