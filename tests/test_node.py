@@ -288,8 +288,9 @@ def test_node_screens_what_dcmtk_sends_once_and_records_every_skip_and_refusal(a
         # every screened job: a result with the model recorded, an overlay, and the received pixels gone
         screened = [j for j in jobs.values() if j["state"] == "screened"]
         assert all(j["label"] in ("COVID", "Normal") and j["result"]["model"]["sha256"] for j in screened)
-        png = client.get(f"/v1/jobs/{screened[0]['id']}/overlay.png")
-        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        img = client.get(f"/v1/jobs/{screened[0]['id']}/overlay.jpg")
+        assert img.status_code == 200 and img.content[:3] == b"\xff\xd8\xff"
+        assert screened[0]["result"]["explanation"]["files"]["cam"].endswith("-cam.npy")
         assert not list((data / "instances").rglob("*.dcm")), "received pixels are deleted after screening"
 
         # sending everything again: acknowledged as duplicates, nothing screened twice
@@ -437,10 +438,11 @@ def test_a_restarted_node_screens_the_jobs_it_had_claimed(artifact, small_study_
                       sha256=None, state="received", reason=None, view="PA", received_at=time.time())
     assert len(store.claim(5, 300, False)) == 1  # claimed, then the process "died"
     store.close()
-    with running_node(artifact, data, node_id=node_id) as (node, client):
+    with running_node(artifact, data, node_id=node_id, heatmaps="none") as (node, client):
         _wait_idle(client)
         (job,) = client.get("/v1/jobs").json()["jobs"]
         assert job["state"] == "screened" and job["attempts"] == 2
+        assert not job["has_overlay"] and job["result"]["explanation"] is None  # --heatmaps none: the decision only
         assert node.store.audit_records(event="resumed")
     assert not kept.exists()
 

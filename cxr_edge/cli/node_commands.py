@@ -34,7 +34,8 @@ def node_config(a):
                       max_instance_mb=a.max_instance_mb, rules=Path(a.rules) if a.rules else None,
                       stable_after_s=a.stable_after, keep_pixels=a.keep_pixels, lease_s=a.lease,
                       shared_storage=a.shared_storage, node_id=a.node_id, audit_patient_ids=a.audit_patient_ids,
-                      screen_concurrency=a.screen_concurrency, stow_from=tuple(a.stow_from or ("127.0.0.0/8", "::1/128")))
+                      screen_concurrency=a.screen_concurrency, heatmaps=a.heatmaps,
+                      stow_from=tuple(a.stow_from or ("127.0.0.0/8", "::1/128")))
 
 
 def cmd_node(a) -> None:
@@ -129,6 +130,9 @@ def _add_node_parser(sub) -> None:
                                       "keep it stable: a restarted node resumes the jobs claimed under its name)")
     nd.add_argument("--audit-patient-ids", action="store_true",
                     help="record Patient ID in jobs and audit records (default: study/series/instance UIDs only)")
+    nd.add_argument("--heatmaps", choices=("all", "flagged", "none"), default=default_of(N, "heatmaps"),
+                    help="which results get a Grad-CAM overlay: all, flagged (COVID or borderline: a third of the "
+                         "screening cost on a mostly negative worklist) or none")
     nd.add_argument("--screen-concurrency", type=positive_int, default=default_of(N, "screen_concurrency"),
                     help="jobs screened at once (the dynamic batcher batches across them)")
     nd.add_argument("--stow-from", action="append", metavar="NETWORK",

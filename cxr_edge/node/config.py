@@ -90,6 +90,7 @@ class NodeConfig:
     shared_storage: bool = False  # instance files are on storage every node of the fleet reads (NFS...)
     node_id: str | None = None  # default: host name + AE title + port
     audit_patient_ids: bool = False  # record Patient ID in jobs and the audit trail (off: UIDs only)
+    heatmaps: str = "all"  # all | flagged (COVID or borderline) | none: which results get a Grad-CAM overlay
     screen_concurrency: int = 64  # jobs screened at once (the batcher batches across them)
     stow_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # networks allowed to STOW-RS (no HTTP authentication)
     ack_timeout_s: float = 30.0  # decode + commit of one instance before the C-STORE answer

@@ -143,14 +143,14 @@ def add_node_routes(app, node: "ScreeningNode") -> None:
             return JSONResponse({"detail": f"no job {job_id}"}, 404)
         return j.to_dict()
 
-    @app.get("/v1/jobs/{job_id}/overlay.png", summary="The Grad-CAM overlay of a screened job")
+    @app.get("/v1/jobs/{job_id}/overlay.jpg", summary="The Grad-CAM overlay of a screened job")
     async def overlay(job_id: int):
         from pathlib import Path
 
         j = await asyncio.get_running_loop().run_in_executor(None, node.store.job, job_id)
         if j is None or not j.overlay_path or not Path(j.overlay_path).is_file():
             return JSONResponse({"detail": f"no overlay for job {job_id}"}, 404)
-        return Response(Path(j.overlay_path).read_bytes(), media_type="image/png",
+        return Response(Path(j.overlay_path).read_bytes(), media_type="image/jpeg",
                         headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/studies", summary="Recent studies with state and decision (the kiosk worklist)")

@@ -51,6 +51,8 @@ class ScreeningNode:
         self.wake: asyncio.Event | None = None
         self.tasks: list[asyncio.Task] = []
         self.in_flight: set[asyncio.Task] = set()
+        self.jobs_in_flight = 0
+        self.results_queue: asyncio.Queue = asyncio.Queue()
         self.stopping = False
 
     # ---- lifecycle
@@ -78,7 +80,9 @@ class ScreeningNode:
                              self.service.limits, lambda outcome: self.metrics.instances.labels(outcome).inc())
         model = self.model_record()
         await self.loop.run_in_executor(None, lambda: self.store.record("node_started", detail={"model": model}))
+        self.results_queue = asyncio.Queue()
         self.tasks = [asyncio.create_task(self._screen_loop(), name="node-screening"),
+                      asyncio.create_task(self._results_loop(), name="node-results"),
                       asyncio.create_task(self._study_loop(), name="node-studies")]
         self.scp = StorageSCP(self.config, self.intake, self.store, self.metrics).start()
 
@@ -140,25 +144,29 @@ class ScreeningNode:
 
     # ---- the worker
     async def _screen_loop(self) -> None:
+        """Claim what the store holds, in batches: one engine batch, one Grad-CAM batch and one commit per claim
+        batch (Grad-CAM through a dense head costs ~5x less per image in a batch of 16 than alone)."""
         loop = asyncio.get_running_loop()
         assert self.wake is not None
         limit = max(1, self.config.screen_concurrency)
+        batch = max(1, min(self.service.config.max_batch, limit))
         while not self.stopping:
-            free = limit - len(self.in_flight)
+            free = limit - self.jobs_in_flight
             claims: list[Claim] = []
             if free > 0:
                 try:
-                    claims = await loop.run_in_executor(None, self.store.claim, free, self.config.lease_s,
+                    claims = await loop.run_in_executor(None, self.store.claim, min(free, batch), self.config.lease_s,
                                                         self.config.shared_storage)
                 except Exception as exc:  # the store is unreachable for a moment: try again, never crash the node
                     log.error("could not claim jobs: %s: %s", type(exc).__name__, exc)
                     await asyncio.sleep(1.0)
                     continue
-            for c in claims:
-                task = asyncio.create_task(self._screen(c))
+            if claims:
+                self.jobs_in_flight += len(claims)
+                task = asyncio.create_task(self._screen_batch(claims))
                 self.in_flight.add(task)
                 task.add_done_callback(self.in_flight.discard)
-            self.metrics.in_flight.set(len(self.in_flight))
+            self.metrics.in_flight.set(self.jobs_in_flight)
             if not claims:
                 self.wake.clear()
                 try:  # woken by the intake; the timeout polls for other nodes' jobs and expired leases
@@ -167,6 +175,7 @@ class ScreeningNode:
                     pass
 
     async def _item_for(self, claim: Claim):
+        """The decoded image: from the intake's memory, or (after a restart) decoded again from the stored file."""
         item = self.cache.pop(claim.job.id, None)
         if item is not None:
             return item
@@ -176,89 +185,154 @@ class ScreeningNode:
                                                    "by another node or removed. Ask the sender to send it again.")
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(None, Path(job.path).read_bytes)
-        return await loop.run_in_executor(None, self._decode_for_intake, data, f"{job.sop_instance_uid}.dcm",
-                                          job.source)
+        item = await loop.run_in_executor(None, self._decode_for_intake, data, f"{job.sop_instance_uid}.dcm", job.source)
+        svc = self.service
+        if svc.preprocess == "gpu":
+            item.packed = await loop.run_in_executor(svc.decode_pool, svc._gpu_resize, item.packed)
+        return item
 
-    async def _screen(self, claim: Claim) -> None:
-        loop = asyncio.get_running_loop()
-        svc, job = self.service, claim.job
-        try:
+    async def _infer(self, item, explain: bool) -> dict:
+        while True:
             try:
-                item = await self._item_for(claim)
-            except ImageError as exc:
-                await loop.run_in_executor(None, self._finish, claim, None, exc.reason, None)
-                return
-            if svc.preprocess == "gpu":
-                item.packed = await loop.run_in_executor(svc.decode_pool, svc._gpu_resize, item.packed)
-            explain = svc.head is not None
-            while True:
-                try:
-                    out = await svc.live_batcher.enqueue(item.packed, features=explain)
-                    break
-                except QueueFull:  # HTTP clients fill the queue: the durable job waits its turn
-                    await asyncio.sleep(0.05)
-            result, overlay = await loop.run_in_executor(svc.decode_pool, self._result, job, out, item, explain)
-            await loop.run_in_executor(None, self._finish, claim, result, None, overlay)
+                return await self.service.live_batcher.enqueue(item.packed, features=explain)
+            except QueueFull:  # HTTP clients fill the queue: the durable job waits its turn
+                await asyncio.sleep(0.05)
+
+    async def _screen_batch(self, claims: list[Claim]) -> None:
+        loop = asyncio.get_running_loop()
+        svc = self.service
+        explain = svc.head is not None and self.config.heatmaps != "none"
+        outcomes: list[tuple[Claim, dict[str, Any] | None, str | None, str | None]] = []
+        try:
+            items = await asyncio.gather(*(self._item_for(c) for c in claims), return_exceptions=True)
+            ready = []
+            for c, item in zip(claims, items):
+                if isinstance(item, ImageError):
+                    outcomes.append((c, None, item.reason, None))
+                elif isinstance(item, BaseException):
+                    outcomes.append((c, None, f"screening failed: {type(item).__name__}: {item}", None))
+                else:
+                    ready.append((c, item))
+            if ready:
+                outs = await asyncio.gather(*(self._infer(item, explain) for _, item in ready), return_exceptions=True)
+                done = [(c, item, o) for (c, item), o in zip(ready, outs) if not isinstance(o, BaseException)]
+                outcomes += [(c, None, f"screening failed: {type(o).__name__}: {o}", None)
+                             for (c, _), o in zip(ready, outs) if isinstance(o, BaseException)]
+                if done:
+                    outcomes += await self._explained(done, explain)
+            await loop.run_in_executor(None, self._finish_all, outcomes)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # engine or store failure: the job fails with the reason, the node goes on
-            log.exception("screening job %d failed", job.id)
-            try:
-                await loop.run_in_executor(None, self._finish, claim, None,
-                                           f"screening failed: {type(exc).__name__}: {exc}", None)
-            except Exception:
-                log.exception("could not record the failure of job %d; its claim lapses and it is retried", job.id)
+        except Exception:  # the store failed: these claims lapse and are screened again (never two results)
+            log.exception("a batch of %d job(s) could not be recorded; their claims lapse and they are retried", len(claims))
         finally:
-            self.cache.pop(job.id, None)
+            self.jobs_in_flight -= len(claims)
+            for c in claims:
+                self.cache.pop(c.job.id, None)
 
-    def _result(self, job, out, item, explain: bool) -> tuple[dict[str, Any], str | None]:
-        """The screening step's result for one job, and its overlay PNG written beside the results."""
+    async def _explained(self, done, explain: bool):
+        """Results of inferred jobs through one shared queue: the step (decision + Grad-CAM) runs on everything
+        waiting when the previous call ends, so jobs that arrive one by one are still explained in batches (the
+        Grad-CAM head's dense layers read their weights once per call: ~5x cheaper per image at 16 than at 1)."""
+        fut = asyncio.get_running_loop().create_future()
+        await self.results_queue.put((done, explain, fut))
+        return await fut
+
+    async def _results_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        svc = self.service
+        while True:
+            first = await self.results_queue.get()
+            waiting = [first]
+            size = len(first[0])
+            while size < svc.config.max_batch and not self.results_queue.empty():
+                nxt = self.results_queue.get_nowait()
+                waiting.append(nxt)
+                size += len(nxt[0])
+            jobs = [d for w in waiting for d in w[0]]
+            try:
+                out = await loop.run_in_executor(svc.decode_pool, self._results, jobs, waiting[0][1])
+            except Exception as exc:
+                out = [(c, None, f"screening failed: {type(exc).__name__}: {exc}", None) for c, _, _ in jobs]
+            k = 0
+            for done, _, fut in waiting:
+                if not fut.done():
+                    fut.set_result(out[k:k + len(done)])
+                k += len(done)
+
+    def _results(self, done, explain: bool) -> list[tuple[Claim, dict[str, Any] | None, str | None, str | None]]:
+        """The screening step for a batch of jobs (one Grad-CAM call), and each overlay written beside the results:
+        a JPEG of the preview with the map over it (the kiosk shows it; a PNG took 10-15x longer to encode), and the
+        raw map as .npy for anything that renders it again."""
         import cv2
+        import numpy as np
 
         svc = self.service
-        timings = {"arrival_to_inference": 1e3 * (time.time() - job.received_at)}
-        features = out["features"][None] if explain else None
-        r = svc.step.results([0], [job.sop_instance_uid], out["probs"][None], [timings], svc.preprocess, explain,
-                             features)[0]
-        overlay_path = None
-        if explain and r.explanation is not None and item.preview is not None:
-            from ..runtime.overlay import overlay
+        now = time.time()
+        probs = np.stack([o["probs"] for _, _, o in done])
+        timings = [{"arrival_to_inference": 1e3 * (now - c.job.received_at)} for c, _, _ in done]
+        names = [c.job.sop_instance_uid for c, _, _ in done]
+        results = svc.step.results(list(range(len(done))), names, probs, timings, svc.preprocess)
+        policy = self.config.heatmaps
+        wanted = [k for k, r in enumerate(results) if explain and (policy == "all" or (
+            policy == "flagged" and (r.label == "COVID" or bool(r.decision and r.decision.borderline))))]
+        if wanted:  # Grad-CAM of the decided class, for the results the policy wants a map of (one batched call)
+            features = np.stack([done[k][2]["features"] for k in wanted])
+            explained = svc.step.results(wanted, [names[k] for k in wanted], probs[wanted], [timings[k] for k in wanted],
+                                         svc.preprocess, True, features)
+            for k, r in zip(wanted, explained):
+                results[k] = r
+        model = self.model_record()
+        out: list[tuple[Claim, dict[str, Any] | None, str | None, str | None]] = []
+        for (claim, item, _), r in zip(done, results):
+            overlay_path = None
+            if explain and r.explanation is not None and r.explanation.cam is not None and item.preview is not None:
+                from ..runtime.overlay import overlay
 
-            assert r.explanation.cam is not None
-            folder = self.config.result_dir / time.strftime("%Y%m%d", time.gmtime(job.received_at))
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"job-{job.id}-overlay.png"
-            ok, buf = cv2.imencode(".png", overlay(item.preview, r.explanation.cam))
-            if ok:
-                path.write_bytes(buf.tobytes())
-                overlay_path = str(path)
-        d = r.to_dict()
-        d["model"] = self.model_record()
-        return d, overlay_path
+                folder = self.config.result_dir / time.strftime("%Y%m%d", time.gmtime(claim.job.received_at))
+                folder.mkdir(parents=True, exist_ok=True)
+                base = folder / f"job-{claim.job.id}"
+                ok, buf = cv2.imencode(".jpg", overlay(item.preview, r.explanation.cam), [cv2.IMWRITE_JPEG_QUALITY, 90])
+                if ok:
+                    Path(f"{base}-overlay.jpg").write_bytes(buf.tobytes())
+                    np.save(f"{base}-cam.npy", r.explanation.cam)
+                    overlay_path = f"{base}-overlay.jpg"
+                    r.explanation.files = {"overlay": Path(overlay_path).name, "cam": Path(f"{base}-cam.npy").name}
+            d = r.to_dict()
+            d["model"] = model
+            out.append((claim, d, None, overlay_path))
+        return out
 
-    def _finish(self, claim: Claim, result: dict[str, Any] | None, reason: str | None, overlay: str | None) -> None:
-        job = claim.job
-        if result is not None:
-            decision = result.get("decision") or {}
-            detail = {"model": result["model"], "label": result.get("label"),
-                      "p_covid": (result.get("probabilities") or {}).get("COVID"), "threshold": result.get("threshold"),
-                      "borderline": decision.get("borderline"), "operating_point": result["model"]["operating_point"]}
-            ok = self.store.finish(claim, state=SCREENED, result=result, reason=None, overlay_path=overlay,
-                                   audit_event="screened", audit_detail=detail)
-        else:
-            ok = self.store.finish(claim, state=FAILED, result=None, reason=reason, overlay_path=None,
-                                   audit_event="failed", audit_detail={"reason": reason})
-        if not ok:
-            log.warning("job %d: another node took it after this node's claim lapsed; its result is kept, not ours",
-                        job.id)
-            if overlay:
-                Path(overlay).unlink(missing_ok=True)
+    def _finish_all(self, outcomes) -> None:
+        """Record a batch of outcomes in one transaction (one fsync), then delete the screened pixels."""
+        if not outcomes:
             return
-        self.metrics.jobs.labels(SCREENED if result is not None else FAILED).inc()
-        self.metrics.instance_latency.observe(max(0.0, time.time() - job.received_at))
-        if not self.config.keep_pixels and job.path:
-            Path(job.path).unlink(missing_ok=True)  # retention: received pixels go, the result stays
-            self.store.forget_pixels(job.id)
+        records = []
+        for claim, result, reason, overlay in outcomes:
+            if result is not None:
+                decision = result.get("decision") or {}
+                detail = {"model": result["model"], "label": result.get("label"),
+                          "p_covid": (result.get("probabilities") or {}).get("COVID"),
+                          "threshold": result.get("threshold"), "borderline": decision.get("borderline"),
+                          "operating_point": result["model"]["operating_point"]}
+                records.append((claim, SCREENED, result, None, overlay, "screened", detail))
+            else:
+                records.append((claim, FAILED, None, reason, None, "failed", {"reason": reason}))
+        kept = self.store.finish_many(records, forget_pixels=not self.config.keep_pixels)
+        now = time.time()
+        for (claim, state, _, _, overlay, _, _), ok in zip(records, kept):
+            job = claim.job
+            if not ok:
+                log.warning("job %d: another node took it after this node's claim lapsed; its result is kept, not ours",
+                            job.id)
+                if overlay:
+                    Path(overlay).unlink(missing_ok=True)
+                    Path(overlay.replace("-overlay.jpg", "-cam.npy")).unlink(missing_ok=True)
+                continue
+            self.metrics.jobs.labels(state).inc()
+            self.metrics.instance_latency.observe(max(0.0, now - job.received_at))
+            if not self.config.keep_pixels and job.path:
+                Path(job.path).unlink(missing_ok=True)  # retention: received pixels go, the result stays
 
     async def _study_loop(self) -> None:
         """Complete studies that have been quiet for ``stable_after_s`` and have no unfinished job."""

@@ -328,26 +328,32 @@ class JobStore:
                 self.audit(cur, "resumed", detail={"jobs": len(ids), "job_ids": ids[:100]})
         return len(ids)
 
+    def finish_many(self, records, forget_pixels: bool) -> list[bool]:
+        """Record claimed jobs' outcomes in one transaction, each only if its claim still holds (False: another node
+        took the job after this one's lease ran out, and its result, not ours, is the one kept). ``records``:
+        (claim, state, result, reason, overlay_path, audit_event, audit_detail). With ``forget_pixels`` the job no
+        longer points at its instance file, which the caller deletes after the commit."""
+        now = time.time()
+        kept = []
+        with self.transaction() as cur:
+            for claim, state, result, reason, overlay_path, event, detail in records:
+                j = claim.job
+                cur.execute(f"""UPDATE jobs SET state = ?, result = ?, reason = ?, overlay_path = ?, screened_at = ?,
+                                claim_token = NULL{", path = NULL" if forget_pixels else ""}
+                                WHERE id = ? AND claim_token = ? AND state = 'screening'""",
+                            (state, json.dumps(result) if result is not None else None, reason, overlay_path, now, j.id,
+                             claim.token))
+                ok = cur.rowcount == 1
+                kept.append(ok)
+                if ok:
+                    self.audit(cur, event, source=j.source, study_uid=j.study_uid, series_uid=j.series_uid,
+                               sop_instance_uid=j.sop_instance_uid, job_id=j.id, detail=detail, at=now)
+        return kept
+
     def finish(self, claim: Claim, *, state: str, result: dict[str, Any] | None, reason: str | None,
                overlay_path: str | None, audit_event: str, audit_detail: dict[str, Any]) -> bool:
-        """Record a claimed job's outcome, only if this claim still holds (False: another node took the job after
-        this one's lease ran out, and its result, not ours, is the one kept)."""
-        now = time.time()
-        j = claim.job
-        with self.transaction() as cur:
-            cur.execute("""UPDATE jobs SET state = ?, result = ?, reason = ?, overlay_path = ?, screened_at = ?,
-                           claim_token = NULL WHERE id = ? AND claim_token = ? AND state = 'screening'""",
-                        (state, json.dumps(result) if result is not None else None, reason, overlay_path, now, j.id,
-                         claim.token))
-            if cur.rowcount != 1:
-                return False
-            self.audit(cur, audit_event, source=j.source, study_uid=j.study_uid, series_uid=j.series_uid,
-                       sop_instance_uid=j.sop_instance_uid, job_id=j.id, detail=audit_detail, at=now)
-        return True
-
-    def forget_pixels(self, job_id: int) -> None:
-        with self.transaction() as cur:
-            cur.execute("UPDATE jobs SET path = NULL WHERE id = ?", (job_id,))
+        """One claimed job's outcome (see :meth:`finish_many`)."""
+        return self.finish_many([(claim, state, result, reason, overlay_path, audit_event, audit_detail)], False)[0]
 
     # ---- studies
     def stable_studies(self, quiet_s: float) -> list[str]:
