@@ -219,7 +219,7 @@ def main() -> None:
         lines.append(f"| {r['path']} | {r['associations']} | {r['screened']}/{r['instances']} | {r['instances_per_s']:.1f} | "
                      f"{ratio} | {p50:.0f} | {p99:.0f} |")
     lines += ["", "DICOM latency: a study's last instance arriving -> the last result of that study committed to the job "
-              "store (received_at -> screened_at; each result includes a Grad-CAM overlay written to disk). HTTP latency: "
+              "store (received_at -> screened_at; with --heatmaps all each result includes a Grad-CAM overlay written to disk, with none the decision only, as /v1/predict). HTTP latency: "
               "one request, upload to answer. DICOM throughput counts the instance fsynced and its job committed before "
               "each C-STORE answer."]
     (args.out / "node_vs_http.md").write_text("\n".join(lines) + "\n")

@@ -124,17 +124,22 @@ class ScreeningNode:
         svc = self.service
         resize = svc.preprocess != "gpu"
         if svc.decoder is None:
-            res = decode_and_pack(data, name, svc.loaded_engine.spec, svc.limits, True, resize)
+            res = decode_and_pack(data, name, svc.loaded_engine.spec, svc.limits, self.keep_preview, resize)
             if res[0] != "ok":
                 raise error_from(*res[1:])
             return res[1]
-        fut = svc.decoder.submit(data, name, keep_preview=True, resize=resize, client=client, request=name)
+        fut = svc.decoder.submit(data, name, keep_preview=self.keep_preview, resize=resize, client=client, request=name)
         try:
             return fut.result(timeout=self.config.ack_timeout_s)
         except concurrent.futures.TimeoutError as exc:
             fut.cancel()
             raise Overloaded(f"not decoded within {self.config.ack_timeout_s:.0f} s (the node is overloaded); "
                              "retry later") from exc
+
+    @property
+    def keep_preview(self) -> bool:
+        """The decoded preview is kept only when an overlay may be drawn on it."""
+        return self.config.heatmaps != "none"
 
     def _queued(self, job_id: int, item) -> None:
         if len(self.cache) < MAX_CACHED_ITEMS:
