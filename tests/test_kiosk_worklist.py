@@ -262,7 +262,7 @@ def test_worklist_lists_studies_images_and_overlays_and_never_mixes_patients(nod
 
     # A's overlay held back, B chosen meanwhile: the late overlay never appears beside study B
     job_a = _job(page, "screened").get_attribute("data-job")
-    gate_overlay = Gate(page, f"**/v1/jobs/{job_a}/overlay.png")
+    gate_overlay = Gate(page, f"**/v1/jobs/{job_a}/overlay.jpg")
     _job(page, "screened").click()
     assert page.text_content("#label") in ("COVID", "Normal")  # the text is there; the overlay is on its way
     _study_row(page, b).click()
