@@ -219,6 +219,30 @@ def _dicom_transfer_syntax(data: bytes, name: str, limits: DecodeLimits) -> str 
         return None
 
 
+def _pixel_stop():
+    """A ``stop_when`` for pydicom's read_partial that stops before the first top-level pixel-data element and
+    records its (VR, length) in the returned list."""
+    seen: list[tuple[str | None, int]] = []
+
+    def at_pixels(tag, vr, length) -> bool:
+        if tag in _PIXEL_TAGS:
+            seen.append((vr, length))
+            return True
+        return False
+
+    return seen, at_pixels
+
+
+def _refuse_frame_deflate(ts: str | None, data: bytes, name: str) -> None:
+    """Deflated Image Frame Compression, from the meta group (or, without one, the UID near the start)."""
+    head = data[: 64 * 1024]
+    deflated = DEFLATED_TRANSFER_SYNTAXES.get(ts or "") or next(
+        (v for k, v in DEFLATED_TRANSFER_SYNTAXES.items() if ts is None and k.encode() in head), None)
+    if deflated:
+        raise DicomError(name, f"transfer syntax {deflated} is not supported; send the image uncompressed or JPEG / "
+                               "JPEG-LS / JPEG 2000 / RLE compressed (e.g. dcmconv +te in.dcm out.dcm).")
+
+
 def inflate_deflated_dicom(data: bytes, name: str, limits: DecodeLimits = DecodeLimits()) -> bytes:
     """A Deflated Explicit VR Little Endian file as the same object in Explicit VR Little Endian, inflated in one
     bounded step: at most ``limits.max_bytes`` come out, so a deflate bomb is refused after inflating that much,
@@ -283,17 +307,9 @@ def read_dicom_header(data: bytes, name: str, limits: DecodeLimits = DecodeLimit
     declared = _dicom_transfer_syntax(data, name, limits)
     data = inflate_deflated_dicom(data, name, limits)
     ts = _dicom_transfer_syntax(data, name, limits)
-    if ts in DEFLATED_TRANSFER_SYNTAXES:
-        raise DicomError(name, f"transfer syntax {DEFLATED_TRANSFER_SYNTAXES[ts]} is not supported; send the image "
-                               "uncompressed or JPEG / JPEG-LS / JPEG 2000 / RLE compressed.")
+    _refuse_frame_deflate(ts, data, name)
     fp = _BoundedStream(data, limits.max_dicom_header_bytes)
-    seen: list[tuple[str | None, int]] = []
-
-    def at_pixels(tag, vr, length) -> bool:
-        if tag in _PIXEL_TAGS:
-            seen.append((vr, length))
-            return True
-        return False
+    seen, at_pixels = _pixel_stop()
 
     try:
         ds = filereader.read_partial(fp, stop_when=at_pixels, force=True)
@@ -356,20 +372,9 @@ def _check_dicom_structure(data: bytes, name: str, limits: DecodeLimits) -> int:
     from pydicom import filereader
 
     ts = _dicom_transfer_syntax(data, name, limits)
-    head = data[: 64 * 1024]
-    deflated = DEFLATED_TRANSFER_SYNTAXES.get(ts or "") or next(
-        (v for k, v in DEFLATED_TRANSFER_SYNTAXES.items() if ts is None and k.encode() in head), None)
-    if deflated:
-        raise DicomError(name, f"transfer syntax {deflated} is not supported; send the image uncompressed or JPEG / "
-                               "JPEG-LS / JPEG 2000 / RLE compressed (e.g. dcmconv +te in.dcm out.dcm).")
+    _refuse_frame_deflate(ts, data, name)
     fp = _BoundedStream(data, limits.max_dicom_header_bytes)
-    seen: list[tuple[str | None, int]] = []
-
-    def at_pixels(tag, vr, length) -> bool:
-        if tag in _PIXEL_TAGS:
-            seen.append((vr, length))
-            return True
-        return False
+    seen, at_pixels = _pixel_stop()
 
     try:  # values are skipped by seek (specific_tags), not read: the same walk over the same elements
         filereader.read_partial(fp, stop_when=at_pixels, force=True, specific_tags=[_PIXEL_TAGS[0]])

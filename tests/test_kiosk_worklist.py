@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REAL_DATA
-from test_kiosk_browser import CHROMIUM, VIEWPORTS, _no_horizontal_overflow, _shot
+from test_kiosk_browser import CHROMIUM, VIEWPORTS, _no_horizontal_overflow, _shot, browser  # noqa: F401  (browser: the fixture)
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install chromium)")
 
@@ -150,17 +150,6 @@ def plain_serve(artifact):
     t.join(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
 class Gate:
     """Holds back the requests a route matches until ``release``: the test decides when an answer arrives."""
 
@@ -217,7 +206,7 @@ def _show_overlay(page, uid):
     return screened.get_attribute("data-job")
 
 
-def test_worklist_lists_studies_images_and_overlays_and_never_mixes_patients(node, browser, tmp_path):
+def test_worklist_lists_studies_images_and_overlays_and_never_mixes_patients(node, browser, tmp_path):  # noqa: F811
     url, uids = node
     a, b = uids["A"], uids["B"]
     page = browser.new_page(viewport=VIEWPORTS["kiosk"])
@@ -283,7 +272,7 @@ def test_worklist_lists_studies_images_and_overlays_and_never_mixes_patients(nod
     page.close()
 
 
-def test_worklist_fits_a_phone(node, browser, tmp_path):
+def test_worklist_fits_a_phone(node, browser, tmp_path):  # noqa: F811
     url, uids = node
     page = browser.new_page(viewport=VIEWPORTS["phone"])
     page.goto(url + "/")
@@ -294,7 +283,7 @@ def test_worklist_fits_a_phone(node, browser, tmp_path):
     page.close()
 
 
-def test_worklist_is_hidden_on_plain_serve(plain_serve, browser):
+def test_worklist_is_hidden_on_plain_serve(plain_serve, browser):  # noqa: F811
     page = browser.new_page(viewport=VIEWPORTS["kiosk"])
     with page.expect_response(lambda r: r.url.endswith("/v1/studies?limit=30")) as studies:
         page.goto(plain_serve + "/")
@@ -304,7 +293,7 @@ def test_worklist_is_hidden_on_plain_serve(plain_serve, browser):
     page.close()
 
 
-def test_worklist_flags_borderline_and_shows_server_text_as_text(plain_serve, browser):
+def test_worklist_flags_borderline_and_shows_server_text_as_text(plain_serve, browser):  # noqa: F811
     """Crafted node answers (routes) with markup in labels and reasons: flags visible, nothing interpreted."""
     evil = '<img src=x onerror="window.pwned=1">'
     uid = "1.2.3.4.5.6.7.8.987654321"
