@@ -53,9 +53,10 @@ def cmd_audit(a) -> None:
     import json
     from pathlib import Path
 
+    from ..node.config import NodeConfig
     from ..node.store import JobStore, parse_time
 
-    url = a.store or f"sqlite:///{(Path(a.data) / 'jobs.sqlite').resolve()}"
+    url = a.store or NodeConfig(data_dir=Path(a.data)).url
     if not a.store and not (Path(a.data) / "jobs.sqlite").is_file():
         from ..errors import ConfigError
 

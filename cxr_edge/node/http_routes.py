@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cxr_edge.node")
 
-#: Failure Reason (0008,1197) values of a Store Instances Response (PS3.18 Table 10.5.3-1 refers to PS3.4 B.2)
-_FAILURE_REASON = {0xA700: 0xA700, 0xA900: 0xA900, 0xC000: 0xC000}
 
 
 def _stow_allowed(node: "ScreeningNode", host: str) -> bool:
@@ -94,7 +92,8 @@ def add_node_routes(app, node: "ScreeningNode") -> None:
             if o.status == SUCCESS:
                 stored.append(item)
             else:
-                item["00081197"] = {"vr": "US", "Value": [_FAILURE_REASON.get(o.status, 0xC000)]}
+                # Failure Reason (0008,1197): the C-STORE status the same instance would get (PS3.18 10.5.3, PS3.4 B.2)
+                item["00081197"] = {"vr": "US", "Value": [o.status]}
                 item["00000902"] = {"vr": "LO", "Value": [(o.reason or "")[:64]]}
                 failed.append(item)
         answer: dict = {}

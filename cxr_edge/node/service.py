@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..decode_workers import decode_and_pack, error_from
 from ..errors import ConfigError, ImageError
 from ..serve.app import ScreeningService
 from ..serve.batcher import QueueFull
@@ -50,10 +49,12 @@ class ScreeningNode:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.wake: asyncio.Event | None = None
         self.tasks: list[asyncio.Task] = []
+        self.results_task: asyncio.Task | None = None
         self.in_flight: set[asyncio.Task] = set()
         self.jobs_in_flight = 0
         self.results_queue: asyncio.Queue = asyncio.Queue()
         self.stopping = False
+        self.model: dict[str, Any] = {}
 
     # ---- lifecycle
     def open_store(self) -> None:
@@ -78,12 +79,11 @@ class ScreeningNode:
             log.info("resuming %d job(s) this node had started before it stopped", resumed)
         self.intake = Intake(self.store, self.config, self.rules, self._decode_for_intake, self._queued,
                              self.service.limits, lambda outcome: self.metrics.instances.labels(outcome).inc())
-        model = self.model_record()
-        await self.loop.run_in_executor(None, lambda: self.store.record("node_started", detail={"model": model}))
-        self.results_queue = asyncio.Queue()
+        self.model = self.model_record()  # fixed for the node's life: every result and record carries it
+        await self.loop.run_in_executor(None, lambda: self.store.record("node_started", detail={"model": self.model}))
         self.tasks = [asyncio.create_task(self._screen_loop(), name="node-screening"),
-                      asyncio.create_task(self._results_loop(), name="node-results"),
                       asyncio.create_task(self._study_loop(), name="node-studies")]
+        self.results_task = asyncio.create_task(self._results_loop(), name="node-results")
         self.scp = StorageSCP(self.config, self.intake, self.store, self.metrics).start()
 
     async def stop(self) -> None:
@@ -92,12 +92,15 @@ class ScreeningNode:
         self.stopping = True
         if self.scp is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.scp.stop)
-        for t in self.tasks:
+        for t in self.tasks:  # no new claims; the results loop runs on until the jobs in flight are recorded
             t.cancel()
         pending = list(self.in_flight)
         if pending:  # jobs already being screened finish if they can within the drain time
             await asyncio.wait(pending, timeout=self.service.config.timeout_s)
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        tasks = self.tasks + ([self.results_task] if self.results_task is not None else [])
+        if self.results_task is not None:
+            self.results_task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             self.store.record("node_stopped")
         except Exception as exc:
@@ -121,14 +124,7 @@ class ScreeningNode:
     # ---- intake side (association threads)
     def _decode_for_intake(self, data: bytes, name: str, client: str):
         """Decode + pack in the service's bounded pool (per-image deadline and memory ceiling), from a thread."""
-        svc = self.service
-        resize = svc.preprocess != "gpu"
-        if svc.decoder is None:
-            res = decode_and_pack(data, name, svc.loaded_engine.spec, svc.limits, self.keep_preview, resize)
-            if res[0] != "ok":
-                raise error_from(*res[1:])
-            return res[1]
-        fut = svc.decoder.submit(data, name, keep_preview=self.keep_preview, resize=resize, client=client, request=name)
+        fut = self.service.submit_decode(data, name, self.keep_preview, client, name)
         try:
             return fut.result(timeout=self.config.ack_timeout_s)
         except concurrent.futures.TimeoutError as exc:
@@ -188,13 +184,13 @@ class ScreeningNode:
         if not job.path or not Path(job.path).is_file():
             raise ImageError(job.sop_instance_uid, f"the stored instance file is missing ({job.path}); it was received "
                                                    "by another node or removed. Ask the sender to send it again.")
-        loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(None, Path(job.path).read_bytes)
-        item = await loop.run_in_executor(None, self._decode_for_intake, data, f"{job.sop_instance_uid}.dcm", job.source)
-        svc = self.service
-        if svc.preprocess == "gpu":
-            item.packed = await loop.run_in_executor(svc.decode_pool, svc._gpu_resize, item.packed)
-        return item
+        data = await asyncio.get_running_loop().run_in_executor(None, Path(job.path).read_bytes)
+        name = f"{job.sop_instance_uid}.dcm"
+        return await asyncio.wrap_future(self.service.submit_decode(data, name, self.keep_preview, job.source, name))
+
+    async def _engine_item(self, claim: Claim):
+        """The item at the engine's input size, whichever way it was decoded (the GPU path resizes on the device)."""
+        return await self.service.ready_for_engine(await self._item_for(claim))
 
     async def _infer(self, item, explain: bool) -> dict:
         while True:
@@ -205,11 +201,10 @@ class ScreeningNode:
 
     async def _screen_batch(self, claims: list[Claim]) -> None:
         loop = asyncio.get_running_loop()
-        svc = self.service
-        explain = svc.head is not None and self.config.heatmaps != "none"
+        explain = self.explain
         outcomes: list[tuple[Claim, dict[str, Any] | None, str | None, str | None]] = []
         try:
-            items = await asyncio.gather(*(self._item_for(c) for c in claims), return_exceptions=True)
+            items = await asyncio.gather(*(self._engine_item(c) for c in claims), return_exceptions=True)
             ready = []
             for c, item in zip(claims, items):
                 if isinstance(item, ImageError):
@@ -224,7 +219,7 @@ class ScreeningNode:
                 outcomes += [(c, None, f"screening failed: {type(o).__name__}: {o}", None)
                              for (c, _), o in zip(ready, outs) if isinstance(o, BaseException)]
                 if done:
-                    outcomes += await self._explained(done, explain)
+                    outcomes += await self._explained(done)
             await loop.run_in_executor(None, self._finish_all, outcomes)
         except asyncio.CancelledError:
             raise
@@ -235,12 +230,17 @@ class ScreeningNode:
             for c in claims:
                 self.cache.pop(c.job.id, None)
 
-    async def _explained(self, done, explain: bool):
+    @property
+    def explain(self) -> bool:
+        """Whether results may get a Grad-CAM map: the artifact has an engine-native head and maps are wanted."""
+        return self.service.head is not None and self.config.heatmaps != "none"
+
+    async def _explained(self, done):
         """Results of inferred jobs through one shared queue: the step (decision + Grad-CAM) runs on everything
         waiting when the previous call ends, so jobs that arrive one by one are still explained in batches (the
         Grad-CAM head's dense layers read their weights once per call: ~5x cheaper per image at 16 than at 1)."""
         fut = asyncio.get_running_loop().create_future()
-        await self.results_queue.put((done, explain, fut))
+        await self.results_queue.put((done, fut))
         return await fut
 
     async def _results_loop(self) -> None:
@@ -256,16 +256,16 @@ class ScreeningNode:
                 size += len(nxt[0])
             jobs = [d for w in waiting for d in w[0]]
             try:
-                out = await loop.run_in_executor(svc.decode_pool, self._results, jobs, waiting[0][1])
+                out = await loop.run_in_executor(svc.decode_pool, self._results, jobs)
             except Exception as exc:
                 out = [(c, None, f"screening failed: {type(exc).__name__}: {exc}", None) for c, _, _ in jobs]
             k = 0
-            for done, _, fut in waiting:
+            for done, fut in waiting:
                 if not fut.done():
                     fut.set_result(out[k:k + len(done)])
                 k += len(done)
 
-    def _results(self, done, explain: bool) -> list[tuple[Claim, dict[str, Any] | None, str | None, str | None]]:
+    def _results(self, done) -> list[tuple[Claim, dict[str, Any] | None, str | None, str | None]]:
         """The screening step for a batch of jobs (one Grad-CAM call), and each overlay written beside the results:
         a JPEG of the preview with the map over it (the kiosk shows it; a PNG took 10-15x longer to encode), and the
         raw map as .npy for anything that renders it again."""
@@ -277,17 +277,21 @@ class ScreeningNode:
         probs = np.stack([o["probs"] for _, _, o in done])
         timings = [{"arrival_to_inference": 1e3 * (now - c.job.received_at)} for c, _, _ in done]
         names = [c.job.sop_instance_uid for c, _, _ in done]
-        results = svc.step.results(list(range(len(done))), names, probs, timings, svc.preprocess)
-        policy = self.config.heatmaps
-        wanted = [k for k, r in enumerate(results) if explain and (policy == "all" or (
-            policy == "flagged" and (r.label == "COVID" or bool(r.decision and r.decision.borderline))))]
-        if wanted:  # Grad-CAM of the decided class, for the results the policy wants a map of (one batched call)
+        explain = self.explain
+        if explain and self.config.heatmaps == "all":  # decision and Grad-CAM in one step
+            results = svc.step.results(list(range(len(done))), names, probs, timings, svc.preprocess, True,
+                                       np.stack([o["features"] for _, _, o in done]))
+            wanted = []
+        else:  # decide first; the map only for what the policy flags (COVID or borderline)
+            results = svc.step.results(list(range(len(done))), names, probs, timings, svc.preprocess)
+            wanted = [k for k, r in enumerate(results) if explain and (
+                r.label == "COVID" or bool(r.decision and r.decision.borderline))]
+        if wanted:  # Grad-CAM of the decided class, one batched call
             features = np.stack([done[k][2]["features"] for k in wanted])
             explained = svc.step.results(wanted, [names[k] for k in wanted], probs[wanted], [timings[k] for k in wanted],
                                          svc.preprocess, True, features)
             for k, r in zip(wanted, explained):
                 results[k] = r
-        model = self.model_record()
         out: list[tuple[Claim, dict[str, Any] | None, str | None, str | None]] = []
         for (claim, item, _), r in zip(done, results):
             overlay_path = None
@@ -304,7 +308,7 @@ class ScreeningNode:
                     overlay_path = f"{base}-overlay.jpg"
                     r.explanation.files = {"overlay": Path(overlay_path).name, "cam": Path(f"{base}-cam.npy").name}
             d = r.to_dict()
-            d["model"] = model
+            d["model"] = self.model
             out.append((claim, d, None, overlay_path))
         return out
 
@@ -349,8 +353,7 @@ class ScreeningNode:
                     summary = await loop.run_in_executor(None, self.store.complete_study, uid, quiet)
                     if summary is not None and summary.get("first_arrival_epoch") is not None:
                         self.metrics.study_latency.observe(time.time() - summary["first_arrival_epoch"])
-                counts = await loop.run_in_executor(None, self.store.counts)
-                self.metrics.queue.set(counts.get("received", 0) + counts.get("screening", 0))
+                self.metrics.queue.set(await loop.run_in_executor(None, self.store.pending))
             except Exception as exc:
                 log.error("study completion pass failed: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(min(1.0, max(0.1, quiet / 4)))

@@ -50,6 +50,8 @@ def _schema(pg: bool) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS studies (
             study_uid TEXT PRIMARY KEY, first_arrival {real} NOT NULL, last_arrival {real} NOT NULL,
             instances INTEGER NOT NULL, state TEXT NOT NULL, completed_at {real}, completed_by TEXT, summary TEXT)""",
+        # the completion pass looks for studies still receiving, every second: an index, not a scan of all studies
+        "CREATE INDEX IF NOT EXISTS studies_open ON studies (state, last_arrival)",
         f"""CREATE TABLE IF NOT EXISTS audit (
             id {key}, at {real} NOT NULL, event TEXT NOT NULL, node TEXT NOT NULL, source TEXT,
             study_uid TEXT, series_uid TEXT, sop_instance_uid TEXT, job_id BIGINT, detail TEXT)""",
@@ -420,10 +422,11 @@ class JobStore:
                             "last_arrival": iso(last), "completed_at": iso(completed), **s})
         return out
 
-    def counts(self) -> dict[str, int]:
+    def pending(self) -> int:
+        """Jobs received and not yet screened, all nodes (an index range, not a scan of every job ever kept)."""
         with self.transaction() as cur:
-            cur.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-            return {s: int(n) for s, n in cur.fetchall()}
+            cur.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('received', 'screening')")
+            return int(cur.fetchone()[0])
 
     def audit_records(self, *, study_uid: str | None = None, event: str | None = None, since: float | None = None,
                       until: float | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -491,9 +494,9 @@ def summarise_study(jobs: Sequence[Job]) -> dict[str, Any]:
     """A study's screening outcome: its most suspicious screened image decides, and any borderline image flags it."""
     screened = [j for j in jobs if j.state == SCREENED and j.result]
     counts = {s: sum(1 for j in jobs if j.state == s) for s in STATES}
-    worst = max(screened, key=lambda j: (j.result or {}).get("probabilities", {}).get("COVID", 0.0), default=None)
-    d = worst.to_dict() if worst else {}
+    views = [j.to_dict() for j in screened]
+    worst = max(views, key=lambda d: d["p_covid"] or 0.0, default={})
     return {"screened": counts[SCREENED], "skipped": counts[SKIPPED], "failed": counts[FAILED],
-            "pending": counts[RECEIVED] + counts[SCREENING], "label": d.get("label"), "p_covid": d.get("p_covid"),
-            "deciding_job": d.get("id"),
-            "borderline": any(j.to_dict()["borderline"] for j in screened), "job_ids": [j.id for j in jobs]}
+            "pending": counts[RECEIVED] + counts[SCREENING], "label": worst.get("label"), "p_covid": worst.get("p_covid"),
+            "deciding_job": worst.get("id"), "borderline": any(d["borderline"] for d in views),
+            "job_ids": [j.id for j in jobs]}

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -208,18 +208,25 @@ class ScreeningService:
         loop = asyncio.get_running_loop()
         if self.save_dir is not None:
             await loop.run_in_executor(self.decode_pool, _save_upload, self.save_dir, data, rid, k)
-        resize = self.preprocess != "gpu"  # the GPU path resizes on the device, below
+        item = await asyncio.wrap_future(self.submit_decode(data, name, explain, client, rid))
+        return await self.ready_for_engine(item)
+
+    def submit_decode(self, data: bytes, name: str, keep_preview: bool, client: str = "", request: str = "") -> Future:
+        """Decode + pack one image, callable from any thread: a future of its PackedItem, or of the item's ImageError.
+        In the isolated worker pool (deadline, memory ceiling, fair between clients), or in a thread when isolation is
+        off. On the GPU path the image is resized later, on the device (:meth:`ready_for_engine`)."""
+        resize = self.preprocess != "gpu"
         if self.decoder is not None:
-            item = await asyncio.wrap_future(self.decoder.submit(data, name, keep_preview=explain, resize=resize,
-                                                                 client=client, request=rid))
-        else:
-            res = await loop.run_in_executor(self.decode_pool, decode_and_pack, data, name, self.loaded_engine.spec,
-                                             self.limits, explain, resize)
-            if res[0] != "ok":
-                raise error_from(*res[1:])
-            item = res[1]
-        if not resize:
-            item.packed = await loop.run_in_executor(self.decode_pool, self._gpu_resize, item.packed)
+            return self.decoder.submit(data, name, keep_preview=keep_preview, resize=resize, client=client,
+                                       request=request)
+        return self.decode_pool.submit(_decode_in_thread, data, name, self.loaded_engine.spec, self.limits, keep_preview,
+                                       resize)
+
+    async def ready_for_engine(self, item: PackedItem) -> PackedItem:
+        """A decoded item at the engine's input size: resized on the device when preprocessing runs on the GPU."""
+        if self.preprocess == "gpu":
+            item.packed = await asyncio.get_running_loop().run_in_executor(self.decode_pool, self._gpu_resize,
+                                                                           item.packed)
         return item
 
     def _gpu_resize(self, img: np.ndarray) -> np.ndarray:
@@ -530,6 +537,13 @@ def default_engine_threads(artifact: str | Path, cores: int | None = None) -> in
     except Exception:  # an unreadable graph: let the engine decide
         return None
     return max(1, cores // 2) if gmacs < LIGHT_MODEL_GMACS else cores
+
+
+def _decode_in_thread(data: bytes, name: str, spec, limits: DecodeLimits, keep_preview: bool, resize: bool) -> PackedItem:
+    res = decode_and_pack(data, name, spec, limits, keep_preview, resize)
+    if res[0] != "ok":
+        raise error_from(*res[1:])
+    return res[1]
 
 
 def _left(deadline: float) -> float:
