@@ -27,6 +27,17 @@ def node_config(a):
         tls = TlsConfig(Path(a.tls_cert), Path(a.tls_key), Path(a.tls_ca) if a.tls_ca else None)
     elif a.tls_ca:
         raise ConfigError("--tls-ca needs --tls-cert and --tls-key")
+    from ..node.delivery import Destination
+    from ..node.result_objects import parse_kinds
+
+    destinations = tuple(Destination.parse(x) for x in a.send_to or ())
+    if len({d.name for d in destinations}) != len(destinations):
+        raise ConfigError("two --send-to destinations have the same name: name them NAME=URL")
+    if a.redeliver and not destinations:
+        raise ConfigError("--redeliver sends dead-lettered results again to the --send-to destinations: give them")
+    kinds = parse_kinds(a.dicom_objects)
+    if destinations and not kinds:
+        raise ConfigError("--send-to needs at least one object kind in --dicom-objects (sr, sc, seg)")
     return NodeConfig(data_dir=Path(a.data), store_url=a.store, ae_title=check_ae_title(a.ae_title),
                       dicom_host=a.dicom_host, dicom_port=a.dicom_port,
                       allowed=tuple(AllowedPeer.parse(x) for x in a.allow or ()), allow_any_caller=a.allow_any_caller,
@@ -35,7 +46,10 @@ def node_config(a):
                       stable_after_s=a.stable_after, keep_pixels=a.keep_pixels, lease_s=a.lease,
                       shared_storage=a.shared_storage, node_id=a.node_id, audit_patient_ids=a.audit_patient_ids,
                       screen_concurrency=a.screen_concurrency, heatmaps=a.heatmaps,
-                      stow_from=tuple(a.stow_from or ("127.0.0.0/8", "::1/128")))
+                      stow_from=tuple(a.stow_from or ("127.0.0.0/8", "::1/128")), destinations=destinations,
+                      dicom_objects=kinds, send_attempts=a.send_attempts, send_backoff_s=a.send_backoff,
+                      send_backoff_max_s=max(a.send_backoff, a.send_backoff_max), send_timeout_s=a.send_timeout,
+                      redeliver=a.redeliver)
 
 
 def cmd_node(a) -> None:
@@ -138,6 +152,24 @@ def _add_node_parser(sub) -> None:
                     help="jobs screened at once (the dynamic batcher batches across them)")
     nd.add_argument("--stow-from", action="append", metavar="NETWORK",
                     help="networks allowed to POST /studies (STOW-RS; default: localhost only); repeatable")
+    out = nd.add_argument_group("results back to the PACS (TID 1500 report, heatmap SC, map SEG; docs/dicom-conformance.md)")
+    out.add_argument("--send-to", action="append", metavar="[NAME=]URL",
+                     help="deliver result objects here: dicom://CALLED_AE@HOST:PORT (C-STORE, calling AE = --ae-title) "
+                          "or http(s)://HOST:PORT/DICOMWEB-ROOT (STOW-RS); repeatable. NAME keeps a destination's "
+                          "outbox when its address is corrected (default: host:port)")
+    out.add_argument("--dicom-objects", default="sr,sc,seg", metavar="KINDS",
+                     help="which objects each screened image gives: sr (the report), sc (captioned heatmap), seg (the "
+                          "raw map); SC and SEG only for results with a heatmap (see --heatmaps)")
+    out.add_argument("--send-attempts", type=positive_int, default=default_of(N, "send_attempts"),
+                     help="attempts per object before it is dead-lettered")
+    out.add_argument("--send-backoff", type=positive_float, default=default_of(N, "send_backoff_s"),
+                     help="seconds before the first retry; doubles each attempt, with as much jitter")
+    out.add_argument("--send-backoff-max", type=positive_float, default=default_of(N, "send_backoff_max_s"),
+                     help="longest wait between attempts, in seconds")
+    out.add_argument("--send-timeout", type=positive_float, default=default_of(N, "send_timeout_s"),
+                     help="seconds for one association or STOW-RS request")
+    out.add_argument("--redeliver", action="store_true",
+                     help="at start, send dead-lettered objects again (after fixing a destination), then run as usual")
     nd.add_argument("--host", default="127.0.0.1", help="HTTP bind address (kiosk, STOW-RS, /v1/jobs, /metrics)")
     nd.add_argument("--port", type=int, default=8000, help="HTTP port")
     add_service_args(nd)

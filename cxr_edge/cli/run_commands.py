@@ -59,12 +59,19 @@ def cmd_predict(a) -> int:
         raise InputError("images", "no image files found in the files or directories given")
     device = "cuda" if a.require_gpu else a.device
     graphs: dict[str, Any] = {"cuda_graph": True} if a.cuda_graph else {}  # passed only when asked for
+    if a.dicom_out:
+        from ..node.result_objects import parse_kinds
+
+        kinds = parse_kinds(a.dicom_objects)
+    explain = a.explain or bool(a.dicom_out and {"sc", "seg"} & set(kinds))
     with Screener(a.artifact, backend=a.backend, device=device, batch_size=a.batch_size,
                   threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
                   allow_failed_gate=a.allow_failed_gate, preprocess=a.preprocess, tuning=a.tuning,
                   self_check=a.self_check, **graphs) as s:
-        results = s.predict(items, explain=a.explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
+        results = s.predict(items, explain=explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
         info, threshold = s.engine.info, s.threshold
+        if a.dicom_out:
+            write_dicom_results(items, results, s, Path(a.dicom_out), kinds)
     if a.out:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "predictions.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
@@ -91,6 +98,29 @@ def cmd_predict(a) -> int:
     if failed == len(results):
         return ExitCode.INPUT
     return ExitCode.SOME_ITEMS_FAILED if failed else ExitCode.OK
+
+
+def write_dicom_results(items, results, screener, out: Path, kinds) -> None:
+    """``predict --dicom-out``: the node's SR / heatmap SC / map SEG for each screened DICOM input, written to ``out``
+    (one file per object, named by source and kind), so a site can inspect them before connecting anything."""
+    from ..decode import decode_image
+    from ..node import result_objects as ro
+
+    model = ro.model_record(screener.manifest, screener.engine.info, screener.threshold, screener.step.operating_point)
+    for item, r in zip(items, results):
+        if not r.ok:
+            continue
+        try:
+            source = ro.read_source(Path(item).read_bytes())
+        except Exception as exc:
+            print(f"no DICOM objects for {printable(str(item))}: {exc}", file=sys.stderr)
+            continue
+        cam = r.explanation.cam if r.explanation is not None else None
+        preview = decode_image(str(item)).pixels if cam is not None else None
+        objs = ro.build(source, r.to_dict(), model, preview=preview, cam=cam, kinds=kinds)
+        for o in objs:
+            path = o.write(out, f"{Path(str(item)).stem}")
+            print(f"wrote {o.kind.upper()} {o.sop_instance_uid} {path}")
 
 
 def cmd_calibrate(a) -> None:
@@ -256,6 +286,10 @@ def _add_predict_parser(sub) -> None:
     pr.add_argument("images", nargs="+", help="image files (PNG/JPEG/BMP/TIFF/DICOM) or directories")
     pr.add_argument("--explain", action="store_true", help="Grad-CAM heatmaps (PNG overlay + raw .npy in --out)")
     pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.add_argument("--dicom-out", metavar="DIR",
+                    help="DICOM inputs: write the result objects the node sends to a PACS (TID 1500 SR, heatmap SC, "
+                         "map SEG) here, to inspect before connecting anything (node extra)")
+    pr.add_argument("--dicom-objects", default="sr,sc,seg", metavar="KINDS", help="with --dicom-out: which objects")
     pr.add_argument("--out", help="directory for predictions.json and heatmaps")
     add_engine_args(pr, all_backends(), preprocess_default="auto", failed_gate="run", tuning_default="cached")
     pr.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")

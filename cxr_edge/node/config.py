@@ -94,6 +94,15 @@ class NodeConfig:
     screen_concurrency: int = 64  # jobs screened at once (the batcher batches across them)
     stow_from: tuple[str, ...] = ("127.0.0.0/8", "::1/128")  # networks allowed to STOW-RS (no HTTP authentication)
     ack_timeout_s: float = 30.0  # decode + commit of one instance before the C-STORE answer
+    # results back to the PACS: destinations (delivery.Destination), which objects (sr, sc, seg), and the retry policy
+    destinations: tuple = ()
+    dicom_objects: tuple[str, ...] = ("sr", "sc", "seg")
+    send_attempts: int = 8  # then the object is dead-lettered (``--redeliver`` sends dead letters again)
+    send_backoff_s: float = 2.0  # first retry after ~this (exponential, with as much jitter), capped at send_backoff_max_s
+    send_backoff_max_s: float = 300.0
+    send_timeout_s: float = 30.0  # one association or STOW-RS request
+    send_batch: int = 32  # objects claimed per send
+    redeliver: bool = False  # at start, dead letters for the configured destinations are sent again
 
     @property
     def url(self) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .intake import SUCCESS, Sender
+from .outbox import OUTBOX_STATES, delivery_summary
 from .store import STATES, parse_time
 
 if TYPE_CHECKING:
@@ -132,15 +133,30 @@ def add_node_routes(app, node: "ScreeningNode") -> None:
             query = _query(request)
         except (ConfigError, ValueError) as exc:
             return JSONResponse({"detail": str(exc)}, 400)
-        rows = await asyncio.get_running_loop().run_in_executor(None, lambda: node.store.jobs(**query))
-        return {"jobs": [j.to_dict() for j in rows]}
+        return {"jobs": await asyncio.get_running_loop().run_in_executor(None, lambda: _with_delivery(
+            node.store.jobs(**query)))}
 
-    @app.get("/v1/jobs/{job_id}", summary="One job with its full result")
+    def _with_delivery(rows) -> list[dict]:
+        """Jobs as dicts, each with its result objects' delivery (one outbox query for the page)."""
+        boxes = node.outbox.for_jobs([j.id for j in rows])
+        return [{**j.to_dict(), "delivery": delivery_summary(boxes.get(j.id, []))} for j in rows]
+
+    @app.get("/v1/jobs/{job_id}", summary="One job with its full result and the delivery of its result objects")
     async def job(job_id: int):
         j = await asyncio.get_running_loop().run_in_executor(None, node.store.job, job_id)
         if j is None:
             return JSONResponse({"detail": f"no job {job_id}"}, 404)
-        return j.to_dict()
+        return (await asyncio.get_running_loop().run_in_executor(None, _with_delivery, [j]))[0]
+
+    @app.get("/v1/outbox", summary="Result objects by delivery state (state=dead: the dead letters, with reasons)")
+    async def outbox(state: str | None = None, limit: int = 200):
+        if state is not None and state not in OUTBOX_STATES:
+            return JSONResponse({"detail": f"state must be one of {', '.join(OUTBOX_STATES)}"}, 400)
+        loop = asyncio.get_running_loop()
+        rows = await loop.run_in_executor(None, lambda: node.outbox.rows(state=state, limit=max(1, min(1000, limit))))
+        counts = await loop.run_in_executor(None, node.outbox.counts)
+        return {"counts": counts, "destinations": [str(d) for d in node.config.destinations],
+                "objects": [{"id": r.id, "job_id": r.job_id, "study_uid": r.study_uid, **r.to_dict()} for r in rows]}
 
     @app.get("/v1/jobs/{job_id}/overlay.jpg", summary="The Grad-CAM overlay of a screened job")
     async def overlay(job_id: int):
@@ -155,4 +171,9 @@ def add_node_routes(app, node: "ScreeningNode") -> None:
     @app.get("/v1/studies", summary="Recent studies with state and decision (the kiosk worklist)")
     async def studies(limit: int = 50):
         limit = max(1, min(500, limit))
-        return {"studies": await asyncio.get_running_loop().run_in_executor(None, node.store.studies, limit)}
+        def studies_with_delivery():
+            rows = node.store.studies(limit)
+            boxes = node.outbox.for_studies([r["study_uid"] for r in rows])
+            return [{**r, "delivery": boxes.get(r["study_uid"], {})} for r in rows]
+
+        return {"studies": await asyncio.get_running_loop().run_in_executor(None, studies_with_delivery)}

@@ -29,3 +29,12 @@ class NodeMetrics:
         self.associations = prom.Counter("cxr_node_associations_total", "DICOM associations, by outcome "
                                          "(accepted, rejected)", ["outcome"], registry=r)
         self.echoes = prom.Counter("cxr_node_echoes_total", "C-ECHO requests answered", registry=r)
+        self.outbox = prom.Gauge("cxr_node_outbox_objects", "Result objects in the outbox, by state (pending, sending, "
+                                 "delivered, dead = dead-lettered after the last attempt)", ["state"], registry=r)
+        self.deliveries = prom.Counter("cxr_node_deliveries_total", "Result object send outcomes, by destination and "
+                                       "outcome (delivered, retry, dead)", ["destination", "outcome"], registry=r)
+        self.objects_failed = prom.Counter("cxr_node_result_objects_failed_total", "Screened images whose DICOM result "
+                                           "objects could not be built (the reason is in the audit trail)", registry=r)
+        self.delivery_latency = prom.Histogram("cxr_node_result_to_delivered_seconds", "Result committed to the object "
+                                               "held by the destination (retries and outages included)", registry=r,
+                                               buckets=LATENCY_BUCKETS)

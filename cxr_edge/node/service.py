@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import datetime
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from ..serve.config import ServeConfig
 from .config import NodeConfig
 from .intake import Intake, Overloaded
 from .metrics import NodeMetrics
+from .outbox import Outbox
 from .rules import SelectionRules
 from .store import FAILED, SCREENED, Claim, JobStore
 
@@ -42,6 +44,8 @@ class ScreeningNode:
         self.service = ScreeningService(artifact, serve_config, engine_wrapper)
         self.rules = SelectionRules.load(config.rules)
         self.store = JobStore(config.url, config.identity)
+        self.outbox = Outbox(self.store)
+        self.deliver_wake: asyncio.Event | None = None
         self.metrics = NodeMetrics(self.service.metrics.registry)
         self.cache: dict[int, Any] = {}
         self.intake: Intake | None = None
@@ -74,15 +78,24 @@ class ScreeningNode:
 
         self.loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
+        self.deliver_wake = asyncio.Event()
         resumed = await self.loop.run_in_executor(None, self.store.release_own_claims)
         if resumed:
             log.info("resuming %d job(s) this node had started before it stopped", resumed)
+        resent = await self.loop.run_in_executor(None, self.outbox.release_own)
+        if resent:
+            log.info("resending %d result object(s) this node was sending when it stopped", resent)
+        if self.config.redeliver:
+            names = [d.name for d in self.config.destinations]
+            outcome = await self.loop.run_in_executor(None, self.outbox.redeliver, names)
+            log.warning("--redeliver: %s", ", ".join(f"{k} {v}" for k, v in outcome.items()))
         self.intake = Intake(self.store, self.config, self.rules, self._decode_for_intake, self._queued,
                              self.service.limits, lambda outcome: self.metrics.instances.labels(outcome).inc())
         self.model = self.model_record()  # fixed for the node's life: every result and record carries it
         await self.loop.run_in_executor(None, lambda: self.store.record("node_started", detail={"model": self.model}))
         self.tasks = [asyncio.create_task(self._screen_loop(), name="node-screening"),
-                      asyncio.create_task(self._study_loop(), name="node-studies")]
+                      asyncio.create_task(self._study_loop(), name="node-studies"),
+                      asyncio.create_task(self._delivery_loop(), name="node-delivery")]
         self.results_task = asyncio.create_task(self._results_loop(), name="node-results")
         self.scp = StorageSCP(self.config, self.intake, self.store, self.metrics).start()
 
@@ -115,11 +128,10 @@ class ScreeningNode:
 
     # ---- what every record says about the model
     def model_record(self) -> dict[str, Any]:
+        from .result_objects import model_record
+
         svc = self.service
-        m, info = svc.loaded_engine.manifest, svc.engine_info
-        return {"artifact": m.file, "recipe": m.recipe, "version": f"v{m.revision}", "sha256": m.sha256,
-                "precision": info.precision, "backend": info.backend, "provider": info.provider,
-                "threshold": svc.step.threshold, "operating_point": svc.operating_point}
+        return model_record(svc.loaded_engine.manifest, svc.engine_info, svc.step.threshold, svc.operating_point)
 
     # ---- intake side (association threads)
     def _decode_for_intake(self, data: bytes, name: str, client: str):
@@ -202,21 +214,21 @@ class ScreeningNode:
     async def _screen_batch(self, claims: list[Claim]) -> None:
         loop = asyncio.get_running_loop()
         explain = self.explain
-        outcomes: list[tuple[Claim, dict[str, Any] | None, str | None, str | None]] = []
+        outcomes: list[tuple] = []
         try:
             items = await asyncio.gather(*(self._engine_item(c) for c in claims), return_exceptions=True)
             ready = []
             for c, item in zip(claims, items):
                 if isinstance(item, ImageError):
-                    outcomes.append((c, None, item.reason, None))
+                    outcomes.append((c, None, item.reason, None, ()))
                 elif isinstance(item, BaseException):
-                    outcomes.append((c, None, f"screening failed: {type(item).__name__}: {item}", None))
+                    outcomes.append((c, None, f"screening failed: {type(item).__name__}: {item}", None, ()))
                 else:
                     ready.append((c, item))
             if ready:
                 outs = await asyncio.gather(*(self._infer(item, explain) for _, item in ready), return_exceptions=True)
                 done = [(c, item, o) for (c, item), o in zip(ready, outs) if not isinstance(o, BaseException)]
-                outcomes += [(c, None, f"screening failed: {type(o).__name__}: {o}", None)
+                outcomes += [(c, None, f"screening failed: {type(o).__name__}: {o}", None, ())
                              for (c, _), o in zip(ready, outs) if isinstance(o, BaseException)]
                 if done:
                     outcomes += await self._explained(done)
@@ -258,14 +270,14 @@ class ScreeningNode:
             try:
                 out = await loop.run_in_executor(svc.decode_pool, self._results, jobs)
             except Exception as exc:
-                out = [(c, None, f"screening failed: {type(exc).__name__}: {exc}", None) for c, _, _ in jobs]
+                out = [(c, None, f"screening failed: {type(exc).__name__}: {exc}", None, ()) for c, _, _ in jobs]
             k = 0
             for done, fut in waiting:
                 if not fut.done():
                     fut.set_result(out[k:k + len(done)])
                 k += len(done)
 
-    def _results(self, done) -> list[tuple[Claim, dict[str, Any] | None, str | None, str | None]]:
+    def _results(self, done) -> list[tuple]:
         """The screening step for a batch of jobs (one Grad-CAM call), and each overlay written beside the results:
         a JPEG of the preview with the map over it (the kiosk shows it; a PNG took 10-15x longer to encode), and the
         raw map as .npy for anything that renders it again."""
@@ -292,44 +304,77 @@ class ScreeningNode:
                                          svc.preprocess, True, features)
             for k, r in zip(wanted, explained):
                 results[k] = r
-        out: list[tuple[Claim, dict[str, Any] | None, str | None, str | None]] = []
+        out: list[tuple] = []
         for (claim, item, _), r in zip(done, results):
             overlay_path = None
-            if explain and r.explanation is not None and r.explanation.cam is not None and item.preview is not None:
+            folder = self.config.result_dir / time.strftime("%Y%m%d", time.gmtime(claim.job.received_at))
+            expl = r.explanation
+            cam = expl.cam if expl is not None else None
+            if explain and expl is not None and cam is not None and item.preview is not None:
                 from ..runtime.overlay import overlay
 
-                folder = self.config.result_dir / time.strftime("%Y%m%d", time.gmtime(claim.job.received_at))
                 folder.mkdir(parents=True, exist_ok=True)
                 base = folder / f"job-{claim.job.id}"
-                ok, buf = cv2.imencode(".jpg", overlay(item.preview, r.explanation.cam), [cv2.IMWRITE_JPEG_QUALITY, 90])
+                ok, buf = cv2.imencode(".jpg", overlay(item.preview, cam), [cv2.IMWRITE_JPEG_QUALITY, 90])
                 if ok:
                     Path(f"{base}-overlay.jpg").write_bytes(buf.tobytes())
-                    np.save(f"{base}-cam.npy", r.explanation.cam)
+                    np.save(f"{base}-cam.npy", cam)
                     overlay_path = f"{base}-overlay.jpg"
-                    r.explanation.files = {"overlay": Path(overlay_path).name, "cam": Path(f"{base}-cam.npy").name}
+                    expl.files = {"overlay": Path(overlay_path).name, "cam": Path(f"{base}-cam.npy").name}
             d = r.to_dict()
             d["model"] = self.model
-            out.append((claim, d, None, overlay_path))
+            objects = self._result_objects(claim, d, item.preview, cam, folder) if self.config.destinations else ()
+            out.append((claim, d, None, overlay_path, objects))
         return out
+
+    def _result_objects(self, claim: Claim, result: dict[str, Any], preview, cam, folder: Path) -> tuple:
+        """The DICOM result objects of one screened job, written and fsynced before the result is committed (the
+        outbox row then points at a complete file). A source whose header the writer cannot use still gets its
+        result recorded; why it has no objects goes into the result and the audit trail."""
+        from . import result_objects
+
+        job = claim.job
+        try:
+            if not job.path or not Path(job.path).is_file():
+                raise FileNotFoundError(f"the received instance {job.path} is gone")
+            source = result_objects.read_source(job.path)
+            objs = result_objects.build(source, result, self.model, preview=preview, cam=cam,
+                                        kinds=self.config.dicom_objects, station=self.config.ae_title,
+                                        when=datetime.datetime.fromtimestamp(job.received_at, datetime.timezone.utc))
+            return tuple((o.kind, o.sop_instance_uid, str(o.dataset.SOPClassUID),
+                          str(o.write(folder, f"job-{job.id}"))) for o in objs)
+        except Exception as exc:
+            reason = f"DICOM result objects could not be made: {type(exc).__name__}: {exc}"
+            log.error("job %d: %s", job.id, reason)
+            result["result_objects_error"] = reason
+            self.metrics.objects_failed.inc()
+            return ()
 
     def _finish_all(self, outcomes) -> None:
         """Record a batch of outcomes in one transaction (one fsync), then delete the screened pixels."""
         if not outcomes:
             return
         records = []
-        for claim, result, reason, overlay in outcomes:
+        for claim, result, reason, overlay, objects in outcomes:
             if result is not None:
                 decision = result.get("decision") or {}
                 detail = {"model": result["model"], "label": result.get("label"),
                           "p_covid": (result.get("probabilities") or {}).get("COVID"),
                           "threshold": result.get("threshold"), "borderline": decision.get("borderline"),
                           "operating_point": result["model"]["operating_point"]}
-                records.append((claim, SCREENED, result, None, overlay, "screened", detail))
+                if objects:
+                    detail["objects"] = {kind: uid for kind, uid, _, _ in objects}
+                if result.get("result_objects_error"):
+                    detail["result_objects_error"] = result["result_objects_error"]
+                records.append((claim, SCREENED, result, None, overlay, "screened", detail, objects))
             else:
-                records.append((claim, FAILED, None, reason, None, "failed", {"reason": reason}))
-        kept = self.store.finish_many(records, forget_pixels=not self.config.keep_pixels)
+                records.append((claim, FAILED, None, reason, None, "failed", {"reason": reason}, ()))
+        kept = self.store.finish_many(records, forget_pixels=not self.config.keep_pixels,
+                                      destinations=[d.name for d in self.config.destinations])
         now = time.time()
-        for (claim, state, _, _, overlay, _, _), ok in zip(records, kept):
+        if any(r[7] for r, ok in zip(records, kept) if ok) and self.loop is not None and self.deliver_wake is not None:
+            self.loop.call_soon_threadsafe(self.deliver_wake.set)
+        for (claim, state, _, _, overlay, _, _, _), ok in zip(records, kept):
             job = claim.job
             if not ok:
                 log.warning("job %d: another node took it after this node's claim lapsed; its result is kept, not ours",
@@ -337,11 +382,65 @@ class ScreeningNode:
                 if overlay:
                     Path(overlay).unlink(missing_ok=True)
                     Path(overlay.replace("-overlay.jpg", "-cam.npy")).unlink(missing_ok=True)
-                continue
+                continue  # (its result objects have the same UIDs and paths as the other node's: nothing to remove)
             self.metrics.jobs.labels(state).inc()
             self.metrics.instance_latency.observe(max(0.0, now - job.received_at))
             if not self.config.keep_pixels and job.path:
                 Path(job.path).unlink(missing_ok=True)  # retention: received pixels go, the result stays
+
+    async def _delivery_loop(self) -> None:
+        """Send what the outbox holds, one batch per destination at a time; woken by committed results, and polling
+        each second for retries coming due and for rows a dead sender left behind."""
+        from . import delivery
+
+        loop = asyncio.get_running_loop()
+        assert self.deliver_wake is not None
+        cfg = self.config
+        names = [d.name for d in cfg.destinations]
+        by_name = {d.name: d for d in cfg.destinations}
+
+        def wait_s(attempt: int) -> float:
+            return delivery.backoff_s(attempt, cfg.send_backoff_s, cfg.send_backoff_max_s)
+
+        async def one(dest, rows, token):
+            from .outbox import Sending
+
+            items = [delivery.Item(r.id, r.sop_class_uid, r.sop_instance_uid, r.path) for r in rows]
+            outcomes = await loop.run_in_executor(None, lambda: delivery.send(dest, items, calling_ae=cfg.ae_title,
+                                                                               timeout_s=cfg.send_timeout_s))
+            counts = await loop.run_in_executor(None, lambda: self.outbox.record(
+                Sending(rows, token), outcomes, max_attempts=cfg.send_attempts, wait_s=wait_s,
+                permanent=delivery.permanent))
+            now = time.time()
+            for r, why in zip(rows, outcomes):
+                if why is None:
+                    self.metrics.delivery_latency.observe(max(0.0, now - r.created_at))
+                else:
+                    log.warning("delivery of %s %s to %s failed (attempt %d): %s", r.kind, r.sop_instance_uid, dest.name,
+                                r.attempts + 1, why)
+            for state, n in counts.items():
+                if n:
+                    self.metrics.deliveries.labels(dest.name, {"pending": "retry"}.get(state, state)).inc(n)
+
+        while not self.stopping and names:
+            try:
+                sending = await loop.run_in_executor(None, self.outbox.claim, cfg.send_batch, max(cfg.send_timeout_s * 4, 60),
+                                                     cfg.shared_storage, names)
+                if sending is not None:
+                    groups: dict[str, list] = {}
+                    for r in sending.rows:
+                        groups.setdefault(r.destination, []).append(r)
+                    await asyncio.gather(*(one(by_name[n], rows, sending.token) for n, rows in groups.items()))
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the store or a sender failed: rows stay claimed and come due after the lease
+                log.error("delivery pass failed: %s: %s", type(exc).__name__, exc)
+            self.deliver_wake.clear()
+            try:
+                await asyncio.wait_for(self.deliver_wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
 
     async def _study_loop(self) -> None:
         """Complete studies that have been quiet for ``stable_after_s`` and have no unfinished job."""
@@ -354,6 +453,9 @@ class ScreeningNode:
                     if summary is not None and summary.get("first_arrival_epoch") is not None:
                         self.metrics.study_latency.observe(time.time() - summary["first_arrival_epoch"])
                 self.metrics.queue.set(await loop.run_in_executor(None, self.store.pending))
+                if self.config.destinations:
+                    for state, n in (await loop.run_in_executor(None, self.outbox.counts)).items():
+                        self.metrics.outbox.labels(state).set(n)
             except Exception as exc:
                 log.error("study completion pass failed: %s: %s", type(exc).__name__, exc)
             await asyncio.sleep(min(1.0, max(0.1, quiet / 4)))

@@ -55,6 +55,15 @@ def _schema(pg: bool) -> list[str]:
         f"""CREATE TABLE IF NOT EXISTS audit (
             id {key}, at {real} NOT NULL, event TEXT NOT NULL, node TEXT NOT NULL, source TEXT,
             study_uid TEXT, series_uid TEXT, sop_instance_uid TEXT, job_id BIGINT, detail TEXT)""",
+        # the outbox: one row per result object per destination, committed with the result, sent after the commit
+        f"""CREATE TABLE IF NOT EXISTS outbox (
+            id {key}, job_id BIGINT NOT NULL, study_uid TEXT NOT NULL, kind TEXT NOT NULL,
+            sop_instance_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL, destination TEXT NOT NULL, holder TEXT NOT NULL,
+            path TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_at {real} NOT NULL,
+            last_error TEXT, claimed_by TEXT, claim_token TEXT, claimed_at {real}, created_at {real} NOT NULL,
+            delivered_at {real}, UNIQUE (sop_instance_uid, destination))""",
+        "CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_at)",
+        "CREATE INDEX IF NOT EXISTS outbox_job ON outbox (job_id)",
         "CREATE INDEX IF NOT EXISTS audit_at ON audit (at)",
         "CREATE INDEX IF NOT EXISTS audit_study ON audit (study_uid)",
     ]
@@ -330,15 +339,17 @@ class JobStore:
                 self.audit(cur, "resumed", detail={"jobs": len(ids), "job_ids": ids[:100]})
         return len(ids)
 
-    def finish_many(self, records, forget_pixels: bool) -> list[bool]:
+    def finish_many(self, records, forget_pixels: bool, destinations: Sequence[str] = ()) -> list[bool]:
         """Record claimed jobs' outcomes in one transaction, each only if its claim still holds (False: another node
         took the job after this one's lease ran out, and its result, not ours, is the one kept). ``records``:
-        (claim, state, result, reason, overlay_path, audit_event, audit_detail). With ``forget_pixels`` the job no
-        longer points at its instance file, which the caller deletes after the commit."""
+        (claim, state, result, reason, overlay_path, audit_event, audit_detail[, objects]). With ``forget_pixels``
+        the job no longer points at its instance file, which the caller deletes after the commit. ``objects``
+        (kind, sop_instance_uid, sop_class_uid, path) enter the outbox once per destination in the same
+        transaction: a committed result is always either delivered or dead-lettered, never forgotten."""
         now = time.time()
         kept = []
         with self.transaction() as cur:
-            for claim, state, result, reason, overlay_path, event, detail in records:
+            for claim, state, result, reason, overlay_path, event, detail, *rest in records:
                 j = claim.job
                 cur.execute(f"""UPDATE jobs SET state = ?, result = ?, reason = ?, overlay_path = ?, screened_at = ?,
                                 claim_token = NULL{", path = NULL" if forget_pixels else ""}
@@ -347,9 +358,17 @@ class JobStore:
                              claim.token))
                 ok = cur.rowcount == 1
                 kept.append(ok)
-                if ok:
-                    self.audit(cur, event, source=j.source, study_uid=j.study_uid, series_uid=j.series_uid,
-                               sop_instance_uid=j.sop_instance_uid, job_id=j.id, detail=detail, at=now)
+                if not ok:
+                    continue
+                self.audit(cur, event, source=j.source, study_uid=j.study_uid, series_uid=j.series_uid,
+                           sop_instance_uid=j.sop_instance_uid, job_id=j.id, detail=detail, at=now)
+                for kind, sop_uid, sop_class, path in (rest[0] if rest else ()):
+                    for dest in destinations:
+                        cur.execute("""INSERT INTO outbox (job_id, study_uid, kind, sop_instance_uid, sop_class_uid,
+                                       destination, holder, path, state, next_at, created_at)
+                                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+                                       ON CONFLICT (sop_instance_uid, destination) DO NOTHING""",
+                                    (j.id, j.study_uid, kind, sop_uid, sop_class, dest, self.node_id, path, now, now))
         return kept
 
     def finish(self, claim: Claim, *, state: str, result: dict[str, Any] | None, reason: str | None,

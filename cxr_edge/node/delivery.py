@@ -1,0 +1,192 @@
+"""Where results go and how they are sent: C-STORE (pynetdicom) or STOW-RS (dicomweb-client), one batch at a time.
+
+A send answers, per object, None (the destination holds it: success, a warning status, or "already stored") or the
+reason it did not. It never decides what happens next; the outbox (``outbox.py``) retries with backoff and jitter
+or dead-letters, so the policy survives a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+from ..extras import require
+from .config import check_ae_title
+
+log = logging.getLogger("cxr_edge.node.delivery")
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """One place results are delivered: ``dicom://AE@host:port`` (C-STORE) or ``http(s)://host/dicom-web`` (STOW-RS).
+
+    ``name`` is what the outbox records: a destination fixed in place (a corrected AE title) keeps its name, so
+    ``--redeliver`` sends its dead letters to the fixed address."""
+
+    name: str
+    kind: str  # "dicom" | "stow"
+    url: str
+    host: str
+    port: int
+    called_ae: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        name, sep, url = text.partition("=")
+        if not sep or "://" in name:
+            name, url = "", text
+        url = url.strip()
+        u = urlsplit(url)
+        if u.scheme == "dicom":
+            if not u.username or not u.hostname or not u.port:
+                raise ConfigError(f"destination {text!r}: write dicom://CALLED_AE@HOST:PORT, e.g. dicom://PACS@10.1.2.3:104")
+            ae = check_ae_title(u.username, "destination AE title")
+            dest = cls(name or f"{u.hostname}:{u.port}", "dicom", url, u.hostname, int(u.port), ae)
+        elif u.scheme in ("http", "https"):
+            if not u.hostname:
+                raise ConfigError(f"destination {text!r}: write http(s)://HOST:PORT/DICOMWEB-ROOT, "
+                                  "e.g. http://10.1.2.3:8042/dicom-web")
+            dest = cls(name or f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}{u.path.rstrip('/')}",
+                       "stow", url.rstrip("/"), u.hostname, int(u.port or (443 if u.scheme == "https" else 80)))
+        else:
+            raise ConfigError(f"destination {text!r}: use dicom://AE@HOST:PORT (C-STORE) or http(s)://HOST/PATH "
+                              "(STOW-RS), optionally named NAME=URL")
+        if not _NAME.match(dest.name):
+            raise ConfigError(f"destination name {dest.name!r}: 1-64 letters, digits, '_', '.', ':' or '-'")
+        return dest
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.url})"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One object to send: what the outbox row says."""
+
+    outbox_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    path: str
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
+    """Seconds before attempt ``attempt + 1``: tenacity's exponential backoff with full jitter (Google's storage
+    retry strategy), fed the attempt count the outbox keeps, so the schedule survives a restart."""
+    tenacity = require("tenacity")
+    state = tenacity.RetryCallState(None, None, (), {})
+    state.attempt_number = max(1, attempt)
+    wait = tenacity.wait_exponential_jitter(multiplier=base_s, max=max_s, jitter=base_s)
+    return float(wait(state))
+
+
+def send(dest: Destination, items: list[Item], *, calling_ae: str, timeout_s: float) -> list[str | None]:
+    """Send ``items`` to ``dest``; per item None (held there) or why not. Never raises for a peer's failure."""
+    readable: list[tuple[Item, object]] = []
+    out: dict[int, str | None] = {}
+    pydicom = require("pydicom")
+    for it in items:
+        try:
+            readable.append((it, pydicom.dcmread(it.path)))
+        except Exception as exc:  # the object file is gone or damaged: no retry will bring it back
+            out[it.outbox_id] = f"PERMANENT: result object file {it.path} unreadable ({type(exc).__name__}: {exc})"
+    if readable:
+        try:
+            sent = _cstore(dest, readable, calling_ae, timeout_s) if dest.kind == "dicom" else _stow(dest, readable, timeout_s)
+        except Exception as exc:  # anything the library raises: the whole batch is retried later
+            sent = {it.outbox_id: f"{type(exc).__name__}: {exc}" for it, _ in readable}
+        out.update(sent)
+    return [out.get(it.outbox_id, "not sent") for it in items]
+
+
+def _cstore(dest: Destination, readable, calling_ae: str, timeout_s: float) -> dict[int, str | None]:
+    pynetdicom = require("pynetdicom")
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    ae = pynetdicom.AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = min(timeout_s, 10.0)
+    contexts: dict[str, set[str]] = {}
+    for _, ds in readable:  # the file's own syntax first, plain little endian as the fallback
+        contexts.setdefault(ds.SOPClassUID, set()).update({ds.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian,
+                                                           ImplicitVRLittleEndian})
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, sorted(syntaxes))
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae)
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "could not be opened"
+        detail = ""
+        if assoc.is_rejected and assoc.acceptor.primitive is not None:
+            p = assoc.acceptor.primitive
+            detail = f" (result {p.result_str}, source {p.source_str}, reason {p.reason_str})"
+        msg = f"association to {dest.called_ae}@{dest.host}:{dest.port} {why}{detail}"
+        return {it.outbox_id: msg for it, _ in readable}
+    out: dict[int, str | None] = {}
+    try:
+        for it, ds in readable:
+            if not assoc.is_established:
+                out[it.outbox_id] = "association ended before this object was sent"
+                continue
+            accepted = {c.transfer_syntax[0] for c in assoc.accepted_contexts if c.abstract_syntax == ds.SOPClassUID}
+            if not accepted:
+                out[it.outbox_id] = f"the destination accepts no presentation context for SOP class {ds.SOPClassUID}"
+                continue
+            if ds.file_meta.TransferSyntaxUID not in accepted and ds.file_meta.TransferSyntaxUID.is_compressed:
+                ds.decompress()  # e.g. the RLE Segmentation to a PACS that takes only uncompressed objects
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            if code is None:
+                out[it.outbox_id] = "no C-STORE response (timeout or aborted association)"
+            elif code == 0x0000 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
+                out[it.outbox_id] = None  # success or warning: the object is held
+            else:
+                comment = getattr(status, "ErrorComment", None)
+                out[it.outbox_id] = f"C-STORE status 0x{code:04X}" + (f": {comment}" if comment else "")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return out
+
+
+def _stow(dest: Destination, readable, timeout_s: float) -> dict[int, str | None]:
+    """One STOW-RS request per study (the response lists which instances were stored and which failed)."""
+    require("dicomweb_client")
+    from dicomweb_client.api import DICOMwebClient
+    from requests.exceptions import HTTPError
+
+    client = DICOMwebClient(dest.url, timeout=timeout_s)
+    by_study: dict[str, list] = {}
+    for it, ds in readable:
+        by_study.setdefault(str(ds.StudyInstanceUID), []).append((it, ds))
+    out: dict[int, str | None] = {}
+    for study, group in by_study.items():
+        try:
+            resp = client.store_instances([ds for _, ds in group], study_instance_uid=study)
+        except HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else "?"
+            body = (exc.response.text[:200] if exc.response is not None else "").strip()
+            for it, _ in group:
+                out[it.outbox_id] = f"STOW-RS HTTP {code}" + (f": {body}" if body else "")
+            continue
+        failed = {str(f.ReferencedSOPInstanceUID): int(getattr(f, "FailureReason", 0) or 0)
+                  for f in (resp.get("FailedSOPSequence") or [])}
+        stored = {str(r.ReferencedSOPInstanceUID) for r in (resp.get("ReferencedSOPSequence") or [])}
+        for it, ds in group:
+            uid = str(ds.SOPInstanceUID)
+            if uid in failed:
+                out[it.outbox_id] = f"STOW-RS failure reason 0x{failed[uid]:04X}"
+            elif uid in stored or not failed:
+                out[it.outbox_id] = None
+            else:
+                out[it.outbox_id] = "STOW-RS response does not list this instance"
+    return out
+
+
+def permanent(reason: str | None) -> bool:
+    """A failure no retry can fix (the object itself is unreadable): dead-lettered at once."""
+    return bool(reason) and str(reason).startswith("PERMANENT:")
+

@@ -1,0 +1,143 @@
+"""Every DICOM object a screened image gives back to the PACS, with UIDs that are the same however often it is made.
+
+The report (SR), the captioned heatmap (SC) and the raw map (SEG) of one source image get SOP Instance UIDs derived
+from the source instance UID, the model's sha256 and the object kind (``2.25.`` + a hash, PS3.5 B.2), and series UIDs
+from the study, the model and the kind. A node that crashes after sending and sends again, or screens the image again
+after a restart, sends the *same* instance, and the PACS keeps one copy. The same writer serves the node and
+``cxr-edge predict --dicom-out``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ImageError
+from ..extras import require
+
+#: object kinds, in the order they are sent (the report first: it is the result; the images illustrate it)
+SR, SC, SEG = "sr", "sc", "seg"
+KINDS = (SR, SC, SEG)
+#: the ``--dicom-objects`` choices: which objects a screened image gives (SC and SEG only when it has a map)
+DEFAULT_KINDS = (SR, SC, SEG)
+
+
+#: the namespace of cxr-edge's name-based UUIDs (fixed forever: changing it changes every result's UID)
+_UID_NAMESPACE = uuid.UUID("5f0c6a52-8d1e-4c55-9a57-1f7de3c1a0e2")
+
+
+def result_uid(*parts: object) -> str:
+    """A UID derived from ``parts`` alone: ``2.25.`` + a name-based (version 5) UUID as an integer (PS3.5 B.2), so
+    it never collides with another organisation's root. (pydicom's ``generate_uid(prefix=None)`` ignores its
+    entropy sources and returns a random UUID, which would make every resend a new object.)"""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(0x1f).join(str(p) for p in parts)).int}"
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    kind: str
+    sop_instance_uid: str
+    dataset: Any
+
+    def write(self, folder: Path, stem: str) -> Path:
+        """Written and fsynced under a temporary name, then renamed: a crash never leaves half an object."""
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{stem}-{self.kind}.dcm"
+        tmp = path.with_suffix(".dcm.part")
+        self.dataset.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+
+def model_record(manifest, info, threshold: float | None, operating_point: str | None) -> dict[str, Any]:
+    """What every result and object says about the model: artifact, recipe, version, sha256, precision, backend."""
+    return {"artifact": manifest.file, "recipe": manifest.recipe, "version": f"v{manifest.revision}",
+            "sha256": manifest.sha256, "precision": info.precision, "backend": info.backend,
+            "provider": info.provider, "threshold": threshold, "operating_point": operating_point}
+
+
+def read_source(path_or_bytes) -> Any:
+    """The source instance's header (no pixels): what the objects copy and reference."""
+    pydicom = require("pydicom")
+    from io import BytesIO
+
+    src = BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
+    try:
+        return pydicom.dcmread(src, stop_before_pixels=True)
+    except Exception as exc:
+        raise ImageError(str(path_or_bytes)[:80], f"not a DICOM file ({type(exc).__name__}: {exc}); DICOM result objects "
+                                                   "belong in the source's study, so only DICOM inputs get them") from exc
+
+
+def equipment(model: dict[str, Any], station: str | None, when: dt.datetime):
+    """Contributing Equipment (IHE AIR): the algorithm as processing equipment, its version and model sha256."""
+    from highdicom import ContributingEquipment
+    from pydicom.sr.codedict import codes
+
+    from .. import __version__
+
+    return ContributingEquipment(
+        manufacturer="cxr-edge", purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=f"cxr-edge {model.get('recipe')}"[:64],
+        software_versions=[f"cxr-edge {__version__}"[:64], f"model {model.get('version')}"[:64]],
+        device_serial_number=str(model.get("sha256"))[:64], station_name=(station or "")[:16] or None,
+        contribution_datetime=when, contribution_description=f"AI screening for COVID-19 on chest X-ray; model sha256 "
+                                                             f"{model.get('sha256')}"[:64])
+
+
+def build(source, result: dict[str, Any], model: dict[str, Any], *, preview: np.ndarray | None = None,
+          cam: np.ndarray | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS, station: str | None = None,
+          when: dt.datetime | None = None) -> list[ResultObject]:
+    """The objects for one screened source image (``result`` as ``ScreeningResult.to_dict`` gives it).
+
+    ``preview`` (the decoded image) and ``cam`` give the heatmap objects; without a map there are none."""
+    require("highdicom")
+    from . import heatmap_objects, sr_report
+
+    when = when or dt.datetime.now(dt.timezone.utc)
+    when = when.replace(microsecond=0, tzinfo=None)
+    sha = model.get("sha256")
+    src_uid, study = str(source.SOPInstanceUID), str(source.StudyInstanceUID)
+    eq = equipment(model, station, when)
+    number = int(source.get("InstanceNumber") or 1)
+    out: list[ResultObject] = []
+    if SR in kinds:
+        uid = result_uid(src_uid, sha, SR)
+        ds = sr_report.report(source, result, model, series_uid=result_uid(study, sha, SR, "series"), sop_uid=uid,
+                              tracking_uid=result_uid(src_uid, sha, "tracking"), device_uid=result_uid("device", sha),
+                              equipment=eq, when=when, instance_number=number)
+        out.append(ResultObject(SR, uid, ds))
+    if cam is not None and preview is not None:
+        if SC in kinds:
+            uid = result_uid(src_uid, sha, SC)
+            rgb = heatmap_objects.captioned_overlay(preview, cam, result, model)
+            ds = heatmap_objects.secondary_capture(source, rgb, series_uid=result_uid(study, sha, SC, "series"),
+                                                   sop_uid=uid, equipment=eq, when=when, instance_number=number)
+            out.append(ResultObject(SC, uid, ds))
+        if SEG in kinds:
+            uid = result_uid(src_uid, sha, SEG)
+            ds = heatmap_objects.map_segmentation(source, cam, model, series_uid=result_uid(study, sha, SEG, "series"),
+                                                  sop_uid=uid, equipment=eq, when=when, instance_number=number)
+            out.append(ResultObject(SEG, uid, ds))
+    return out
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """``sr,sc,seg`` (or ``none``) from the command line, checked."""
+    if text.strip().lower() == "none":
+        return ()
+    kinds = tuple(k.strip().lower() for k in text.split(",") if k.strip())
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown DICOM result object(s) {', '.join(bad)}: choose from {', '.join(KINDS)} or none")
+    return kinds

@@ -1,0 +1,227 @@
+"""Results back into the PACS: the DICOM objects (TID 1500 SR, heatmap SC, map SEG), the durable outbox, and delivery
+to a real Orthanc by C-STORE and STOW-RS.
+
+Every object the suite makes is checked by dicom3tools' dciodvfy: errors fail the test, warnings are printed (and
+listed in docs/dicom-conformance.md). Source instances are made from the shared images under tmp_path, never committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import REAL_DATA
+from orthanc_server import orthanc  # noqa: F401  (a fixture)
+
+from cxr_edge.errors import ConfigError
+from cxr_edge.node import result_objects as ro
+from cxr_edge.node.delivery import Destination, backoff_s
+from cxr_edge.node.outbox import DEAD, DELIVERED, PENDING, Outbox
+from cxr_edge.node.store import JobStore
+
+DCIODVFY = shutil.which("dciodvfy")
+
+MODEL = {"artifact": "model.int8-cpu.onnx", "recipe": "small_cnn", "version": "v3", "sha256": "ab" * 32,
+         "precision": "int8", "backend": "onnxruntime", "provider": "CPUExecutionProvider", "threshold": 0.47,
+         "operating_point": "sensitivity 0.95 on cxr-dev val"}
+
+
+def _result(label="COVID", p=0.81, borderline=False) -> dict:
+    probs = {"COVID": p, "Normal": round((1 - p) * 0.6, 4), "Viral Pneumonia": round((1 - p) * 0.4, 4)}
+    return {"label": label, "probabilities": probs, "threshold": 0.47,
+            "decision": {"borderline": borderline, "text": f"{label}: p(COVID) {p:.2f} vs threshold 0.47"}}
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's findings: errors fail the caller's assertion, warnings are printed for the test log."""
+    if not DCIODVFY:
+        import os
+
+        if os.environ.get("CI") == "true":
+            pytest.fail("dciodvfy (Debian: dicom3tools) is not installed; .ci/run installs it")
+        pytest.skip("dciodvfy (Debian: dicom3tools) is not installed")
+    out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=60)
+    lines = (out.stdout + out.stderr).splitlines()
+    for w in sorted({ln for ln in lines if ln.startswith("Warning")}):
+        print(f"dciodvfy {path.name}: {w}")
+    return [ln for ln in lines if ln.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def source_dx(tmp_path_factory) -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip("the shared cxr-dev images are not beside the repository")
+    from dicom_studies import make_instance, source_images
+
+    out = tmp_path_factory.mktemp("src") / "pa.dcm"
+    make_instance(source_images(REAL_DATA)[0], out, "pa", max_side=384)
+    return out
+
+
+def _read_back_sr(path: Path) -> dict:
+    """What a receiving system reads from the report, through highdicom's TID 1500 accessors."""
+    import highdicom as hd
+
+    sr = hd.sr.srread(path)
+    groups = sr.content.get_image_measurement_groups()
+    assert len(groups) == 1
+    g = groups[0]
+    texts: dict[str, list[str]] = {}
+
+    def walk(items):  # TID 4019 algorithm identification items are TEXT content items of the group
+        for it in items:
+            if it.get("ValueType") == "TEXT":
+                texts.setdefault(it.ConceptNameCodeSequence[0].CodeMeaning, []).append(it.TextValue)
+            walk(it.get("ContentSequence", []))
+
+    walk(g)
+    return {"measurements": {m.name.meaning: m.value for m in g.get_measurements()},
+            "evaluations": {q.name.meaning: q.value.meaning for q in g.get_qualitative_evaluations()},
+            "algorithm": (texts["Algorithm Name"][0], texts["Algorithm Version"][0]),
+            "parameters": texts.get("Algorithm Parameters", []),
+            "source": [s.referenced_sop_instance_uid for s in g.source_images]}
+
+
+def test_report_heatmap_and_map_validate_and_read_back_with_the_results_values(source_dx, tmp_path):
+    src = ro.read_source(source_dx.read_bytes())
+    preview = pydicom.dcmread(source_dx).pixel_array
+    cam = np.outer(np.hanning(7), np.hanning(7)).astype(np.float32)
+    when = dt.datetime(2026, 12, 4, 9, 30, 0)
+    objs = ro.build(src, _result(), MODEL, preview=preview, cam=cam, station="CXREDGE", when=when)
+    assert [o.kind for o in objs] == ["sr", "sc", "seg"]
+    paths = {o.kind: o.write(tmp_path, "job-1") for o in objs}
+    for kind, p in paths.items():
+        assert dciodvfy(p) == [], f"{kind}: dciodvfy errors"
+
+    # the same source and model give the same UIDs (a resend is the same object); another model gives new ones
+    again = ro.build(src, _result(), MODEL, preview=preview, cam=cam, when=when + dt.timedelta(hours=1))
+    assert [o.sop_instance_uid for o in again] == [o.sop_instance_uid for o in objs]
+    other = ro.build(src, _result(), {**MODEL, "sha256": "cd" * 32}, preview=preview, cam=cam)
+    assert not {o.sop_instance_uid for o in other} & {o.sop_instance_uid for o in objs}
+
+    sr = pydicom.dcmread(paths["sr"])
+    assert sr.StudyInstanceUID == src.StudyInstanceUID and sr.PatientID == src.PatientID
+    assert sr.SeriesInstanceUID != src.SeriesInstanceUID and sr.Modality == "SR"
+    assert sr.PreliminaryFlag == "PRELIMINARY" and sr.VerificationFlag == "UNVERIFIED"
+    assert "not for diagnostic use" in sr.SeriesDescription
+    # Contributing Equipment (IHE AIR): the acquisition equipment of the source, the algorithm, and highdicom
+    eq = {e.Manufacturer: e for e in sr.ContributingEquipmentSequence}
+    assert eq["cxr-edge"].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"  # Processing Equipment
+    assert MODEL["sha256"][:40] in eq["cxr-edge"].DeviceSerialNumber and "model v3" in eq["cxr-edge"].SoftwareVersions
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert evidence.ReferencedSOPInstanceUID == src.SOPInstanceUID
+    read = _read_back_sr(paths["sr"])
+    assert read["measurements"]["Probability of COVID-19"] == pytest.approx(0.81)
+    assert read["measurements"]["Threshold Value"] == pytest.approx(0.47)
+    assert read["measurements"]["Probability of normal"] == pytest.approx(_result()["probabilities"]["Normal"])
+    assert read["evaluations"]["COVID-19"] == "Suspected" and read["evaluations"]["Decided class"] == "COVID-19"
+    assert read["evaluations"]["Intended use"].startswith("Screening aid, not for diagnostic use")
+    assert read["evaluations"]["Decision within the borderline band of the threshold"] == "No"
+    assert read["algorithm"] == ("cxr-edge small_cnn", "v3")
+    assert f"model_sha256={MODEL['sha256']}"[:64] in read["parameters"] and "precision=int8" in read["parameters"]
+    assert read["source"] == [src.SOPInstanceUID]
+
+    sc = pydicom.dcmread(paths["sc"])
+    assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert sc.StudyInstanceUID == src.StudyInstanceUID and sc.pixel_array.shape[2] == 3
+
+    seg = pydicom.dcmread(paths["seg"])
+    assert seg.SegmentationType == "FRACTIONAL" and (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+    ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+    assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
+    frame = seg.pixel_array.astype(np.float32) / seg.MaximumFractionalValue
+    peak = np.unravel_index(np.argmax(frame), frame.shape)
+    assert abs(peak[0] - src.Rows / 2) < src.Rows * 0.1 and abs(peak[1] - src.Columns / 2) < src.Columns * 0.1
+
+    # not suspected, borderline: the coded values follow the result; no map, no heatmap objects
+    quiet = ro.build(src, _result("Normal", 0.40, borderline=True), MODEL)
+    assert [o.kind for o in quiet] == ["sr"]
+    p = quiet[0].write(tmp_path, "job-2")
+    assert dciodvfy(p) == []
+    read = _read_back_sr(p)
+    assert read["evaluations"]["COVID-19"] == "Not suspected" and read["evaluations"]["Decided class"] == "Normal"
+    assert read["evaluations"]["Decision within the borderline band of the threshold"] == "Yes"
+
+
+def test_highdicom_parametric_map_still_cannot_take_a_projection_radiograph(source_dx):
+    """Why the raw map is a Segmentation (heatmap_objects.py): when highdicom builds this, switch to a Parametric Map."""
+    import highdicom as hd
+    from highdicom import pm
+
+    src = pydicom.dcmread(source_dx)
+    arr = np.zeros((src.Rows, src.Columns), np.uint8)
+    rwvm = pm.RealWorldValueMapping("GRADCAM", "Grad-CAM", hd.sr.CodedConcept("1", "UCUM", "no units"), (0, 255),
+                                    slope=1 / 255, intercept=0)
+    with pytest.raises(RuntimeError, match="dimension index"):
+        pm.ParametricMap([src], arr, hd.UID(), 1, hd.UID(), 1, manufacturer="x", manufacturer_model_name="y",
+                         software_versions="1", device_serial_number="1", contains_recognizable_visual_features=False,
+                         real_world_value_mappings=[rwvm],
+                         voi_lut_transformations=[hd.VOILUTTransformation(window_center=128, window_width=256)])
+
+
+def test_destinations_parse_with_names_and_refuse_what_is_not_an_address():
+    d = Destination.parse("dicom://ORTHANC@10.1.2.3:4242")
+    assert (d.kind, d.called_ae, d.host, d.port, d.name) == ("dicom", "ORTHANC", "10.1.2.3", 4242, "10.1.2.3:4242")
+    s = Destination.parse("pacs=http://10.1.2.3:8042/dicom-web/")
+    assert (s.kind, s.name, s.url) == ("stow", "pacs", "http://10.1.2.3:8042/dicom-web")
+    for bad in ("ftp://x", "dicom://10.1.2.3:104", "dicom://AE@host", "bad name=dicom://AE@h:1",
+                "dicom://AE_TITLE_TOO_LONG_XX@h:1"):
+        with pytest.raises(ConfigError):
+            Destination.parse(bad)
+    waits = [backoff_s(a, 2.0, 60.0) for a in (1, 2, 3, 4, 8)]
+    assert 2.0 <= waits[0] <= 4.0 and 4.0 <= waits[1] <= 6.0 and 8.0 <= waits[2] <= 10.0 and waits[4] == 60.0
+
+
+def _screened_job(store: JobStore, uid: str, objects) -> None:
+    """A job finished through the store's own path, with its objects entering the outbox in that transaction."""
+    with store.transaction() as cur:
+        store.add_job(cur, sop_instance_uid=uid, study_uid="1.2.3.9", series_uid="1.2.3.8", sop_class_uid="1.2",
+                      transfer_syntax=None, source="t", path=None, size=None, sha256=None, state="received",
+                      reason=None, view="PA", received_at=time.time())
+    claim = store.claim(10, 60, False)[0]
+    assert store.finish_many([(claim, "screened", {"label": "Normal"}, None, None, "screened", {}, objects)],
+                             False, destinations=["pacs", "archive"]) == [True]
+
+
+def test_outbox_retries_with_backoff_dead_letters_and_redelivers(tmp_path):
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}", "node-a").migrate()
+    box = Outbox(store)
+    _screened_job(store, "1.2.3.1", [("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr.dcm")])
+    assert box.counts()[PENDING] == 2  # one row per destination
+    s = box.claim(10, 60, False, ["pacs"])
+    assert s is not None and [r.destination for r in s.rows] == ["pacs"]
+    assert box.claim(10, 60, False, ["pacs"]) is None, "a claimed row is not handed out twice"
+    box.record(s, ["association rejected"], max_attempts=3, wait_s=lambda a: 0.0, permanent=lambda r: False)
+    for _ in range(2):
+        s = box.claim(10, 60, False, ["pacs"])
+        assert s is not None
+        box.record(s, ["association rejected"], max_attempts=3, wait_s=lambda a: 0.0, permanent=lambda r: False)
+    dead = box.rows(state=DEAD)
+    assert len(dead) == 1 and dead[0].attempts == 3 and dead[0].last_error == "association rejected"
+    assert box.claim(10, 60, False, ["pacs"]) is None
+    # a retry waits its backoff
+    s = box.claim(10, 60, False, ["archive"])
+    assert s is not None
+    box.record(s, ["timeout"], max_attempts=3, wait_s=lambda a: 3600.0, permanent=lambda r: False)
+    assert box.claim(10, 60, False, ["archive"]) is None
+    # --redeliver: dead letters of configured destinations come back with a fresh count
+    assert box.redeliver(["pacs"])["requeued"] == 1
+    s = box.claim(10, 60, False, ["pacs"])
+    assert s is not None and s.rows[0].attempts == 0
+    box.record(s, [None], max_attempts=3, wait_s=lambda a: 0.0, permanent=lambda r: False)
+    assert box.counts()[DELIVERED] == 1
+    events = [r["event"] for r in store.audit_records()]
+    assert events.count("delivery_failed") == 3 and "dead_letter" in events and "redeliver" in events
+    assert "delivered" in events
+    # a sender that died mid-send: its rows come back at the next start
+    _screened_job(store, "1.2.3.2", [("sr", "2.25.2", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr2.dcm")])
+    assert box.claim(10, 60, False, ["pacs"]) is not None
+    assert box.release_own() == 1 and box.claim(10, 60, False, ["pacs"]) is not None
+    store.close()
