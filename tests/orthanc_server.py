@@ -80,9 +80,10 @@ class OrthancServer:
                 time.sleep(0.2)
         raise RuntimeError(f"Orthanc did not answer within {READY_TIMEOUT_S:.0f} s; see {self.folder / 'orthanc.log'}")
 
-    def stop(self) -> None:
+    def stop(self, hard: bool = False) -> None:
+        """SIGTERM (Orthanc closes its index cleanly, ~3 s) or, ``hard``, SIGKILL (a crash, or a test's teardown)."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGKILL if hard else signal.SIGTERM)
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
@@ -144,4 +145,4 @@ def orthanc(tmp_path_factory):
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(hard=True)

@@ -299,7 +299,8 @@ def test_worklist_flags_borderline_and_shows_server_text_as_text(plain_serve, br
     uid = "1.2.3.4.5.6.7.8.987654321"
     study = {"study_uid": uid, "state": "receiving", "instances": 3, "first_arrival": "2026-01-02T03:04:05.000Z",
              "last_arrival": "2026-01-02T03:04:06.000Z", "completed_at": None, "screened": 1, "skipped": 0, "failed": 1,
-             "pending": 1, "label": evil, "p_covid": 0.48, "deciding_job": 7, "borderline": True, "job_ids": [7, 8, 9]}
+             "pending": 1, "label": evil, "p_covid": 0.48, "deciding_job": 7, "borderline": True, "job_ids": [7, 8, 9],
+             "delivery": {"dead": 1, "delivered": 2}}
     decision = {"label": evil, "probability": 0.52, "rule": "threshold", "threshold": 0.5, "covid_probability": 0.48,
                 "margin": -0.02, "borderline": True, "borderline_band": 0.05, "reason": f"{evil}: p(COVID) 0.48 < 0.50"}
     base = {"study_uid": uid, "series_uid": "1.2", "view": "PA", "source": "ROOM@10.0.0.1",
@@ -308,7 +309,10 @@ def test_worklist_flags_borderline_and_shows_server_text_as_text(plain_serve, br
     jobs = [{**base, "id": 7, "state": "screened", "label": evil, "p_covid": 0.48, "borderline": True, "weak_map": True,
              "screened_at": "2026-01-02T03:04:06.000Z",
              "result": {"label": evil, "probabilities": {"COVID": 0.48, evil: 0.52}, "decision": decision,
-                        "model": {"artifact": evil, "version": "v1", "sha256": "ab" * 32}}},
+                        "model": {"artifact": evil, "version": "v1", "sha256": "ab" * 32}},
+             "delivery": {"state": "dead", "objects": [
+                 {"destination": "pacs", "kind": "sr", "state": "dead", "attempts": 8, "last_error": f"rejected {evil}"},
+                 {"destination": "pacs", "kind": "sc", "state": "delivered", "attempts": 1, "last_error": None}]}},
             {**base, "id": 8, "state": "failed", "reason": f"decode error {evil}"},
             {**base, "id": 9, "state": "received"}]
     page = browser.new_page(viewport=VIEWPORTS["kiosk"])
@@ -319,19 +323,23 @@ def test_worklist_flags_borderline_and_shows_server_text_as_text(plain_serve, br
     page.goto(plain_serve + "/")
     page.wait_for_selector("#studies button", timeout=15_000)
     row = _study_row(page, uid)
-    assert row.locator(".flag").text_content() == "BORDERLINE" and row.locator(".flag").is_visible()
+    flags = row.locator(".flag")
+    assert flags.all_text_contents() == ["BORDERLINE", "NOT IN PACS: 1 dead letter"] and flags.first.is_visible()
     text = row.text_content()
     assert evil in text and "p(COVID) 0.480" in text and "1 pending" in text and "receiving" in text
+    assert "2 in PACS" in text
     row.click()
     page.wait_for_function("document.querySelectorAll('#jobs button').length === 3", timeout=10_000)
     first, failed, waiting = (_job_rows(page).nth(i).text_content() for i in range(3))  # oldest first
-    assert "BORDERLINE" in first and "weak map" in first and evil in first
+    assert "BORDERLINE" in first and "weak map" in first and evil in first and "NOT IN PACS" in first
     assert f"Failed: decode error {evil}" in failed and "received" in waiting
     _job_rows(page).nth(1).click()
     assert page.text_content("#error") == f"Screening failed: decode error {evil}"
     _job_rows(page).nth(0).click()
     assert page.is_visible("#borderline") and "Borderline" in page.text_content("#borderline")
     assert page.text_content("#label") == evil and evil in page.text_content("#meta") and page.is_visible("#weak")
+    assert page.text_content("#error") == (f"Not delivered to pacs after 8 attempts: rejected {evil}. Fix the "
+                                           "destination, then restart the node with --redeliver.")
     _job_rows(page).nth(2).click()
     assert page.text_content("#decision") == "Waiting to be screened." and not page.is_visible("#borderline")
     assert page.evaluate("window.pwned") is None

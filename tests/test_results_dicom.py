@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from conftest import REAL_DATA
 from orthanc_server import orthanc  # noqa: F401  (a fixture)
+from test_node import STORESCU_CFG
 
 from cxr_edge.errors import ConfigError
 from cxr_edge.node import result_objects as ro
@@ -225,3 +226,105 @@ def test_outbox_retries_with_backoff_dead_letters_and_redelivers(tmp_path):
     assert box.claim(10, 60, False, ["pacs"]) is not None
     assert box.release_own() == 1 and box.claim(10, 60, False, ["pacs"]) is not None
     store.close()
+
+
+# ------------------------------------------------------------------ the node delivering to a real Orthanc
+
+@pytest.fixture(scope="module")
+def artifact(tiny_export):
+    return next(a.path for a in tiny_export.artifacts if a.variant == "int8-cpu")
+
+
+def _wait_delivered(client, timeout: float = 90.0, want_dead: bool = False) -> dict:
+    """Until the outbox has nothing pending or being sent (and, with ``want_dead``, something dead)."""
+    end = time.monotonic() + timeout
+    counts: dict = {}
+    while time.monotonic() < end:
+        counts = client.get("/v1/outbox?limit=1").json()["counts"]
+        if counts["pending"] == 0 and counts["sending"] == 0 and (counts["dead"] > 0 or not want_dead) and \
+                counts["delivered"] + counts["dead"] > 0:
+            return counts
+        time.sleep(0.2)
+    raise AssertionError(f"the outbox did not settle: {counts}")
+
+
+def test_node_delivers_each_result_once_into_the_source_study_in_orthanc(artifact, tmp_path, orthanc):  # noqa: F811
+    """storescu -> node -> Orthanc by C-STORE *and* STOW-RS: the same objects twice, kept once (deterministic
+    UIDs); the report in the source study reads back with the values of the JSON result; dciodvfy passes the
+    objects as Orthanc returns them."""
+    from dicom_studies import make_frontal_instances
+    from test_node import _storescu, _wait_idle, running_node
+
+    src = make_frontal_instances(tmp_path / "src", 3, per_study=2, max_side=384)
+    # the X-ray room sends its images to the PACS and to the node (the usual routing)
+    host, port = orthanc.dicom_url.split("@")[1].split(":")
+    to_pacs = subprocess.run(["/usr/bin/storescu", "-xf", str(STORESCU_CFG), "CXR", "-aet", "XRAY1", "-aec", "ORTHANC",
+                              host, port, *[str(i.path) for i in src]], capture_output=True, text=True, timeout=120)
+    assert to_pacs.returncode == 0, to_pacs.stderr
+    dests = (Destination.parse(f"pacs={orthanc.dicom_url}"), Destination.parse(f"web={orthanc.stow_url}"))
+    with running_node(artifact, tmp_path / "node", destinations=dests, send_backoff_s=0.2) as (node, client):
+        sent = _storescu(node.scp.port, [i.path for i in src])
+        assert sent.returncode == 0, sent.stderr
+        _wait_idle(client)
+        counts = _wait_delivered(client)
+        assert counts == {"pending": 0, "sending": 0, "delivered": 2 * 3 * 3, "dead": 0}  # 2 destinations x 3 x 3
+        jobs = client.get("/v1/jobs?limit=100").json()["jobs"]
+        assert {j["delivery"]["state"] for j in jobs} == {"delivered"}
+        assert 'cxr_node_deliveries_total{destination="web",outcome="delivered"} 9.0' in client.get("/metrics").text
+
+    by_uid = {j["sop_instance_uid"]: j for j in jobs}
+    for study in {i.study_uid for i in src}:
+        held = orthanc.instances_of_study(study)
+        sources = [i for i in src if i.study_uid == study]
+        modalities = sorted(h["modality"] for h in held)
+        assert len(held) == len(sources) * 4, f"each source + its SR, SC and SEG, once: {modalities}"
+        assert [modalities.count(m) for m in ("DX", "SR", "OT", "SEG")] == [len(sources)] * 4, modalities
+        for h in held:
+            if h["modality"] in ("SR", "OT", "SEG"):
+                assert "not for diagnostic use" in h["series_description"]
+        for h in [h for h in held if h["modality"] == "SR"]:
+            path = tmp_path / f"{h['sop_instance_uid']}.dcm"
+            path.write_bytes(orthanc.instance_file(h["id"]))
+            assert dciodvfy(path) == []
+            read = _read_back_sr(path)
+            job = by_uid[read["source"][0]]
+            assert read["measurements"]["Probability of COVID-19"] == pytest.approx(job["p_covid"], abs=1e-6)
+            assert read["measurements"]["Threshold Value"] == pytest.approx(job["threshold"], abs=1e-6)
+            assert read["evaluations"]["COVID-19"] == ("Suspected" if job["label"] == "COVID" else "Not suspected")
+            assert f"model_sha256={job['result']['model']['sha256']}"[:64] in read["parameters"]
+        for h in [h for h in held if h["modality"] in ("OT", "SEG")]:
+            path = tmp_path / f"{h['sop_instance_uid']}.dcm"
+            path.write_bytes(orthanc.instance_file(h["id"]))
+            assert dciodvfy(path) == []
+
+
+def test_a_refusing_destination_dead_letters_and_redeliver_sends_after_the_fix(artifact, tmp_path, orthanc):  # noqa: F811
+    from dicom_studies import make_frontal_instances
+    from test_node import _storescu, _wait_idle, running_node
+
+    src = make_frontal_instances(tmp_path / "src", 2, max_side=384)
+    data = tmp_path / "node"
+    host_port = orthanc.dicom_url.split("@")[1]
+    wrong = (Destination.parse(f"pacs=dicom://NOTORTHANC@{host_port}"),)
+    with running_node(artifact, data, destinations=wrong, send_attempts=2, send_backoff_s=0.1,
+                      dicom_objects=("sr",)) as (node, client):
+        _storescu(node.scp.port, [i.path for i in src])
+        _wait_idle(client)
+        assert _wait_delivered(client, want_dead=True)["dead"] == 2
+        job = client.get("/v1/jobs?limit=1").json()["jobs"][0]
+        assert job["delivery"]["state"] == "dead"
+        why = job["delivery"]["objects"][0]["last_error"]
+        assert "rejected" in why and "NOTORTHANC" in why, why
+        dead = client.get("/v1/outbox?state=dead").json()["objects"]
+        assert len(dead) == 2 and all(d["attempts"] == 2 for d in dead)
+        assert 'cxr_node_deliveries_total{destination="pacs",outcome="dead"} 2.0' in client.get("/metrics").text
+        studies = client.get("/v1/studies").json()["studies"]
+        assert sum(s["delivery"].get("dead", 0) for s in studies) == 2
+    assert orthanc.count_instances() == 0
+    assert len(node.store.audit_records(event="dead_letter")) == 2
+
+    fixed = (Destination.parse(f"pacs={orthanc.dicom_url}"),)
+    with running_node(artifact, data, destinations=fixed, redeliver=True, dicom_objects=("sr",)) as (node, client):
+        assert _wait_delivered(client)["delivered"] == 2
+    assert orthanc.count_instances() == 2
+    assert node.store.audit_records(event="redeliver")[0]["detail"]["requeued"] == 2

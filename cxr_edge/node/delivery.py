@@ -110,12 +110,16 @@ def _cstore(dest: Destination, readable, calling_ae: str, timeout_s: float) -> d
     ae = pynetdicom.AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.connection_timeout = min(timeout_s, 10.0)
-    contexts: dict[str, set[str]] = {}
-    for _, ds in readable:  # the file's own syntax first, plain little endian as the fallback
-        contexts.setdefault(ds.SOPClassUID, set()).update({ds.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian,
-                                                           ImplicitVRLittleEndian})
-    for sop_class, syntaxes in contexts.items():
-        ae.add_requested_context(sop_class, sorted(syntaxes))
+    # one context per (class, compressed syntax) so the acceptor can take the file as it is, and one with plain
+    # little endian as the fallback (an acceptor picks one syntax per context, and often the uncompressed one)
+    contexts: set[tuple[str, tuple[str, ...]]] = set()
+    for _, ds in readable:
+        ts = ds.file_meta.TransferSyntaxUID
+        if ts.is_compressed:
+            contexts.add((ds.SOPClassUID, (ts,)))
+        contexts.add((ds.SOPClassUID, (ExplicitVRLittleEndian, ImplicitVRLittleEndian)))
+    for sop_class, syntaxes in sorted(contexts):
+        ae.add_requested_context(sop_class, list(syntaxes))
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae)
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "could not be opened"
@@ -136,7 +140,9 @@ def _cstore(dest: Destination, readable, calling_ae: str, timeout_s: float) -> d
                 out[it.outbox_id] = f"the destination accepts no presentation context for SOP class {ds.SOPClassUID}"
                 continue
             if ds.file_meta.TransferSyntaxUID not in accepted and ds.file_meta.TransferSyntaxUID.is_compressed:
-                ds.decompress()  # e.g. the RLE Segmentation to a PACS that takes only uncompressed objects
+                # e.g. the RLE Segmentation to a PACS that takes only uncompressed objects: the same instance, so
+                # the same SOP Instance UID (pydicom's decompress makes a new one unless told not to)
+                ds.decompress(generate_instance_uid=False)
             status = assoc.send_c_store(ds)
             code = getattr(status, "Status", None)
             if code is None:
