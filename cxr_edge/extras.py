@@ -21,6 +21,7 @@ _EXTRAS: dict[str, tuple[str | None, str]] = {
     "highdicom": ("node", "DICOM result objects (TID 1500 report, heatmap Secondary Capture and Segmentation)"),
     "dicomweb_client": ("node", "delivering results by STOW-RS"),
     "tenacity": ("node", "delivery retries with backoff"),
+    "hl7": ("node", "HL7 v2 results to a RIS or EHR over MLLP"),
     "psycopg": ("postgres", "a PostgreSQL job store shared by several nodes"),
     "simplejpeg": (None, "strict JPEG decoding"),
     "tifffile": (None, "reading TIFF headers"),

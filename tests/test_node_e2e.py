@@ -105,4 +105,30 @@ def test_two_nodes_on_one_postgres_store_screen_each_job_once(postgres_url, tmp_
     assert r["lost"] == 0 and r["screened_twice"] == 0
 
 
+def _delivery():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import node_delivery
+
+    return node_delivery
+
+
+def test_pacs_down_while_100_studies_are_screened_then_every_result_arrives_once(tmp_path):
+    """Orthanc stopped while 100 studies are screened, started again: per study, exactly the objects the node made."""
+    _need_real_data()
+    _need_dcmtk()
+    r = _delivery().outage(100, seed=13, work=tmp_path, log=print)
+    assert r["problems"] == [], r
+    assert r["outbox_during_outage"]["delivered"] == 0 and r["failed_attempts_during_outage"] > 0
+    assert r["objects_made"] >= 100 and r["objects_lost"] == 0 and r["objects_duplicated"] == 0
+
+
+def test_soak_with_node_kills_and_pacs_restarts_delivers_each_result_exactly_once(tmp_path):
+    """A short soak (the full 500-study one is benchmarks/node_delivery.py): SIGKILLs and a PACS restart."""
+    _need_real_data()
+    _need_dcmtk()
+    r = _delivery().soak(120, kills=2, pacs_restarts=1, seed=14, work=tmp_path, chunk=20, log=print)
+    assert r["problems"] == [], r
+    assert r["node_kills"] == 2 and r["pacs_restarts"] == 1 and r["acknowledged"] == 120
+
+
 from pg_server import postgres_url  # noqa: E402, F401  (the session fixture)

@@ -8,9 +8,13 @@ listed in docs/dicom-conformance.md). Source instances are made from the shared 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +46,6 @@ def _result(label="COVID", p=0.81, borderline=False) -> dict:
 def dciodvfy(path: Path) -> list[str]:
     """dciodvfy's findings: errors fail the caller's assertion, warnings are printed for the test log."""
     if not DCIODVFY:
-        import os
-
         if os.environ.get("CI") == "true":
             pytest.fail("dciodvfy (Debian: dicom3tools) is not installed; .ci/run installs it")
         pytest.skip("dciodvfy (Debian: dicom3tools) is not installed")
@@ -188,7 +190,7 @@ def _screened_job(store: JobStore, uid: str, objects) -> None:
                       reason=None, view="PA", received_at=time.time())
     claim = store.claim(10, 60, False)[0]
     assert store.finish_many([(claim, "screened", {"label": "Normal"}, None, None, "screened", {}, objects)],
-                             False, destinations=["pacs", "archive"]) == [True]
+                             False, destinations=[("pacs", ("sr",)), ("archive", ("sr", "sc")), ("ris", ("hl7",))]) == [True]
 
 
 def test_outbox_retries_with_backoff_dead_letters_and_redelivers(tmp_path):
@@ -328,3 +330,63 @@ def test_a_refusing_destination_dead_letters_and_redeliver_sends_after_the_fix(a
         assert _wait_delivered(client)["delivered"] == 2
     assert orthanc.count_instances() == 2
     assert node.store.audit_records(event="redeliver")[0]["detail"]["requeued"] == 2
+
+
+# ------------------------------------------------------------------ HL7 v2 to a RIS listener
+
+@contextmanager
+def mllp_listener(folder: Path, mode: str = "accept"):
+    """tests/mllp_listener.py in its own process: python-hl7's MLLP server, storing and acknowledging messages."""
+    port_file = folder / "port"
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "mllp_listener.py"), str(port_file),
+                             str(folder / "received"), mode], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the MLLP listener did not start"
+            time.sleep(0.05)
+        yield int(port_file.read_text()), folder / "received"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_node_notifies_a_ris_by_hl7_oru_over_mllp_and_dead_letters_a_refusal(artifact, tmp_path):
+    import hl7
+    from dicom_studies import make_frontal_instances
+    from test_node import _storescu, _wait_idle, running_node
+
+    src = make_frontal_instances(tmp_path / "src", 2, max_side=256)
+    with mllp_listener(tmp_path / "ris") as (port, received):
+        ris = (Destination.parse(f"ris=mllp://127.0.0.1:{port}?app=RIS&facility=HOSP"),)
+        with running_node(artifact, tmp_path / "node", destinations=ris) as (node, client):
+            _storescu(node.scp.port, [i.path for i in src])
+            _wait_idle(client)
+            assert _wait_delivered(client) == {"pending": 0, "sending": 0, "delivered": 2, "dead": 0}
+            jobs = {j["sop_instance_uid"]: j for j in client.get("/v1/jobs").json()["jobs"]}
+        raw = [p.read_bytes().decode() for p in sorted(received.glob("*.hl7"))]
+        messages = [hl7.parse(t) for t in raw]
+    assert all("\n" not in t and t.count("\r") >= 12 for t in raw), "segments end with CR, and only CR"
+    assert len(messages) == 2
+    for m in messages:
+        assert str(m.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(m.segment("MSH")[5]) == "RIS"
+        obx = {str(o[3][0][0]): o for o in m.segments("OBX")}
+        study = str(obx["113014"][5])
+        job = next(j for j in jobs.values() if j["study_uid"] == study)
+        assert str(obx["840539006"][5][0][1]) == ("Suspected" if job["label"] == "COVID" else "Not suspected")
+        assert float(str(obx["P-COVID-19"][5])) == pytest.approx(job["p_covid"], abs=1e-6)
+        assert float(str(obx["122411"][5])) == pytest.approx(job["threshold"], abs=1e-6)
+        assert str(m.segment("OBR")[25]) == "P" and {str(o[11]) for o in m.segments("OBX")} == {"P"}
+        source = pydicom.dcmread(next(i.path for i in src if i.study_uid == study), stop_before_pixels=True)
+        assert str(m.segment("PID")[3]) == source.PatientID
+
+    with mllp_listener(tmp_path / "ris2", "reject") as (port, received):
+        ris = (Destination.parse(f"ris=mllp://127.0.0.1:{port}"),)
+        with running_node(artifact, tmp_path / "node2", destinations=ris, send_attempts=2,
+                          send_backoff_s=0.1) as (node, client):
+            _storescu(node.scp.port, [src[0].path])
+            _wait_idle(client)
+            assert _wait_delivered(client, want_dead=True)["dead"] == 1
+            dead = client.get("/v1/outbox?state=dead").json()["objects"][0]
+            assert dead["kind"] == "hl7" and dead["last_error"] == "HL7 acknowledgement AE: unknown patient: not in the RIS"
+        assert len(list(received.glob("*.hl7"))) == 2, "two attempts, then dead"

@@ -49,7 +49,7 @@ def node_config(a):
                       stow_from=tuple(a.stow_from or ("127.0.0.0/8", "::1/128")), destinations=destinations,
                       dicom_objects=kinds, send_attempts=a.send_attempts, send_backoff_s=a.send_backoff,
                       send_backoff_max_s=max(a.send_backoff, a.send_backoff_max), send_timeout_s=a.send_timeout,
-                      redeliver=a.redeliver)
+                      send_concurrency=a.send_concurrency, redeliver=a.redeliver)
 
 
 def cmd_node(a) -> None:
@@ -168,6 +168,9 @@ def _add_node_parser(sub) -> None:
                      help="longest wait between attempts, in seconds")
     out.add_argument("--send-timeout", type=positive_float, default=default_of(N, "send_timeout_s"),
                      help="seconds for one association or STOW-RS request")
+    out.add_argument("--send-concurrency", type=positive_int, default=default_of(N, "send_concurrency"),
+                     help="associations / STOW-RS requests at once (a PACS answers each instance after its own commit, "
+                          "so several at once deliver several times faster)")
     out.add_argument("--redeliver", action="store_true",
                      help="at start, send dead-lettered objects again (after fixing a destination), then run as usual")
     nd.add_argument("--host", default="127.0.0.1", help="HTTP bind address (kiosk, STOW-RS, /v1/jobs, /metrics)")

@@ -101,7 +101,8 @@ class NodeConfig:
     send_backoff_s: float = 2.0  # first retry after ~this (exponential, with as much jitter), capped at send_backoff_max_s
     send_backoff_max_s: float = 300.0
     send_timeout_s: float = 30.0  # one association or STOW-RS request
-    send_batch: int = 32  # objects claimed per send
+    send_batch: int = 8  # objects claimed per association / request
+    send_concurrency: int = 4  # associations / requests at once (all destinations together)
     redeliver: bool = False  # at start, dead letters for the configured destinations are sent again
 
     @property

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigError
 from ..extras import require
@@ -29,11 +30,18 @@ class Destination:
     ``--redeliver`` sends its dead letters to the fixed address."""
 
     name: str
-    kind: str  # "dicom" | "stow"
+    kind: str  # "dicom" (C-STORE) | "stow" (STOW-RS) | "mllp" (HL7 v2 ORU^R01 to a RIS/EHR)
     url: str
     host: str
     port: int
     called_ae: str | None = None
+    receiving_application: str = ""  # MSH-5 / MSH-6 of an HL7 destination (mllp://HOST:PORT?app=RIS&facility=HOSP)
+    receiving_facility: str = ""
+
+    @property
+    def takes(self) -> tuple[str, ...]:
+        """The result kinds this destination receives: the DICOM objects, or the HL7 message."""
+        return ("hl7",) if self.kind == "mllp" else ("sr", "sc", "seg")
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -53,9 +61,16 @@ class Destination:
                                   "e.g. http://10.1.2.3:8042/dicom-web")
             dest = cls(name or f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}{u.path.rstrip('/')}",
                        "stow", url.rstrip("/"), u.hostname, int(u.port or (443 if u.scheme == "https" else 80)))
+        elif u.scheme == "mllp":
+            if not u.hostname or not u.port:
+                raise ConfigError(f"destination {text!r}: write mllp://HOST:PORT[?app=RIS&facility=HOSPITAL] (HL7 v2 "
+                                  "ORU^R01 to a RIS or EHR interface)")
+            q = parse_qs(u.query)
+            dest = cls(name or f"{u.hostname}:{u.port}", "mllp", url, u.hostname, int(u.port),
+                       receiving_application=(q.get("app") or [""])[0], receiving_facility=(q.get("facility") or [""])[0])
         else:
-            raise ConfigError(f"destination {text!r}: use dicom://AE@HOST:PORT (C-STORE) or http(s)://HOST/PATH "
-                              "(STOW-RS), optionally named NAME=URL")
+            raise ConfigError(f"destination {text!r}: use dicom://AE@HOST:PORT (C-STORE), http(s)://HOST/PATH "
+                              "(STOW-RS) or mllp://HOST:PORT (HL7 v2 to a RIS), optionally named NAME=URL")
         if not _NAME.match(dest.name):
             raise ConfigError(f"destination name {dest.name!r}: 1-64 letters, digits, '_', '.', ':' or '-'")
         return dest
@@ -88,15 +103,20 @@ def send(dest: Destination, items: list[Item], *, calling_ae: str, timeout_s: fl
     """Send ``items`` to ``dest``; per item None (held there) or why not. Never raises for a peer's failure."""
     readable: list[tuple[Item, object]] = []
     out: dict[int, str | None] = {}
-    pydicom = require("pydicom")
     for it in items:
         try:
-            readable.append((it, pydicom.dcmread(it.path)))
+            if dest.kind == "mllp":
+                # bytes, decoded: read_text's universal newlines would turn the segment separator CR into LF
+                readable.append((it, Path(it.path).read_bytes().decode("utf-8")))
+            else:
+                readable.append((it, require("pydicom").dcmread(it.path)))
         except Exception as exc:  # the object file is gone or damaged: no retry will bring it back
             out[it.outbox_id] = f"PERMANENT: result object file {it.path} unreadable ({type(exc).__name__}: {exc})"
     if readable:
+        senders = {"dicom": lambda: _cstore(dest, readable, calling_ae, timeout_s),
+                   "stow": lambda: _stow(dest, readable, timeout_s), "mllp": lambda: _mllp(dest, readable, timeout_s)}
         try:
-            sent = _cstore(dest, readable, calling_ae, timeout_s) if dest.kind == "dicom" else _stow(dest, readable, timeout_s)
+            sent = senders[dest.kind]()
         except Exception as exc:  # anything the library raises: the whole batch is retried later
             sent = {it.outbox_id: f"{type(exc).__name__}: {exc}" for it, _ in readable}
         out.update(sent)
@@ -189,6 +209,46 @@ def _stow(dest: Destination, readable, timeout_s: float) -> dict[int, str | None
                 out[it.outbox_id] = None
             else:
                 out[it.outbox_id] = "STOW-RS response does not list this instance"
+    return out
+
+
+def _mllp(dest: Destination, readable, timeout_s: float) -> dict[int, str | None]:
+    """HL7 v2 messages over one MLLP connection (python-hl7's asyncio client), each answered by its ACK."""
+    import asyncio
+
+    hl7 = require("hl7")
+    mllp = require("hl7.mllp")
+
+    from .hl7_report import ack_outcome
+
+    out: dict[int, str | None] = {}
+
+    async def run() -> None:
+        try:
+            reader, writer = await asyncio.wait_for(mllp.open_hl7_connection(dest.host, dest.port, encoding="utf-8"),
+                                                    timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            for it, _ in readable:
+                out[it.outbox_id] = f"MLLP connection to {dest.host}:{dest.port} failed: {type(exc).__name__}: {exc}"
+            return
+        try:
+            for it, text in readable:
+                writer.writemessage(hl7.parse(text))
+                await writer.drain()
+                ack = await asyncio.wait_for(reader.readmessage(), timeout_s)
+                out[it.outbox_id] = ack_outcome(str(ack))
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+            for it, _ in readable:
+                out.setdefault(it.outbox_id, f"MLLP exchange with {dest.host}:{dest.port} broke off: "
+                                             f"{type(exc).__name__}: {exc}")
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    asyncio.run(run())
     return out
 
 

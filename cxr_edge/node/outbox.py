@@ -65,7 +65,8 @@ class Outbox:
 
     def claim(self, limit: int, lease_s: float, shared_storage: bool, destinations: list[str]) -> Sending | None:
         """Due rows for the configured destinations: pending ones whose time has come, and ones whose sender died
-        (claimed longer than ``lease_s`` ago). Only this node's objects unless the storage is shared."""
+        (claimed longer than ``lease_s`` ago); reports and HL7 messages first (they are the result; the images
+        illustrate it). Only this node's objects unless the storage is shared."""
         if not destinations:
             return None
         now = time.time()
@@ -77,7 +78,8 @@ class Outbox:
         with self.store.transaction() as cur:
             cur.execute(f"""SELECT id FROM outbox WHERE ((state = 'pending' AND next_at <= ?)
                             OR (state = 'sending' AND claimed_at < ?)) AND destination IN ({dmarks}){mine}
-                            ORDER BY next_at, id LIMIT {int(limit)}{lock}""", args)
+                            ORDER BY CASE WHEN kind IN ('sr', 'hl7') THEN 0 ELSE 1 END, next_at, id
+                            LIMIT {int(limit)}{lock}""", args)
             ids = [r[0] for r in cur.fetchall()]
             if not ids:
                 return None

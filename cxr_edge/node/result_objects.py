@@ -130,6 +130,26 @@ def build(source, result: dict[str, Any], model: dict[str, Any], *, preview: np.
     return out
 
 
+def write_hl7(source, result: dict[str, Any], model: dict[str, Any], objects: list[ResultObject], dest, *,
+              station: str | None, when: dt.datetime, path: Path) -> tuple[str, str, str, str]:
+    """The HL7 ORU^R01 of one result for one HL7 destination, written like the objects (fsync, rename); the
+    outbox row it gives: (kind, message control ID + destination, message type, path)."""
+    from .hl7_report import control_id, oru_r01
+
+    report = next((o.sop_instance_uid for o in objects if o.kind == SR), None)
+    text = oru_r01(source, result, model, sending_facility=station or "", report_uid=report,
+                   receiving_application=dest.receiving_application, receiving_facility=dest.receiving_facility,
+                   when=when.replace(tzinfo=None) if when.tzinfo is None else when)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".hl7.part")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return ("hl7", f"{control_id(str(source.SOPInstanceUID), model.get('sha256'))}@{dest.name}", "ORU^R01", str(path))
+
+
 def parse_kinds(text: str) -> tuple[str, ...]:
     """``sr,sc,seg`` (or ``none``) from the command line, checked."""
     if text.strip().lower() == "none":

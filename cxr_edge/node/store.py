@@ -339,13 +339,15 @@ class JobStore:
                 self.audit(cur, "resumed", detail={"jobs": len(ids), "job_ids": ids[:100]})
         return len(ids)
 
-    def finish_many(self, records, forget_pixels: bool, destinations: Sequence[str] = ()) -> list[bool]:
+    def finish_many(self, records, forget_pixels: bool,
+                    destinations: Sequence[tuple[str, Sequence[str]]] = ()) -> list[bool]:
         """Record claimed jobs' outcomes in one transaction, each only if its claim still holds (False: another node
         took the job after this one's lease ran out, and its result, not ours, is the one kept). ``records``:
         (claim, state, result, reason, overlay_path, audit_event, audit_detail[, objects]). With ``forget_pixels``
         the job no longer points at its instance file, which the caller deletes after the commit. ``objects``
-        (kind, sop_instance_uid, sop_class_uid, path) enter the outbox once per destination in the same
-        transaction: a committed result is always either delivered or dead-lettered, never forgotten."""
+        (kind, sop_instance_uid, sop_class_uid, path) enter the outbox once per destination that takes that kind
+        (``destinations``: (name, kinds) pairs) in the same transaction: a committed result is always either
+        delivered or dead-lettered, never forgotten."""
         now = time.time()
         kept = []
         with self.transaction() as cur:
@@ -363,7 +365,7 @@ class JobStore:
                 self.audit(cur, event, source=j.source, study_uid=j.study_uid, series_uid=j.series_uid,
                            sop_instance_uid=j.sop_instance_uid, job_id=j.id, detail=detail, at=now)
                 for kind, sop_uid, sop_class, path in (rest[0] if rest else ()):
-                    for dest in destinations:
+                    for dest in (name for name, kinds in destinations if kind in kinds):
                         cur.execute("""INSERT INTO outbox (job_id, study_uid, kind, sop_instance_uid, sop_class_uid,
                                        destination, holder, path, state, next_at, created_at)
                                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
