@@ -2,7 +2,7 @@
 
     python benchmarks/node_delivery.py [--studies 500] [--kills 3] [--pacs-restarts 2] [--outage-studies 100]
                                        [--seed 0] [--artifact PATH] [--out benchmarks/results/node_delivery]
-                                       [--scenarios outage,soak]
+                                       [--scenarios outage,steady,soak]
 
 Only real components: the node is its own process group (`python -m cxr_edge.cli node --send-to ...`), DCMTK's
 `/usr/bin/storescu` is the X-ray room, Orthanc (Debian's `orthanc` + `orthanc-dicomweb`, started by
@@ -13,6 +13,7 @@ Scenarios (each returns a dict of counts with a list of `problems`; a pytest tes
 
 * outage: Orthanc is down while `n` studies are sent and screened; every result object waits in the outbox
   (retrying with backoff); Orthanc starts; every object must arrive exactly once.
+* steady: the soak's load without kills or restarts (the baseline for its latency).
 * soak: `n` studies sent in chunks while the node is killed with SIGKILL at random moments (`kills` times, each
   restarted at once with the same --data and --node-id) and Orthanc is restarted `pacs_restarts` times; what the
   room saw no success for is sent again. At the end every acknowledged study must have exactly its expected objects
@@ -312,7 +313,7 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
             lines += [f"- {r['studies']} studies sent and screened with the PACS down ({r['transport']}); outbox during "
                       f"the outage: {r['outbox_during_outage']}; {r['failed_attempts_during_outage']} failed attempts",
                       f"- PACS back -> every object delivered in {r['pacs_back_to_all_delivered_s']} s"]
-        else:
+        else:  # steady and soak
             lat = r["study_to_report_in_pacs"]
             lines += [f"- {r['studies']} studies, {r['node_kills']} node SIGKILLs, {r['pacs_restarts']} PACS restarts, "
                       f"{r['send_rounds']} send rounds; {r['failed_delivery_attempts']} failed delivery attempts retried",
@@ -330,15 +331,18 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        soaks = [r for r in doc["scenarios"] if r["scenario"] == "soak"]
-        if soaks and soaks[0].get("latencies_s"):
-            fig, ax = plt.subplots(figsize=(6, 3.5))
-            ax.hist(soaks[0]["latencies_s"], bins=50)
-            ax.set_xlabel("instance committed -> report held by Orthanc (s)")
+        runs = [r for r in doc["scenarios"] if r.get("latencies_s")]
+        if runs:
+            fig, ax = plt.subplots(figsize=(6.5, 3.5))
+            for r in runs:
+                ax.hist(r["latencies_s"], bins=50, alpha=0.6,
+                        label=f"{r['scenario']}: {r['node_kills']} kills, {r['pacs_restarts']} PACS restarts")
+            ax.set_xlabel("instance committed at the node -> its report held by Orthanc (s)")
             ax.set_ylabel("studies")
-            ax.set_title("Soak: kills and PACS restarts included")
+            ax.legend()
             fig.tight_layout()
-            fig.savefig(out / "soak_latency.png", dpi=120)
+            fig.savefig(out / "latency.png", dpi=120)
+            plt.close(fig)
     except ImportError:
         pass
 
@@ -363,7 +367,7 @@ def main() -> int:
     p.add_argument("--outage-studies", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--artifact", type=Path)
-    p.add_argument("--scenarios", default="outage,soak")
+    p.add_argument("--scenarios", default="outage,steady,soak")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "node_delivery")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxr-delivery-"))
@@ -376,6 +380,10 @@ def main() -> int:
         wanted = a.scenarios.split(",")
         if "outage" in wanted:
             doc["scenarios"].append(outage(a.outage_studies, seed=a.seed, artifact=artifact, work=work / "outage"))
+        if "steady" in wanted:  # the same load without kills or restarts: what the chaos costs, and what it does not
+            r = soak(a.studies, 0, 0, seed=a.seed, artifact=artifact, work=work / "steady")
+            r["scenario"] = "steady"
+            doc["scenarios"].append(r)
         if "soak" in wanted:
             r = soak(a.studies, a.kills, a.pacs_restarts, seed=a.seed, artifact=artifact, work=work / "soak")
             doc["scenarios"].append(r)

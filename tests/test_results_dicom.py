@@ -153,6 +153,39 @@ def test_report_heatmap_and_map_validate_and_read_back_with_the_results_values(s
     assert read["evaluations"]["Decision within the borderline band of the threshold"] == "Yes"
 
 
+def test_a_source_in_utf8_keeps_its_character_set_and_names_in_every_object(source_dx, tmp_path):
+    """Patient names outside ASCII: the objects declare the source's character set and carry the name unchanged."""
+    ds = pydicom.dcmread(source_dx)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jürgen|x^^Dr."
+    path = tmp_path / "utf8.dcm"
+    ds.save_as(path)
+    cam = np.outer(np.hanning(5), np.hanning(5)).astype(np.float32)
+    for o in ro.build(ro.read_source(path.read_bytes()), _result(), MODEL, preview=ds.pixel_array, cam=cam):
+        back = pydicom.dcmread(o.write(tmp_path, "utf8"))
+        assert back.SpecificCharacterSet == "ISO_IR 192" and str(back.PatientName) == "Müller^Jürgen|x^^Dr."
+        assert dciodvfy(tmp_path / f"utf8-{o.kind}.dcm") == []
+
+
+def test_predict_dicom_out_writes_the_nodes_objects_for_dicom_inputs_only(artifact, source_dx, tmp_path, capsys):
+    from cxr_edge.cli import main
+
+    png = tmp_path / "plain.png"
+    import cv2
+
+    cv2.imwrite(str(png), pydicom.dcmread(source_dx).pixel_array)
+    out = tmp_path / "objects"
+    assert main(["predict", str(artifact), str(source_dx), str(png), "--dicom-out", str(out), "--tuning", "off"]) == 0
+    written = sorted(p.name for p in out.glob("*.dcm"))
+    assert written == ["pa-sc.dcm", "pa-seg.dcm", "pa-sr.dcm"]
+    assert "no DICOM objects for" in capsys.readouterr().err  # the PNG: said, not fatal
+    for name in written:
+        assert dciodvfy(out / name) == []
+    read = _read_back_sr(out / "pa-sr.dcm")
+    assert read["source"] == [pydicom.dcmread(source_dx).SOPInstanceUID]
+    assert main(["predict", str(artifact), str(source_dx), "--dicom-out", str(out), "--dicom-objects", "sr,pdf"]) != 0
+
+
 def test_highdicom_parametric_map_still_cannot_take_a_projection_radiograph(source_dx):
     """Why the raw map is a Segmentation (heatmap_objects.py): when highdicom builds this, switch to a Parametric Map."""
     import highdicom as hd
