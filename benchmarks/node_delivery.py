@@ -133,15 +133,25 @@ def _check_pacs(db, pacs, acked_studies: set[str]) -> dict[str, Any]:
             "studies_without_a_report": len(no_report), "examples": examples[:10] + no_report[:5]}
 
 
-def _latency(db) -> dict[str, float | None]:
-    """Instance committed at the node (job received_at) -> its report held by the PACS (outbox delivered_at)."""
-    rows = db.query("""SELECT o.delivered_at - j.received_at FROM outbox o JOIN jobs j ON j.id = o.job_id
+def _latency(db) -> dict[str, Any]:
+    """Instance committed at the node (job received_at) -> its report held by the PACS (outbox delivered_at), and
+    its two parts: waiting for and being screened (-> screened_at, objects written) and delivery (-> delivered_at);
+    with the arrival and report rates, which say which side was the bottleneck."""
+    rows = db.query("""SELECT j.received_at, j.screened_at, o.delivered_at FROM outbox o JOIN jobs j ON j.id = o.job_id
                        WHERE o.kind = 'sr' AND o.state = 'delivered'""")
-    v = np.array([r[0] for r in rows], float)
-    if not v.size:
+    if not rows:
         return {"p50_s": None, "p99_s": None, "max_s": None, "n": 0}
-    return {"p50_s": round(float(np.percentile(v, 50)), 3), "p99_s": round(float(np.percentile(v, 99)), 3),
-            "max_s": round(float(v.max()), 3), "n": int(v.size)}
+    a = np.array(rows, float)
+    total, screen, send = a[:, 2] - a[:, 0], a[:, 1] - a[:, 0], a[:, 2] - a[:, 1]
+
+    def pct(v):
+        return {"p50_s": round(float(np.percentile(v, 50)), 3), "p99_s": round(float(np.percentile(v, 99)), 3)}
+
+    span = lambda col: max(1e-9, float(a[:, col].max() - a[:, col].min()))
+    return {**pct(total), "max_s": round(float(total.max()), 3), "n": int(len(a)),
+            "received_to_screened": pct(screen), "screened_to_report_in_pacs": pct(send),
+            "arrivals_per_s": round(len(a) / span(0), 2), "screened_per_s": round(len(a) / span(1), 2),
+            "reports_delivered_per_s": round(len(a) / span(2), 2)}
 
 
 def _problems(check: dict[str, Any], extra: dict[str, int]) -> list[str]:
@@ -318,7 +328,11 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
             lines += [f"- {r['studies']} studies, {r['node_kills']} node SIGKILLs, {r['pacs_restarts']} PACS restarts, "
                       f"{r['send_rounds']} send rounds; {r['failed_delivery_attempts']} failed delivery attempts retried",
                       f"- study -> report in the PACS: p50 {lat['p50_s']} s, p99 {lat['p99_s']} s, max {lat['max_s']} s "
-                      f"(n={lat['n']}; includes the kills and PACS downtime)"]
+                      f"(n={lat['n']}); of which received -> screened p50 {lat['received_to_screened']['p50_s']} s / "
+                      f"p99 {lat['received_to_screened']['p99_s']} s, screened -> report in the PACS p50 "
+                      f"{lat['screened_to_report_in_pacs']['p50_s']} s / p99 {lat['screened_to_report_in_pacs']['p99_s']} s",
+                      f"- rates over the run: {lat['arrivals_per_s']} studies/s arrived, {lat['screened_per_s']}/s "
+                      f"screened, {lat['reports_delivered_per_s']}/s reports delivered (3 objects per study)"]
             for e in r["events"]:
                 lines.append(f"  - {e['t_s']} s, after {e['after_acks']} acknowledged: {e['event']}")
         lines += [f"- objects made {r['objects_made']}: lost {r['objects_lost']}, duplicated {r['objects_duplicated']}, "

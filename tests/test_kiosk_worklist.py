@@ -324,21 +324,21 @@ def test_worklist_flags_borderline_and_shows_server_text_as_text(plain_serve, br
     page.wait_for_selector("#studies button", timeout=15_000)
     row = _study_row(page, uid)
     flags = row.locator(".flag")
-    assert flags.all_text_contents() == ["BORDERLINE", "NOT IN PACS: 1 dead letter"] and flags.first.is_visible()
+    assert flags.all_text_contents() == ["BORDERLINE", "NOT DELIVERED: 1 dead letter"] and flags.first.is_visible()
     text = row.text_content()
     assert evil in text and "p(COVID) 0.480" in text and "1 pending" in text and "receiving" in text
-    assert "2 in PACS" in text
+    assert "2 delivered" in text
     row.click()
     page.wait_for_function("document.querySelectorAll('#jobs button').length === 3", timeout=10_000)
     first, failed, waiting = (_job_rows(page).nth(i).text_content() for i in range(3))  # oldest first
-    assert "BORDERLINE" in first and "weak map" in first and evil in first and "NOT IN PACS" in first
+    assert "BORDERLINE" in first and "weak map" in first and evil in first and "NOT DELIVERED" in first
     assert f"Failed: decode error {evil}" in failed and "received" in waiting
     _job_rows(page).nth(1).click()
     assert page.text_content("#error") == f"Screening failed: decode error {evil}"
     _job_rows(page).nth(0).click()
     assert page.is_visible("#borderline") and "Borderline" in page.text_content("#borderline")
     assert page.text_content("#label") == evil and evil in page.text_content("#meta") and page.is_visible("#weak")
-    assert page.text_content("#error") == (f"Not delivered to pacs after 8 attempts: rejected {evil}. Fix the "
+    assert page.text_content("#error") == (f"SR not delivered to pacs after 8 attempts: rejected {evil}. Fix the "
                                            "destination, then restart the node with --redeliver.")
     _job_rows(page).nth(2).click()
     assert page.text_content("#decision") == "Waiting to be screened." and not page.is_visible("#borderline")

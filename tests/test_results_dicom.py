@@ -127,7 +127,7 @@ def test_report_heatmap_and_map_validate_and_read_back_with_the_results_values(s
     assert read["evaluations"]["Intended use"].startswith("Screening aid, not for diagnostic use")
     assert read["evaluations"]["Decision within the borderline band of the threshold"] == "No"
     assert read["algorithm"] == ("cxr-edge small_cnn", "v3")
-    assert f"model_sha256={MODEL['sha256']}"[:64] in read["parameters"] and "precision=int8" in read["parameters"]
+    assert f"model_sha256={MODEL['sha256']}" in read["parameters"] and "precision=int8" in read["parameters"]
     assert read["source"] == [src.SOPInstanceUID]
 
     sc = pydicom.dcmread(paths["sc"])
@@ -167,6 +167,43 @@ def test_a_source_in_utf8_keeps_its_character_set_and_names_in_every_object(sour
         assert dciodvfy(tmp_path / f"utf8-{o.kind}.dcm") == []
 
 
+def test_headers_other_sites_send_still_give_every_object_and_a_clean_hl7_message(source_dx, tmp_path):
+    """Real-world header defects: no Patient Orientation (type 2 in CR), an Instance Number that is not a number, a
+    malformed Study Time and birth date, control characters and a multi-group (ideographic) name."""
+    from cxr_edge.node.delivery import Destination
+    from cxr_edge.node.hl7_report import oru_r01
+
+    ds = pydicom.dcmread(source_dx)
+    ds.PatientOrientation = ""
+    ds.InstanceNumber, ds.StudyTime, ds.PatientBirthDate = 73519, "073119", "19800101"
+    ds.PatientSex = "M\x1c"
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+    path = tmp_path / "odd.dcm"
+    ds.save_as(path)
+    raw = path.read_bytes()  # then the values a careless modality writes (pydicom itself refuses to write them)
+    cut = raw.index(b"\xe0\x7f\x10\x00")  # the header, before the pixel data
+    head = raw[:cut]
+    for good, bad in ((b"73519 ", b"abcde "), (b"073119", b"25:99 "), (b"19800101", b"19XX0101")):
+        assert head.count(good) == 1
+        head = head.replace(good, bad)
+    path.write_bytes(head + raw[cut:])
+    src = ro.read_source(path.read_bytes())
+    cam = np.outer(np.hanning(5), np.hanning(5)).astype(np.float32)
+    errors: dict = {}
+    objs = ro.build(src, _result(), MODEL, preview=ds.pixel_array, cam=cam, errors=errors)
+    assert errors == {} and [o.kind for o in objs] == ["sr", "sc", "seg"]
+    for o in objs:
+        assert dciodvfy(o.write(tmp_path, "odd")) == [], o.kind
+    text = oru_r01(src, _result(), MODEL, sending_facility="CXREDGE", report_uid=objs[0].sop_instance_uid)
+    assert "\x1c" not in text and "\x0b" not in text, repr(text)
+    assert "|M\\X1C\\" in text, repr(text)
+    assert "|Yamada^Tarou|" in text  # the alphabetic group, in XPN order
+    row = ro.write_hl7(src, _result(), MODEL, objs, Destination.parse("ris=mllp://127.0.0.1:2575"), station="X",
+                       when=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), path=tmp_path / "m.hl7")
+    assert row[4] == "ris" and row[5] is None and (tmp_path / "m.hl7").read_bytes().count(b"\r") >= 10
+
+
 def test_predict_dicom_out_writes_the_nodes_objects_for_dicom_inputs_only(artifact, source_dx, tmp_path, capsys):
     from cxr_edge.cli import main
 
@@ -176,12 +213,13 @@ def test_predict_dicom_out_writes_the_nodes_objects_for_dicom_inputs_only(artifa
     cv2.imwrite(str(png), pydicom.dcmread(source_dx).pixel_array)
     out = tmp_path / "objects"
     assert main(["predict", str(artifact), str(source_dx), str(png), "--dicom-out", str(out), "--tuning", "off"]) == 0
+    uid = pydicom.dcmread(source_dx).SOPInstanceUID
     written = sorted(p.name for p in out.glob("*.dcm"))
-    assert written == ["pa-sc.dcm", "pa-seg.dcm", "pa-sr.dcm"]
+    assert written == [f"{uid}-sc.dcm", f"{uid}-seg.dcm", f"{uid}-sr.dcm"]
     assert "no DICOM objects for" in capsys.readouterr().err  # the PNG: said, not fatal
     for name in written:
         assert dciodvfy(out / name) == []
-    read = _read_back_sr(out / "pa-sr.dcm")
+    read = _read_back_sr(out / f"{uid}-sr.dcm")
     assert read["source"] == [pydicom.dcmread(source_dx).SOPInstanceUID]
     assert main(["predict", str(artifact), str(source_dx), "--dicom-out", str(out), "--dicom-objects", "sr,pdf"]) != 0
 
@@ -207,8 +245,11 @@ def test_destinations_parse_with_names_and_refuse_what_is_not_an_address():
     assert (d.kind, d.called_ae, d.host, d.port, d.name) == ("dicom", "ORTHANC", "10.1.2.3", 4242, "10.1.2.3:4242")
     s = Destination.parse("pacs=http://10.1.2.3:8042/dicom-web/")
     assert (s.kind, s.name, s.url) == ("stow", "pacs", "http://10.1.2.3:8042/dicom-web")
+    assert Destination.parse("http://10.1.2.3:8042/dicom-web").name == "10.1.2.3:8042"
+    r = Destination.parse("mllp://10.1.2.60:2575?app=RIS&facility=HOSP")
+    assert (r.kind, r.takes, r.receiving_application, r.receiving_facility) == ("mllp", ("hl7",), "RIS", "HOSP")
     for bad in ("ftp://x", "dicom://10.1.2.3:104", "dicom://AE@host", "bad name=dicom://AE@h:1",
-                "dicom://AE_TITLE_TOO_LONG_XX@h:1"):
+                "dicom://AE_TITLE_TOO_LONG_XX@h:1", "dicom://AE@h:99999", "mllp://host"):
         with pytest.raises(ConfigError):
             Destination.parse(bad)
     waits = [backoff_s(a, 2.0, 60.0) for a in (1, 2, 3, 4, 8)]
@@ -229,7 +270,7 @@ def _screened_job(store: JobStore, uid: str, objects) -> None:
 def test_outbox_retries_with_backoff_dead_letters_and_redelivers(tmp_path):
     store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}", "node-a").migrate()
     box = Outbox(store)
-    _screened_job(store, "1.2.3.1", [("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr.dcm")])
+    _screened_job(store, "1.2.3.1", [("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr.dcm", None, None)])
     assert box.counts()[PENDING] == 2  # one row per destination
     s = box.claim(10, 60, False, ["pacs"])
     assert s is not None and [r.destination for r in s.rows] == ["pacs"]
@@ -250,16 +291,33 @@ def test_outbox_retries_with_backoff_dead_letters_and_redelivers(tmp_path):
     # --redeliver: dead letters of configured destinations come back with a fresh count
     assert box.redeliver(["pacs"])["requeued"] == 1
     s = box.claim(10, 60, False, ["pacs"])
-    assert s is not None and s.rows[0].attempts == 0
+    assert s is not None and s.rows[0].attempts == 1  # counted when the attempt starts
     box.record(s, [None], max_attempts=3, wait_s=lambda a: 0.0, permanent=lambda r: False)
     assert box.counts()[DELIVERED] == 1
     events = [r["event"] for r in store.audit_records()]
     assert events.count("delivery_failed") == 3 and "dead_letter" in events and "redeliver" in events
     assert "delivered" in events
-    # a sender that died mid-send: its rows come back at the next start
-    _screened_job(store, "1.2.3.2", [("sr", "2.25.2", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr2.dcm")])
-    assert box.claim(10, 60, False, ["pacs"]) is not None
-    assert box.release_own() == 1 and box.claim(10, 60, False, ["pacs"]) is not None
+    # a sender that died mid-send: its rows come back at the next start; one that kills the node every time it is
+    # sent is dead after the last attempt instead of crash-looping the node
+    _screened_job(store, "1.2.3.2", [("sr", "2.25.2", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr2.dcm", None, None)])
+    for _ in range(3):
+        assert box.claim(10, 60, False, ["pacs"], max_attempts=3) is not None
+        assert box.release_own() == 1
+    assert box.claim(10, 60, False, ["pacs"], max_attempts=3) is None
+    assert "without an outcome recorded" in box.rows(state=DEAD)[-1].last_error
+    # the node itself never takes back rows it is still sending, however long the send takes
+    _screened_job(store, "1.2.3.3", [("sr", "2.25.3", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr3.dcm", None, None)])
+    assert box.claim(10, 0.0, False, ["pacs"]) is not None and box.claim(10, 0.0, False, ["pacs"]) is None
+    # an HL7 message goes to the destination it was written for only; an object that could not be made is dead
+    _screened_job(store, "1.2.3.4", [("hl7", "C1@ris", "ORU^R01", "/x/m.hl7", "ris", None),
+                                     ("sc", "2.25.4", "1.2.840.10008.5.1.4.1.1.7", "", None, "SC could not be made: X")])
+    rows = box.rows()
+    assert [(r.destination, r.state) for r in rows if r.sop_instance_uid == "C1@ris"] == [("ris", PENDING)]
+    assert [(r.destination, r.state, r.last_error) for r in rows if r.sop_instance_uid == "2.25.4"] == \
+        [("archive", DEAD, "SC could not be made: X")]
+    # a destination this node no longer has: its rows are dead-lettered with the reason at start, not left waiting
+    assert box.strand_unconfigured(["pacs", "ris"]) >= 1
+    assert all(r.state in (DEAD, DELIVERED) or r.destination != "archive" for r in box.rows())
     store.close()
 
 
@@ -326,7 +384,7 @@ def test_node_delivers_each_result_once_into_the_source_study_in_orthanc(artifac
             assert read["measurements"]["Probability of COVID-19"] == pytest.approx(job["p_covid"], abs=1e-6)
             assert read["measurements"]["Threshold Value"] == pytest.approx(job["threshold"], abs=1e-6)
             assert read["evaluations"]["COVID-19"] == ("Suspected" if job["label"] == "COVID" else "Not suspected")
-            assert f"model_sha256={job['result']['model']['sha256']}"[:64] in read["parameters"]
+            assert f"model_sha256={job['result']['model']['sha256']}" in read["parameters"]
         for h in [h for h in held if h["modality"] in ("OT", "SEG")]:
             path = tmp_path / f"{h['sop_instance_uid']}.dcm"
             path.write_bytes(orthanc.instance_file(h["id"]))

@@ -102,7 +102,8 @@ def cmd_predict(a) -> int:
 
 def write_dicom_results(items, results, screener, out: Path, kinds) -> None:
     """``predict --dicom-out``: the node's SR / heatmap SC / map SEG for each screened DICOM input, written to ``out``
-    (one file per object, named by source and kind), so a site can inspect them before connecting anything."""
+    as ``<source SOP Instance UID>-<kind>.dcm`` (unique, whatever folders the inputs came from), so a site can
+    inspect them before connecting anything. An input that gets no objects says why and the others go on."""
     from ..decode import decode_image
     from ..node import result_objects as ro
 
@@ -110,17 +111,19 @@ def write_dicom_results(items, results, screener, out: Path, kinds) -> None:
     for item, r in zip(items, results):
         if not r.ok:
             continue
+        errors: dict[str, str] = {}
         try:
             source = ro.read_source(Path(item).read_bytes())
+            cam = r.explanation.cam if r.explanation is not None else None
+            preview = decode_image(str(item)).pixels if cam is not None else None
+            objs = ro.build(source, r.to_dict(), model, preview=preview, cam=cam, kinds=kinds, errors=errors)
+            for o in objs:
+                path = o.write(out, str(source.SOPInstanceUID))
+                print(f"wrote {o.kind.upper()} {o.sop_instance_uid} {path}")
         except Exception as exc:
-            print(f"no DICOM objects for {printable(str(item))}: {exc}", file=sys.stderr)
-            continue
-        cam = r.explanation.cam if r.explanation is not None else None
-        preview = decode_image(str(item)).pixels if cam is not None else None
-        objs = ro.build(source, r.to_dict(), model, preview=preview, cam=cam, kinds=kinds)
-        for o in objs:
-            path = o.write(out, f"{Path(str(item)).stem}")
-            print(f"wrote {o.kind.upper()} {o.sop_instance_uid} {path}")
+            errors["all"] = f"{type(exc).__name__}: {exc}"
+        for why in errors.values():
+            print(f"no DICOM objects for {printable(str(item))}: {printable(why)}", file=sys.stderr)
 
 
 def cmd_calibrate(a) -> None:

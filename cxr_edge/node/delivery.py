@@ -50,6 +50,10 @@ class Destination:
             name, url = "", text
         url = url.strip()
         u = urlsplit(url)
+        try:
+            u.port  # noqa: B018  (an out-of-range or non-numeric port raises here)
+        except ValueError as exc:
+            raise ConfigError(f"destination {text!r}: {exc}") from exc
         if u.scheme == "dicom":
             if not u.username or not u.hostname or not u.port:
                 raise ConfigError(f"destination {text!r}: write dicom://CALLED_AE@HOST:PORT, e.g. dicom://PACS@10.1.2.3:104")
@@ -59,8 +63,8 @@ class Destination:
             if not u.hostname:
                 raise ConfigError(f"destination {text!r}: write http(s)://HOST:PORT/DICOMWEB-ROOT, "
                                   "e.g. http://10.1.2.3:8042/dicom-web")
-            dest = cls(name or f"{u.hostname}:{u.port or (443 if u.scheme == 'https' else 80)}{u.path.rstrip('/')}",
-                       "stow", url.rstrip("/"), u.hostname, int(u.port or (443 if u.scheme == "https" else 80)))
+            port = int(u.port or (443 if u.scheme == "https" else 80))
+            dest = cls(name or f"{u.hostname}:{port}", "stow", url.rstrip("/"), u.hostname, port)
         elif u.scheme == "mllp":
             if not u.hostname or not u.port:
                 raise ConfigError(f"destination {text!r}: write mllp://HOST:PORT[?app=RIS&facility=HOSPITAL] (HL7 v2 "
@@ -90,8 +94,8 @@ class Item:
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float) -> float:
-    """Seconds before attempt ``attempt + 1``: tenacity's exponential backoff with full jitter (Google's storage
-    retry strategy), fed the attempt count the outbox keeps, so the schedule survives a restart."""
+    """Seconds before attempt ``attempt + 1``: tenacity's exponential backoff plus up to ``base_s`` of random jitter
+    (Google's storage retry strategy), fed the attempt count the outbox keeps, so the schedule survives a restart."""
     tenacity = require("tenacity")
     state = tenacity.RetryCallState(None, None, (), {})
     state.attempt_number = max(1, attempt)
@@ -115,12 +119,18 @@ def send(dest: Destination, items: list[Item], *, calling_ae: str, timeout_s: fl
     if readable:
         senders = {"dicom": lambda: _cstore(dest, readable, calling_ae, timeout_s),
                    "stow": lambda: _stow(dest, readable, timeout_s), "mllp": lambda: _mllp(dest, readable, timeout_s)}
-        try:
+        try:  # each sender records per item and catches per item; this catches only what escapes (a bug)
             sent = senders[dest.kind]()
-        except Exception as exc:  # anything the library raises: the whole batch is retried later
+        except Exception as exc:
             sent = {it.outbox_id: f"{type(exc).__name__}: {exc}" for it, _ in readable}
         out.update(sent)
     return [out.get(it.outbox_id, "not sent") for it in items]
+
+
+#: C-STORE statuses that mean the destination holds the object: success, the warnings (coercion, elements
+#: discarded, data set does not match SOP class: 0x0001, 0x0107, 0x0116, 0xBxxx) and "duplicate SOP instance"
+#: (0x0111): a PACS that refuses a second copy already has the first, which is what a resend after a crash sends
+HELD_STATUSES = (0x0000, 0x0001, 0x0107, 0x0116, 0x0111)
 
 
 def _cstore(dest: Destination, readable, calling_ae: str, timeout_s: float) -> dict[int, str | None]:
@@ -159,16 +169,20 @@ def _cstore(dest: Destination, readable, calling_ae: str, timeout_s: float) -> d
             if not accepted:
                 out[it.outbox_id] = f"the destination accepts no presentation context for SOP class {ds.SOPClassUID}"
                 continue
-            if ds.file_meta.TransferSyntaxUID not in accepted and ds.file_meta.TransferSyntaxUID.is_compressed:
-                # e.g. the RLE Segmentation to a PACS that takes only uncompressed objects: the same instance, so
-                # the same SOP Instance UID (pydicom's decompress makes a new one unless told not to)
-                ds.decompress(generate_instance_uid=False)
-            status = assoc.send_c_store(ds)
+            try:
+                if ds.file_meta.TransferSyntaxUID not in accepted and ds.file_meta.TransferSyntaxUID.is_compressed:
+                    # e.g. the RLE Segmentation to a PACS that takes only uncompressed objects: the same instance,
+                    # so the same SOP Instance UID (pydicom's decompress makes a new one unless told not to)
+                    ds.decompress(generate_instance_uid=False)
+                status = assoc.send_c_store(ds)
+            except Exception as exc:  # this object only; the association goes on if it still can
+                out[it.outbox_id] = f"C-STORE not sent: {type(exc).__name__}: {exc}"
+                continue
             code = getattr(status, "Status", None)
             if code is None:
                 out[it.outbox_id] = "no C-STORE response (timeout or aborted association)"
-            elif code == 0x0000 or code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
-                out[it.outbox_id] = None  # success or warning: the object is held
+            elif code in HELD_STATUSES or 0xB000 <= code <= 0xBFFF:
+                out[it.outbox_id] = None  # success, a warning, or "already held": the object is there
             else:
                 comment = getattr(status, "ErrorComment", None)
                 out[it.outbox_id] = f"C-STORE status 0x{code:04X}" + (f": {comment}" if comment else "")
@@ -179,7 +193,10 @@ def _cstore(dest: Destination, readable, calling_ae: str, timeout_s: float) -> d
 
 
 def _stow(dest: Destination, readable, timeout_s: float) -> dict[int, str | None]:
-    """One STOW-RS request per study (the response lists which instances were stored and which failed)."""
+    """One STOW-RS request per study. An instance counts as held only when the response lists it in Referenced
+    SOP Sequence (or fails it with 0x0111, already stored); a 2xx answer that lists nothing readable (an HTML
+    page from a proxy, a media type dicomweb-client does not parse) is checked instance by instance with QIDO-RS,
+    and what QIDO-RS cannot confirm is retried."""
     require("dicomweb_client")
     from dicomweb_client.api import DICOMwebClient
     from requests.exceptions import HTTPError
@@ -194,22 +211,35 @@ def _stow(dest: Destination, readable, timeout_s: float) -> dict[int, str | None
             resp = client.store_instances([ds for _, ds in group], study_instance_uid=study)
         except HTTPError as exc:
             code = exc.response.status_code if exc.response is not None else "?"
-            body = (exc.response.text[:200] if exc.response is not None else "").strip()
+            body = (exc.response.text[:500] if exc.response is not None else "").strip()
             for it, _ in group:
                 out[it.outbox_id] = f"STOW-RS HTTP {code}" + (f": {body}" if body else "")
             continue
+        except Exception as exc:  # this study's request only (connection, media type, JSON): the others go on
+            for it, _ in group:
+                out[it.outbox_id] = f"STOW-RS request failed: {type(exc).__name__}: {exc}"
+            continue
         failed = {str(f.ReferencedSOPInstanceUID): int(getattr(f, "FailureReason", 0) or 0)
-                  for f in (resp.get("FailedSOPSequence") or [])}
-        stored = {str(r.ReferencedSOPInstanceUID) for r in (resp.get("ReferencedSOPSequence") or [])}
+                  for f in (resp.get("FailedSOPSequence") or []) if "ReferencedSOPInstanceUID" in f}
+        stored = {str(r.ReferencedSOPInstanceUID) for r in (resp.get("ReferencedSOPSequence") or [])
+                  if "ReferencedSOPInstanceUID" in r}
         for it, ds in group:
             uid = str(ds.SOPInstanceUID)
-            if uid in failed:
-                out[it.outbox_id] = f"STOW-RS failure reason 0x{failed[uid]:04X}"
-            elif uid in stored or not failed:
+            if uid in stored or failed.get(uid) == 0x0111:
                 out[it.outbox_id] = None
+            elif uid in failed:
+                out[it.outbox_id] = f"STOW-RS failure reason 0x{failed[uid]:04X}"
             else:
-                out[it.outbox_id] = "STOW-RS response does not list this instance"
+                out[it.outbox_id] = _confirm_by_qido(client, study, uid)
     return out
+
+
+def _confirm_by_qido(client, study: str, uid: str) -> str | None:
+    try:
+        found = client.search_for_instances(study_instance_uid=study, search_filters={"SOPInstanceUID": uid})
+    except Exception as exc:
+        return f"STOW-RS response did not list this instance, and QIDO-RS could not confirm it ({type(exc).__name__})"
+    return None if found else "STOW-RS response did not list this instance, and QIDO-RS does not find it"
 
 
 def _mllp(dest: Destination, readable, timeout_s: float) -> dict[int, str | None]:
@@ -233,14 +263,17 @@ def _mllp(dest: Destination, readable, timeout_s: float) -> dict[int, str | None
             return
         try:
             for it, text in readable:
-                writer.writemessage(hl7.parse(text))
-                await writer.drain()
-                ack = await asyncio.wait_for(reader.readmessage(), timeout_s)
+                try:
+                    writer.writemessage(hl7.parse(text))
+                    await writer.drain()
+                    ack = await asyncio.wait_for(reader.readmessage(), timeout_s)
+                except Exception as exc:  # this message failed; the stream is in an unknown state, so stop here
+                    out[it.outbox_id] = (f"MLLP exchange with {dest.host}:{dest.port} broke off: "
+                                         f"{type(exc).__name__}: {exc}")
+                    break
                 out[it.outbox_id] = ack_outcome(str(ack))
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
-            for it, _ in readable:
-                out.setdefault(it.outbox_id, f"MLLP exchange with {dest.host}:{dest.port} broke off: "
-                                             f"{type(exc).__name__}: {exc}")
+            for it, _ in readable:  # the ones after a broken exchange were not sent
+                out.setdefault(it.outbox_id, "not sent: the MLLP connection broke off on an earlier message")
         finally:
             writer.close()
             try:

@@ -46,13 +46,17 @@ def secondary_capture(source, rgb: np.ndarray, *, series_uid: str, sop_uid: str,
     from highdicom import sc
     from pydicom.dataset import Dataset
 
+    po = source.get("PatientOrientation")
+    orientation = tuple(str(x) for x in po) if po is not None and not isinstance(po, str) and len(po) == 2 else None
     img = sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=9902, sop_instance_uid=sop_uid,
         instance_number=instance_number, manufacturer="cxr-edge",
-        patient_orientation=tuple(source.PatientOrientation) if len(source.get("PatientOrientation") or []) == 2 else None,
+        patient_orientation=orientation or ("L", "F"),  # (highdicom requires one; emptied below when unknown)
         transfer_syntax_uid="1.2.840.10008.1.2.1", contributing_equipment=[equipment],
         series_description=f"{rc.DISCLAIMER} (heatmap)"[:64], content_date=when.date(), content_time=when.time())
+    if orientation is None:  # the source does not say (type 2 in CR): empty, as the standard says for unknown
+        img.PatientOrientation = ""
     if "Laterality" not in img:  # type 2C (paired body parts); a chest is not one, so empty unless the source says
         img.Laterality = source.get("Laterality") or ""
     img.BurnedInAnnotation = "YES"  # the caption, the model and the disclaimer are in the pixels
@@ -89,7 +93,7 @@ def map_segmentation(source, cam: np.ndarray, model: dict[str, Any], *, series_u
         fractional_type="PROBABILITY", max_fractional_value=255, contributing_equipment=[equipment],
         series_description=f"{rc.DISCLAIMER} (map)"[:64], content_date=when.date(), content_time=when.time(),
         transfer_syntax_uid="1.2.840.10008.1.2.5")  # RLE lossless: a smooth map compresses several-fold
-    if len(source.get("PatientOrientation") or []) == 2:  # no Frame of Reference: the orientation is how it is placed
-        s.PatientOrientation = source.PatientOrientation
+    po = source.get("PatientOrientation")  # no Frame of Reference: the orientation is how the map lies on the image
+    s.PatientOrientation = po if po is not None and not isinstance(po, str) and len(po) == 2 else ""
     s.ContentDescription = f"Grad-CAM, {rc.DISCLAIMER}"[:64]
     return s

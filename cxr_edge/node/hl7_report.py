@@ -24,11 +24,12 @@ _ESCAPES = (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("~", "\\R\\"), ("&
 
 
 def esc(value: object) -> str:
-    """One field or component value, escaped (HL7 2.5.1 2.7): no delimiter in a value can split the message."""
+    """One field or component value, escaped (HL7 2.5.1 2.7): no delimiter in a value can split the message, and
+    no control character (MLLP's 0x0B / 0x1C framing bytes among them) reaches the wire except as \\Xhh\\."""
     text = "" if value is None else str(value)
     for a, b in _ESCAPES:
         text = text.replace(a, b)
-    return text
+    return "".join(f"\\X{ord(c):02X}\\" if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
 
 
 def _ce(code: tuple[str, str, str]) -> str:
@@ -42,19 +43,22 @@ def control_id(source_uid: str, model_sha: str | None) -> str:
 
 
 def _person_name(pn) -> str:
-    """DICOM PN (family^given^middle^prefix^suffix) as HL7 XPN (family^given^middle^suffix^prefix)."""
+    """DICOM PN as HL7 XPN (family^given^middle^suffix^prefix), from the alphabetic group only (a name with
+    ideographic and phonetic groups, family^given=山田^太郎=..., keeps its romanised components)."""
     if not pn:
         return ""
-    parts = (str(pn).split("^") + [""] * 5)[:5]
-    family, given, middle, prefix, suffix = parts
-    return "^".join(esc(x) for x in (family, given, middle, suffix, prefix)).rstrip("^")
+    from pydicom.valuerep import PersonName
+
+    p = pn if isinstance(pn, PersonName) else PersonName(str(pn))
+    parts = (p.family_name, p.given_name, p.middle_name, p.name_suffix, p.name_prefix)
+    return "^".join(esc(x) for x in parts).rstrip("^")
 
 
 def oru_r01(source, result: dict[str, Any], model: dict[str, Any], *, sending_facility: str, report_uid: str | None,
             receiving_application: str = "", receiving_facility: str = "", when: dt.datetime | None = None) -> str:
     """The ORU^R01 message text for one screened image (``source``: its DICOM header; ``report_uid``: the SR's)."""
-    when = when or dt.datetime.now(dt.timezone.utc)
-    ts = when.strftime("%Y%m%d%H%M%S")
+    when = (when or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+    ts = when.strftime("%Y%m%d%H%M%S") + "+0000"  # UTC, said (the study's own date/time in OBR-7 is the site's)
     probs: dict[str, float] = result.get("probabilities") or {}
     decision = result.get("decision") or {}
     label = str(result.get("label"))

@@ -33,8 +33,8 @@ class NodeMetrics:
                                  "delivered, dead = dead-lettered after the last attempt)", ["state"], registry=r)
         self.deliveries = prom.Counter("cxr_node_deliveries_total", "Result object send outcomes, by destination and "
                                        "outcome (delivered, retry, dead)", ["destination", "outcome"], registry=r)
-        self.objects_failed = prom.Counter("cxr_node_result_objects_failed_total", "Screened images whose DICOM result "
-                                           "objects could not be built (the reason is in the audit trail)", registry=r)
+        self.objects_failed = prom.Counter("cxr_node_result_objects_failed_total", "Result objects (SR, SC, SEG, HL7) "
+                                           "that could not be made: dead-lettered at once, with the reason", registry=r)
         self.delivery_latency = prom.Histogram("cxr_node_result_to_delivered_seconds", "Result committed to the object "
                                                "held by the destination (retries and outages included)", registry=r,
                                                buckets=LATENCY_BUCKETS)

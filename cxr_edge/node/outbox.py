@@ -63,32 +63,46 @@ class Outbox:
     def __init__(self, store: JobStore):
         self.store = store
 
-    def claim(self, limit: int, lease_s: float, shared_storage: bool, destinations: list[str]) -> Sending | None:
-        """Due rows for the configured destinations: pending ones whose time has come, and ones whose sender died
-        (claimed longer than ``lease_s`` ago); reports and HL7 messages first (they are the result; the images
-        illustrate it). Only this node's objects unless the storage is shared."""
+    def claim(self, limit: int, lease_s: float, shared_storage: bool, destinations: list[str],
+              max_attempts: int = 1 << 30) -> Sending | None:
+        """Due rows for the configured destinations: pending ones whose time has come, and ones another sender
+        left claimed longer than ``lease_s`` (this node's own come back through :meth:`release_own` at start, never
+        while it may still be sending them); reports and HL7 messages first (they are the result; the images
+        illustrate it). Only this node's objects unless the storage is shared. An attempt is counted when it
+        starts, so a row whose sending kills the node each time is dead-lettered after ``max_attempts``."""
         if not destinations:
             return None
         now = time.time()
         token = uuid.uuid4().hex
+        me = self.store.node_id
         lock = " FOR UPDATE SKIP LOCKED" if self.store.pg else ""
         dmarks = ", ".join("?" for _ in destinations)
         mine = "" if shared_storage else " AND holder = ?"
-        args: tuple = (now, now - lease_s, *destinations) + (() if shared_storage else (self.store.node_id,))
+        args: tuple = (now, now - lease_s, me, *destinations) + (() if shared_storage else (me,))
         with self.store.transaction() as cur:
-            cur.execute(f"""SELECT id FROM outbox WHERE ((state = 'pending' AND next_at <= ?)
-                            OR (state = 'sending' AND claimed_at < ?)) AND destination IN ({dmarks}){mine}
+            cur.execute(f"""SELECT id, attempts, job_id, study_uid, sop_instance_uid, destination, kind FROM outbox
+                            WHERE ((state = 'pending' AND next_at <= ?)
+                                   OR (state = 'sending' AND claimed_at < ? AND claimed_by <> ?))
+                            AND destination IN ({dmarks}){mine}
                             ORDER BY CASE WHEN kind IN ('sr', 'hl7') THEN 0 ELSE 1 END, next_at, id
                             LIMIT {int(limit)}{lock}""", args)
-            ids = [r[0] for r in cur.fetchall()]
+            rows = cur.fetchall()
+            for rid, attempts, job_id, study, sop, dest, kind in (r for r in rows if r[1] >= max_attempts):
+                reason = (f"sending started {attempts} times without an outcome recorded (the node died or hung "
+                          "during the send each time)")
+                cur.execute("UPDATE outbox SET state = 'dead', last_error = ?, claim_token = NULL WHERE id = ?",
+                            (reason, rid))
+                self.store.audit(cur, "dead_letter", study_uid=study, sop_instance_uid=sop, job_id=job_id,
+                                 detail={"destination": dest, "kind": kind, "attempt": attempts, "reason": reason}, at=now)
+            ids = [r[0] for r in rows if r[1] < max_attempts]
             if not ids:
                 return None
             marks = ", ".join("?" for _ in ids)
-            cur.execute(f"""UPDATE outbox SET state = 'sending', claimed_by = ?, claim_token = ?, claimed_at = ?
-                            WHERE id IN ({marks}) RETURNING {", ".join(_COLUMNS)}""",
-                        (self.store.node_id, token, now, *ids))
-            rows = sorted((OutboxRow(*r) for r in cur.fetchall()), key=lambda r: r.id)
-        return Sending(rows, token)
+            cur.execute(f"""UPDATE outbox SET state = 'sending', claimed_by = ?, claim_token = ?, claimed_at = ?,
+                            attempts = attempts + 1 WHERE id IN ({marks}) RETURNING {", ".join(_COLUMNS)}""",
+                        (me, token, now, *ids))
+            got = sorted((OutboxRow(*r) for r in cur.fetchall()), key=lambda r: r.id)
+        return Sending(got, token)
 
     def record(self, sending: Sending, outcomes: list[str | None], *, max_attempts: int, wait_s, permanent) -> dict[str, int]:
         """Each claimed row's outcome, in one transaction: None delivered; a reason retried after ``wait_s(attempt)``
@@ -97,19 +111,19 @@ class Outbox:
         counts = {DELIVERED: 0, PENDING: 0, DEAD: 0}
         with self.store.transaction() as cur:
             for row, reason in zip(sending.rows, outcomes):
-                attempts = row.attempts + 1
+                attempts = row.attempts  # counted when the claim started it
                 if reason is None:
-                    cur.execute("""UPDATE outbox SET state = 'delivered', attempts = ?, delivered_at = ?, last_error = NULL,
-                                   claim_token = NULL WHERE id = ? AND claim_token = ?""", (attempts, now, row.id, sending.token))
+                    cur.execute("""UPDATE outbox SET state = 'delivered', delivered_at = ?, last_error = NULL,
+                                   claim_token = NULL WHERE id = ? AND claim_token = ?""", (now, row.id, sending.token))
                     state, event = DELIVERED, "delivered"
                 elif attempts >= max_attempts or permanent(reason):
-                    cur.execute("""UPDATE outbox SET state = 'dead', attempts = ?, last_error = ?, claim_token = NULL
-                                   WHERE id = ? AND claim_token = ?""", (attempts, reason, row.id, sending.token))
+                    cur.execute("""UPDATE outbox SET state = 'dead', last_error = ?, claim_token = NULL
+                                   WHERE id = ? AND claim_token = ?""", (reason, row.id, sending.token))
                     state, event = DEAD, "dead_letter"
                 else:
-                    cur.execute("""UPDATE outbox SET state = 'pending', attempts = ?, last_error = ?, next_at = ?,
+                    cur.execute("""UPDATE outbox SET state = 'pending', last_error = ?, next_at = ?,
                                    claim_token = NULL WHERE id = ? AND claim_token = ?""",
-                                (attempts, reason, now + wait_s(attempts), row.id, sending.token))
+                                (reason, now + wait_s(attempts), row.id, sending.token))
                     state, event = PENDING, "delivery_failed"
                 if cur.rowcount != 1:  # our claim lapsed and another sender took the row: its outcome counts
                     continue
@@ -120,6 +134,27 @@ class Outbox:
                 self.store.audit(cur, event, study_uid=row.study_uid, sop_instance_uid=row.sop_instance_uid,
                                  job_id=row.job_id, detail=detail, at=now)
         return counts
+
+    def strand_unconfigured(self, destinations: list[str]) -> int:
+        """At start: this node's undelivered rows for destinations it no longer has (removed, or renamed: an unnamed
+        destination is named by its address) would wait forever; they are dead-lettered with the reason instead,
+        so they show up and ``--send-to NAME=URL --redeliver`` can still send them."""
+        now = time.time()
+        dmarks = ", ".join("?" for _ in destinations)
+        other = f" AND destination NOT IN ({dmarks})" if destinations else ""
+        with self.store.transaction() as cur:
+            cur.execute(f"""SELECT id, job_id, study_uid, sop_instance_uid, destination, kind FROM outbox
+                            WHERE state IN ('pending', 'sending') AND holder = ?{other}""",
+                        (self.store.node_id, *destinations))
+            rows = cur.fetchall()
+            for rid, job_id, study, sop, dest, kind in rows:
+                reason = (f"destination {dest!r} is not configured on this node (removed or renamed); give it again "
+                          f"with --send-to {dest}=URL and start with --redeliver to send this")
+                cur.execute("UPDATE outbox SET state = 'dead', last_error = ?, claim_token = NULL WHERE id = ?",
+                            (reason, rid))
+                self.store.audit(cur, "dead_letter", study_uid=study, sop_instance_uid=sop, job_id=job_id,
+                                 detail={"destination": dest, "kind": kind, "reason": reason}, at=now)
+        return len(rows)
 
     def release_own(self) -> int:
         """At start: rows this node was sending when it stopped are due again now."""

@@ -9,6 +9,7 @@ after a restart, sends the *same* instance, and the PACS keeps one copy. The sam
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import os
 import uuid
@@ -26,6 +27,12 @@ SR, SC, SEG = "sr", "sc", "seg"
 KINDS = (SR, SC, SEG)
 #: the ``--dicom-objects`` choices: which objects a screened image gives (SC and SEG only when it has a map)
 DEFAULT_KINDS = (SR, SC, SEG)
+#: SOP Class UID of each kind (Comprehensive 3D SR, Secondary Capture Image, Segmentation)
+SOP_CLASS = {SR: "1.2.840.10008.5.1.4.1.1.88.34", SC: "1.2.840.10008.5.1.4.1.1.7", SEG: "1.2.840.10008.5.1.4.1.1.66.4"}
+#: header attributes the objects copy whose value, when malformed, would stop highdicom: blanked in the copy used
+_DATES = ("PatientBirthDate", "StudyDate", "SeriesDate", "ContentDate", "AcquisitionDate")
+_TIMES = ("StudyTime", "SeriesTime", "ContentTime", "AcquisitionTime", "PatientBirthTime")
+_ENUMERATED = {"PatientSex": ("M", "F", "O", ""), "Laterality": ("R", "L", "")}
 
 
 #: the namespace of cxr-edge's name-based UUIDs (fixed forever: changing it changes every result's UID)
@@ -77,6 +84,37 @@ def read_source(path_or_bytes) -> Any:
                                                    "belong in the source's study, so only DICOM inputs get them") from exc
 
 
+def usable_source(source):
+    """A copy of the source header the writers can take: malformed dates and times blanked (they are type 2 in
+    what the objects copy), an Instance Number that is not a number dropped. The source file is not changed."""
+    from pydicom.valuerep import DA, TM
+
+    src = copy.deepcopy(source)  # (Dataset.copy is shallow: changing it would change the caller's header too)
+    for keys, parse in ((_DATES, DA), (_TIMES, TM)):
+        for k in keys:
+            v = src.get(k)
+            if v in (None, ""):
+                continue
+            try:
+                parse(str(v))
+            except Exception:
+                setattr(src, k, "")
+    try:
+        int(str(src.get("InstanceNumber", 1) or 1))
+    except (TypeError, ValueError):
+        del src.InstanceNumber
+    cs = src.get("SpecificCharacterSet")
+    if cs is not None and (not isinstance(cs, str) or "2022" in cs):
+        # ISO 2022 code extensions (Japanese, Korean, Chinese sites: "\\ISO 2022 IR 87"), which highdicom does not
+        # take: the text is decoded to Unicode and the objects are written in UTF-8, which holds all of it
+        src.decode()
+        src.SpecificCharacterSet = "ISO_IR 192"
+    for k, allowed in _ENUMERATED.items():  # enumerated values highdicom checks: anything else is unknown (empty)
+        if k in src and str(src.get(k) or "") not in allowed:
+            setattr(src, k, "")
+    return src
+
+
 def equipment(model: dict[str, Any], station: str | None, when: dt.datetime):
     """Contributing Equipment (IHE AIR): the algorithm as processing equipment, its version and model sha256."""
     from highdicom import ContributingEquipment
@@ -95,51 +133,66 @@ def equipment(model: dict[str, Any], station: str | None, when: dt.datetime):
 
 def build(source, result: dict[str, Any], model: dict[str, Any], *, preview: np.ndarray | None = None,
           cam: np.ndarray | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS, station: str | None = None,
-          when: dt.datetime | None = None) -> list[ResultObject]:
+          when: dt.datetime | None = None, errors: dict[str, str] | None = None) -> list[ResultObject]:
     """The objects for one screened source image (``result`` as ``ScreeningResult.to_dict`` gives it).
 
-    ``preview`` (the decoded image) and ``cam`` give the heatmap objects; without a map there are none."""
+    ``preview`` (the decoded image) and ``cam`` give the heatmap objects; without a map there are none. With
+    ``errors`` (a dict), a kind that cannot be made is recorded there with why, and the others are still made;
+    without it the first failure raises. Times are UTC, and every object says so (Timezone Offset From UTC)."""
     require("highdicom")
     from . import heatmap_objects, sr_report
 
-    when = when or dt.datetime.now(dt.timezone.utc)
-    when = when.replace(microsecond=0, tzinfo=None)
+    when = (when or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc).replace(microsecond=0, tzinfo=None)
     sha = model.get("sha256")
+    source = usable_source(source)
     src_uid, study = str(source.SOPInstanceUID), str(source.StudyInstanceUID)
     eq = equipment(model, station, when)
-    number = int(source.get("InstanceNumber") or 1)
+    number = int(str(source.get("InstanceNumber", 1) or 1))
+    pix: np.ndarray = preview if preview is not None else np.zeros((1, 1), np.uint8)  # (only used with a map)
+    heat: np.ndarray = cam if cam is not None else np.zeros((1, 1), np.float32)
+    makers = {
+        SR: lambda uid: sr_report.report(source, result, model, series_uid=result_uid(study, sha, SR, "series"),
+                                         sop_uid=uid, tracking_uid=result_uid(src_uid, sha, "tracking"),
+                                         device_uid=result_uid("device", sha), equipment=eq, when=when,
+                                         instance_number=number),
+        SC: lambda uid: heatmap_objects.secondary_capture(
+            source, heatmap_objects.captioned_overlay(pix, heat, result, model),
+            series_uid=result_uid(study, sha, SC, "series"), sop_uid=uid, equipment=eq, when=when,
+            instance_number=number),
+        SEG: lambda uid: heatmap_objects.map_segmentation(
+            source, heat, model, series_uid=result_uid(study, sha, SEG, "series"), sop_uid=uid, equipment=eq, when=when,
+            instance_number=number),
+    }
     out: list[ResultObject] = []
-    if SR in kinds:
-        uid = result_uid(src_uid, sha, SR)
-        ds = sr_report.report(source, result, model, series_uid=result_uid(study, sha, SR, "series"), sop_uid=uid,
-                              tracking_uid=result_uid(src_uid, sha, "tracking"), device_uid=result_uid("device", sha),
-                              equipment=eq, when=when, instance_number=number)
-        out.append(ResultObject(SR, uid, ds))
-    if cam is not None and preview is not None:
-        if SC in kinds:
-            uid = result_uid(src_uid, sha, SC)
-            rgb = heatmap_objects.captioned_overlay(preview, cam, result, model)
-            ds = heatmap_objects.secondary_capture(source, rgb, series_uid=result_uid(study, sha, SC, "series"),
-                                                   sop_uid=uid, equipment=eq, when=when, instance_number=number)
-            out.append(ResultObject(SC, uid, ds))
-        if SEG in kinds:
-            uid = result_uid(src_uid, sha, SEG)
-            ds = heatmap_objects.map_segmentation(source, cam, model, series_uid=result_uid(study, sha, SEG, "series"),
-                                                  sop_uid=uid, equipment=eq, when=when, instance_number=number)
-            out.append(ResultObject(SEG, uid, ds))
+    for kind in wanted_kinds(kinds, cam is not None and preview is not None):
+        uid = result_uid(src_uid, sha, kind)
+        try:
+            ds = makers[kind](uid)
+        except Exception as exc:
+            if errors is None:
+                raise
+            errors[kind] = f"{kind.upper()} could not be made: {type(exc).__name__}: {exc}"
+            continue
+        ds.TimezoneOffsetFromUTC = "+0000"
+        out.append(ResultObject(kind, uid, ds))
     return out
 
 
+def wanted_kinds(kinds: tuple[str, ...], has_map: bool) -> list[str]:
+    """The kinds one result gives: the report always (when asked for), the heatmap objects only with a map."""
+    return [k for k in KINDS if k in kinds and (k == SR or has_map)]
+
+
 def write_hl7(source, result: dict[str, Any], model: dict[str, Any], objects: list[ResultObject], dest, *,
-              station: str | None, when: dt.datetime, path: Path) -> tuple[str, str, str, str]:
+              station: str | None, when: dt.datetime, path: Path) -> tuple[str, str, str, str, str, None]:
     """The HL7 ORU^R01 of one result for one HL7 destination, written like the objects (fsync, rename); the
-    outbox row it gives: (kind, message control ID + destination, message type, path)."""
-    from .hl7_report import control_id, oru_r01
+    outbox row it gives: (kind, message control ID + destination, message type, path, that destination, no error)."""
+    from .hl7_report import oru_r01
 
     report = next((o.sop_instance_uid for o in objects if o.kind == SR), None)
-    text = oru_r01(source, result, model, sending_facility=station or "", report_uid=report,
+    text = oru_r01(usable_source(source), result, model, sending_facility=station or "", report_uid=report,
                    receiving_application=dest.receiving_application, receiving_facility=dest.receiving_facility,
-                   when=when.replace(tzinfo=None) if when.tzinfo is None else when)
+                   when=when)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".hl7.part")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -147,7 +200,14 @@ def write_hl7(source, result: dict[str, Any], model: dict[str, Any], objects: li
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    return ("hl7", f"{control_id(str(source.SOPInstanceUID), model.get('sha256'))}@{dest.name}", "ORU^R01", str(path))
+    return ("hl7", hl7_key(source, model, dest), "ORU^R01", str(path), dest.name, None)
+
+
+def hl7_key(source, model: dict[str, Any], dest) -> str:
+    """The outbox key of one HL7 message: its control ID at one destination."""
+    from .hl7_report import control_id
+
+    return f"{control_id(str(source.SOPInstanceUID), model.get('sha256'))}@{dest.name}"
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:

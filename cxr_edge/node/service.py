@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,11 @@ class ScreeningNode:
         resent = await self.loop.run_in_executor(None, self.outbox.release_own)
         if resent:
             log.info("resending %d result object(s) this node was sending when it stopped", resent)
+        stranded = await self.loop.run_in_executor(None, self.outbox.strand_unconfigured,
+                                                   [d.name for d in self.config.destinations])
+        if stranded:
+            log.warning("%d result object(s) were waiting for destinations this node no longer has: dead-lettered "
+                        "with the reason (GET /v1/outbox?state=dead); --send-to NAME=URL --redeliver sends them", stranded)
         if self.config.redeliver:
             names = [d.name for d in self.config.destinations]
             outcome = await self.loop.run_in_executor(None, self.outbox.redeliver, names)
@@ -338,34 +344,58 @@ class ScreeningNode:
         return out
 
     def _result_objects(self, claim: Claim, result: dict[str, Any], preview, cam, folder: Path) -> tuple:
-        """The DICOM result objects of one screened job, written and fsynced before the result is committed (the
-        outbox row then points at a complete file). A source whose header the writer cannot use still gets its
-        result recorded; why it has no objects goes into the result and the audit trail."""
-        from . import result_objects
+        """The result objects of one screened job (DICOM objects, and one HL7 message per HL7 destination), written
+        and fsynced before the result is committed, so an outbox row always points at a complete file. A kind that
+        cannot be made (a header the writer cannot use, a full disk) becomes an outbox row that is dead from the
+        start with the reason: never a result that silently has no report."""
+        from . import result_objects as ro
 
         job = claim.job
+        sha = self.model.get("sha256")
+        when = datetime.datetime.fromtimestamp(job.received_at, datetime.timezone.utc)
+        takes = {k for d in self.config.destinations for k in d.takes}
+        kinds = tuple(k for k in self.config.dicom_objects if k in takes)
+        hl7_dests = [d for d in self.config.destinations if d.kind == "mllp"]
+        out: list[tuple] = []
+
+        def failed(kind: str, uid: str, sop_class: str, why: str, only: str | None = None) -> None:
+            log.error("job %d: %s", job.id, why)
+            self.metrics.objects_failed.inc()
+            out.append((kind, uid, sop_class, "", only, why))
+
         try:
             if not job.path or not Path(job.path).is_file():
                 raise FileNotFoundError(f"the received instance {job.path} is gone")
-            source = result_objects.read_source(job.path)
-            when = datetime.datetime.fromtimestamp(job.received_at, datetime.timezone.utc)
-            kinds = {k for d in self.config.destinations for k in d.takes}
-            objs = result_objects.build(source, result, self.model, preview=preview, cam=cam,
-                                        kinds=tuple(k for k in self.config.dicom_objects if k in kinds),
-                                        station=self.config.ae_title, when=when)
-            out = [(o.kind, o.sop_instance_uid, str(o.dataset.SOPClassUID), str(o.write(folder, f"job-{job.id}")))
-                   for o in objs]
-            for d in self.config.destinations:  # one message per HL7 destination (each names its receiver)
-                if d.kind == "mllp":
-                    out.append(result_objects.write_hl7(source, result, self.model, objs, d, station=self.config.ae_title,
-                                                        when=when, path=folder / f"job-{job.id}-{d.name}.hl7"))
-            return tuple(out)
+            source = ro.read_source(job.path)
         except Exception as exc:
-            reason = f"DICOM result objects could not be made: {type(exc).__name__}: {exc}"
-            log.error("job %d: %s", job.id, reason)
-            result["result_objects_error"] = reason
-            self.metrics.objects_failed.inc()
-            return ()
+            why = f"the source header could not be read again: {type(exc).__name__}: {exc}"
+            for kind in ro.wanted_kinds(kinds, cam is not None and preview is not None):
+                failed(kind, ro.result_uid(job.sop_instance_uid, sha, kind), ro.SOP_CLASS[kind], why)
+            for d in hl7_dests:
+                failed("hl7", f"{job.sop_instance_uid}@{d.name}", "ORU^R01", why, d.name)
+            return tuple(out)
+        errors: dict[str, str] = {}
+        objs = ro.build(source, result, self.model, preview=preview, cam=cam, kinds=kinds, station=self.config.ae_title,
+                        when=when, errors=errors)
+        for kind, why in errors.items():
+            failed(kind, ro.result_uid(job.sop_instance_uid, sha, kind), ro.SOP_CLASS[kind], why)
+        for o in objs:
+            try:
+                out.append((o.kind, o.sop_instance_uid, ro.SOP_CLASS[o.kind], str(o.write(folder, f"job-{job.id}")),
+                            None, None))
+            except Exception as exc:
+                failed(o.kind, o.sop_instance_uid, ro.SOP_CLASS[o.kind],
+                       f"{o.kind.upper()} could not be written: {type(exc).__name__}: {exc}")
+        for d in hl7_dests:  # one message per HL7 destination (each names its receiver)
+            try:
+                out.append(ro.write_hl7(source, result, self.model, objs, d, station=self.config.ae_title, when=when,
+                                        path=folder / f"job-{job.id}-{d.name}.hl7"))
+            except Exception as exc:
+                failed("hl7", ro.hl7_key(source, self.model, d), "ORU^R01",
+                       f"the HL7 message could not be made: {type(exc).__name__}: {exc}", d.name)
+        if any(o[5] for o in out):
+            result["result_objects_error"] = "; ".join(o[5] for o in out if o[5])
+        return tuple(out)
 
     def _finish_all(self, outcomes) -> None:
         """Record a batch of outcomes in one transaction (one fsync), then delete the screened pixels."""
@@ -380,7 +410,8 @@ class ScreeningNode:
                           "threshold": result.get("threshold"), "borderline": decision.get("borderline"),
                           "operating_point": result["model"]["operating_point"]}
                 if objects:
-                    detail["objects"] = {kind: uid for kind, uid, _, _ in objects}
+                    detail["objects"] = {kind if only is None else f"{kind}@{only}": uid
+                                         for kind, uid, _, _, only, _ in objects}
                 if result.get("result_objects_error"):
                     detail["result_objects_error"] = result["result_objects_error"]
                 records.append((claim, SCREENED, result, None, overlay, "screened", detail, objects))
@@ -417,17 +448,42 @@ class ScreeningNode:
         cfg = self.config
         names = [d.name for d in cfg.destinations]
         by_name = {d.name: d for d in cfg.destinations}
-        pool = concurrent.futures.ThreadPoolExecutor(max(1, cfg.send_concurrency), thread_name_prefix="cxr-deliver")
         inflight: set[asyncio.Task] = set()
+        # the longest a batch can take with every timeout running out, and a margin: another node takes over a
+        # batch only after this (this node's own come back through release_own at its next start)
+        lease = cfg.send_timeout_s * (cfg.send_batch + 2) + 60
+
+        def in_thread(fn):
+            """``fn()`` in a daemon thread: a send stuck in a peer's timeout never holds the process at exit."""
+            fut = loop.create_future()
+
+            def settle(exc: BaseException | None, res) -> None:
+                if not fut.done():
+                    fut.set_exception(exc) if exc is not None else fut.set_result(res)
+
+            def run():
+                exc: BaseException | None = None
+                res = None
+                try:
+                    res = fn()
+                except BaseException as e:  # handed to the awaiting task
+                    exc = e
+                try:
+                    loop.call_soon_threadsafe(settle, exc, res)
+                except RuntimeError:  # the loop closed while this send ran (the node stopped): nobody is waiting
+                    pass
+
+            threading.Thread(target=run, name="cxr-deliver", daemon=True).start()
+            return fut
 
         def wait_s(attempt: int) -> float:
             return delivery.backoff_s(attempt, cfg.send_backoff_s, cfg.send_backoff_max_s)
 
         async def one(dest, rows, token):
             items = [delivery.Item(r.id, r.sop_class_uid, r.sop_instance_uid, r.path) for r in rows]
-            outcomes = await loop.run_in_executor(pool, lambda: delivery.send(dest, items, calling_ae=cfg.ae_title,
-                                                                               timeout_s=cfg.send_timeout_s))
-            counts = await loop.run_in_executor(pool, lambda: self.outbox.record(
+            outcomes = await in_thread(lambda: delivery.send(dest, items, calling_ae=cfg.ae_title,
+                                                             timeout_s=cfg.send_timeout_s))
+            counts = await in_thread(lambda: self.outbox.record(
                 Sending(rows, token), outcomes, max_attempts=cfg.send_attempts, wait_s=wait_s,
                 permanent=delivery.permanent))
             now = time.time()
@@ -436,7 +492,7 @@ class ScreeningNode:
                     self.metrics.delivery_latency.observe(max(0.0, now - r.created_at))
                 else:
                     log.warning("delivery of %s %s to %s failed (attempt %d): %s", r.kind, r.sop_instance_uid, dest.name,
-                                r.attempts + 1, why)
+                                r.attempts, why)
             for state, n in counts.items():
                 if n:
                     self.metrics.deliveries.labels(dest.name, {"pending": "retry"}.get(state, state)).inc(n)
@@ -447,8 +503,8 @@ class ScreeningNode:
                     await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    sending = await loop.run_in_executor(pool, self.outbox.claim, cfg.send_batch,
-                                                         max(cfg.send_timeout_s * 4, 60), cfg.shared_storage, names)
+                    sending = await in_thread(lambda: self.outbox.claim(cfg.send_batch, lease, cfg.shared_storage, names,
+                                                                        cfg.send_attempts))
                 except Exception as exc:  # the store is unreachable for a moment: try again
                     log.error("delivery claim failed: %s: %s", type(exc).__name__, exc)
                     sending = None
@@ -467,10 +523,11 @@ class ScreeningNode:
                     await asyncio.wait_for(self.deliver_wake.wait(), 1.0)
                 except asyncio.TimeoutError:
                     pass
-        finally:  # sends in flight finish in their threads; rows whose outcome is not recorded are due at next start
+        finally:  # sends in flight get a moment to finish and be recorded; the rest are due again at the next start
+            if inflight:
+                await asyncio.wait(list(inflight), timeout=min(10.0, cfg.send_timeout_s))
             for t in inflight:
                 t.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
 
     async def _study_loop(self) -> None:
         """Complete studies that have been quiet for ``stable_after_s`` and have no unfinished job."""

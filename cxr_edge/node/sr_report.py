@@ -24,7 +24,7 @@ def algorithm(model: dict[str, Any]):
               f"provider={model.get('provider')}", f"threshold={model.get('threshold')}",
               f"operating_point={model.get('operating_point')}"]
     return AlgorithmIdentification(name=f"cxr-edge {model.get('recipe')}", version=str(model.get("version")),
-                                   parameters=[p[:64] for p in params], family=coded(*rc.ARTIFICIAL_INTELLIGENCE),
+                                   parameters=params, family=coded(*rc.ARTIFICIAL_INTELLIGENCE),
                                    manufacturer="cxr-edge")
 
 

@@ -345,9 +345,10 @@ class JobStore:
         took the job after this one's lease ran out, and its result, not ours, is the one kept). ``records``:
         (claim, state, result, reason, overlay_path, audit_event, audit_detail[, objects]). With ``forget_pixels``
         the job no longer points at its instance file, which the caller deletes after the commit. ``objects``
-        (kind, sop_instance_uid, sop_class_uid, path) enter the outbox once per destination that takes that kind
-        (``destinations``: (name, kinds) pairs) in the same transaction: a committed result is always either
-        delivered or dead-lettered, never forgotten."""
+        (kind, sop_instance_uid, sop_class_uid, path, only_destination, error) enter the outbox once per destination
+        that takes that kind (``destinations``: (name, kinds) pairs; ``only_destination``: the one an HL7 message is
+        addressed to) in the same transaction, dead at once when ``error`` says the object could not be made: a
+        committed result is always delivered or dead-lettered with a reason, never forgotten."""
         now = time.time()
         kept = []
         with self.transaction() as cur:
@@ -364,13 +365,18 @@ class JobStore:
                     continue
                 self.audit(cur, event, source=j.source, study_uid=j.study_uid, series_uid=j.series_uid,
                            sop_instance_uid=j.sop_instance_uid, job_id=j.id, detail=detail, at=now)
-                for kind, sop_uid, sop_class, path in (rest[0] if rest else ()):
-                    for dest in (name for name, kinds in destinations if kind in kinds):
+                for kind, sop_uid, sop_class, path, only, error in (rest[0] if rest else ()):
+                    for dest in (name for name, kinds in destinations if kind in kinds and only in (None, name)):
+                        # an object that could not be made is dead from the start, with why: visible, never silent
                         cur.execute("""INSERT INTO outbox (job_id, study_uid, kind, sop_instance_uid, sop_class_uid,
-                                       destination, holder, path, state, next_at, created_at)
-                                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)
+                                       destination, holder, path, state, next_at, created_at, last_error)
+                                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                                        ON CONFLICT (sop_instance_uid, destination) DO NOTHING""",
-                                    (j.id, j.study_uid, kind, sop_uid, sop_class, dest, self.node_id, path, now, now))
+                                    (j.id, j.study_uid, kind, sop_uid, sop_class, dest, self.node_id, path or "",
+                                     "dead" if error else "pending", now, now, error))
+                        if error:
+                            self.audit(cur, "dead_letter", study_uid=j.study_uid, sop_instance_uid=sop_uid, job_id=j.id,
+                                       detail={"destination": dest, "kind": kind, "reason": error}, at=now)
         return kept
 
     def finish(self, claim: Claim, *, state: str, result: dict[str, Any] | None, reason: str | None,
