@@ -47,7 +47,7 @@ def secondary_capture(source, rgb: np.ndarray, *, series_uid: str, sop_uid: str,
     from pydicom.dataset import Dataset
 
     po = source.get("PatientOrientation")
-    orientation = tuple(str(x) for x in po) if po is not None and not isinstance(po, str) and len(po) == 2 else None
+    orientation = (str(po[0]), str(po[1])) if po is not None and not isinstance(po, str) and len(po) == 2 else None
     img = sc.SCImage.from_ref_dataset(
         ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
         coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=9902, sop_instance_uid=sop_uid,
@@ -56,7 +56,7 @@ def secondary_capture(source, rgb: np.ndarray, *, series_uid: str, sop_uid: str,
         transfer_syntax_uid="1.2.840.10008.1.2.1", contributing_equipment=[equipment],
         series_description=f"{rc.DISCLAIMER} (heatmap)"[:64], content_date=when.date(), content_time=when.time())
     if orientation is None:  # the source does not say (type 2 in CR): empty, as the standard says for unknown
-        img.PatientOrientation = ""
+        setattr(img, "PatientOrientation", "")  # noqa: B010  (highdicom types it as a list)
     if "Laterality" not in img:  # type 2C (paired body parts); a chest is not one, so empty unless the source says
         img.Laterality = source.get("Laterality") or ""
     img.BurnedInAnnotation = "YES"  # the caption, the model and the disclaimer are in the pixels
