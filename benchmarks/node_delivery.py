@@ -2,7 +2,7 @@
 
     python benchmarks/node_delivery.py [--studies 500] [--kills 3] [--pacs-restarts 2] [--outage-studies 100]
                                        [--seed 0] [--artifact PATH] [--out benchmarks/results/node_delivery]
-                                       [--scenarios outage,steady,soak]
+                                       [--scenarios outage,steady,soak,overload] [--rate 3]
 
 Only real components: the node is its own process group (`python -m cxr_edge.cli node --send-to ...`), DCMTK's
 `/usr/bin/storescu` is the X-ray room, Orthanc (Debian's `orthanc` + `orthanc-dicomweb`, started by
@@ -13,7 +13,9 @@ Scenarios (each returns a dict of counts with a list of `problems`; a pytest tes
 
 * outage: Orthanc is down while `n` studies are sent and screened; every result object waits in the outbox
   (retrying with backoff); Orthanc starts; every object must arrive exactly once.
-* steady: the soak's load without kills or restarts (the baseline for its latency).
+* steady: the soak's load (`--rate` studies/s) without kills or restarts (the baseline for its latency).
+* overload: the same studies sent as fast as the node acknowledges them: the node's capacity with every result
+  sent on, and the queue (and latency) an arrival rate above it builds.
 * soak: `n` studies sent in chunks while the node is killed with SIGKILL at random moments (`kills` times, each
   restarted at once with the same --data and --node-id) and Orthanc is restarted `pacs_restarts` times; what the
   room saw no success for is sent again. At the end every acknowledged study must have exactly its expected objects
@@ -196,12 +198,17 @@ def outage(n: int = 100, *, seed: int = 0, artifact: Path | None = None, work: P
                                             "delivered_during_outage": during["delivered"]})
         return out
     finally:
-        if node is not None:
-            node.stop()
-        if pacs is not None:
-            pacs.stop(hard=True)
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
+        _tear_down(node, pacs, work if own else None)
+
+
+def _tear_down(node: Node | None, pacs, work: Path | None) -> None:
+    """Stop the node and the PACS, and remove the scenario's own work folder (None: the caller's, kept)."""
+    if node is not None:
+        node.stop()
+    if pacs is not None:
+        pacs.stop(hard=True)
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _study_of(files: dict[Path, str]) -> dict[Path, str]:
@@ -212,9 +219,11 @@ def _study_of(files: dict[Path, str]) -> dict[Path, str]:
 
 # ----------------------------------------------------------------------------------------------- scenario 2: soak
 def soak(n: int = 500, kills: int = 3, pacs_restarts: int = 2, *, seed: int = 0, artifact: Path | None = None,
-         work: Path | None = None, chunk: int = 25, log: Callable[[str], None] = print) -> dict[str, Any]:
+         work: Path | None = None, chunk: int = 25, rate: float | None = None,
+         log: Callable[[str], None] = print) -> dict[str, Any]:
     """`n` studies in chunks; the node SIGKILLed `kills` times at random acknowledgements (restarted at once), the
-    PACS restarted `pacs_restarts` times at random moments; unacknowledged studies sent again. Exactly once?"""
+    PACS restarted `pacs_restarts` times at random moments; unacknowledged studies sent again. Exactly once?
+    ``rate``: studies per second offered (chunks paced to it); None sends as fast as the node acknowledges."""
     rng = random.Random(seed)
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="cxr-delivery-soak-")) if work is None else work
@@ -266,7 +275,10 @@ def soak(n: int = 500, kills: int = 3, pacs_restarts: int = 2, *, seed: int = 0,
                 s = Send(batch, node.dicom_port, work / f"storescu.soak{rounds}.log",
                          on_ack=lambda c, base=base: chaos(base + c)).start().wait()
                 acked |= set(s.acked)
-                time.sleep(rng.uniform(0.0, 0.3))
+                if rate:  # paced: the next chunk when the offered rate says so
+                    time.sleep(max(0.0, t_start + len(acked) / rate - time.monotonic()))
+                else:
+                    time.sleep(rng.uniform(0.0, 0.3))
         t_sent = time.monotonic() - t_start
         deadline = time.monotonic() + 180
         while not _ready(node):  # a kill may have come with the last acknowledgement
@@ -280,7 +292,8 @@ def soak(n: int = 500, kills: int = 3, pacs_restarts: int = 2, *, seed: int = 0,
         settle = _wait_outbox_settled(db, 900, alive)
         check = _check_pacs(db, pacs, {study_of[f] for f in acked})
         resent = int(db.query("SELECT COUNT(*) FROM audit WHERE event = 'delivery_failed'")[0][0])
-        out = {"scenario": "soak", "studies": n, "acknowledged": len(acked), "send_rounds": rounds,
+        out = {"scenario": "soak", "studies": n, "offered_rate_per_s": rate, "acknowledged": len(acked),
+               "send_rounds": rounds,
                "node_kills": sum(e["event"] == "node SIGKILL" for e in events),
                "pacs_restarts": sum(e["event"] == "PACS restart" for e in events), "events": events,
                "failed_delivery_attempts": resent, "node_processes_alive_after_sigkill": node.leftovers,
@@ -293,12 +306,7 @@ def soak(n: int = 500, kills: int = 3, pacs_restarts: int = 2, *, seed: int = 0,
                                             "node_processes_alive_after_sigkill": node.leftovers})
         return out
     finally:
-        if node is not None:
-            node.stop()
-        if pacs is not None:
-            pacs.stop(hard=True)
-        if own:
-            shutil.rmtree(work, ignore_errors=True)
+        _tear_down(node, pacs, work if own else None)
 
 
 def _ready(node: Node) -> bool:
@@ -325,7 +333,8 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
                       f"- PACS back -> every object delivered in {r['pacs_back_to_all_delivered_s']} s"]
         else:  # steady and soak
             lat = r["study_to_report_in_pacs"]
-            lines += [f"- {r['studies']} studies, {r['node_kills']} node SIGKILLs, {r['pacs_restarts']} PACS restarts, "
+            offered = f"offered at {r['offered_rate_per_s']}/s" if r.get("offered_rate_per_s") else "sent flat out"
+            lines += [f"- {r['studies']} studies {offered}, {r['node_kills']} node SIGKILLs, {r['pacs_restarts']} PACS restarts, "
                       f"{r['send_rounds']} send rounds; {r['failed_delivery_attempts']} failed delivery attempts retried",
                       f"- study -> report in the PACS: p50 {lat['p50_s']} s, p99 {lat['p99_s']} s, max {lat['max_s']} s "
                       f"(n={lat['n']}); of which received -> screened p50 {lat['received_to_screened']['p50_s']} s / "
@@ -381,7 +390,9 @@ def main() -> int:
     p.add_argument("--outage-studies", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--artifact", type=Path)
-    p.add_argument("--scenarios", default="outage,steady,soak")
+    p.add_argument("--scenarios", default="outage,steady,soak,overload")
+    p.add_argument("--rate", type=float, default=3.0,
+                   help="studies/s offered in steady and soak (below the node's capacity here; overload sends flat out)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "node_delivery")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cxr-delivery-"))
@@ -395,11 +406,16 @@ def main() -> int:
         if "outage" in wanted:
             doc["scenarios"].append(outage(a.outage_studies, seed=a.seed, artifact=artifact, work=work / "outage"))
         if "steady" in wanted:  # the same load without kills or restarts: what the chaos costs, and what it does not
-            r = soak(a.studies, 0, 0, seed=a.seed, artifact=artifact, work=work / "steady")
+            r = soak(a.studies, 0, 0, seed=a.seed, artifact=artifact, work=work / "steady", rate=a.rate)
             r["scenario"] = "steady"
             doc["scenarios"].append(r)
         if "soak" in wanted:
-            r = soak(a.studies, a.kills, a.pacs_restarts, seed=a.seed, artifact=artifact, work=work / "soak")
+            r = soak(a.studies, a.kills, a.pacs_restarts, seed=a.seed, artifact=artifact, work=work / "soak",
+                     rate=a.rate)
+            doc["scenarios"].append(r)
+        if "overload" in wanted:  # as fast as the room can send: the node's capacity, and the queue it builds
+            r = soak(a.studies, 0, 0, seed=a.seed, artifact=artifact, work=work / "overload")
+            r["scenario"] = "overload"
             doc["scenarios"].append(r)
         write_report(a.out, doc)
         print((a.out / "results.md").read_text())

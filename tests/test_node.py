@@ -197,6 +197,24 @@ def test_postgres_store_claims_each_job_once_across_two_nodes(postgres_url):  # 
         c.execute("DELETE FROM audit")
 
 
+def test_store_connections_do_not_pile_up_with_association_threads(tmp_path):
+    """pynetdicom serves every association in a new thread: the store must not keep a connection (three file
+    descriptors with WAL) per thread it ever saw, or a node runs out of descriptors after a few hundred."""
+    import os
+    import threading
+
+    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}", "node-a").migrate()
+    fds = lambda: len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+    before = fds()
+    for k in range(60):  # one short-lived thread per association, each recording something
+        t = threading.Thread(target=store.record, args=("association_accepted",), kwargs={"detail": {"k": k}})
+        t.start()
+        t.join()
+    assert len(store._all) <= 2 and fds() - before <= 6
+    assert len(store.audit_records(event="association_accepted")) == 60
+    store.close()
+
+
 def test_store_url_must_name_a_known_database():
     with pytest.raises(ConfigError, match="sqlite:///PATH"):
         JobStore("mysql://x", "n")

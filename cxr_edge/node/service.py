@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import logging
+import queue
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,47 @@ log = logging.getLogger("cxr_edge.node")
 
 #: decoded images kept between intake and screening (each holds the model input and a preview of <= 1024 px)
 MAX_CACHED_ITEMS = 256
+
+
+class DaemonPool:
+    """A fixed set of daemon worker threads. Why not ThreadPoolExecutor: its threads are joined at interpreter exit,
+    so a send stuck in a peer's timeout would hold a stopping node for minutes; and not a thread per call: the job
+    store keeps one connection per thread, so short-lived threads would leak a database connection each."""
+
+    def __init__(self, size: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{k}", daemon=True) for k in range(max(1, size))]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fn, fut))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            fn, fut = self._queue.get()
+            if fn is None:
+                return
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # handed to whoever awaits the future
+                fut.set_exception(exc)
+
+    def shutdown(self) -> None:
+        """Workers finish what they run and stop; queued calls are cancelled."""
+        while True:
+            try:
+                _, fut = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if fut is not None:
+                fut.cancel()
+        for _ in self._threads:
+            self._queue.put((None, None))
 
 
 def _log_failure(task: asyncio.Task) -> None:
@@ -443,7 +485,6 @@ class ScreeningNode:
         instance on one association, ~4x the rate on four)."""
         from .outbox import Sending
 
-        loop = asyncio.get_running_loop()
         assert self.deliver_wake is not None
         cfg = self.config
         names = [d.name for d in cfg.destinations]
@@ -453,28 +494,10 @@ class ScreeningNode:
         # batch only after this (this node's own come back through release_own at its next start)
         lease = cfg.send_timeout_s * (cfg.send_batch + 2) + 60
 
+        pool = DaemonPool(cfg.send_concurrency + 1, "cxr-deliver")  # the sends, and the claim/record calls
+
         def in_thread(fn):
-            """``fn()`` in a daemon thread: a send stuck in a peer's timeout never holds the process at exit."""
-            fut = loop.create_future()
-
-            def settle(exc: BaseException | None, res) -> None:
-                if not fut.done():
-                    fut.set_exception(exc) if exc is not None else fut.set_result(res)
-
-            def run():
-                exc: BaseException | None = None
-                res = None
-                try:
-                    res = fn()
-                except BaseException as e:  # handed to the awaiting task
-                    exc = e
-                try:
-                    loop.call_soon_threadsafe(settle, exc, res)
-                except RuntimeError:  # the loop closed while this send ran (the node stopped): nobody is waiting
-                    pass
-
-            threading.Thread(target=run, name="cxr-deliver", daemon=True).start()
-            return fut
+            return asyncio.wrap_future(pool.submit(fn))
 
         def wait_s(attempt: int) -> float:
             return delivery.backoff_s(attempt, cfg.send_backoff_s, cfg.send_backoff_max_s)
@@ -528,6 +551,7 @@ class ScreeningNode:
                 await asyncio.wait(list(inflight), timeout=min(10.0, cfg.send_timeout_s))
             for t in inflight:
                 t.cancel()
+            pool.shutdown()
 
     async def _study_loop(self) -> None:
         """Complete studies that have been quiet for ``stable_after_s`` and have no unfinished job."""

@@ -164,8 +164,11 @@ class Claim:
 class JobStore:
     """Jobs, studies and audit records in SQLite or PostgreSQL (``sqlite:///path`` or ``postgresql://...``).
 
-    One connection per thread (pynetdicom serves each association in its own thread); every write is a short
-    transaction committed before the caller acknowledges anything.
+    Connections come from a pool: a transaction borrows one and gives it back. Not one per thread: pynetdicom
+    serves each association in a thread of its own, so a connection per thread (never closed) leaked three file
+    descriptors (database, WAL, shared memory) per association, and a node that had taken a few hundred
+    associations ran out of them. Every write is a short transaction committed before the caller acknowledges
+    anything.
     """
 
     def __init__(self, url: str, node_id: str):
@@ -179,7 +182,7 @@ class JobStore:
         else:
             raise ConfigError(f"job store URL {url!r}: use sqlite:///PATH (the default, under --data) or "
                               "postgresql://USER@HOST:PORT/DB")
-        self._local = threading.local()
+        self._idle: list[Any] = []  # connections no transaction is using
         self._all: list[Any] = []
         self._lock = threading.Lock()
 
@@ -197,12 +200,18 @@ class JobStore:
         return conn
 
     def _conn(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._connect()
-            with self._lock:
-                self._all.append(conn)
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        conn = self._connect()
+        with self._lock:
+            self._all.append(conn)
         return conn
+
+    def _release(self, conn) -> None:
+        with self._lock:
+            if conn in self._all:  # (not one closed by close() meanwhile)
+                self._idle.append(conn)
 
     def _sql(self, text: str) -> str:
         return text.replace("?", "%s") if self.pg else text
@@ -225,10 +234,15 @@ class JobStore:
                 conn.rollback()
             except Exception:
                 self._drop(conn)
+                raise
+            self._release(conn)
             raise
+        self._release(conn)
 
     def _drop(self, conn) -> None:
-        self._local.conn = None
+        with self._lock:
+            if conn in self._all:
+                self._all.remove(conn)
         try:
             conn.close()
         except Exception:
@@ -245,13 +259,12 @@ class JobStore:
 
     def close(self) -> None:
         with self._lock:
-            conns, self._all = self._all, []
+            conns, self._all, self._idle = self._all, [], []
         for c in conns:
             try:
                 c.close()
             except Exception:
                 pass
-        self._local = threading.local()
 
     def describe(self) -> str:
         """The store for logs, without a password."""
