@@ -357,8 +357,9 @@ def write_report(out: Path, doc: dict[str, Any]) -> None:
         runs = [r for r in doc["scenarios"] if r.get("latencies_s")]
         if runs:
             fig, ax = plt.subplots(figsize=(6.5, 3.5))
+            bins = np.linspace(0, max(max(r["latencies_s"]) for r in runs), 80)
             for r in runs:
-                ax.hist(r["latencies_s"], bins=50, alpha=0.6,
+                ax.hist(r["latencies_s"], bins=bins, histtype="step", linewidth=1.6,
                         label=f"{r['scenario']}: {r['node_kills']} kills, {r['pacs_restarts']} PACS restarts")
             ax.set_xlabel("instance committed at the node -> its report held by Orthanc (s)")
             ax.set_ylabel("studies")

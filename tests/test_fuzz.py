@@ -235,8 +235,8 @@ def test_bounded_coverage_guided_fuzz_session(tmp_path):
     corpus.mkdir()
     for name, data in SEEDS.items():
         (corpus / name).write_bytes(data)
-    # 20 s in the README's suite; CI's slow step runs it again for longer (CXR_FUZZ_SECONDS)
-    seconds = int(os.environ.get("CXR_FUZZ_SECONDS", 20))
+    # 12 s in the README's suite; CI's slow step runs it again for longer (CXR_FUZZ_SECONDS)
+    seconds = int(os.environ.get("CXR_FUZZ_SECONDS", 12))
     # through `sh` (which forks it and waits): libFuzzer reads getrusage's max RSS, which Linux carries
     # over from this pytest process on a direct fork+exec; a child of a small shell starts clean
     proc = subprocess.run(

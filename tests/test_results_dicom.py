@@ -407,7 +407,9 @@ def test_a_refusing_destination_dead_letters_and_redeliver_sends_after_the_fix(a
         job = client.get("/v1/jobs?limit=1").json()["jobs"][0]
         assert job["delivery"]["state"] == "dead"
         why = job["delivery"]["objects"][0]["last_error"]
-        assert "rejected" in why and "NOTORTHANC" in why, why
+        assert "NOTORTHANC" in why and ("rejected" in why or "could not be opened" in why), why
+        audits = [r["detail"]["reason"] for r in node.store.audit_records(event="delivery_failed")]
+        assert any("rejected" in a and "Called AE title not recognised" in a for a in audits + [why]), audits
         dead = client.get("/v1/outbox?state=dead").json()["objects"]
         assert len(dead) == 2 and all(d["attempts"] == 2 for d in dead)
         assert 'cxr_node_deliveries_total{destination="pacs",outcome="dead"} 2.0' in client.get("/metrics").text

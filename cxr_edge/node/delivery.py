@@ -152,10 +152,13 @@ def _cstore(dest: Destination, readable, calling_ae: str, timeout_s: float) -> d
         ae.add_requested_context(sop_class, list(syntaxes))
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.called_ae)
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "could not be opened"
+        # the answer itself first: a peer that rejects and closes at once can leave pynetdicom saying "aborted"
+        p = assoc.acceptor.primitive
+        rejected = assoc.is_rejected or getattr(p, "result", None) in (0x01, 0x02)
+        why = ("rejected" if rejected else "could not be opened, or was aborted before an answer" if p is None
+               else "aborted")
         detail = ""
-        if assoc.is_rejected and assoc.acceptor.primitive is not None:
-            p = assoc.acceptor.primitive
+        if rejected and p is not None:
             detail = f" (result {p.result_str}, source {p.source_str}, reason {p.reason_str})"
         msg = f"association to {dest.called_ae}@{dest.host}:{dest.port} {why}{detail}"
         return {it.outbox_id: msg for it, _ in readable}
