@@ -22,6 +22,7 @@ import pydicom
 import pytest
 from conftest import REAL_DATA
 from orthanc_server import orthanc  # noqa: F401  (a fixture)
+from pg_server import postgres_url  # noqa: F401  (the session fixture, reached through request.getfixturevalue)
 from test_node import STORESCU_CFG
 
 from cxr_edge.errors import ConfigError
@@ -267,8 +268,23 @@ def _screened_job(store: JobStore, uid: str, objects) -> None:
                              False, destinations=[("pacs", ("sr",)), ("archive", ("sr", "sc")), ("ris", ("hl7",))]) == [True]
 
 
-def test_outbox_retries_with_backoff_dead_letters_and_redelivers(tmp_path):
-    store = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}", "node-a").migrate()
+def _store_url(kind: str, tmp_path: Path, request) -> str:
+    """A fresh, empty job store: an SQLite file, or a new database on the session's PostgreSQL server."""
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    url = request.getfixturevalue("postgres_url")
+    name = "outbox_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_outbox_retries_with_backoff_dead_letters_and_redelivers(kind, tmp_path, request):
+    store = JobStore(_store_url(kind, tmp_path, request), "node-a").migrate()
     box = Outbox(store)
     _screened_job(store, "1.2.3.1", [("sr", "2.25.1", "1.2.840.10008.5.1.4.1.1.88.34", "/x/sr.dcm", None, None)])
     assert box.counts()[PENDING] == 2  # one row per destination
@@ -483,3 +499,38 @@ def test_node_notifies_a_ris_by_hl7_oru_over_mllp_and_dead_letters_a_refusal(art
             dead = client.get("/v1/outbox?state=dead").json()["objects"][0]
             assert dead["kind"] == "hl7" and dead["last_error"] == "HL7 acknowledgement AE: unknown patient: not in the RIS"
         assert len(list(received.glob("*.hl7"))) == 2, "two attempts, then dead"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_two_senders_on_one_outbox_deliver_each_object_once(kind, tmp_path, request):
+    """Two nodes' senders (shared storage) claiming from one outbox at once: no row is handed to both."""
+    import threading
+
+    url = _store_url(kind, tmp_path, request)
+    a, b = JobStore(url, "node-a").migrate(), JobStore(url, "node-b").migrate()
+    for k in range(40):
+        _screened_job(a, f"1.2.9.{k}", [("sr", f"2.25.9{k}", "1.2.840.10008.5.1.4.1.1.88.34", f"/x/{k}.dcm", None, None)])
+    sent: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    def sender(store: JobStore) -> None:
+        box = Outbox(store)
+        while True:
+            s = box.claim(4, 60, True, ["pacs"])
+            if s is None:
+                return
+            with lock:
+                sent.extend((store.node_id, r.id) for r in s.rows)
+            box.record(s, [None] * len(s.rows), max_attempts=3, wait_s=lambda n: 0.0, permanent=lambda r: False)
+
+    threads = [threading.Thread(target=sender, args=(st,)) for st in (a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    ids = [rid for _, rid in sent]
+    assert len(ids) == len(set(ids)) == 40, "every row sent once, by one sender"
+    assert Outbox(a).counts()["delivered"] == 40
+    assert len(a.audit_records(event="delivered")) == 40
+    a.close()
+    b.close()
