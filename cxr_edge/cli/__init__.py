@@ -47,7 +47,10 @@ def _quiet_tensorflow(verbose: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-edge", description="Chest X-ray screening: train, evaluate, export, run.",
                                 epilog="exit codes:\n" + EXIT_CODES, formatter_class=HelpFormatter)
+    from .. import __version__
+
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"cxr-edge {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(sub)

@@ -55,9 +55,14 @@ def node_config(a):
 def cmd_node(a) -> None:
     from ..node.service import ScreeningNode
     from ..serve.http_guard import run_server
+    from . import preflight
 
+    a.artifact = preflight.artifact(a.artifact)
+    preflight.port_free(a.host, a.port)
+    cfg = node_config(a)
+    preflight.port_free(cfg.dicom_host, cfg.dicom_port, "--dicom-port")
     warn_if_exposed(a.host)
-    node = ScreeningNode(a.artifact, serve_config(a), node_config(a))
+    node = ScreeningNode(a.artifact, serve_config(a), cfg)
     node.open_store()  # before the engine loads: no audit trail, no node
     run_server(node.build_app(), a.host, a.port, limits=transport_limits(a), graceful_timeout_s=a.timeout)
 

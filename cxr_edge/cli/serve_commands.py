@@ -24,10 +24,11 @@ def cmd_kiosk(a) -> int:
     import shlex
 
     from ..serve.kiosk_launcher import KioskConfig, Supervisor
+    from . import preflight
 
     cfg = KioskConfig(port=a.port, browser=a.browser, mode=a.mode, serve_args=tuple(shlex.split(a.serve_args or "")),
                       status_file=a.status_file, max_restarts=a.max_restarts)
-    return Supervisor(a.artifact, cfg).run()
+    return Supervisor(preflight.artifact(a.artifact), cfg).run()
 
 
 def serve_config(a):
@@ -62,7 +63,10 @@ def warn_if_exposed(host: str) -> None:
 def cmd_serve(a) -> None:
     from ..serve.app import create_app
     from ..serve.http_guard import run_server
+    from . import preflight
 
+    a.artifact = preflight.artifact(a.artifact)
+    preflight.port_free(a.host, a.port)
     warn_if_exposed(a.host)
     run_server(create_app(a.artifact, serve_config(a)), a.host, a.port, limits=transport_limits(a),
                graceful_timeout_s=a.timeout)
