@@ -70,3 +70,19 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("cxr-edge ")
+
+
+@pytest.mark.parametrize("command", [["calibrate", "a.onnx", "data"], ["train", "--data", "d", "--out", "o"]])
+def test_a_sensitivity_given_in_percent_is_a_usage_error_that_says_how_to_write_it(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--target-sensitivity", "95"])
+    assert e.value.code == ExitCode.USAGE
+    assert "write 0.95 for 95%" in capsys.readouterr().err
+
+
+def test_help_texts_show_no_doubled_percent_signs(capsys):
+    for command in ("calibrate", "serve", "node", "predict", "bench", "export", "train"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = capsys.readouterr().out
+        assert "%%" not in out, command

@@ -75,6 +75,8 @@ def _bounded(convert, ok, rule: str, name: str):
 positive_int = _bounded(int, lambda v: v >= 1, ">= 1", "positive integer")
 non_negative_int = _bounded(int, lambda v: v >= 0, ">= 0", "non-negative integer")
 positive_float = _bounded(float, lambda v: v > 0, "> 0", "positive number")
+#: a proportion such as a sensitivity: 0.95, not 95 (a usage error, exit 2, that says how to write it)
+fraction = _bounded(float, lambda v: 0 < v < 1, "between 0 and 1 (write 0.95 for 95%)", "fraction")
 
 PREPROCESS = ("auto", "cpu", "gpu")
 TUNING = ("cached", "auto", "off")  # runtime.tuning.TUNING_MODES, without importing the runtime for --help

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ExitCode
 from ..precision import EXPORTED_PRECISIONS, Int8Target
-from ._common import INT8_TAGS, HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_int
+from ._common import INT8_TAGS, HelpFormatter, add_engine_args, comma_list, csv_text, default_of, fraction, positive_int
 
 SPLITS = ("auto", "train", "val", "test", "all")
 ENGINE_PRECISIONS = tuple(p.value for p in EXPORTED_PRECISIONS)
@@ -149,7 +149,7 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--fine-tune-epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
     t.add_argument("--weights", default=default_of(TrainConfig, "weights"),
                    help="backbone recipes: imagenet (Keras cache) | path/to/notop.h5 | none")
-    t.add_argument("--target-sensitivity", type=float, default=default_of(TrainConfig, "target_sensitivity"),
+    t.add_argument("--target-sensitivity", type=fraction, default=default_of(TrainConfig, "target_sensitivity"),
                    help="COVID sensitivity the operating threshold is chosen for, on the validation split")
     t.add_argument("--metadata", help="CSV with per-image patient ids / sources (SOURCES.csv is found automatically)")
     t.add_argument("--max-images", type=positive_int, help="cap per split, for smoke runs")

@@ -9,7 +9,16 @@ from typing import Any
 
 from ..errors import ConfigError, ExitCode
 from ..precision import CPU_HINT_PRECISIONS, Precision
-from ._common import HelpFormatter, add_engine_args, comma_list, csv_text, default_of, positive_float, positive_int
+from ._common import (
+    HelpFormatter,
+    add_engine_args,
+    comma_list,
+    csv_text,
+    default_of,
+    fraction,
+    positive_float,
+    positive_int,
+)
 
 BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
 OPENVINO_PRECISIONS = CPU_HINT_PRECISIONS  # the inference-precision hints predict passes
@@ -265,11 +274,11 @@ def _add_calibrate_parser(sub) -> None:
     ca = sub.add_parser("calibrate", help="set an artifact's COVID threshold on the site's own labelled images",
                         formatter_class=HelpFormatter,
                         description="Screens DATA (class folders) with the artifact, chooses the threshold for the target "
-                                    "sensitivity there, reports old and new operating points with exact 95%% intervals, "
+                                    "sensitivity there, reports old and new operating points with exact 95% intervals, "
                                     "and writes the artifact's next manifest version (the previous one is kept).")
     ca.add_argument("artifact", help="an exported artifact (ONNX or TensorRT .plan) with its manifest")
     ca.add_argument("data", help="the site's labelled images: COVID and at least one other class folder")
-    ca.add_argument("--target-sensitivity", type=float, default=0.95, help="COVID sensitivity to reach on DATA")
+    ca.add_argument("--target-sensitivity", type=fraction, default=0.95, help="COVID sensitivity to reach on DATA")
     ca.add_argument("--temperature", action="store_true",
                     help="also fit a probability temperature on DATA (reliability plot; applied by every consumer)")
     ca.add_argument("--out", help="report directory (default: beside the artifact)")
