@@ -21,8 +21,10 @@ from .result_codes import coded
 MAX_SC_SIDE = 1024
 
 
-def captioned_overlay(preview: np.ndarray, cam: np.ndarray, result: dict[str, Any], model: dict[str, Any]) -> np.ndarray:
-    """RGB uint8: the map over the image, a colour bar, the decision, the model and the disclaimer burned in."""
+def captioned_overlay(preview: np.ndarray, cam: np.ndarray, result: dict[str, Any], model: dict[str, Any],
+                      blended: np.ndarray | None = None) -> np.ndarray:
+    """RGB uint8: the map over the image, a colour bar, the decision, the model and the disclaimer burned in.
+    ``blended``: the map already blended over ``preview`` (BGR, the node's kiosk overlay), reused as it is."""
     from ..runtime.overlay import explained_overlay
 
     decision = result.get("decision") or {}
@@ -31,13 +33,15 @@ def captioned_overlay(preview: np.ndarray, cam: np.ndarray, result: dict[str, An
              f"({model.get('precision')}, {model.get('backend')})",
              f"Grad-CAM of the decided class. {rc.DISCLAIMER.upper()}."]
     longest = max(preview.shape[:2])
-    if longest > MAX_SC_SIDE:  # a viewer's screen, not the detector's matrix: ~3 MB of RGB at most
+    if blended is not None and max(blended.shape[:2]) > MAX_SC_SIDE:
+        blended = None  # (larger than a screen: blended again on the reduced preview)
+    if blended is None and longest > MAX_SC_SIDE:  # a viewer's screen, not the detector's matrix: ~3 MB of RGB at most
         import cv2
 
         f = MAX_SC_SIDE / longest
         preview = cv2.resize(preview, (round(preview.shape[1] * f), round(preview.shape[0] * f)),
                              interpolation=cv2.INTER_AREA)
-    bgr = explained_overlay(preview, cam, lines)
+    bgr = explained_overlay(preview, cam, lines, blended=blended)
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 

@@ -88,12 +88,9 @@ class Outbox:
                             LIMIT {int(limit)}{lock}""", args)
             rows = cur.fetchall()
             for rid, attempts, job_id, study, sop, dest, kind in (r for r in rows if r[1] >= max_attempts):
-                reason = (f"sending started {attempts} times without an outcome recorded (the node died or hung "
-                          "during the send each time)")
-                cur.execute("UPDATE outbox SET state = 'dead', last_error = ?, claim_token = NULL WHERE id = ?",
-                            (reason, rid))
-                self.store.audit(cur, "dead_letter", study_uid=study, sop_instance_uid=sop, job_id=job_id,
-                                 detail={"destination": dest, "kind": kind, "attempt": attempts, "reason": reason}, at=now)
+                self._dead(cur, (rid, job_id, study, sop, dest, kind), now,
+                           f"sending started {attempts} times without an outcome recorded (the node died or hung "
+                           "during the send each time)", attempt=attempts)
             ids = [r[0] for r in rows if r[1] < max_attempts]
             if not ids:
                 return None
@@ -147,14 +144,18 @@ class Outbox:
                             WHERE state IN ('pending', 'sending') AND holder = ?{other}""",
                         (self.store.node_id, *destinations))
             rows = cur.fetchall()
-            for rid, job_id, study, sop, dest, kind in rows:
-                reason = (f"destination {dest!r} is not configured on this node (removed or renamed); give it again "
-                          f"with --send-to {dest}=URL and start with --redeliver to send this")
-                cur.execute("UPDATE outbox SET state = 'dead', last_error = ?, claim_token = NULL WHERE id = ?",
-                            (reason, rid))
-                self.store.audit(cur, "dead_letter", study_uid=study, sop_instance_uid=sop, job_id=job_id,
-                                 detail={"destination": dest, "kind": kind, "reason": reason}, at=now)
+            for row in rows:
+                dest = row[4]
+                self._dead(cur, row, now, f"destination {dest!r} is not configured on this node (removed or renamed); "
+                                          f"give it again with --send-to {dest}=URL and start with --redeliver to send this")
         return len(rows)
+
+    def _dead(self, cur, row: tuple, now: float, reason: str, **detail) -> None:
+        """One row (id, job_id, study_uid, sop_instance_uid, destination, kind) dead-lettered with its audit record."""
+        rid, job_id, study, sop, dest, kind = row
+        cur.execute("UPDATE outbox SET state = 'dead', last_error = ?, claim_token = NULL WHERE id = ?", (reason, rid))
+        self.store.audit(cur, "dead_letter", study_uid=study, sop_instance_uid=sop, job_id=job_id,
+                         detail={"destination": dest, "kind": kind, **detail, "reason": reason}, at=now)
 
     def release_own(self) -> int:
         """At start: rows this node was sending when it stopped are due again now."""

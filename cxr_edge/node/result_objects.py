@@ -133,10 +133,12 @@ def equipment(model: dict[str, Any], station: str | None, when: dt.datetime):
 
 def build(source, result: dict[str, Any], model: dict[str, Any], *, preview: np.ndarray | None = None,
           cam: np.ndarray | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS, station: str | None = None,
-          when: dt.datetime | None = None, errors: dict[str, str] | None = None) -> list[ResultObject]:
+          when: dt.datetime | None = None, errors: dict[str, str] | None = None,
+          blended: np.ndarray | None = None) -> list[ResultObject]:
     """The objects for one screened source image (``result`` as ``ScreeningResult.to_dict`` gives it).
 
-    ``preview`` (the decoded image) and ``cam`` give the heatmap objects; without a map there are none. With
+    ``preview`` (the decoded image) and ``cam`` give the heatmap objects; without a map there are none
+    (``blended``: the map already blended over ``preview``, when the caller made it for something else). With
     ``errors`` (a dict), a kind that cannot be made is recorded there with why, and the others are still made;
     without it the first failure raises. Times are UTC, and every object says so (Timezone Offset From UTC)."""
     require("highdicom")
@@ -156,7 +158,7 @@ def build(source, result: dict[str, Any], model: dict[str, Any], *, preview: np.
                                          device_uid=result_uid("device", sha), equipment=eq, when=when,
                                          instance_number=number),
         SC: lambda uid: heatmap_objects.secondary_capture(
-            source, heatmap_objects.captioned_overlay(pix, heat, result, model),
+            source, heatmap_objects.captioned_overlay(pix, heat, result, model, blended),
             series_uid=result_uid(study, sha, SC, "series"), sop_uid=uid, equipment=eq, when=when,
             instance_number=number),
         SEG: lambda uid: heatmap_objects.map_segmentation(
@@ -190,7 +192,7 @@ def write_hl7(source, result: dict[str, Any], model: dict[str, Any], objects: li
     from .hl7_report import oru_r01
 
     report = next((o.sop_instance_uid for o in objects if o.kind == SR), None)
-    text = oru_r01(usable_source(source), result, model, sending_facility=station or "", report_uid=report,
+    text = oru_r01(source, result, model, sending_facility=station or "", report_uid=report,  # (escaped as text)
                    receiving_application=dest.receiving_application, receiving_facility=dest.receiving_facility,
                    when=when)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -364,7 +364,7 @@ class ScreeningNode:
                 results[k] = r
         out: list[tuple] = []
         for (claim, item, _), r in zip(done, results):
-            overlay_path = None
+            overlay_path = blended = None
             folder = self.config.result_dir / time.strftime("%Y%m%d", time.gmtime(claim.job.received_at))
             expl = r.explanation
             cam = expl.cam if expl is not None else None
@@ -373,7 +373,8 @@ class ScreeningNode:
 
                 folder.mkdir(parents=True, exist_ok=True)
                 base = folder / f"job-{claim.job.id}"
-                ok, buf = cv2.imencode(".jpg", overlay(item.preview, cam), [cv2.IMWRITE_JPEG_QUALITY, 90])
+                blended = overlay(item.preview, cam)  # once: the kiosk's JPEG, and the SC's picture
+                ok, buf = cv2.imencode(".jpg", blended, [cv2.IMWRITE_JPEG_QUALITY, 90])
                 if ok:
                     Path(f"{base}-overlay.jpg").write_bytes(buf.tobytes())
                     np.save(f"{base}-cam.npy", cam)
@@ -381,11 +382,12 @@ class ScreeningNode:
                     expl.files = {"overlay": Path(overlay_path).name, "cam": Path(f"{base}-cam.npy").name}
             d = r.to_dict()
             d["model"] = self.model
-            objects = self._result_objects(claim, d, item.preview, cam, folder) if self.config.destinations else ()
+            objects = self._result_objects(claim, d, item.preview, cam, folder, blended) if self.config.destinations \
+                else ()
             out.append((claim, d, None, overlay_path, objects))
         return out
 
-    def _result_objects(self, claim: Claim, result: dict[str, Any], preview, cam, folder: Path) -> tuple:
+    def _result_objects(self, claim: Claim, result: dict[str, Any], preview, cam, folder: Path, blended=None) -> tuple:
         """The result objects of one screened job (DICOM objects, and one HL7 message per HL7 destination), written
         and fsynced before the result is committed, so an outbox row always points at a complete file. A kind that
         cannot be made (a header the writer cannot use, a full disk) becomes an outbox row that is dead from the
@@ -418,7 +420,7 @@ class ScreeningNode:
             return tuple(out)
         errors: dict[str, str] = {}
         objs = ro.build(source, result, self.model, preview=preview, cam=cam, kinds=kinds, station=self.config.ae_title,
-                        when=when, errors=errors)
+                        when=when, errors=errors, blended=blended)
         for kind, why in errors.items():
             failed(kind, ro.result_uid(job.sop_instance_uid, sha, kind), ro.SOP_CLASS[kind], why)
         for o in objs:
@@ -481,8 +483,8 @@ class ScreeningNode:
     async def _delivery_loop(self) -> None:
         """Send what the outbox holds in batches, up to ``send_concurrency`` associations (or requests) at once;
         woken by committed results, and polling each second for retries coming due and rows a dead sender left.
-        Several at once because a PACS answers each C-STORE after its own commit (Orthanc here: ~100 ms an
-        instance on one association, ~4x the rate on four)."""
+        Several at once because a PACS answers each C-STORE after its own commit, so one association waits out
+        that latency per instance (measured: benchmarks/results/pacs_ingest)."""
         from .outbox import Sending
 
         assert self.deliver_wake is not None

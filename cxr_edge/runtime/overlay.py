@@ -68,15 +68,17 @@ def annotate(img: np.ndarray, lines: list[str], vmax: float, scaled_by: str) -> 
     return np.vstack([img, strip])
 
 
-def explained_overlay(image: np.ndarray, cam: np.ndarray, caption: list[str], scale: float | None = None) -> np.ndarray:
-    """Overlay + colour bar + caption; says when the map is weak and which scale the colours use."""
+def explained_overlay(image: np.ndarray, cam: np.ndarray, caption: list[str], scale: float | None = None,
+                      blended: np.ndarray | None = None) -> np.ndarray:
+    """Overlay + colour bar + caption; says when the map is weak and which scale the colours use. ``blended``:
+    ``overlay(image, cam, scale=scale)`` when the caller already made it (the node's kiosk JPEG)."""
     peak = float(np.max(cam)) if cam.size else 0.0
     vmax = scale if scale else peak
     scaled_by = "fixed scale" if scale else "this map's own maximum"
     lines = list(caption)
     if peak < WEAK_CAM_PEAK:
         lines.append(f"WEAK MAP (peak {peak:.1e}): the output barely depends on any region; colours are stretched")
-    img = overlay(image, cam, scale=scale)
+    img = overlay(image, cam, scale=scale) if blended is None else blended
     if img.shape[1] < MIN_CAPTIONED_WIDTH:  # small images: enlarge so the caption stays legible
         import cv2
 
