@@ -100,7 +100,7 @@ def test_calibrate_moves_the_threshold_writes_the_next_manifest_and_predict_uses
 
 
 def test_bench_never_overwrites_a_previous_run_silently(tmp_path):
-    from cxr_edge.cli.run_commands import bench_out_dir
+    from cxr_edge.cli.bench_commands import bench_out_dir
     from cxr_edge.errors import ConfigError
 
     first = bench_out_dir(str(tmp_path), None, False)

@@ -14,10 +14,10 @@ import os
 import sys
 
 from ..errors import CxrEdgeError, ExitCode
-from . import data_commands, model_commands, node_commands, run_commands, serve_commands, trust_commands
+from . import bench_commands, data_commands, model_commands, node_commands, run_commands, serve_commands, trust_commands
 from ._common import HelpFormatter
 
-GROUPS = (model_commands, run_commands, serve_commands, node_commands, data_commands, trust_commands)
+GROUPS = (model_commands, run_commands, bench_commands, serve_commands, node_commands, data_commands, trust_commands)
 
 EXIT_CODES = "\n".join(f"  {c.value:3d}  {doc}" for c, doc in (
     (ExitCode.OK, "success"),
