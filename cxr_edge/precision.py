@@ -90,6 +90,9 @@ class Variant:
 #: the INT8 artifacts by tag, one per INT8 target (``int8-trt``, ``int8-cpu``, ``int8-ov``)
 INT8_TAGS: tuple[str, ...] = tuple(Variant(Precision.INT8, t).tag for t in Int8Target)
 #: the inference-precision hints a CPU runtime (OpenVINO) can run an FP32 artifact in
+#: an INT8 artifact with less of its MACs in INT8 than this is "mostly float" (export report, bench): its speed and
+#: accuracy are mostly its float parts
+MOSTLY_FLOAT_BELOW = 0.9
 CPU_HINT_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.BF16.value)
 def parse_precisions(text: str, int8_targets: str = "trt,cpu,ov") -> list[Variant]:
     """``"fp32,fp16,int8"`` -> variants; ``int8`` expands to one variant per INT8 target."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -17,9 +19,9 @@ from ..data.labelled import load_items
 from ..data.split import is_training_data, training_split
 from ..decision import decide
 from ..errors import ConfigError
-from ..evaluation.criteria import PASSED, accepted, agreement_verdict
+from ..evaluation.criteria import FAILED, PASSED, WITHIN_RESOLUTION, accepted, agreement_verdict
 from ..graph_macs import macs_per_image
-from ..machine import usable_cores
+from ..machine import gpu_names, usable_cores
 from ..manifest import Manifest, read_manifest
 from ..manifest_schema import DataProvenance
 from ..precision import CPU_HINT_PRECISIONS, GATE_LIMITS, INT8_TAGS, Int8Target, Precision, Variant
@@ -28,7 +30,17 @@ from ..runtime.backends.base import Backend
 from ..runtime.backends.registry import open_backend
 from ..runtime.batching import BatchPacker
 from ..runtime.result import self_check_summary
-from .int8_payoff import add_fp32_ratios, int8_does_not_pay, int8_pays, is_int8, self_check_failed
+from .int8_payoff import (
+    COMPARED_OPTIONS,
+    add_fp32_ratios,
+    int8_does_not_pay,
+    int8_mac_share,
+    int8_pays,
+    is_int8,
+    lower_precisions_slower,
+    mostly_float,
+    self_check_failed,
+)
 from .machine import machine_info
 from .timing import current_rss_kb, measure, summarise
 
@@ -36,6 +48,13 @@ log = logging.getLogger(__name__)
 
 #: what bench can time, by artifact tag: every exported variant, and FP32 artifacts also under OpenVINO's BF16 hint
 BENCH_PRECISIONS: tuple[str, ...] = (Precision.FP32.value, Precision.FP16.value, Precision.BF16.value, *INT8_TAGS)
+#: the backends bench can time our artifacts on (the Keras baseline included)
+BENCH_BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt", "keras")
+#: the row status bench writes for each verdict of the agreement criterion the export gates share
+STATUS_OF_VERDICT: dict[str, str] = {PASSED: "validated", WITHIN_RESOLUTION: "validated within resolution",
+                                     FAILED: "ran, failed validation"}
+#: the verdict of a row that was never validated (it could not load, or failed while running)
+NOT_VALIDATED = "not validated"
 #: the inference-precision hints OpenVINO runs an FP32 artifact in, each its own row
 OPENVINO_HINTS = CPU_HINT_PRECISIONS
 #: tags of the ONNX artifacts a TensorRT engine is built from
@@ -47,8 +66,8 @@ FP32_ARTIFACT = Variant(Precision.FP32).filename()
 @dataclass(frozen=True)
 class BenchConfig:
     batches: tuple[int, ...] = (1, 8, 32)
-    backends: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt", "keras")
-    precisions: tuple[str, ...] = BENCH_PRECISIONS
+    backends: tuple[str, ...] | None = None  # None: those that can run on this machine (backend_availability)
+    precisions: tuple[str, ...] = BENCH_PRECISIONS  # those without an artifact in the folder are left out, said once
     budget_s: float = 3.0
     e2e: bool = True
     accuracy: bool = True
@@ -73,12 +92,80 @@ class Target:
     options: dict = field(default_factory=dict)
 
 
+def verdict_of(row: dict) -> str:
+    """A row's verdict (passed, within resolution, failed, not validated), read from its status through the one
+    mapping above, so a report never compares status strings of its own (results.json from older runs included)."""
+    return {status: verdict for verdict, status in STATUS_OF_VERDICT.items()}.get(str(row.get("status")), NOT_VALIDATED)
+
+
+def expand_precisions(values) -> tuple[str, ...]:
+    """Precisions as ``export --precision`` spells them: ``int8`` stands for every INT8 flavour; order kept, no repeats."""
+    out: list[str] = []
+    for v in values:
+        out += INT8_TAGS if v == Precision.INT8.value else [v]
+    unknown = [v for v in out if v not in BENCH_PRECISIONS]
+    if unknown:
+        raise ConfigError(f"Unknown bench precision {unknown[0]!r}; choose from {', '.join(BENCH_PRECISIONS)} or int8.")
+    return tuple(dict.fromkeys(out))
+
+
+def backend_availability() -> dict[str, str | None]:
+    """Each bench backend -> None when it can run on this machine, else why not and what to do; cheap (nothing
+    heavy is imported), so the defaults never time a backend that would only fill the report with failures."""
+    from ..runtime.backends.tensorrt_api import tensorrt_installed
+
+    def missing(module: str, extra: str) -> str | None:
+        return None if importlib.util.find_spec(module) else f"{module} is not installed (pip install 'cxr-edge[{extra}]')"
+
+    trt = {(True, True): None, (True, False): "TensorRT is installed but no NVIDIA GPU is visible",
+           (False, True): "TensorRT is not installed (pip install 'cxr-edge[gpu-cu12]', or gpu-cu13)",
+           (False, False): "no NVIDIA GPU and no TensorRT here"}[(tensorrt_installed(), gpu_names() is not None)]
+    keras = None if importlib.util.find_spec("tensorflow") else "TensorFlow is not installed (pip install 'cxr-edge[train]')"
+    return {"onnxruntime": missing("onnxruntime", "cpu"), "openvino": missing("openvino", "openvino"),
+            "tensorrt": trt, "keras": keras}
+
+
+def resolve_backends(cfg: BenchConfig) -> tuple[tuple[str, ...], list[dict]]:
+    """The backends to time and what the defaults left out, with why; backends named explicitly are all kept (one
+    that cannot run here is then reported as not run, with its cause)."""
+    if cfg.backends is not None:
+        return tuple(cfg.backends), []
+    why = backend_availability()
+    chosen = tuple(b for b in BENCH_BACKENDS if why[b] is None)
+    if not chosen:
+        raise ConfigError("No benchmark backend can run on this machine: " + "; ".join(f"{b}: {w}" for b, w in why.items())
+                          + ". Install onnxruntime (pip install 'cxr-edge[cpu]').")
+    return chosen, [{"what": b, "why": w} for b, w in why.items() if w is not None]
+
+
+def left_out_precisions(artifact_dir: Path, precisions: tuple[str, ...], backends: tuple[str, ...]) -> list[dict]:
+    """Requested precisions with nothing to time in the folder (no artifact; bf16 is OpenVINO's hint on FP32)."""
+    tags = {p.name.split(".")[1] for p in artifact_dir.glob("model.*.onnx")}
+    tags |= {_plan_tag(read_manifest(p, verify=False)) for p in artifact_dir.glob("model.*.plan")}
+    out = []
+    for p in precisions:
+        if p == Precision.BF16.value and Precision.FP32.value in tags and "openvino" not in backends:
+            out.append({"what": p, "why": "only OpenVINO runs it (a hint on the FP32 artifact), and openvino is not timed"})
+        elif p not in tags and not (p == Precision.BF16.value and Precision.FP32.value in tags):
+            out.append({"what": p, "why": "no artifact in the folder"})
+    return out
+
+
+def _plan_tag(doc: Manifest) -> str:
+    """The precision tag of a TensorRT engine: its precision, INT8 named by its flavour (int8-trt)."""
+    if doc.precision is not Precision.INT8:
+        return doc.precision.value
+    return Variant(Precision.INT8, doc.int8_target or Int8Target.TRT).tag
+
+
 def discover_targets(artifact_dir: Path, cfg: BenchConfig) -> tuple[list[Target], list[dict], Path | None]:
-    """Targets to run, rows for what cannot run (with the reason), and the source Keras model."""
+    """Targets to run, rows for what cannot run (with the reason), and the source Keras model; ``cfg.backends``
+    resolved (None: those that can run here)."""
     targets: list[Target] = []
     skipped: list[dict] = []
     source: Path | None = None
     threads = cfg.threads or usable_cores()
+    backends = resolve_backends(cfg)[0]
     plans = sorted(artifact_dir.glob("model.*.plan"))
     for onnx in sorted(artifact_dir.glob("model.*.onnx")):
         doc = read_manifest(onnx, verify=False)
@@ -89,17 +176,18 @@ def discover_targets(artifact_dir: Path, cfg: BenchConfig) -> tuple[list[Target]
         for cand in (artifact_dir / (src.file or "-"), Path(src.path or "-")):
             if source is None and cand.is_file():
                 source = cand
-        if tag in cfg.precisions and "onnxruntime" in cfg.backends:
+        if tag in cfg.precisions and "onnxruntime" in backends:
             targets.append(Target(f"onnxruntime {tag}", "onnxruntime", tag, onnx, {"device": "cpu", "threads": threads}))
-        if "openvino" in cfg.backends:
+        if "openvino" in backends:
             targets += _openvino_targets(onnx, tag, cfg.precisions, threads)
-        if "tensorrt" in cfg.backends and tag in TENSORRT_SOURCES and not plans:
-            skipped += _no_tensorrt_rows(tag)
-    for plan in plans:
+        if "tensorrt" in backends and tag in TENSORRT_SOURCES and not plans:
+            skipped += _no_tensorrt_rows(tag, cfg.precisions, backend_availability()["tensorrt"])
+    for plan in plans if "tensorrt" in backends else ():
         doc = read_manifest(plan, verify=False)
-        targets.append(Target(f"tensorrt {doc.precision.value}", "tensorrt", doc.precision.value, plan,
-                              {"cuda_graph": True} if cfg.cuda_graph else {}))
-    if "keras" in cfg.backends:
+        if _plan_tag(doc) in cfg.precisions:
+            targets.append(Target(f"tensorrt {doc.precision.value}", "tensorrt", doc.precision.value, plan,
+                                  {"cuda_graph": True} if cfg.cuda_graph else {}))
+    if "keras" in backends:
         if source is None:
             skipped.append({"label": "keras", "backend": "keras", "precision": Precision.FP32.value,
                             "status": "could not run: the source .keras model is not available"})
@@ -120,13 +208,18 @@ def _openvino_targets(onnx: Path, tag: str, precisions: tuple[str, ...], threads
     return out
 
 
-def _no_tensorrt_rows(tag: str) -> list[dict]:
-    """Rows saying why the TensorRT engines an artifact would build, and ONNX Runtime's TensorRT EP, did not run."""
-    engines = (Precision.FP32, Precision.FP16) if tag == Precision.FP32 else (Precision.INT8,)
-    rows = [{"label": f"tensorrt {p.value}", "backend": "tensorrt", "precision": p.value,
-             "status": "could not run: no GPU/TensorRT (no engine built; cxr-edge build needs a GPU)"} for p in engines]
-    rows.append({"label": f"onnxruntime-trt-ep {tag}", "backend": "onnxruntime (TensorRT EP)", "precision": tag,
-                 "status": _trt_ep_status()})
+def _no_tensorrt_rows(tag: str, precisions: tuple[str, ...], unavailable: str | None) -> list[dict]:
+    """Rows saying why the requested TensorRT engines an artifact would build, and ONNX Runtime's TensorRT EP, did
+    not run (``unavailable``: why TensorRT cannot run here, None when it can and only the engine is missing)."""
+    built = (Precision.FP32, Precision.FP16) if tag == Precision.FP32 else (Precision.INT8,)
+    engines = [p for p in built if (tag if p is Precision.INT8 else p.value) in precisions]
+    why = ("could not run: no GPU/TensorRT (no engine built; cxr-edge build needs a GPU)" if unavailable else
+           "could not run: no TensorRT engine (.plan) in the folder; build one here with cxr-edge build")
+    rows = [{"label": f"tensorrt {p.value}", "backend": "tensorrt", "precision": p.value, "status": why}
+            for p in engines]
+    if tag in precisions:
+        rows.append({"label": f"onnxruntime-trt-ep {tag}", "backend": "onnxruntime (TensorRT EP)", "precision": tag,
+                     "status": _trt_ep_status()})
     return rows
 
 
@@ -201,9 +294,7 @@ def _validate(probs, y_acc, classes, threshold, ref_probs, precision: str, split
                                 GATE_LIMITS.min_agreement(kind), split)
     acc["agreement_verdict"] = verdict["text"]
     validated = accepted(verdict) and (kind is not Precision.FP32 or acc["max_abs_dprob_vs_fp32"] <= GATE_LIMITS.fp32_max_abs)
-    status = ("validated" if verdict["status"] == PASSED else "validated within resolution") if validated \
-        else "ran, failed validation"
-    return acc, status
+    return acc, STATUS_OF_VERDICT[verdict["status"] if validated else FAILED]
 
 
 def _infer_all(infer, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -237,9 +328,17 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
     """Every target and peer loaded and validated once, timed in interleaved rounds, then set against the Keras
     baseline, its FP32 artifact and the machine's measured ceilings."""
     artifact_dir = Path(artifact_dir)
-    targets, skipped, source = discover_targets(artifact_dir, cfg)
+    backends, left_out = resolve_backends(cfg)
+    cfg = dataclasses.replace(cfg, precisions=expand_precisions(cfg.precisions))
+    targets, skipped, source = discover_targets(artifact_dir, dataclasses.replace(cfg, backends=backends))
+    if cfg.backends is None:  # defaults are not noisy: what they cannot run here is one line, not rows
+        left_out += _fold_skipped(skipped)
+        skipped = []
+    left_out += left_out_precisions(artifact_dir, cfg.precisions, backends)
     if not targets:
-        raise ConfigError(f"Nothing to benchmark in {artifact_dir}: expected model.*.onnx artifacts from cxr-edge export.")
+        raise ConfigError(f"Nothing to benchmark in {artifact_dir} with backends {', '.join(backends)} and precisions "
+                          f"{', '.join(cfg.precisions)}: expected model.*.onnx artifacts from cxr-edge export; check the "
+                          "folder, --backend and --precision.")
     ref = _reference(artifact_dir, cfg, source)
     rows: list[dict] = list(skipped)
     accuracy: dict[str, dict] = {}
@@ -264,10 +363,18 @@ def run_bench(artifact_dir: str | Path, cfg: BenchConfig = BenchConfig(), progre
         prep = measure_preprocessing(ref.paths, ref.spec, budget_s=min(cfg.budget_s, 2.0))
     return {"measured_int8_peak": peak, "measured_float_peaks": float_peaks, "preprocessing": prep, "machine": machine,
             "config": {k: v for k, v in cfg.__dict__.items()}, "artifact_dir": str(artifact_dir),
+            "backends": list(backends), "left_out": left_out, "mostly_float": mostly_float(rows),
+            "lower_precisions_slower": lower_precisions_slower(rows),
             "recipe": ref.fp32_doc.recipe, "classes": ref.fp32_doc.classes, "input": ref.spec.to_dict(),
             "macs_per_image": ref.macs, "accuracy_data": ref.data_info, "rows": rows, "accuracy": accuracy,
             "summary": _summary(rows, ref.macs), "peers": comparison, "graph_rewrites": _graph_rewrites(ref.fp32_doc),
             "int8_does_not_pay": int8_does_not_pay(rows, machine), "int8_pays": int8_pays(rows, machine)}
+
+
+def _fold_skipped(skipped: list[dict]) -> list[dict]:
+    """Rows the default backends could not run, one left-out entry per backend and cause."""
+    causes = {(r["backend"], r["status"].removeprefix("could not run: ")): None for r in skipped}
+    return [{"what": b, "why": why} for b, why in causes]
 
 
 def _graph_rewrites(doc: Manifest) -> dict[str, Any] | None:
@@ -294,7 +401,10 @@ def _load_target(t: Target, ref: Reference, batches: tuple[int, ...], rows: list
     """One of our targets loaded and validated on the labelled images; one that cannot load or run is a row per
     batch in ``rows`` instead."""
     base: dict[str, Any] = {"label": t.label, "backend": t.backend, "precision": t.precision, "artifact": t.artifact.name,
-                            "size_mb": round(t.artifact.stat().st_size / 1e6, 2)}
+                            "size_mb": round(t.artifact.stat().st_size / 1e6, 2),
+                            "options": {k: v for k, v in t.options.items() if k in COMPARED_OPTIONS}}
+    if is_int8(t.precision):
+        base["int8_mac_share"] = int8_mac_share(t.artifact)
     try:
         rss0 = current_rss_kb()
         t0 = time.perf_counter()
@@ -359,7 +469,7 @@ def _timed_row(c: Contender, b: int, failed: dict[str, str], ref: Reference, cfg
     rounds = c.times.get(b, [])
     if not rounds or c.label in failed:
         return {**c.base, "batch": b, "status": f"failed while running: {failed.get(c.label, '?')}"}
-    row = {**c.base, "batch": b, "status": c.status, **_over_rounds(rounds, b)}
+    row = {**c.base, "batch": b, "status": c.status, "verdict": verdict_of({"status": c.status}), **_over_rounds(rounds, b)}
     if c.kind == "peer":
         row["peer"] = True
     if c.engine is not None and (note := c.engine.fit_note(b)):  # fixed-profile engines: what timing includes
@@ -548,6 +658,7 @@ def _summary(rows: list[dict], macs: int) -> dict:
         best = max(mine, key=lambda r: r["throughput_ips"])
         out[label] = {"single_stream_p90_ms": single["p90_ms"] if single else None,
                       "offline_throughput_ips": best["throughput_ips"], "offline_batch": best["batch"],
-                      "status": best["status"], "self_check": best.get("self_check")}
+                      "status": best["status"], "verdict": verdict_of(best), "self_check": best.get("self_check"),
+                      "x_fp32_same_backend": best.get("x_fp32_same_backend"), "int8_mac_share": best.get("int8_mac_share")}
     return out
 

@@ -7,8 +7,6 @@ from pathlib import Path
 
 from ._common import HelpFormatter, comma_list, csv_text, default_of, positive_float, positive_int
 
-BENCH_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "keras")
-
 
 def bench_out_dir(artifact_dir: str, out: str | None, force: bool) -> Path:
     """A new run folder (ARTIFACT_DIR/bench/YYYYmmdd-HHMMSS) by default; an --out that already holds results
@@ -45,21 +43,42 @@ def cmd_bench(a) -> None:
     print(f"Results: {md.parent}")
 
 
+def precision_list(choices: tuple[str, ...]):
+    """An argparse type for --precision: the values ``export --precision`` takes (``int8``: every INT8 flavour), and
+    bf16 (OpenVINO's hint on the FP32 artifact); an unknown one is a usage error (exit 2)."""
+    from ..bench.runner import expand_precisions
+
+    flavours = tuple(c for c in choices if c.startswith("int8-"))
+    parse_list = comma_list((*(c for c in choices if c not in flavours), "int8", *flavours))
+
+    def parse(text: str) -> tuple[str, ...]:
+        return expand_precisions(parse_list(text))
+
+    parse.__name__ = "precision list"  # argparse names the type in its error messages
+    return parse
+
+
 def _add_bench_parser(sub) -> None:
     from ..bench.peers import PEERS
-    from ..bench.runner import BENCH_PRECISIONS, BenchConfig
+    from ..bench.runner import BENCH_BACKENDS, BENCH_PRECISIONS, BenchConfig
 
     bn = sub.add_parser("bench", help="latency/throughput/accuracy per backend x precision x batch, vs Keras",
                         formatter_class=HelpFormatter)
     bn.add_argument("artifact_dir", help="a cxr-edge export output directory")
     bn.add_argument("--data", help="labelled data for accuracy (default: the model's test split)")
-    bn.add_argument("--batch", type=comma_list(item=positive_int), default=csv_text(default_of(BenchConfig, "batches")),
-                    help="batch sizes")
-    bn.add_argument("--backends", type=comma_list(BENCH_BACKENDS), default=csv_text(default_of(BenchConfig, "backends")),
-                    help=f"comma list of {', '.join(BENCH_BACKENDS)}")
-    bn.add_argument("--precisions", type=comma_list(BENCH_PRECISIONS),
-                    default=csv_text(default_of(BenchConfig, "precisions")),
-                    help=f"comma list of {', '.join(BENCH_PRECISIONS)}")
+    bn.add_argument("--batch", "--batch-size", dest="batch", metavar="LIST", type=comma_list(item=positive_int),
+                    default=csv_text(default_of(BenchConfig, "batches")), help="comma list of batch sizes")
+    bn.add_argument("--backend", "--backends", dest="backends", metavar="LIST", type=comma_list(BENCH_BACKENDS),
+                    default=default_of(BenchConfig, "backends"),
+                    help=f"comma list of {', '.join(BENCH_BACKENDS)} (default: those that can run on this machine; "
+                         "one named here that cannot is reported as not run, with why)")
+    floats = [p for p in BENCH_PRECISIONS if not p.startswith("int8")]
+    bn.add_argument("--precision", "--precisions", dest="precisions", metavar="LIST",
+                    type=precision_list(BENCH_PRECISIONS), default=csv_text(default_of(BenchConfig, "precisions")),
+                    help=f"comma list of {', '.join(floats)}, int8 (every INT8 flavour), "
+                         f"{', '.join(p for p in BENCH_PRECISIONS if p not in floats)}, as export --precision takes "
+                         "them; bf16 is OpenVINO's hint on the FP32 artifact (default: all of them, those without an "
+                         "artifact in ARTIFACT_DIR left out and named in one line of the report)")
     bn.add_argument("--budget", type=positive_float, default=default_of(BenchConfig, "budget_s"),
                     help="seconds of timing per row")
     bn.add_argument("--threads", type=positive_int, help="threads per engine (default: all usable cores)")
