@@ -175,6 +175,55 @@ def test_borderline_results_are_flagged_and_class_names_are_text(server, browser
     page.close()
 
 
+def test_a_map_with_no_localised_evidence_is_said_as_loudly_as_the_decision_and_not_painted(server, browser, tmp_path,
+                                                                                            monkeypatch):
+    """The real service with an all-zero map (a saturated model's map, peak 0: the demo map whose colour bar read
+    '0 ... 0'): the answer says localised false and sends no coloured layer; the page shows the radiograph alone and
+    says "No localised evidence" beside the decision, at the decision's size. (The server runs in this process, so
+    the Grad-CAM call is replaced here; the decision is the model's own.)"""
+    import base64
+
+    import cv2
+
+    from cxr_edge.runtime import gradcam as gc
+
+    real = gc.gradcam
+
+    def all_zero(ops, features, target=None):
+        r = real(ops, features, target)
+        return gc.CamResult(np.zeros_like(r.cam), r.target, r.score)
+
+    monkeypatch.setattr(gc, "gradcam", all_zero)
+    url, data = server
+    img = sorted((data / "COVID").iterdir())[0]
+    page = browser.new_page(viewport=VIEWPORTS["kiosk"])
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('sha256')", timeout=15_000)
+    with page.expect_response(lambda r: r.url.endswith("/v1/explain")) as answer:
+        page.set_input_files("#file", str(img))
+    x = answer.value.json()["results"][0]["explanation"]
+    assert x["localised"] is False and x["weak"] is True and x["peak"] == 0 and "barely depends" in x["reason"]
+    assert "heatmap_png_base64" not in x  # nothing for a viewer to blend
+    png = cv2.imdecode(np.frombuffer(base64.b64decode(x["overlay_png_base64"]), np.uint8), cv2.IMREAD_COLOR)
+    assert (png[..., 0] == png[..., 1]).all() and (png[..., 1] == png[..., 2]).all()  # the radiograph in gray
+    _wait_result(page)
+    assert page.text_content("#error") == "" and page.text_content("#decision").startswith(page.text_content("#label"))
+    weak = page.text_content("#weak")
+    assert page.is_visible("#weak") and weak.startswith("No localised evidence: the result barely depends on any region")
+    size = "el => getComputedStyle(el).fontSize"
+    assert page.eval_on_selector("#weak", size) == page.eval_on_selector("#decision", size)  # as prominent
+    assert page.is_hidden("#heat") and page.is_hidden("#controls") and page.is_hidden("#legend")
+    assert page.is_visible("#base") and page.eval_on_selector("#base", "el => el.naturalWidth") > 0
+    _no_horizontal_overflow(page)
+    _shot(page, tmp_path, "kiosk-weak-map")
+    shown = cv2.imdecode(np.frombuffer(page.locator("#base").screenshot(), np.uint8), cv2.IMREAD_COLOR).astype(int)
+    shown = shown[12:-12, 12:-12]  # (the rounded corners blend with the panel)
+    spread = shown.max(axis=2) - shown.min(axis=2)
+    panel = (np.abs(shown - [47, 35, 24]).max(axis=2) <= 2)  # the page's own panel (BGR) around the letterboxed image
+    assert (~panel).mean() > 0.5 and spread[~panel].max() <= 3  # the radiograph on screen, with no colour over it
+    page.close()
+
+
 def test_keyboard_opens_the_file_chooser_and_regions_are_labelled(server, browser):
     url, _ = server
     page = browser.new_page(viewport=VIEWPORTS["phone"])

@@ -331,7 +331,7 @@ def test_worklist_flags_borderline_and_shows_server_text_as_text(plain_serve, br
     row.click()
     page.wait_for_function("document.querySelectorAll('#jobs button').length === 3", timeout=10_000)
     first, failed, waiting = (_job_rows(page).nth(i).text_content() for i in range(3))  # oldest first
-    assert "BORDERLINE" in first and "weak map" in first and evil in first and "NOT DELIVERED" in first
+    assert "BORDERLINE" in first and "no localised evidence" in first and evil in first and "NOT DELIVERED" in first
     assert f"Failed: decode error {evil}" in failed and "received" in waiting
     _job_rows(page).nth(1).click()
     assert page.text_content("#error") == f"Screening failed: decode error {evil}"

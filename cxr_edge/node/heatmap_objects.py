@@ -6,6 +6,11 @@ projection radiograph without a Frame of Reference (CR/DX have none; it fails bu
 keeps the reproducer), and a pseudo-colour presentation state colours the radiograph itself, so it cannot carry a
 second image. A FRACTIONAL Segmentation has the map's values (0..1 in 255 steps) at the source's pixel matrix,
 references the source image per frame, and OHIF, 3D Slicer and Weasis overlay it.
+
+A map with no localised evidence (:func:`cxr_edge.runtime.gradcam.map_evidence`) gives a Secondary Capture of the
+radiograph in gray with the caption "NO LOCALISED EVIDENCE: ..." and no colour bar; its Segmentation is still made,
+with every value zero (the raw map stays in the node's .npy), and its segment label and content description say
+"no localised evidence".
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ MAX_SC_SIDE = 1024
 
 def captioned_overlay(preview: np.ndarray, cam: np.ndarray, result: dict[str, Any], model: dict[str, Any],
                       blended: np.ndarray | None = None) -> np.ndarray:
-    """RGB uint8: the map over the image, a colour bar, the decision, the model and the disclaimer burned in.
+    """RGB uint8: the map over the image, a colour bar, the decision, the model and the disclaimer burned in; for a
+    map with no localised evidence the gray radiograph and a caption saying so (:func:`explained_overlay`).
     ``blended``: the map already blended over ``preview`` (BGR, the node's kiosk overlay), reused as it is."""
     from ..runtime.overlay import explained_overlay
 
@@ -79,15 +85,19 @@ def map_segmentation(source, cam: np.ndarray, model: dict[str, Any], *, series_u
     import cv2
     from highdicom import AlgorithmIdentificationSequence, seg
 
-    from ..runtime.gradcam import normalise
+    from ..runtime.gradcam import map_evidence, normalise
 
+    localised = map_evidence(cam).localised
+    label = "Grad-CAM relevance" if localised else "Grad-CAM: no localised evidence"  # a viewer's segment list says so
     rows, cols = int(source.Rows), int(source.Columns)
     m = cv2.resize(normalise(cam).astype(np.float32), (cols, rows), interpolation=cv2.INTER_LINEAR)
+    if not localised:  # a flat map scaled by its own maximum is 1.0 everywhere: a viewer would paint the whole chest
+        m = np.zeros_like(m)
     algo = AlgorithmIdentificationSequence(name=f"cxr-edge {model.get('recipe')} Grad-CAM"[:64],
                                            family=coded(*rc.ARTIFICIAL_INTELLIGENCE), version=str(model.get("version")),
                                            parameters={"model_sha256": str(model.get("sha256"))})
     desc = seg.SegmentDescription(
-        segment_number=1, segment_label="Grad-CAM relevance", segmented_property_category=coded(*rc.MORPHOLOGICALLY_ABNORMAL),
+        segment_number=1, segment_label=label, segmented_property_category=coded(*rc.MORPHOLOGICALLY_ABNORMAL),
         segmented_property_type=coded(*rc.GRADCAM), algorithm_type="AUTOMATIC", algorithm_identification=algo)
     s = seg.Segmentation(
         source_images=[source], pixel_array=np.clip(m, 0.0, 1.0), segmentation_type="FRACTIONAL",
@@ -99,5 +109,5 @@ def map_segmentation(source, cam: np.ndarray, model: dict[str, Any], *, series_u
         transfer_syntax_uid="1.2.840.10008.1.2.5")  # RLE lossless: a smooth map compresses several-fold
     po = source.get("PatientOrientation")  # no Frame of Reference: the orientation is how the map lies on the image
     s.PatientOrientation = po if po is not None and not isinstance(po, str) and len(po) == 2 else ""
-    s.ContentDescription = f"Grad-CAM, {rc.DISCLAIMER}"[:64]
+    s.ContentDescription = (f"Grad-CAM, {rc.DISCLAIMER}" if localised else "Grad-CAM: NO LOCALISED EVIDENCE")[:64]
     return s

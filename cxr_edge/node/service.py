@@ -373,7 +373,9 @@ class ScreeningNode:
 
                 folder.mkdir(parents=True, exist_ok=True)
                 base = folder / f"job-{claim.job.id}"
-                blended = overlay(item.preview, cam)  # once: the kiosk's JPEG, and the SC's picture
+                # once: the kiosk's JPEG, and the SC's picture; the radiograph in gray, uncoloured, when the map shows
+                # no localised evidence (the raw map is still saved as measured, below)
+                blended = overlay(item.preview, cam)
                 ok, buf = cv2.imencode(".jpg", blended, [cv2.IMWRITE_JPEG_QUALITY, 90])
                 if ok:
                     Path(f"{base}-overlay.jpg").write_bytes(buf.tobytes())

@@ -4,6 +4,7 @@ HTTP service and the kiosk page, so a result read from any of them means the sam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +29,28 @@ class Explanation:
     overlay_png_base64: str | None = None  # the service sends the overlay inline
     preview_jpeg_base64: str | None = None  # the image as decoded (longest side <= 1024), for viewers
     heatmap_png_base64: str | None = None  # the coloured map alone, for viewers that blend with their own opacity
-    weak: bool | None = None  # peak below WEAK_CAM_PEAK: the colours are stretched from a near-zero map
+    # whether the map shows localised evidence, by the one rule (cxr_edge.runtime.gradcam.map_evidence), and why not;
+    # ``weak`` is the older name of "not localised", kept because stored results and worklists (weak_map) read it
+    weak: bool | None = None
+    localised: bool | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        """With a map, ``localised``/``reason``/``weak`` come from the rule, never from a caller's own test, so every
+        front end calls the same map the same thing; a non-finite ``peak`` becomes the largest finite value (JSON)."""
+        if self.cam is None:
+            return
+        from .gradcam import map_evidence
+
+        evidence = map_evidence(self.cam)
+        self.localised, self.reason, self.weak = evidence.localised, evidence.reason, evidence.weak
+        if not math.isfinite(self.peak):
+            self.peak = evidence.peak
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"target": self.target, "method": self.method, "peak": self.peak, "seconds": self.seconds,
                              "shape": list(self.cam.shape) if self.cam is not None else None, "files": dict(self.files)}
-        d["weak"] = self.weak
+        d.update(weak=self.weak, localised=self.localised, reason=self.reason)
         for key in ("overlay_png_base64", "preview_jpeg_base64", "heatmap_png_base64"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)

@@ -249,7 +249,8 @@ class ScreeningService:
         """The inline images of an HTTP explanation, from the screening step's Grad-CAM: its overlay, the preview
         and the map alone, at the capped preview size (never the full-resolution image); the kiosk blends preview
         and map with its own opacity control. Together within :data:`EXPLAIN_MAX_BYTES` (base64): a noisy
-        preview is sent smaller rather than letting an answer grow to several times its upload."""
+        preview is sent smaller rather than letting an answer grow to several times its upload. A map with no localised
+        evidence (``e.localised`` false) gets no coloured layer at all, and its overlay is the preview in gray."""
         import cv2
 
         from ..runtime.overlay import heatmap, overlay
@@ -264,12 +265,12 @@ class ScreeningService:
             ok, buf = cv2.imencode(ext, img, list(params))
             return base64.b64encode(buf.tobytes()).decode()
 
-        e.heatmap_png_base64 = b64(".png", heatmap(cam, small))
+        e.heatmap_png_base64 = b64(".png", heatmap(cam, small)) if e.localised else None  # nothing for a viewer to blend
         while True:
             e.overlay_png_base64 = b64(".png", overlay(preview, cam))
             e.preview_jpeg_base64 = b64(".jpg", preview, cv2.IMWRITE_JPEG_QUALITY, 90)
             side = max(preview.shape[:2])
-            size = len(e.heatmap_png_base64) + len(e.overlay_png_base64) + len(e.preview_jpeg_base64)
+            size = len(e.heatmap_png_base64 or "") + len(e.overlay_png_base64) + len(e.preview_jpeg_base64)
             if size <= EXPLAIN_MAX_BYTES or side <= 128:
                 break
             preview = cv2.resize(preview, (max(1, preview.shape[1] // 2), max(1, preview.shape[0] // 2)),

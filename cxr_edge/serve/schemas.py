@@ -19,7 +19,10 @@ class ExplanationModel(BaseModel):
     overlay_png_base64: str | None = Field(None, description="overlay on the image, PNG, base64 (service)")
     preview_jpeg_base64: str | None = Field(None, description="the decoded image, longest side <= 1024, JPEG, base64")
     heatmap_png_base64: str | None = Field(None, description="the coloured map alone (JET), PNG, base64")
-    weak: bool | None = Field(None, description="the map's peak is near zero: its colours are stretched")
+    weak: bool | None = Field(None, description="the map shows no localised evidence (same as localised = false)")
+    localised: bool | None = Field(None, description="false: the map is near-empty, flat or not finite, so nothing is "
+                                                     "coloured (see reason)")
+    reason: str | None = Field(None, description="why the map shows no localised evidence, with its numbers")
 
 
 class DecisionModel(BaseModel):
