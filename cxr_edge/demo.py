@@ -98,6 +98,9 @@ def run_demo(out_dir: str | Path = "cxr-edge-demo", data_dir: str | Path | None 
         print(f"  {label:22s} {v['offline_throughput_ips']:8.1f} img/s  p90 {p90:7.1f} ms  {v['status']}")
     print(f"Model:  {result.model_path}")
     print(f"Artifacts: {exported.out_dir}")
+    for variant, folder in exported.bundles.items():
+        if variant.startswith("int8-cpu"):  # the one a CPU kiosk runs
+            print(f"To a kiosk, copy: {folder} (or: cxr-edge bundle {folder} --archive kiosk.cxrbundle.tar)")
     print(f"Report: {report}")
     print(f"Benchmark: {bench_md}")
     if heatmaps:

@@ -109,3 +109,10 @@ class EngineError(CxrEdgeError, RuntimeError):
     """
 
     exit_code = ExitCode.ENGINE
+
+
+class UsageError(ConfigError):
+    """The command line itself is wrong (a flag given twice in two spellings, a missing argument argparse cannot
+    see): exit 2, like argparse's own usage errors."""
+
+    exit_code = ExitCode.USAGE

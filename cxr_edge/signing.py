@@ -116,6 +116,10 @@ def sign_artifact(artifact: str | Path, private_key: str | Path) -> Path:
            "signature": base64.b64encode(key.sign(message)).decode()}
     out = signature_path(artifact)
     out.write_text(json.dumps(doc, indent=2) + "\n")
+    from .bundle import is_bundle, refresh_index
+
+    if is_bundle(Path(artifact).parent):  # the signature is part of the bundle from now on
+        refresh_index(Path(artifact).parent)
     return out
 
 

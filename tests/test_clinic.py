@@ -82,7 +82,7 @@ def test_calibrate_moves_the_threshold_writes_the_next_manifest_and_predict_uses
             shutil.copy(f, tmp_path / f.name)
     art = tmp_path / src.name
     before = read_manifest(art)
-    s = calibrate_artifact(art, tiny_export.data, target_sensitivity=0.9, temperature=True, progress=False)
+    s = calibrate_artifact(art, tiny_export.data, target_sensitivity=0.9, temperature=True, progress=False, ci_width=0.5)
     after = read_manifest(art)
     assert after.manifest_version == after.revision == 2 and (tmp_path / f"{src.name}.manifest.v1.json").is_file()
     assert after.sha256 == before.sha256 and after.created == before.created  # the artifact itself is untouched

@@ -42,7 +42,7 @@ def test_an_artifact_copied_without_its_pieces_names_the_missing_one(artifact, t
         shutil.copy(f, kiosk / f.name)
     assert main(["serve", str(kiosk / artifact.name)]) == ExitCode.INTEGRITY
     line = _one_line(capsys)
-    assert "head" in line and "copy them together" in line
+    assert "head" in line and "copy the bundle folder" in line
     only_model = tmp_path / "bare"
     only_model.mkdir()
     shutil.copy(artifact, only_model / artifact.name)

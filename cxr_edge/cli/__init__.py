@@ -12,12 +12,23 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from ..errors import CxrEdgeError, ExitCode
-from . import bench_commands, data_commands, model_commands, node_commands, run_commands, serve_commands, trust_commands
+from . import (
+    bench_commands,
+    bundle_commands,
+    data_commands,
+    model_commands,
+    node_commands,
+    run_commands,
+    serve_commands,
+    trust_commands,
+)
 from ._common import HelpFormatter
 
-GROUPS = (model_commands, run_commands, bench_commands, serve_commands, node_commands, data_commands, trust_commands)
+GROUPS = (model_commands, run_commands, bench_commands, serve_commands, node_commands, data_commands, trust_commands,
+          bundle_commands)
 
 EXIT_CODES = "\n".join(f"  {c.value:3d}  {doc}" for c, doc in (
     (ExitCode.OK, "success"),
@@ -63,8 +74,14 @@ def main(argv=None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     _quiet_tensorflow(args.verbose)
     try:
+        from .preflight import resolve_args
+
+        if args.command != "bundle":  # bundle reports on incomplete bundles itself
+            resolve_args(args)
         code = args.func(args)
     except CxrEdgeError as exc:
+        if args.verbose:
+            traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return int(exc.exit_code)
     except KeyboardInterrupt:

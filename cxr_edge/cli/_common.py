@@ -22,6 +22,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
             if isinstance(action, argparse.BooleanOptionalAction) and "default" not in text:
                 return f"{text} (default: {'on' if default else 'off'})"
             return text
+        if isinstance(default, (tuple, list, set, frozenset)):  # shown the way it is typed: fp32,fp16,int8
+            return f"{text} (default: {csv_text(default).replace('%', '%%')})"
         return f"{text} (default: %(default)s)"
 
 

@@ -31,14 +31,27 @@ def cmd_recipes(a) -> None:
               f"{r.optimizer} lr {r.learning_rate}, batch {r.batch_size}, {r.epochs} epochs")
 
 
+def one_data_dir(a) -> str:
+    """DATA given once, positionally (as every command takes it) or by --data; both and different is a usage error."""
+    from ..errors import UsageError
+
+    if a.data and a.data_option and a.data != a.data_option:
+        raise UsageError(f"DATA given twice ({a.data} and --data {a.data_option}); give it once.")
+    data = a.data or a.data_option
+    if not data:
+        raise UsageError("train needs DATA: cxr-edge train DATA --recipe small_cnn --out runs/model")
+    return data
+
+
 def cmd_train(a) -> None:
     from ..train.trainer import TrainConfig, train
 
+    data = one_data_dir(a)
     cfg = TrainConfig(recipe=a.recipe, epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr,
                       image_size=a.image_size, fine_tune_epochs=a.fine_tune_epochs, weights=a.weights,
                       seed=a.seed, target_sensitivity=a.target_sensitivity, metadata_csv=a.metadata,
                       max_images=a.max_images, verbose=1 if sys.stdout.isatty() else 2)
-    r = train(cfg, a.data, a.out)
+    r = train(cfg, data, a.out)
     print(f"Model: {r.model_path}\nManifest: {r.manifest_path}\nHistory: {r.history_path}")
     print(json.dumps(r.val_metrics))
 
@@ -84,7 +97,7 @@ def cmd_export(a) -> int:
     # comma_list (and the dataclass default) give tuples: the fields' own type, no text to split again
     cfg = ExportConfig(precisions=tuple(a.precision), int8_targets=tuple(a.int8_target), calib_data=a.calib,
                        calib_method=a.calib_method, calib_size=a.calib_size, force=a.force, opset=a.opset,
-                       fold_preprocessing=not a.no_fold)
+                       fold_preprocessing=not a.no_fold, bundles=not a.no_bundles)
     s = export_model(a.model, a.out, cfg)
     print((s.out_dir / "export_report.md").read_text())
     if not s.ok:
@@ -101,7 +114,10 @@ def cmd_build(a) -> None:
     cfg = BuildConfig.from_batch_text(a.precision, a.batch, workspace_mb=a.workspace, dla_core=a.dla,
                                       timing_cache=a.timing_cache, allow_tf32=a.allow_tf32, gate=a.gate,
                                       gate_data=a.gate_data, force=a.force)
-    print(f"Engine: {build_engine(a.artifact, cfg, a.out, calib_data=a.calib)}")
+    from ..bundle import make_bundle
+
+    engine = build_engine(a.artifact, cfg, a.out, calib_data=a.calib)
+    print(f"Engine: {engine}\nBundle (copy this folder to the GPU box): {make_bundle(engine, replace=True)}")
 
 
 def register(sub) -> None:
@@ -140,7 +156,8 @@ def _add_train_parser(sub) -> None:
 
     t = sub.add_parser("train", help="train a recipe on a data directory", formatter_class=HelpFormatter)
     t.add_argument("--recipe", default=default_of(TrainConfig, "recipe"), choices=list(RECIPES), help="recipe")
-    t.add_argument("--data", required=True, help="labelled data directory (class folders)")
+    t.add_argument("data", nargs="?", help="labelled data directory (class folders), as for evaluate and calibrate")
+    t.add_argument("--data", dest="data_option", metavar="DATA", help="the same, as a flag (older scripts)")
     t.add_argument("--out", default="runs/model", help="output directory")
     t.add_argument("--epochs", type=positive_int, help="epochs (default: the recipe's)")
     t.add_argument("--batch-size", type=positive_int, help="batch size (default: the recipe's)")
@@ -197,6 +214,8 @@ def _add_export_parser(sub) -> None:
                    help="calibration images")
     x.add_argument("--opset", type=int, default=default_of(ExportConfig, "opset"), help="ONNX opset (>= 17)")
     x.add_argument("--force", action="store_true", help="keep artifacts that fail their gate, marked failed")
+    x.add_argument("--no-bundles", action="store_true",
+                   help="do not write OUT/bundles/ (one folder per gate-passing artifact with everything a kiosk needs)")
     x.add_argument("--no-fold", action="store_true",
                    help="keep the exported preprocessing as it is instead of folding it into the first convolution "
                         "where that is exact (for comparing the two)")

@@ -57,7 +57,6 @@ def cmd_node(a) -> None:
     from ..serve.http_guard import run_server
     from . import preflight
 
-    a.artifact = preflight.artifact(a.artifact)
     preflight.port_free(a.host, a.port)
     cfg = node_config(a)
     preflight.port_free(cfg.dicom_host, cfg.dicom_port, "--dicom-port")
@@ -79,7 +78,7 @@ def cmd_audit(a) -> None:
     if not a.store and not (Path(a.data) / "jobs.sqlite").is_file():
         from ..errors import ConfigError
 
-        raise ConfigError(f"no job store in {a.data} (jobs.sqlite); give the node's --data folder or --store URL")
+        raise ConfigError(f"no job store in {a.data} (jobs.sqlite); give the node's --workdir folder or --store URL")
     store = JobStore(url, "audit-reader")
     try:
         records = store.audit_records(study_uid=a.study, event=a.event, since=parse_time(a.since) if a.since else None,
@@ -117,7 +116,9 @@ def _add_node_parser(sub) -> None:
                                     "chest radiograph once, keeps every job in a durable store and every action in an "
                                     "audit trail. See README 'Connect an X-ray room / PACS' and docs/dicom-conformance.md.")
     nd.add_argument("artifact", help="an artifact with its manifest")
-    nd.add_argument("--data", required=True, help="the node's data folder: received instances, results, jobs.sqlite")
+    nd.add_argument("--workdir", "--data", dest="data", required=True, metavar="DIR",
+                    help="the node's working folder: received instances, results, jobs.sqlite (--data: the older name; "
+                         "elsewhere DATA means labelled images)")
     nd.add_argument("--store", help="job store URL: postgresql://USER@HOST:PORT/DB for a fleet sharing one store "
                                     "(default: sqlite under --data)")
     nd.add_argument("--ae-title", default=default_of(N, "ae_title"), help="the node's AE title")
@@ -187,7 +188,7 @@ def _add_node_parser(sub) -> None:
 def _add_audit_parser(sub) -> None:
     au = sub.add_parser("audit", help="query and export a node's audit trail (CSV or JSON)", formatter_class=HelpFormatter)
     src = au.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="the node's data folder (its jobs.sqlite)")
+    src.add_argument("--workdir", "--data", dest="data", metavar="DIR", help="the node's working folder (its jobs.sqlite)")
     src.add_argument("--store", help="job store URL (postgresql://...)")
     au.add_argument("--study", help="only this StudyInstanceUID")
     au.add_argument("--event", help="only this event (received, skipped, refused, duplicate, screened, failed, "

@@ -55,9 +55,26 @@ def predict_header(info, threshold: float | None, operating_point: str | None, b
             f"otherwise the most probable other class. BORDERLINE: within {band:.2f} of the threshold.")
 
 
+def result_line(r) -> str:
+    """One human-readable line per image: the label, the probabilities, why, and where its heatmap is."""
+    if not r.ok:
+        return f"ERROR  {printable(r.source)}: {printable(r.error)}"
+    probs = "  ".join(f"{c} {p:.2f}" for c, p in r.probabilities.items())
+    why = ""
+    if r.decision and r.decision.rule == "threshold":
+        d = r.decision
+        why = f"  [p(COVID) {d.covid_probability:.2f} {'>=' if d.margin >= 0 else '<'} {d.threshold:.2f}" + \
+              (" BORDERLINE]" if d.borderline else "]")
+    extra = f"  heatmap {printable(r.explanation.files.get('overlay', ''))}" if r.explanation else ""
+    if r.self_check and r.self_check["status"] == "failed":
+        extra += "  UNCHECKED (engine failed its self-check)"
+    return f"{r.label:16s} {probs}{why}  ({r.timings_ms['infer']:.1f} ms)  {printable(r.source)}{extra}"
+
+
 def cmd_predict(a) -> int:
     from ..errors import InputError
     from ..runtime import Screener
+    from .predict_stream import ResultStream
 
     items = expand_images(a.images)
     if not items:
@@ -73,58 +90,55 @@ def cmd_predict(a) -> int:
                   threshold=a.threshold, precision=a.precision, trusted_keys=a.trusted_key,
                   allow_failed_gate=a.allow_failed_gate, preprocess=a.preprocess, tuning=a.tuning,
                   self_check=a.self_check, **graphs) as s:
-        results = s.predict(items, explain=explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale)
-        info, threshold = s.engine.info, s.threshold
+        if not a.json:
+            print(predict_header(s.engine.info, s.threshold, s.step.operating_point, s.step.band), flush=True)
+        per_result = None
         if a.dicom_out:
-            write_dicom_results(items, results, s, Path(a.dicom_out), kinds)
-    if a.out:
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "predictions.json").write_text(json.dumps([r.to_dict() for r in results], indent=2) + "\n")
-    if a.json:
-        for r in results:
-            print(json.dumps(r.to_dict()))
-    else:
-        print(predict_header(info, threshold, s.step.operating_point, s.step.band))
-        for r in results:
-            if not r.ok:
-                print(f"ERROR  {printable(r.source)}: {printable(r.error)}")
-                continue
-            probs = "  ".join(f"{c} {p:.2f}" for c, p in r.probabilities.items())
-            why = ""
-            if r.decision and r.decision.rule == "threshold":
-                d = r.decision
-                why = f"  [p(COVID) {d.covid_probability:.2f} {'>=' if d.margin >= 0 else '<'} {d.threshold:.2f}" + \
-                      (" BORDERLINE]" if d.borderline else "]")
-            extra = f"  heatmap {printable(r.explanation.files.get('overlay', ''))}" if r.explanation else ""
-            if r.self_check and r.self_check["status"] == "failed":
-                extra += "  UNCHECKED (engine failed its self-check)"
-            print(f"{r.label:16s} {probs}{why}  ({r.timings_ms['infer']:.1f} ms)  {printable(r.source)}{extra}")
+            writer = DicomResultWriter(items, s, Path(a.dicom_out), kinds)
+            per_result = writer.write
+        stream = ResultStream(len(items), result_line, Path(a.out) if a.out else None, a.json, per_result,
+                              progress=False if a.no_progress else None)
+        try:
+            s.predict(items, explain=explain, out_dir=(a.out if a.explain else None), cam_scale=a.cam_scale,
+                      on_result=stream)
+        except KeyboardInterrupt:
+            stream.close(interrupted=True)
+            print(stream.interrupted_message(), file=sys.stderr)
+            return ExitCode.INTERRUPTED
+        results = stream.close()
     failed = sum(not r.ok for r in results)
     if failed == len(results):
         return ExitCode.INPUT
     return ExitCode.SOME_ITEMS_FAILED if failed else ExitCode.OK
 
 
-def write_dicom_results(items, results, screener, out: Path, kinds) -> None:
+class DicomResultWriter:
     """``predict --dicom-out``: the node's SR / heatmap SC / map SEG for each screened DICOM input, written to ``out``
-    as ``<source SOP Instance UID>-<kind>.dcm`` (unique, whatever folders the inputs came from), so a site can
-    inspect them before connecting anything. An input that gets no objects says why and the others go on."""
-    from ..decode import decode_image
-    from ..node import result_objects as ro
+    as ``<source SOP Instance UID>-<kind>.dcm`` (unique, whatever folders the inputs came from) as each result is
+    made, so a site can inspect them before connecting anything. An input that gets no objects says why and the
+    others go on."""
 
-    model = ro.model_record(screener.manifest, screener.engine.info, screener.threshold, screener.step.operating_point)
-    for item, r in zip(items, results):
-        if not r.ok:
-            continue
+    def __init__(self, items, screener, out: Path, kinds):
+        from ..node import result_objects as ro
+
+        self.items, self.out, self.kinds = items, out, kinds
+        self.model = ro.model_record(screener.manifest, screener.engine.info, screener.threshold,
+                                     screener.step.operating_point)
+
+    def write(self, r) -> None:
+        from ..decode import decode_image
+        from ..node import result_objects as ro
+
+        item = self.items[r.index]
         errors: dict[str, str] = {}
         try:
             source = ro.read_source(Path(item).read_bytes())
             cam = r.explanation.cam if r.explanation is not None else None
             preview = decode_image(str(item)).pixels if cam is not None else None
-            objs = ro.build(source, r.to_dict(), model, preview=preview, cam=cam, kinds=kinds, errors=errors)
+            objs = ro.build(source, r.to_dict(), self.model, preview=preview, cam=cam, kinds=self.kinds, errors=errors)
             for o in objs:
-                path = o.write(out, str(source.SOPInstanceUID))
-                print(f"wrote {o.kind.upper()} {o.sop_instance_uid} {path}")
+                path = o.write(self.out, str(source.SOPInstanceUID))
+                print(f"wrote {o.kind.upper()} {o.sop_instance_uid} {path}", flush=True)
         except Exception as exc:
             errors["all"] = f"{type(exc).__name__}: {exc}"
         for why in errors.values():
@@ -136,6 +150,7 @@ def cmd_calibrate(a) -> None:
 
     s = run_calibration(CalibrationRequest(Path(a.artifact), Path(a.data), target_sensitivity=a.target_sensitivity,
                                            temperature=a.temperature, out_dir=a.out, dry_run=a.dry_run,
+                                           ci_width=a.ci_width, force=a.force,
                                            backend=a.backend, device=a.device, self_check=a.self_check))
     print(Path(s["report"]).read_text())
     if a.dry_run:
@@ -241,8 +256,12 @@ def _add_calibrate_parser(sub) -> None:
     ca.add_argument("--target-sensitivity", type=fraction, default=0.95, help="COVID sensitivity to reach on DATA")
     ca.add_argument("--temperature", action="store_true",
                     help="also fit a probability temperature on DATA (reliability plot; applied by every consumer)")
-    ca.add_argument("--out", help="report directory (default: beside the artifact)")
+    ca.add_argument("--ci-width", type=fraction, default=0.20,
+                    help="refuse site data too small for this: the exact 95%% intervals of the sensitivity (at the target) "
+                         "and of the specificity (at 50%%) must be no wider (0.20 needs 33 COVID and 104 other images)")
+    ca.add_argument("--out", help="report directory (default: beside the artifact, or in a bundle's calibration/)")
     ca.add_argument("--dry-run", action="store_true", help="report only; leave the manifest as it is")
+    ca.add_argument("--force", action="store_true", help="replace a report already in --out")
     add_engine_args(ca, all_backends())
     ca.set_defaults(func=cmd_calibrate)
 
@@ -257,12 +276,14 @@ def _add_predict_parser(sub) -> None:
     pr.add_argument("artifact", help="an artifact with its manifest, or triton://host:port/model")
     pr.add_argument("images", nargs="+", help="image files (PNG/JPEG/BMP/TIFF/DICOM) or directories")
     pr.add_argument("--explain", action="store_true", help="Grad-CAM heatmaps (PNG overlay + raw .npy in --out)")
-    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image (JSON lines), as each is made")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal only)")
     pr.add_argument("--dicom-out", metavar="DIR",
                     help="DICOM inputs: write the result objects the node sends to a PACS (TID 1500 SR, heatmap SC, "
                          "map SEG) here, to inspect before connecting anything (node extra)")
     pr.add_argument("--dicom-objects", default="sr,sc,seg", metavar="KINDS", help="with --dicom-out: which objects")
-    pr.add_argument("--out", help="directory for predictions.json and heatmaps")
+    pr.add_argument("--out", help="directory for predictions.jsonl (appended as results are made; kept on Ctrl-C), "
+                                  "predictions.json (at the end) and heatmaps")
     add_engine_args(pr, all_backends(), preprocess_default="auto", failed_gate="run", tuning_default="cached")
     pr.add_argument("--require-gpu", action="store_true", help="fail instead of falling back to the CPU")
     pr.add_argument("--precision", choices=OPENVINO_PRECISIONS, help="OpenVINO only: fp32 (forced f32) or bf16")

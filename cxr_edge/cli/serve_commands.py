@@ -24,11 +24,10 @@ def cmd_kiosk(a) -> int:
     import shlex
 
     from ..serve.kiosk_launcher import KioskConfig, Supervisor
-    from . import preflight
 
     cfg = KioskConfig(port=a.port, browser=a.browser, mode=a.mode, serve_args=tuple(shlex.split(a.serve_args or "")),
                       status_file=a.status_file, max_restarts=a.max_restarts)
-    return Supervisor(preflight.artifact(a.artifact), cfg).run()
+    return Supervisor(a.artifact, cfg).run()  # checked whole by preflight.resolve_args
 
 
 def serve_config(a):
@@ -65,7 +64,6 @@ def cmd_serve(a) -> None:
     from ..serve.http_guard import run_server
     from . import preflight
 
-    a.artifact = preflight.artifact(a.artifact)
     preflight.port_free(a.host, a.port)
     warn_if_exposed(a.host)
     run_server(create_app(a.artifact, serve_config(a)), a.host, a.port, limits=transport_limits(a),

@@ -9,6 +9,8 @@ separately, so every resample has both).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..extras import require
@@ -55,3 +57,28 @@ def resolvable_difference(n: int, confidence: float = 0.95) -> float:
     """
     ci = exact_ci(0, n, confidence)
     return ci[1] if ci else 1.0
+
+
+@functools.lru_cache(maxsize=256)  # a pure function of a few numbers, asked again for every check
+def min_samples_for_width(p: float, width: float, confidence: float = 0.95, limit: int = 20_000) -> int:
+    """The fewest cases from which on the exact (Clopper-Pearson) interval at the proportion ``p`` is never wider
+    than ``width``: every larger set stays within it too (the width is not monotonic in n through rounding).
+
+    At least one case on each side of the proportion is assumed (k <= n - 1), so a target near 1 is not judged by
+    the narrower one-sided interval of a perfect score. ``calibrate`` refuses fewer: a threshold set on one
+    positive case (n+ = 1, interval 2.5-100%) says nothing.
+    """
+    if not 0 < width <= 1:
+        raise ValueError(f"an interval width is between 0 and 1, got {width}")
+    stats = require("scipy.stats")
+    a = (1 - confidence) / 2
+
+    def wide(n: int) -> bool:
+        k = min(max(round(p * n), 1), n - 1) if n > 1 else round(p * n)
+        lo = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
+        hi = 1.0 if k == n else float(stats.beta.ppf(1 - a, k + 1, n - k))
+        return hi - lo > width
+
+    first = next((n for n in range(1, limit + 1) if not wide(n)), limit)
+    last_wide = max((n for n in range(first, min(limit, 4 * first + 50) + 1) if wide(n)), default=first - 1)
+    return min(limit, max(first, last_wide + 1))

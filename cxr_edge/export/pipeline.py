@@ -32,7 +32,7 @@ from ..manifest_schema import (
     SourceModel,
     TensorSpec,
 )
-from ..precision import EXPORTED_PRECISIONS, Int8Target, Precision, Variant, parse_precisions
+from ..precision import EXPORTED_PRECISIONS, MOSTLY_FLOAT_BELOW, Int8Target, Precision, Variant, parse_precisions
 from ..preprocess import PreprocessSpec
 from ..runtime.backends.ort_session import cpu_session, run_batched
 from ..runtime.head import forward, load_head
@@ -76,6 +76,7 @@ class ExportConfig:
     seed: int = 0
     mixed_precision: bool = True  # last INT8 remedy: keep the noisiest layers in float
     fold_preprocessing: bool = True  # fold cast/replication/normalisation into the first conv where exact
+    bundles: bool = True  # one bundle folder per gate-passing artifact under OUT/bundles/ (what a kiosk is given)
 
     def __post_init__(self):
         for name in ("precisions", "int8_targets"):
@@ -108,6 +109,7 @@ class ExportSummary:
     out_dir: Path
     artifacts: list[ExportedArtifact]
     data: dict
+    bundles: dict[str, Path] = field(default_factory=dict)  # variant -> bundle folder (gate-passing artifacts)
 
     @property
     def ok(self) -> bool:
@@ -363,6 +365,11 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
         elif v.precision is Precision.INT8:
             artifacts.append(_export_int8(ctx, v))
     summary = ExportSummary(out, artifacts, data.info)
+    if config.bundles:
+        from ..bundle import make_bundle
+
+        summary.bundles = {a.variant: make_bundle(a.path, replace=True) for a in artifacts
+                           if a.path is not None and a.gate is not None and a.gate.passed and a.path.exists()}
     write_export_report(summary)
     return summary
 
@@ -499,6 +506,8 @@ def write_export_report(s: ExportSummary) -> Path:
         q = f"{r['int8_compute_nodes']} int8 / {r['float_compute_nodes']} float" if r["int8_compute_nodes"] is not None else ""
         if r["int8_mac_share"] is not None:
             q += f" ({100 * r['int8_mac_share']:.3f}% of the MACs in INT8)"
+            if r["int8_mac_share"] < MOSTLY_FLOAT_BELOW and g and g.passed:
+                verdict += f" (mostly float: {100 * r['int8_mac_share']:.0f}% of the MACs in INT8)"
         if r["ort_cpu_int8_kernels"]:
             conv = sum(v for k, v in r["ort_cpu_int8_kernels"].items() if k in ("QLinearConv", "ConvInteger"))
             mm = sum(v for k, v in r["ort_cpu_int8_kernels"].items() if "MatMul" in k or k == "QGemm")
@@ -510,5 +519,11 @@ def write_export_report(s: ExportSummary) -> Path:
         if r["tensorrt_lint"] is not None:
             q += "; TensorRT QDQ rules: " + (f"{len(r['tensorrt_lint'])} violation(s)" if r["tensorrt_lint"] else "clean")
         lines.append(f"| {r['artifact'] or a.variant} | {r['size_mb'] or '-'} | {verdict} | {key} | {q} |")
+    if s.bundles:
+        lines += ["", "## Bundles: what to copy to a screening box", "",
+                  "Each folder holds one artifact with everything it needs (model, manifest, Grad-CAM head, signature, "
+                  "calibration history) and bundle.json, which every command checks on load. Copy the whole folder, or "
+                  "make one file of it with `cxr-edge bundle FOLDER --archive NAME.cxrbundle.tar`.", ""]
+        lines += [f"- {v}: `{p.relative_to(s.out_dir) if p.is_relative_to(s.out_dir) else p}`" for v, p in s.bundles.items()]
     (s.out_dir / "export_report.md").write_text("\n".join(lines) + "\n")
     return s.out_dir / "export_report.md"

@@ -34,6 +34,10 @@ class Screener:
         if preprocess not in ("auto", "cpu", "gpu"):
             raise ConfigError(f"preprocess must be auto, cpu or gpu, got {preprocess!r}.")
         options.setdefault("max_batch", batch_size)  # profile of engines compiled at load (ORT's TensorRT EP)
+        if isinstance(artifact, (str, Path)) and "://" not in str(artifact):
+            from ..bundle import resolve
+
+            artifact = resolve(artifact)  # a bundle (folder, its model file, an archive) is checked whole first
         from .tuning import apply_tuning
 
         # this machine's measured winner, where the caller named no backend (batch 1: the kiosk's latency)
@@ -90,25 +94,44 @@ class Screener:
                            isolation=self.isolation)
 
     def predict(self, items, explain: bool = False, out_dir: str | Path | None = None,
-                cam_scale: float | None = None) -> list[ScreeningResult]:
+                cam_scale: float | None = None, on_result=None) -> list[ScreeningResult]:
         """One result per item, in order; bad items get ``ok=False`` and an error, never an exception.
+
+        ``on_result(result)`` is called as each result is made (in completion order), so a caller can stream
+        results and keep what was done when interrupted.
 
         With GPU preprocessing, a failure of the device path (not of an image) re-runs the remaining
         items on the CPU path and logs why; each result says which path prepared it."""
         items = list(items)
         results: list[ScreeningResult | None] = [None] * len(items)
+        try:
+            return self._predict_all(items, results, explain, out_dir, cam_scale, on_result)
+        except _ConsumerError as exc:  # the caller's own failure (a full disk, a closed pipe), not the engine's
+            raise exc.__cause__ from None  # type: ignore[misc]
+
+    def _predict_all(self, items, results, explain, out_dir, cam_scale, on_result) -> list[ScreeningResult]:
         if self.preprocess == "gpu":
             try:
-                self._predict(items, list(range(len(items))), results, "gpu", explain, out_dir, cam_scale)
-                return results  # type: ignore[return-value]
+                self._predict(items, list(range(len(items))), results, "gpu", explain, out_dir, cam_scale, on_result)
+                return results
+            except _ConsumerError:
+                raise
             except Exception as exc:  # the device path failed: the CPU path answers what is left
                 log.warning("GPU preprocessing failed (%s: %s); the remaining images run on the CPU path",
                             type(exc).__name__, exc)
         todo = [k for k, r in enumerate(results) if r is None]
-        self._predict([items[k] for k in todo], todo, results, "cpu", explain, out_dir, cam_scale)
-        return results  # type: ignore[return-value]
+        self._predict([items[k] for k in todo], todo, results, "cpu", explain, out_dir, cam_scale, on_result)
+        return results
 
-    def _predict(self, items, positions, results, path, explain, out_dir, cam_scale) -> None:
+    def _predict(self, items, positions, results, path, explain, out_dir, cam_scale, on_result=None) -> None:
+        def done(i: int, r: ScreeningResult) -> None:
+            results[i] = r
+            if on_result is not None:
+                try:
+                    on_result(r)
+                except Exception as exc:
+                    raise _ConsumerError() from exc
+
         packer = self._packer(path, explain)
         info = self.engine.info
         outputs = self.step.outputs(explain)
@@ -116,7 +139,7 @@ class Screener:
             for pb in packer.iter_batches(items):
                 pb = _renumber(pb, positions)
                 for i, err in pb.errors.items():
-                    results[i] = ScreeningResult.unusable(i, pb.names[i], err.reason)
+                    done(i, ScreeningResult.unusable(i, pb.names[i], err.reason))
                 if not pb.indices:
                     continue
                 t0 = time.perf_counter()
@@ -137,7 +160,7 @@ class Screener:
                                    f"Grad-CAM of {r.label} ({r.explanation.method}), {info.precision} on {info.backend}"]
                         r.explanation.files = save_explanation(out_dir, stem, pb.originals[i], r.explanation.cam,
                                                                cam_scale, caption)
-                    results[i] = r
+                    done(i, r)
         finally:
             packer.close()
 
@@ -149,6 +172,10 @@ class Screener:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _ConsumerError(Exception):
+    """Carries an exception of ``on_result`` past the GPU path's fallback, which must only catch the device's."""
 
 
 def choose_preprocess(requested: str, engine) -> tuple[str, str]:

@@ -151,8 +151,7 @@ class Supervisor:
     def run(self) -> int:
         if not _port_free(self.c.port):
             raise ConfigError(f"Port {self.c.port} is in use on 127.0.0.1; pass --port.")
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        previous = {s: signal.signal(s, self.stop) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._start("service")
             self._wait_ready()
@@ -182,4 +181,6 @@ class Supervisor:
             self._stop_child("service")
             self._status()
             shutil.rmtree(self.profile, ignore_errors=True)
+            for sig, handler in previous.items():  # a supervisor run inside a larger program gives its signals back
+                signal.signal(sig, handler)
             log.info("kiosk stopped")

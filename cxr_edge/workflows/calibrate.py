@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 
+from ..bundle import CALIBRATION_DIR, is_bundle, refresh_index
 from ..classes import COVID
 from ..data import scan_dataset
 from ..data.labelled import load_items
+from ..data.overlap import training_overlap
 from ..decision import calibrated, choose_threshold, decide, describe_operating_point
 from ..errors import ConfigError, DatasetError
-from ..evaluation.intervals import exact_ci
+from ..evaluation.intervals import exact_ci, min_samples_for_width
 from ..manifest import ArtifactManifest, manifest_path, read_manifest, write_manifest
 from ..manifest_schema import OperatingPoint, SiteCalibration
 from ..runtime.screener import Screener
@@ -109,6 +111,8 @@ class CalibrationRequest:
     temperature: bool = False  # also fit a probability temperature on the site's images
     out_dir: Path | None = None  # the report's folder (default: calibration-<artifact>-v<version> beside it)
     dry_run: bool = False  # report only; leave the manifest as it is
+    ci_width: float = 0.20  # the widest 95% exact interval the site's counts may leave (see minimum_counts)
+    force: bool = False  # replace a report already in the report folder
     backend: str | None = None
     device: str = "auto"
     progress: bool = True
@@ -120,10 +124,35 @@ class CalibrationRequest:
                               "Triton host and re-export the repository.")
         if not 0 < self.target_sensitivity < 1:
             raise ConfigError(f"--target-sensitivity must be between 0 and 1, got {self.target_sensitivity}.")
+        if not 0 < self.ci_width <= 1:
+            raise ConfigError(f"--ci-width is a fraction between 0 and 1 (0.2 for 20 points), got {self.ci_width}.")
         object.__setattr__(self, "artifact", Path(self.artifact))
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         if self.out_dir is not None:
             object.__setattr__(self, "out_dir", Path(self.out_dir))
+
+
+def minimum_counts(target_sensitivity: float, ci_width: float) -> tuple[int, int]:
+    """(COVID images, other images) a calibration needs: enough that the exact 95% interval of the sensitivity at
+    the target, and of the specificity at its least favourable value (50%), are each no wider than ``ci_width``.
+    At the defaults (0.95, 0.20): 33 COVID and 104 others."""
+    return min_samples_for_width(target_sensitivity, ci_width), min_samples_for_width(0.5, ci_width)
+
+
+def check_counts(counts: dict[str, int], target_sensitivity: float, ci_width: float) -> None:
+    """Refuse, before screening anything, a site set too small to support the threshold it would set."""
+    need_pos, need_neg = minimum_counts(target_sensitivity, ci_width)
+    pos = counts.get(COVID, 0)
+    neg = sum(v for k, v in counts.items() if k != COVID)
+    if pos >= need_pos and neg >= need_neg:
+        return
+    wider = min(1.0, round(ci_width + 0.1, 2))
+    p2, n2 = minimum_counts(target_sensitivity, wider)
+    raise DatasetError(
+        f"{pos} {COVID} and {neg} other images cannot support a threshold: the exact 95% intervals are at most "
+        f"{ci_width:.2f} wide only with at least {need_pos} {COVID} images (for the sensitivity, at {target_sensitivity:.2f}) "
+        f"and {need_neg} other images (for the specificity). Collect more labelled site images, or accept a wider "
+        f"interval (--ci-width {wider} needs {p2} and {n2}).")
 
 
 def calibrate_artifact(artifact: str | Path, data_dir: str | Path, **options) -> dict:
@@ -162,9 +191,19 @@ def run_calibration(req: CalibrationRequest) -> dict:
     classes = list(old.classes)
     if COVID not in classes:
         raise ConfigError(f"{req.artifact.name} has no {COVID} class ({classes}); there is no threshold to calibrate.")
-    screened = _screen_site(req, classes)
-    choice = _choose(req, old, screened, classes)
+    ds = scan_dataset(req.data_dir, classes=classes)
+    check_counts(ds.class_counts(), req.target_sensitivity, req.ci_width)
     version = old.revision + 1
+    out = _report_dir(req, version)
+    if not req.dry_run:
+        _check_history(req.artifact, version)
+    overlap = training_overlap(ds, old.data, classes)
+    if overlap.warning():
+        log.warning(overlap.warning())
+    screened = _screen_site(req, classes, ds)
+    is_covid = screened.y == classes.index(COVID)  # images that could not be read do not count
+    check_counts({COVID: int(is_covid.sum()), "other": int((~is_covid).sum())}, req.target_sensitivity, req.ci_width)
+    choice = _choose(req, old, screened, classes)
     today = _dt.date.today().isoformat()
     site = SiteCalibration(data=str(req.data_dir.resolve()), fingerprint=screened.ds.fingerprint(),
                            n_images=screened.n_images, skipped=screened.n_skipped,
@@ -172,10 +211,12 @@ def run_calibration(req: CalibrationRequest) -> dict:
                            engine=screened.engine)
     new_op = OperatingPoint.from_dict({**choice.after, "target_sensitivity": req.target_sensitivity,
                                        "chosen_on": f"site data ({req.data_dir.name}, {today})"}, "operating_point")
-    out = req.out_dir or req.artifact.parent / f"calibration-{req.artifact.name}-v{version}"
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"artifact": req.artifact.name, "manifest_version": version, "site": site.to_dict(),
-               "target_sensitivity": req.target_sensitivity,
+    summary = {"artifact": req.artifact.name, "artifact_sha256": old.sha256, "manifest_version": version,
+               "site": site.to_dict(),
+               "target_sensitivity": req.target_sensitivity, "training_overlap": overlap.to_dict(),
+               "minimum_counts": dict(zip((COVID, "other"), minimum_counts(req.target_sensitivity, req.ci_width))),
+               "ci_width": req.ci_width, "dry_run": req.dry_run,
                "before": {**choice.before, "described": describe_operating_point(old.operating_point),
                           "accuracy": choice.accuracy["before"], "temperature": old.probability_temperature},
                "after": {**choice.after, "described": describe_operating_point(new_op), "accuracy": choice.accuracy["after"],
@@ -189,11 +230,27 @@ def run_calibration(req: CalibrationRequest) -> dict:
             summary["signature"] = ("the previous signature no longer matches this manifest: re-sign it with "
                                     f"cxr-edge sign {req.artifact} --key KEY.key before serving with --trusted-key")
             log.warning(summary["signature"])
+    if is_bundle(req.artifact.parent) and not req.dry_run:  # a dry run's report is not part of what is deployed
+        refresh_index(req.artifact.parent)  # the new manifest, the kept one and the report are part of the bundle
+        summary["bundle"] = str(req.artifact.parent)
     return summary
 
 
-def _screen_site(req: CalibrationRequest, classes: list[str]) -> _SiteScreening:
-    ds = scan_dataset(req.data_dir, classes=classes)
+def _report_dir(req: CalibrationRequest, version: int) -> Path:
+    """Where the report goes: inside a bundle, its calibration/ folder; a dry run gets its own dated folder. A folder
+    that already holds a report is refused unless ``force``: an earlier calibration's evidence is never overwritten."""
+    base = req.artifact.parent / CALIBRATION_DIR if is_bundle(req.artifact.parent) else req.artifact.parent
+    name = f"calibration-{req.artifact.name}-v{version}"
+    if req.dry_run:
+        name += "-dry-run-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = req.out_dir or base / name
+    if (out / "calibration.json").exists() and not req.force:
+        raise ConfigError(f"{out} already holds a calibration report; choose another --out, or pass --force to "
+                          "replace it.")
+    return out
+
+
+def _screen_site(req: CalibrationRequest, classes: list[str], ds) -> _SiteScreening:
     labels = {i.label for i in ds.items}
     if COVID not in labels or len(labels) < 2:
         raise DatasetError(f"{req.data_dir} must hold labelled {COVID} images and at least one other class "
@@ -237,18 +294,39 @@ def _write_report(req: CalibrationRequest, out: Path, summary: dict, choice: _Ch
     summary["report"] = str(out / "calibration.md")
 
 
+def _check_history(artifact: Path, version: int) -> Path:
+    """Where the current manifest will be kept; a different file already there (a manifest restored or edited by
+    hand) is refused before anything is screened, never overwritten."""
+    mpath = manifest_path(artifact)
+    kept = mpath.with_name(f"{artifact.name}.manifest.v{version - 1}.json")
+    if kept.exists() and kept.read_bytes() != mpath.read_bytes():
+        raise ConfigError(f"{kept.name} already exists and differs from the current manifest (v{version - 1}): a manifest "
+                          "was restored or edited by hand. Move the old file away, then calibrate again.")
+    return kept
+
+
 def _write_next_manifest(artifact: Path, old: ArtifactManifest, version: int, new_op: OperatingPoint,
                          site: SiteCalibration, temperature: float | None) -> Path:
     """Keep the current manifest as ``.manifest.v<N>.json`` and write version N+1: same file, same sha256, the new
     operating point (the old one moves to the history), the site and the temperature."""
     mpath = manifest_path(artifact)
-    shutil.copy2(mpath, mpath.with_name(f"{artifact.name}.manifest.v{version - 1}.json"))
+    kept = _check_history(artifact, version)
+    shutil.copy2(mpath, kept)
     previous = dataclasses.replace(old.operating_point or OperatingPoint(), manifest_version=version - 1)
     new = dataclasses.replace(old, manifest_version=version, operating_point=new_op,
                               operating_point_history=(*old.operating_point_history, previous), site_calibration=site,
                               probability_temperature=temperature or old.probability_temperature)
     write_manifest(artifact, new, stamp=False)  # checks the sha256 still matches and parses its own text back
     return mpath
+
+
+def _overlap_line(ov: dict) -> str:
+    if not ov:
+        return "not checked"
+    if ov.get("checked") == "not possible":
+        return f"could not be checked ({ov.get('note', '')})"
+    counts = ", ".join(f"{v} in its {k} split" if k != "all" else f"{v}" for k, v in ov.get("counts", {}).items() if v)
+    return f"{counts or 'none'} of the {ov.get('n_site')} site images ({ov.get('note', '')})"
 
 
 def render(s: dict) -> str:
@@ -265,10 +343,21 @@ def render(s: dict) -> str:
         return f"{d[k]}/{d[n]} = {pct(d[name])} (95% CI {ci(d[name + '_ci95'])})"
 
     b, a = s["before"], s["after"]
-    lines = [f"# Site calibration of {s['artifact']} (manifest v{s['manifest_version']})", "",
+    lines = [f"# Site calibration of {s['artifact']} (manifest v{s['manifest_version']}"
+             + (", dry run: not applied)" if s.get("dry_run") else ")"), ""]
+    ov = s.get("training_overlap") or {}
+    if ov.get("seen"):
+        where = ", ".join(f"{v} in {k}" for k, v in ov["counts"].items() if v)
+        lines += [f"**WARNING: {ov['seen']} of the {ov['n_site']} site images were in this model's training data "
+                  f"({where}).** A threshold chosen on them measures what the model memorised, not this site; "
+                  "calibrate on images the model never saw.", ""]
+    lines += [
              f"- site data: {s['site']['data']} ({s['site']['n_images']} images: "
              + ", ".join(f"{k} {v}" for k, v in s["site"]["counts"].items() if v) + f"; {s['site']['skipped']} skipped)",
-             f"- engine: {s['site']['engine']}", f"- target: {100 * s['target_sensitivity']:.0f}% COVID sensitivity", "",
+             f"- engine: {s['site']['engine']}", f"- target: {100 * s['target_sensitivity']:.0f}% COVID sensitivity",
+             f"- images the model was trained on: {_overlap_line(ov)}",
+             f"- minimum accepted: {s['minimum_counts'][COVID]} COVID and {s['minimum_counts']['other']} other images "
+             f"(exact 95% intervals no wider than {s['ci_width']:.2f})" if "minimum_counts" in s else "", "",
              "| | before (as deployed) | after (this site) |", "|---|---|---|",
              f"| threshold | {b['threshold']:.3f} ({b['described'] or 'default'}) | {a['threshold']:.3f} ({a['described']}) |",
              f"| sensitivity | {rate(b, 'true_positives', 'n_positive', 'sensitivity')} | "
