@@ -121,6 +121,7 @@ def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_test_one():
 
 
 @pytest.mark.train
+@pytest.mark.slow  # ~25 s; the README walkthrough (slow) runs the demo end to end as well
 def test_demo_runs_every_stage_small(tmp_path, monkeypatch, capsys):
     """The demo's five stages in one process, shrunk (1 epoch at 32 px, 0.05 s per bench row); the
     full-size demo runs as a subprocess in the slow test below."""

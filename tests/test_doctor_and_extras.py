@@ -77,6 +77,7 @@ def test_gpu_extras_pin_the_majors_the_code_supports():
 
 
 @pytest.mark.network
+@pytest.mark.slow  # asks the package index: ~5 s each
 @pytest.mark.parametrize("extra", ["gpu-cu12", "gpu-cu13", "jetson", "cpu"])
 def test_each_gpu_extra_resolves_against_the_index(extra):
     """Every requirement of the extra has a release on the index that its specifier accepts.
@@ -218,6 +219,7 @@ def test_jetson_extra_pins_what_jetpack_6_ships():
 
 
 @pytest.mark.network
+@pytest.mark.slow
 def test_jetson_extra_resolves_to_aarch64_wheels_for_jetpacks_python(tmp_path):
     """What pip would install on JetPack 6 (aarch64, Python 3.10), from the index's metadata, without installing."""
     report = tmp_path / "report.json"

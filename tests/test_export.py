@@ -116,6 +116,7 @@ def test_int8_trt_is_symmetric_and_int8_cpu_unsigned(exported):
 
 
 @pytest.mark.train
+@pytest.mark.slow  # ~25 s: a second INT8 export of the session model
 def test_blank_calibration_is_caught_by_the_gate(exported, tmp_path, monkeypatch):
     from cxr_edge.data.gate_data import load_gate_data
     from cxr_edge.export import pipeline

@@ -27,7 +27,7 @@ def test_small_cnn_is_the_published_architecture(keras):
 
 @pytest.mark.parametrize(
     "name, n_classes, head_units",
-    [("resnet50_tl", 2, [1024, 1024, 1024, 512, 2]),
+    [pytest.param("resnet50_tl", 2, [1024, 1024, 1024, 512, 2], marks=pytest.mark.slow),  # ~13 s on 2 cores
      pytest.param("resnet152v2_tl", 3, [512, 256, 64, 3], marks=pytest.mark.slow)],  # ~1 min on 2 cores
 )
 def test_backbone_recipe_trains_one_step_and_round_trips(keras, tmp_path, name, n_classes, head_units):
