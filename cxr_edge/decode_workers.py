@@ -86,7 +86,8 @@ def _limit_worker(memory_mb: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def decode_and_pack(source, name: str | None, spec, limits, keep_preview: bool, resize: bool = True) -> tuple:
+def decode_and_pack(source, name: str | None, spec, limits, keep_preview: bool, resize: bool = True,
+                    reduce: bool = False) -> tuple:
     """Runs in a worker: decode + pack one image. Returns ``("ok", PackedItem)`` or ``("error", kind, name, reason)``
     (exceptions are returned as values: ImageError's constructor does not survive pickling)."""
     from .errors import ImageError
@@ -94,7 +95,7 @@ def decode_and_pack(source, name: str | None, spec, limits, keep_preview: bool, 
 
     shown = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     try:
-        packed, img = pack_source(source, spec, name=name, limits=limits, resize=resize)
+        packed, img = pack_source(source, spec, name=name, limits=limits, resize=resize, reduce=reduce)
         preview = preview_of(img.pixels) if keep_preview else None
         return "ok", PackedItem(packed, preview, img.pixels.shape[:2], img.format, img.bit_depth, img.notes)
     except ImageError as exc:
@@ -259,7 +260,7 @@ class IsolatedDecoder:
     """A pool of decode workers; :meth:`submit` returns a future of a :class:`PackedItem`
     (or of a per-item :class:`~cxr_edge.errors.ImageError` raised from ``result()``)."""
 
-    def __init__(self, spec, limits, isolation: DecodeIsolation = DecodeIsolation()):
+    def __init__(self, spec, limits, isolation: DecodeIsolation = DecodeIsolation(), reduce: bool = False):
         import multiprocessing
 
         from .extras import require
@@ -271,6 +272,7 @@ class IsolatedDecoder:
         import cv2  # noqa: F401
 
         self.spec, self.limits, self.isolation = spec, limits, isolation
+        self.reduce = reduce  # reduced-resolution JPEG decoding, only for an artifact whose decode gate passed
         self.pool = pebble.ProcessPool(max_workers=isolation.workers, initializer=_limit_worker,
                                        initargs=(isolation.memory_mb,),
                                        context=multiprocessing.get_context(isolation.start_method))
@@ -301,13 +303,13 @@ class IsolatedDecoder:
         outer: Future = Future()
         if isinstance(source, bytes) and header_bounded(source, self.isolation.inline_max_bytes):
             inner = self._threads.submit(decode_and_pack, source, name, self.spec, self.limits, keep_preview,
-                                         resize)
+                                         resize, self.reduce)
             with self._lock:
                 self.inline += 1
                 self.pending += 1
             self._link(inner, outer, shown, cancel_inner=True)
             return outer
-        job = _Job((source, name, self.spec, self.limits, keep_preview, resize), outer, shown,
+        job = _Job((source, name, self.spec, self.limits, keep_preview, resize, self.reduce), outer, shown,
                    client or "", request or "")
         with self._lock:
             self.pending += 1

@@ -28,6 +28,7 @@ from .precision import Precision
 Manifest = ArtifactManifest
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "ArtifactManifest", "Manifest", "manifest_path", "migrate", "migrate_v1_to_v2",
+           "migrate_v2_to_v3",
            "read_manifest", "read_manifest_bytes", "read_verified_bytes", "sha256_file", "sibling_file", "write_manifest"]
 
 
@@ -53,8 +54,14 @@ def migrate_v1_to_v2(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def migrate_v2_to_v3(doc: dict[str, Any]) -> dict[str, Any]:
+    """Schema 3 adds ``decode_gate`` (reduced-resolution decoding measured against full decoding). A v2 manifest
+    has none, which means "not measured": the runtime then decodes at full resolution, as it must."""
+    return {**doc, "schema_version": 3}
+
+
 #: schema version -> the step that brings a manifest of that version one version up
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: migrate_v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: migrate_v1_to_v2, 2: migrate_v2_to_v3}
 
 
 def migrate(doc: dict[str, Any], where: object) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from .precision import Int8Target, Precision, Variant
 from .preprocess import PreprocessSpec
 
 #: the layout of the JSON this cxr-edge writes; older layouts are migrated on read (:mod:`cxr_edge.manifest`)
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: a value of a measurement table (gate metrics): numbers, a verdict text, or None where it does not apply
 Metric = int | float | str | None
@@ -666,6 +666,9 @@ class ArtifactManifest(Record):
     gate_attempts: tuple[GateAttempt, ...] = ()
     calibration: Calibration | None = None
     self_check: SelfCheckRecord | None = None
+    # whether reduced-resolution decoding (JPEG DCT scaling) may feed this artifact: measured against full decoding
+    # with the same criterion as the export gates (cxr_edge.runtime.decode_gate); None: not measured, so not used
+    decode_gate: GateRecord | None = None
     # ---- a TensorRT engine
     profile: EngineProfile | None = None
     build: EngineBuild | None = None
@@ -709,7 +712,7 @@ class ArtifactManifest(Record):
 
     @classmethod
     def from_dict(cls, doc: Any, path: str = "") -> ArtifactManifest:
-        """A manifest from its v2 JSON (``schema_version`` may be given, and must then be 2); use
+        """A manifest from its current JSON (``schema_version`` may be given, and must then be current); use
         :func:`cxr_edge.manifest.read_manifest` for files, which also migrates older layouts."""
         if isinstance(doc, Mapping) and "schema_version" in doc:
             if doc["schema_version"] != SCHEMA_VERSION:

@@ -239,17 +239,20 @@ def pack_image(pixels: np.ndarray, spec: PreprocessSpec, resize: bool = True) ->
 
 
 def pack_source(source, spec: PreprocessSpec, *, name: str | None = None, limits=None, common_size: int | None = None,
-                resize: bool = True):
+                resize: bool = True, reduce: bool = False):
     """Decode + pack in one call, the way every consumer does it: returns (packed, decoded image).
 
-    ``common_size`` first down-samples to one square size (the size-leak check of evaluation).
+    ``common_size`` first down-samples to one square size (the size-leak check of evaluation). ``reduce``: large
+    JPEGs may be decoded at a reduced DCT scale (faster; pixels differ slightly), which only an artifact whose
+    manifest records a passed decode gate asks for (:mod:`cxr_edge.runtime.decode_gate`); training, evaluation and
+    every other consumer decode at full resolution.
     """
     import cv2
 
     from .decode import DecodeLimits, decode_image
 
     target = max(spec.height, spec.width, common_size or 0)
-    img = decode_image(source, name=name, limits=limits or DecodeLimits(), reduce_for=target,
+    img = decode_image(source, name=name, limits=limits or DecodeLimits(), reduce_for=target if reduce else None,
                        channels=spec.input_channels)
     pixels = img.pixels
     if common_size:

@@ -86,7 +86,7 @@ def test_manifest_is_read_only_and_typed(tmp_path):
     assert not bare.gate_failed and not dataclasses.replace(bare, gate=GateRecord(name="not run")).gate_failed
     assert bare.output_names == ("probs",) and dataclasses.replace(bare, outputs=[{"name": "x"}]).outputs == (TensorSpec("x"),)
     assert json.loads(manifest_path(art).read_text())["operating_point"]["threshold"] == 0.25
-    assert json.loads(manifest_path(art).read_text())["schema_version"] == 2
+    assert json.loads(manifest_path(art).read_text())["schema_version"] == 3
 
 
 FIXTURES = Path(__file__).parent / "fixtures" / "manifests"
@@ -164,14 +164,14 @@ def test_migration_is_explicit_and_the_hash_still_decides(tmp_path):
     assert read_manifest(art, verify=False).sha256 == v1["sha256"]
 
 
-def test_a_migrated_manifest_is_written_back_as_schema_2(tmp_path):
+def test_a_migrated_manifest_is_written_back_as_the_current_schema(tmp_path):
     from cxr_edge.manifest import read_manifest, write_manifest
 
     art = _from_release(tmp_path, "model.int8-cpu.onnx")
     old = read_manifest(art)
     write_manifest(art, old, stamp=False)  # a new revision keeps the file's facts (cxr-edge calibrate does this)
     doc = json.loads(manifest_path(art).read_text())
-    assert doc["schema_version"] == 2 and doc["created"] == old.created and doc["versions"]["onnx"] == "1.23.2"
+    assert doc["schema_version"] == 3 and doc["created"] == old.created and doc["versions"]["onnx"] == "1.23.2"
     assert read_manifest(art) == old
     art.write_bytes(b"changed")
     with pytest.raises(ManifestError, match="does not match its manifest"):
@@ -195,7 +195,7 @@ def test_a_migrated_manifest_is_written_back_as_schema_2(tmp_path):
      r"self_check\.reference_probs\[0\]\[1\] must be a number, got str"),
     (lambda d: {**d, "data": {**d["data"], "split_counts": {"val": {"COVID": "54"}}}},
      r"data\.split_counts\.val\.COVID must be an integer"),
-    (lambda d: {**d, "schema_version": 3}, r"schema_version 3; this cxr-edge reads 2"),
+    (lambda d: {**d, "schema_version": 4}, r"schema_version 4; this cxr-edge reads 3"),
 ])
 def test_unknown_or_ill_typed_fields_are_manifest_errors_naming_the_field(tmp_path, mutate, match):
     from cxr_edge.manifest import read_manifest

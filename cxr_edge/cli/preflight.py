@@ -20,7 +20,7 @@ WHAT_TO_COPY = ("copy the bundle folder cxr-edge export wrote (OUT/bundles/MODEL
 ONE_ARTIFACT = ("artifact",)
 MANY_ARTIFACTS = ("artifacts",)
 #: commands that write beside the artifact (a new manifest version, a signature): never into an unpacked archive
-WRITES_MANIFEST = ("calibrate", "sign")
+WRITES_MANIFEST = ("calibrate", "sign", "decode-gate")
 
 
 def artifact(path: str) -> str:

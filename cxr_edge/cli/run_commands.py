@@ -145,6 +145,46 @@ class DicomResultWriter:
             print(f"no DICOM objects for {printable(str(item))}: {printable(why)}", file=sys.stderr)
 
 
+def decode_gate_sources(artifact: Path, data: str | None, max_images: int) -> tuple[list, str]:
+    """The images the decode gate judges on: DATA's validation split when DATA is the training data (else all of
+    DATA), the training data's validation split by default, synthetic images when neither is here."""
+    from ..data import scan_dataset
+    from ..data.split import is_training_data, training_split
+    from ..manifest import read_manifest
+
+    doc = read_manifest(artifact, verify=False)
+    root = data or (doc.data.root if doc.data.root and Path(doc.data.root).is_dir() else None)
+    if root is None:
+        from ..synthetic import synthetic_parity_images
+
+        return list(synthetic_parity_images(doc.preprocess))[:max_images], "synthetic"
+    ds = scan_dataset(root, classes=list(doc.classes))
+    if is_training_data(ds, doc.data):
+        return [i.path for i in training_split(ds, doc.data)["val"]][:max_images], "val"
+    return [i.path for i in ds.items][:max_images], "site"
+
+
+def cmd_decode_gate(a) -> int:
+    from ..bundle import is_bundle, refresh_index
+    from ..runtime.decode_gate import decode_mode, gate_artifact
+    from ..signing import signature_path
+
+    art = Path(a.artifact)
+    sources, split = decode_gate_sources(art, a.data, a.max_images)
+    record = gate_artifact(art, sources, split, backend=a.backend, device=a.device)
+    print(f"decode gate on {record.n_images} {split} images: " + ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.metrics.items()))
+    from ..manifest import read_manifest
+
+    print(("PASSED: " if record.passed else "FAILED: ") + decode_mode(read_manifest(art, verify=False))[1])
+    if is_bundle(art.parent):
+        refresh_index(art.parent)
+    if signature_path(art).is_file():
+        print(f"note: the signature no longer matches the manifest; re-sign it: cxr-edge sign {art} --key KEY.key",
+              file=sys.stderr)
+    return ExitCode.OK if record.passed else ExitCode.GATE_FAILED
+
+
 def cmd_calibrate(a) -> None:
     from ..workflows.calibrate import CalibrationRequest, run_calibration
 
@@ -236,8 +276,27 @@ def cmd_doctor(a) -> None:
     print(json.dumps(r.to_dict(), indent=2) if a.json else format_report(r))
 
 
+def _add_decode_gate_parser(sub) -> None:
+    from ..runtime.backends.registry import all_backends
+
+    dg = sub.add_parser("decode-gate", help="measure whether reduced-resolution JPEG decoding may feed an artifact",
+                        formatter_class=HelpFormatter,
+                        description="Screens images as 2048 px JPEGs decoded at full and at reduced DCT scale and "
+                                    "records in the manifest whether the artifact answers the same (the export gates' "
+                                    "criterion: top-class agreement and max |dp| as for FP16). Without a passed gate "
+                                    "every command decodes at full resolution. export runs it for every artifact.",
+                        epilog="exit status: 0 passed (reduced decoding on), 1 failed (stays off)")
+    dg.add_argument("artifact", help="an artifact or bundle (the manifest is updated in place)")
+    dg.add_argument("data", nargs="?", help="images to judge on (default: the training data's validation split)")
+    dg.add_argument("--max-images", type=positive_int, default=200, help="images to judge on, at most")
+    dg.add_argument("--backend", choices=all_backends(), help="backend (default: the artifact format's first)")
+    dg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device")
+    dg.set_defaults(func=cmd_decode_gate)
+
+
 def register(sub) -> None:
     _add_calibrate_parser(sub)
+    _add_decode_gate_parser(sub)
     _add_predict_parser(sub)
     _add_tune_parser(sub)
     _add_doctor_parser(sub)

@@ -31,6 +31,7 @@ class GateData:
     val_y: np.ndarray
     synth_x: np.ndarray  # extra synthetic images for the FP32/FP16 parity checks
     info: dict
+    val_paths: tuple[Path, ...] = ()  # the validation images' files (real data only): the decode gate re-reads them
 
     @property
     def parity_x(self) -> np.ndarray:
@@ -81,7 +82,8 @@ def load_gate_data(doc: ArtifactManifest, spec: PreprocessSpec, data_dir: str | 
         }
         if len(calib.kept) < 200 and not synthetic:
             log.warning("only %d calibration images (200+ recommended)", len(calib.kept))
-        return GateData(calib.x, val.x, val_y, synthetic_parity_images(spec), info)
+        paths = () if synthetic else tuple(val_items[k].path for k in val.kept)
+        return GateData(calib.x, val.x, val_y, synthetic_parity_images(spec), info, paths)
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -77,6 +77,7 @@ class ExportConfig:
     mixed_precision: bool = True  # last INT8 remedy: keep the noisiest layers in float
     fold_preprocessing: bool = True  # fold cast/replication/normalisation into the first conv where exact
     bundles: bool = True  # one bundle folder per gate-passing artifact under OUT/bundles/ (what a kiosk is given)
+    decode_gate: bool = True  # measure reduced-resolution JPEG decoding per artifact (runtime/decode_gate.py)
 
     def __post_init__(self):
         for name in ("precisions", "int8_targets"):
@@ -365,6 +366,8 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
         elif v.precision is Precision.INT8:
             artifacts.append(_export_int8(ctx, v))
     summary = ExportSummary(out, artifacts, data.info)
+    if config.decode_gate:
+        _decode_gates(artifacts, data)
     if config.bundles:
         from ..bundle import make_bundle
 
@@ -372,6 +375,22 @@ def export_model(model_path: str | Path, out_dir: str | Path, config: ExportConf
                            if a.path is not None and a.gate is not None and a.gate.passed and a.path.exists()}
     write_export_report(summary)
     return summary
+
+
+def _decode_gates(artifacts: list[ExportedArtifact], data) -> None:
+    """Each kept artifact measured with reduced-resolution JPEG decoding against full decoding, on the gate's
+    validation images (synthetic ones when the export had no real data); the verdict goes into its manifest."""
+    from ..runtime.decode_gate import gate_artifact
+
+    sources = list(data.val_paths) or list(data.val_x)
+    split = "val" if data.val_paths else "synthetic"
+    for a in artifacts:
+        if a.path is not None and a.path.exists() and a.gate is not None and a.gate.passed:
+            try:
+                gate_artifact(a.path, sources, split)
+            except Exception as exc:  # never lose an export over an optimisation: it simply stays off
+                log.warning("decode gate of %s could not run (%s: %s); reduced decoding stays off", a.path.name,
+                            type(exc).__name__, exc)
 
 
 def _tensors(specs: list[dict], what: str) -> tuple[TensorSpec, ...]:

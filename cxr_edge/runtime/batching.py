@@ -48,10 +48,12 @@ class BatchPacker:
 
     def __init__(self, spec: PreprocessSpec, batch_size: int, workers: int | None = None,
                  limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False,
-                 isolation: DecodeIsolation | None = None):
+                 isolation: DecodeIsolation | None = None, reduce: bool = False):
         self.spec, self.batch_size, self.limits, self.keep = spec, batch_size, limits, keep_originals
+        self.reduce = reduce  # reduced-resolution JPEG decoding (the artifact's decode gate passed)
         self.pool = ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1))
-        self.isolated = IsolatedDecoder(spec, limits, isolation) if isolation and isolation.workers > 0 else None
+        self.isolated = (IsolatedDecoder(spec, limits, isolation, reduce=reduce)
+                         if isolation and isolation.workers > 0 else None)
         # three buffers: one being inferred, one queued, one being filled
         self.buffers = [np.empty((batch_size, *spec.input_shape), np.uint8) for _ in range(3)]
 
@@ -66,7 +68,7 @@ class BatchPacker:
                 return i, name, None, None, exc
         try:
             packed, img = pack_source(item, self.spec, name=name if not isinstance(item, (str, os.PathLike)) else None,
-                                      limits=self.limits, resize=self.resize)
+                                      limits=self.limits, resize=self.resize, reduce=self.reduce)
             return i, name, packed, (preview_of(img.pixels) if self.keep else None), None
         except ImageError as exc:
             return i, name, None, None, exc

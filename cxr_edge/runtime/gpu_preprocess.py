@@ -51,8 +51,9 @@ class GpuBatchPacker(BatchPacker):
     path = "gpu"
 
     def __init__(self, spec: PreprocessSpec, batch_size: int, workers: int | None = None,
-                 limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False, isolation=None, xp=None):
-        super().__init__(spec, batch_size, workers, limits, keep_originals, isolation)
+                 limits: DecodeLimits = DecodeLimits(), keep_originals: bool = False, isolation=None, xp=None,
+                 reduce: bool = False):
+        super().__init__(spec, batch_size, workers, limits, keep_originals, isolation, reduce=reduce)
         # ``xp`` is NumPy or CuPy (names used through it exist in both); ``cp`` is CuPy only (tests/test_cupy_api.py
         # checks every use against the recorded API of each supported CuPy release, calling form included)
         self.xp = xp if xp is not None else require("cupy")

@@ -74,6 +74,7 @@ class ScreeningResult:
     explanation: Explanation | None = None
     decision: Decision | None = None  # why this label: threshold, margin, borderline, operating point
     preprocess: str | None = None  # which path decoded and resized the image: "cpu" or "gpu"
+    decode: str | None = None  # full resolution, or reduced-resolution JPEG decoding and the gate that allowed it
     # the engine's load-time self-check (cxr_edge.self_check): status, where it ran, max |dp| vs FP32; a result
     # from an engine that failed it (run with --self-check warn) says so in every answer
     self_check: dict[str, Any] | None = None
@@ -102,7 +103,7 @@ class ScreeningResult:
                 "timings_ms": dict(self.timings_ms),
                 "explanation": self.explanation.to_dict() if self.explanation is not None else None,
                 "decision": self.decision.to_dict() if self.decision is not None else None,
-                "preprocess": self.preprocess, "self_check": self.self_check}
+                "preprocess": self.preprocess, "decode": self.decode, "self_check": self.self_check}
 
 
 def self_check_summary(outcome) -> dict[str, Any] | None:

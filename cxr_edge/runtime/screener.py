@@ -48,6 +48,10 @@ class Screener:
         self.engine = open_backend(artifact, backend=backend, verify=verify, device=device, **options).load()
         self.manifest = self.engine.manifest
         self.classes = self.engine.classes
+        from .decode_gate import decode_mode
+
+        # reduced-resolution JPEG decoding only where this artifact's decode gate passed; every result says which ran
+        self.reduced_decode, self.decode_note = decode_mode(self.manifest)
         self.step = ScreeningStep(self.engine, threshold, tf_cam=self._tf_cam)  # decides, as every front end does
         self.threshold = self.step.threshold
         self.batch_size = batch_size  # the engine fits any size to its profile (Backend.infer)
@@ -89,9 +93,9 @@ class Screener:
             from .gpu_preprocess import GpuBatchPacker
 
             return GpuBatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain,
-                                  isolation=self.isolation)
+                                  isolation=self.isolation, reduce=self.reduced_decode)
         return BatchPacker(self.engine.spec, self.batch_size, self.workers, keep_originals=explain,
-                           isolation=self.isolation)
+                           isolation=self.isolation, reduce=self.reduced_decode)
 
     def predict(self, items, explain: bool = False, out_dir: str | Path | None = None,
                 cam_scale: float | None = None, on_result=None) -> list[ScreeningResult]:
@@ -160,6 +164,7 @@ class Screener:
                                    f"Grad-CAM of {r.label} ({r.explanation.method}), {info.precision} on {info.backend}"]
                         r.explanation.files = save_explanation(out_dir, stem, pb.originals[i], r.explanation.cam,
                                                                cam_scale, caption)
+                    r.decode = self.decode_note
                     done(i, r)
         finally:
             packer.close()

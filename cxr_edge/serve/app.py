@@ -70,6 +70,7 @@ class ScreeningService:
         self.metrics = ServiceMetrics()
         self.stopping = False
         self.preprocess = "cpu"
+        self.reduced_decode, self.decode_note = False, "full resolution"  # set from the manifest at load
         self.tuned: str | None = None
         # threads: saving uploads, overlays, and decoding itself when isolation is off (decode_workers=0)
         self.decode_pool = ThreadPoolExecutor(max_workers=max(2, config.decode_workers), thread_name_prefix="decode")
@@ -133,9 +134,12 @@ class ScreeningService:
             self.metrics.preprocess_on_gpu.set(1 if self.preprocess == "gpu" else 0)
             self.step = ScreeningStep(engine)  # the same step as Screener: decision, operating point, Grad-CAM
             self.operating_point = self.step.operating_point
+            from ..runtime.decode_gate import decode_mode
+
+            self.reduced_decode, self.decode_note = decode_mode(engine.manifest)  # as Screener: only where gated
             if c.decode_workers > 0:
                 self.decoder = IsolatedDecoder(engine.spec, self.limits, DecodeIsolation(
-                    c.decode_workers, c.decode_timeout_s, c.decode_memory_mb))
+                    c.decode_workers, c.decode_timeout_s, c.decode_memory_mb), reduce=self.reduced_decode)
                 await asyncio.get_running_loop().run_in_executor(None, self.decoder.warm_up)
             self.batcher = DynamicBatcher(engine, c.max_batch, c.max_delay_ms, c.max_queue, self.metrics)
             await self.batcher.start()
@@ -220,7 +224,7 @@ class ScreeningService:
             return self.decoder.submit(data, name, keep_preview=keep_preview, resize=resize, client=client,
                                        request=request)
         return self.decode_pool.submit(_decode_in_thread, data, name, self.loaded_engine.spec, self.limits, keep_preview,
-                                       resize)
+                                       resize, self.reduced_decode)
 
     async def ready_for_engine(self, item: PackedItem) -> PackedItem:
         """A decoded item at the engine's input size: resized on the device when preprocessing runs on the GPU."""
@@ -282,6 +286,7 @@ class ScreeningService:
         """The screening step for one image of a request, then (explain) its inline images."""
         features = out["features"][None] if explain else None
         r = self.step.results([k], [name], out["probs"][None], [timings], self.preprocess, explain, features)[0]
+        r.decode = self.decode_note
         if explain and r.explanation is not None:
             r.explanation = self._render(preview, r.explanation)
             r.timings_ms["explain"] = 1e3 * r.explanation.seconds
@@ -540,8 +545,9 @@ def default_engine_threads(artifact: str | Path, cores: int | None = None) -> in
     return max(1, cores // 2) if gmacs < LIGHT_MODEL_GMACS else cores
 
 
-def _decode_in_thread(data: bytes, name: str, spec, limits: DecodeLimits, keep_preview: bool, resize: bool) -> PackedItem:
-    res = decode_and_pack(data, name, spec, limits, keep_preview, resize)
+def _decode_in_thread(data: bytes, name: str, spec, limits: DecodeLimits, keep_preview: bool, resize: bool,
+                      reduce: bool = False) -> PackedItem:
+    res = decode_and_pack(data, name, spec, limits, keep_preview, resize, reduce)
     if res[0] != "ok":
         raise error_from(*res[1:])
     return res[1]

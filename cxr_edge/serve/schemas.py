@@ -55,6 +55,8 @@ class ScreeningResultModel(BaseModel):
     explanation: ExplanationModel | None = None
     decision: DecisionModel | None = None
     preprocess: str | None = Field(None, description="which path decoded and resized the image: cpu or gpu")
+    decode: str | None = Field(None, description="full resolution, or reduced-resolution JPEG decoding and the gate "
+                                                  "that allowed it for this model")
     self_check: dict | None = Field(None, description="the engine's load-time self-check against its FP32 answers: "
                                     "status (passed, failed: served with --self-check warn, not available, off), "
                                     "where (backend/ISA or GPU), max_abs_dprob, tolerance")
