@@ -47,6 +47,9 @@ def test_bench_rows_statuses_and_outputs(tiny_export, tmp_path):
     assert timed and all(r["status"] in ("validated", "ran, failed validation") for r in timed)
     assert all(r["gmacs_per_s"] > 0 for r in timed)
     assert any("e2e_throughput_ips" in r for r in timed if r["batch"] == 4)
+    e2e = [r for r in timed if "e2e_throughput_ips" in r]  # judged against min(engine, decode-only), both measured here
+    assert all(r["decode_ceiling_ips"] > 0 and r["e2e_vs_ceiling"] == pytest.approx(
+        r["e2e_throughput_ips"] / min(r["throughput_ips"], r["decode_ceiling_ips"])) for r in e2e)
     assert res["accuracy"]["onnxruntime fp32"]["top_class_agreement_vs_fp32"] == 1.0
     assert res["accuracy"]["onnxruntime fp32"]["max_abs_dprob_vs_fp32"] == 0.0
     assert res["accuracy_data"]["split"] == "test"  # found through the artifact's manifest: there is no .keras
