@@ -61,9 +61,18 @@ def gate_jpegs(sources: Sequence, size: int = GATE_SIZE) -> list[bytes]:
     return out
 
 
+def dprob_limit(manifest: ArtifactManifest | None) -> float:
+    """How far reduced decoding may move a probability: FP16's limit, or the artifact's own distance from its FP32
+    model where its export gate measured a larger one (an INT8 artifact's rounding already moves its answers that
+    far, so decoding is held to the precision the artifact has, not to a tighter one)."""
+    own = manifest.gate.max_abs_dprob if manifest is not None and manifest.gate is not None else None
+    return max(GATE_LIMITS.fp16_max_abs, own or 0.0)
+
+
 def measure(engine, jpegs: Sequence[bytes], split: str | None = None) -> GateRecord:
     """The artifact's answers on ``jpegs`` decoded at full and at reduced resolution, judged as the export gates
-    judge an FP16 artifact against its FP32 model."""
+    judge a lower precision against FP32: top-class agreement three-way against FP16's minimum, and max |dp| within
+    :func:`dprob_limit`."""
     from ..preprocess import pack_source
 
     spec = engine.spec
@@ -80,7 +89,7 @@ def measure(engine, jpegs: Sequence[bytes], split: str | None = None) -> GateRec
     d = float(np.abs(ref - probs).max()) if n else 0.0
     agree = int((ref.argmax(1) == probs.argmax(1)).sum())
     verdict = agreement_verdict(agree, n, GATE_LIMITS.fp16_min_agreement, split)
-    limit = GATE_LIMITS.fp16_max_abs
+    limit = dprob_limit(getattr(engine, "manifest", None))
     failures = [msg for ok, msg in ((accepted(verdict), verdict["text"]),
                                     (d <= limit, f"max |dp| {d:.3g} between full and reduced decoding > {limit}"),
                                     (n > 0, "no images to judge on")) if not ok]
