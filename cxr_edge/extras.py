@@ -13,6 +13,8 @@ _EXTRAS: dict[str, tuple[str | None, str]] = {
     "keras": ("train", "training and Keras models"),
     "tf2onnx": ("train", "exporting Keras models to ONNX"),
     "sklearn": ("bench", "evaluation metrics (also in the train extra)"),
+    "mlperf_loadgen": ("loadgen", "MLPerf LoadGen runs (cxr-edge loadgen)"),
+    "glymur": ("dicom", "JPEG 2000 decoding at a reduced resolution level (needs the system libopenjp2)"),
     "scipy": ("bench", "exact confidence intervals and calibration (scikit-learn brings it)"),
     "matplotlib": ("bench", "evaluation and benchmark plots (also in the train extra)"),
     "sympy": ("export", "INT8 quantisation of ONNX models (also in the train extra)"),

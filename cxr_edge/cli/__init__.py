@@ -19,6 +19,7 @@ from . import (
     bench_commands,
     bundle_commands,
     data_commands,
+    loadgen_commands,
     model_commands,
     node_commands,
     run_commands,
@@ -27,8 +28,8 @@ from . import (
 )
 from ._common import HelpFormatter
 
-GROUPS = (model_commands, run_commands, bench_commands, serve_commands, node_commands, data_commands, trust_commands,
-          bundle_commands)
+GROUPS = (model_commands, run_commands, bench_commands, loadgen_commands, serve_commands, node_commands, data_commands,
+          trust_commands, bundle_commands)
 
 EXIT_CODES = "\n".join(f"  {c.value:3d}  {doc}" for c, doc in (
     (ExitCode.OK, "success"),
