@@ -257,7 +257,8 @@ def test_large_jpegs_decode_at_reduced_scale_with_the_same_packed_result():
     big = cv2.resize(cxr_like(256, 256), (2048, 2048), interpolation=cv2.INTER_CUBIC)
     data = _encode(".jpg", big, (cv2.IMWRITE_JPEG_QUALITY, 95))
     spec = PreprocessSpec(128, 128, "rescale")
-    packed, img = pack_source(data, spec)
+    packed, img = pack_source(data, spec, reduce=True)  # asked for: only a passed decode gate does (decode_gate.py)
+    assert pack_source(data, spec)[1].notes == []  # everyone else decodes at full resolution
     assert img.notes == ["JPEG decoded at 1/8 scale"] and img.pixels.shape[:2] == (256, 256)
     full = pack_image(decode_image(data).pixels, spec)
     assert np.abs(packed.astype(int) - full.astype(int)).mean() < 1.5  # same picture, a fraction of the work
