@@ -240,8 +240,40 @@ def png_raw_size(w: int, h: int, bits_per_pixel: int, interlaced: bool) -> int:
     return total
 
 
+#: largest image data (bytes of filtered scanlines) confirmed by one libdeflate call into a buffer of that size;
+#: above it, and wherever libdeflate does not confirm, the streaming check below (1 MiB of memory) decides
+ONE_SHOT_INFLATE_MAX = 64 << 20
+
+
+def _inflates_exactly(pieces: list[memoryview], limit: int) -> bool:
+    """Whether the IDAT zlib stream is whole and inflates to exactly ``limit`` bytes, by libdeflate (imagecodecs):
+    1.5-2x faster than zlib's streaming inflate, which is a third of a PNG's decode time.
+
+    It only ever confirms a well-formed stream: an error of any kind (more output than ``limit``, a damaged or cut
+    stream, a bad checksum) returns False and the streaming check gives its verdict and message as before. Only the
+    header every encoder writes (0x78: deflate, 32 KiB window) is taken; anything else is left to that check.
+    """
+    if not 0 < limit <= ONE_SHOT_INFLATE_MAX:
+        return False
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    stream = b"".join(pieces)
+    if len(stream) < 6 or stream[0] != 0x78:  # CM 8 (deflate), CINFO 7 (32 KiB window)
+        return False
+    try:
+        got = len(imagecodecs.deflate_decode(stream, out=bytearray(limit + 1)))
+    except Exception:  # imagecodecs.DeflateError: damaged, cut, too long, bad Adler-32: for zlib to judge
+        return False
+    return got == limit
+
+
 def _inflated_size(pieces: list[memoryview], limit: int) -> int:
-    """Bytes the IDAT zlib stream inflates to, stopping as soon as it passes ``limit`` (memory: 1 MiB)."""
+    """Bytes the IDAT zlib stream inflates to, stopping as soon as it passes ``limit`` (memory: 1 MiB, or the image
+    data's size where :func:`_inflates_exactly` confirms it)."""
+    if _inflates_exactly(pieces, limit):
+        return limit
     d = zlib.decompressobj()
     total = 0
     try:
