@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from ..precision import INT8_TAGS as INT8_TAGS  # re-exported: the CLI's parsers take the tags from here
@@ -114,3 +115,23 @@ def csv_text(values: Iterable) -> str:
 
 DEVICES = ("auto", "cpu", "cuda")
 SELF_CHECK = ("refuse", "warn", "off")
+
+
+def new_results_dir(parent: Path, out: str | None, force: bool, what: str) -> Path:
+    """A new PARENT/YYYYmmdd-HHMMSS folder by default; an --out that already holds results (results.json) is refused
+    unless --force, so one run never silently replaces another's (bench, loadgen)."""
+    import time
+
+    from ..errors import ConfigError
+
+    if out is None:
+        path = parent / time.strftime("%Y%m%d-%H%M%S")
+        k = 1
+        while path.exists():
+            path = path.with_name(f"{path.name.split('.')[0]}.{k}")
+            k += 1
+        return path
+    path = Path(out)
+    if (path / "results.json").exists() and not force:
+        raise ConfigError(f"{path} already holds {what}; choose another --out or pass --force to replace them.")
+    return path

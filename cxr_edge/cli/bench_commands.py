@@ -5,28 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import HelpFormatter, comma_list, csv_text, default_of, positive_float, positive_int
+from ._common import HelpFormatter, comma_list, csv_text, default_of, new_results_dir, positive_float, positive_int
 
 
 def bench_out_dir(artifact_dir: str, out: str | None, force: bool) -> Path:
-    """A new run folder (ARTIFACT_DIR/bench/YYYYmmdd-HHMMSS) by default; an --out that already holds results
-    is refused unless --force, so one run never silently replaces another."""
-    import time
-
-    from ..errors import ConfigError
-
-    if out is None:
-        path = Path(artifact_dir) / "bench" / time.strftime("%Y%m%d-%H%M%S")
-        k = 1
-        while path.exists():
-            path = path.with_name(f"{path.name.split('.')[0]}.{k}")
-            k += 1
-        return path
-    path = Path(out)
-    if (path / "results.json").exists() and not force:
-        raise ConfigError(f"{path} already holds benchmark results; choose another --out or pass --force to replace them.")
-    return path
-
+    """A new Path(artifact_dir) / "bench"/DATE-TIME folder by default; an --out holding results is refused unless --force."""
+    return new_results_dir(Path(artifact_dir) / "bench", out, force, "benchmark results")
 
 def cmd_bench(a) -> None:
     from ..bench.report import write_results

@@ -14,6 +14,7 @@ from ._common import (
     csv_text,
     default_of,
     fraction,
+    new_results_dir,
     positive_float,
     positive_int,
 )
@@ -25,24 +26,8 @@ TARGET_WORDS = ("direct", "serve", "node")
 
 
 def loadgen_out_dir(out: str | None, force: bool) -> Path:
-    """A new ./loadgen/YYYYmmdd-HHMMSS folder by default; an --out that already holds results is refused unless
-    --force, so one run never silently replaces another's LoadGen logs."""
-    import time
-
-    from ..errors import ConfigError
-
-    if out is None:
-        path = Path("loadgen") / time.strftime("%Y%m%d-%H%M%S")
-        k = 1
-        while path.exists():
-            path = path.with_name(f"{path.name.split('.')[0]}.{k}")
-            k += 1
-        return path
-    path = Path(out)
-    if (path / "results.json").exists() and not force:
-        raise ConfigError(f"{path} already holds LoadGen results; choose another --out or pass --force to replace them.")
-    return path
-
+    """A new Path("loadgen")/DATE-TIME folder by default; an --out holding results is refused unless --force."""
+    return new_results_dir(Path("loadgen"), out, force, "LoadGen results")
 
 def cmd_loadgen(a) -> None:
     import shutil
